@@ -1,0 +1,39 @@
+# arch_zoo: the two set-up commands are `make demo` and `make test`.
+#
+#   make demo   venv + pinned install + Austen corpus + train the small LM on CPU, print val metrics
+#   make test   venv + pinned install + Austen corpus + the test suite (CPU, 8 fake devices)
+#
+# Only refreshing Debian's package lists needs root. When it is needed and we are not root, the
+# data step stops and prints the exact command to run.
+
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+DEMO_DIR ?= runs/demo_lm_mha_S
+
+# The first Python >= 3.12 found: python3.13, python3.12, then pyenv's 3.12 installs.
+PYTHON ?= $(shell for p in python3.13 python3.12 \
+            $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.1[2-9]*/bin/python 2>/dev/null); do \
+            if $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then \
+            echo $$p; break; fi; done)
+
+.PHONY: setup data demo test clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	@if [ -z "$(PYTHON)" ]; then echo "error: no Python >= 3.12 found; install one (e.g. pyenv install 3.12) or pass PYTHON=/path/to/python3.12" >&2; exit 1; fi
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+setup: $(VENV)/.installed
+
+data: setup
+	$(PY) -m arch_zoo.data.prepare austen
+
+demo: data
+	$(PY) train.py --config configs/lm.py:attn=mha,size=S --workdir $(DEMO_DIR)
+
+test: data
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

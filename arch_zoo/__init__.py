@@ -1,0 +1,1 @@
+"""arch_zoo: attention-architecture research in JAX/Flax NNX."""

@@ -1,0 +1,18 @@
+"""Attention families, swappable by name.
+
+    >>> from arch_zoo import attention
+    >>> attention.names()
+    ['mha', ...]
+    >>> attn = attention.build("mha", d_model=256, num_heads=4, num_kv_heads=2)
+
+See :mod:`arch_zoo.attention.base` for the contract every family follows.
+"""
+
+from arch_zoo.attention.base import (Context, Dims, Family, build, family, make_options,
+                                     merge_aux, names, names_supporting, register)
+
+# Importing a family module registers it. One file per family.
+from arch_zoo.attention import mha  # noqa: E402,F401
+
+__all__ = ["Context", "Dims", "Family", "build", "family", "make_options", "merge_aux", "names",
+           "names_supporting", "register"]

@@ -1,0 +1,1 @@
+"""Custom TFDS builders for the offline default datasets (array_record, read without TensorFlow)."""

@@ -1,0 +1,1 @@
+"""Evaluators: each takes a jitted eval step, the state and the task's data, and returns metrics."""

@@ -1,0 +1,8 @@
+"""Building blocks shared by the attention families and the backbones."""
+
+from arch_zoo.layers.embeddings import Embed, apply_rope
+from arch_zoo.layers.linear import Dense
+from arch_zoo.layers.mlp import MLP
+from arch_zoo.layers.norms import LayerNorm, RMSNorm
+
+__all__ = ["Dense", "Embed", "LayerNorm", "MLP", "RMSNorm", "apply_rope"]

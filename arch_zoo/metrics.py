@@ -1,0 +1,110 @@
+"""Run logging: one JSONL file per run, TensorBoard event files, and a one-line progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def to_python(value: Any) -> Any:
+  value = np.asarray(value)
+  return value.item() if value.ndim == 0 else value.tolist()
+
+
+class MetricWriter:
+  """Appends ``{"step": s, name: value, ...}`` lines to ``workdir/metrics.jsonl`` and mirrors
+  scalars to TensorBoard (``workdir/tensorboard``) when tensorboardX is installed."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._tb = None
+    if enabled:
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:  # GPU images without tensorboardX still get the JSONL file
+        self._tb = None
+
+  def truncate_after(self, step: int) -> None:
+    """On resume: rows past the restored step are recomputed identically, so drop the stale ones
+    rather than leave duplicate steps in the file."""
+    if not (self.enabled and os.path.exists(self.path)):
+      return
+    with open(self.path) as f:
+      rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(self.path, "w") as f:
+      f.writelines(rows)
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for key, value in row.items():
+        if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+          self._tb.add_scalar(key, value, step)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+  """``step 1200/6000 | loss 1.234 | 45.1k tok/s | ETA 3m12s``; redrawn in place on a terminal,
+  printed as plain lines (at log steps) otherwise."""
+
+  def __init__(self, total_steps: int, start_step: int, units_per_step: int, unit: str,
+               enabled: bool = True):
+    self.total, self.units, self.unit = total_steps, units_per_step, unit
+    self.enabled = enabled
+    self.tty = enabled and sys.stdout.isatty()
+    self._t0, self._s0 = time.perf_counter(), start_step
+    self.rate = 0.0
+
+  def restart_clock(self, step: int) -> None:
+    """Excludes compilation (and evaluation) from throughput and ETA."""
+    self._t0, self._s0 = time.perf_counter(), step
+
+  def update(self, step: int, loss: float | None, final: bool = False) -> str:
+    elapsed = time.perf_counter() - self._t0
+    done = step - self._s0
+    steps_per_s = done / elapsed if elapsed > 0 and done > 0 else 0.0
+    self.rate = steps_per_s * self.units
+    eta = (self.total - step) / steps_per_s if steps_per_s else float("nan")
+    rate = f"{self.rate / 1e3:.1f}k" if self.rate >= 1e3 else f"{self.rate:.1f}"
+    loss_text = f"{loss:.4f}" if loss is not None else "-"
+    eta_text = format_duration(eta) if math.isfinite(eta) else "?"
+    line = f"step {step}/{self.total} | loss {loss_text} | {rate} {self.unit}/s | ETA {eta_text}"
+    if self.enabled:
+      if self.tty:
+        sys.stdout.write("\r" + line.ljust(80) + ("\n" if final else ""))
+        sys.stdout.flush()
+      else:
+        print(line, flush=True)
+    return line

@@ -1,0 +1,116 @@
+"""The residual block shared by the LM and the ViT, and the layer stack that owns shared tensors."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict
+
+from arch_zoo import attention, sharding
+from arch_zoo.attention.base import Context, Dims
+from arch_zoo.layers import MLP, LayerNorm, RMSNorm
+from arch_zoo.layers.linear import DEFAULT_STDDEV
+from arch_zoo.registry import check_choice
+
+NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def compute_dtype(name: str):
+  """``auto`` is bf16 on accelerators and float32 on CPU (where bf16 matmuls are slow)."""
+  if name == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  check_choice("model.dtype", name, ("auto", "float32", "bfloat16"))
+  return jnp.dtype(name)
+
+
+def layer_names(cfg: ConfigDict) -> list[str]:
+  """The attention name of each layer: ``layer_pattern`` (comma separated, repeated to fill the
+  depth, e.g. ``lightning,lightning,lightning,mha``) or ``attention.name`` everywhere."""
+  pattern = [p.strip() for p in cfg.layer_pattern.split(",") if p.strip()] if cfg.layer_pattern \
+      else [cfg.attention.name]
+  return [pattern[i % len(pattern)] for i in range(cfg.num_layers)]
+
+
+def attention_options(cfg: ConfigDict, name: str) -> dict[str, Any]:
+  """The configured options for the main family; registry defaults for other pattern members."""
+  if name == cfg.attention.name:
+    return {k: v for k, v in cfg.attention.items() if k != "name"}
+  return attention.family(name).defaults()
+
+
+def dims_for(cfg: ConfigDict, layer_index: int) -> Dims:
+  return Dims(d_model=cfg.d_model, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+              dtype=compute_dtype(cfg.dtype), layer_index=layer_index, num_layers=cfg.num_layers)
+
+
+def dropout(x: jax.Array, rate: float, ctx: Context, salt: int) -> jax.Array:
+  if ctx.deterministic or rate == 0.0:
+    return x
+  if ctx.rng is None:
+    raise ValueError("Dropout needs ctx.rng when deterministic=False.")
+  keep = jax.random.bernoulli(jax.random.fold_in(ctx.rng, salt), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+  def __init__(self, cfg: ConfigDict, layer_index: int, *, rngs: nnx.Rngs):
+    dims = dims_for(cfg, layer_index)
+    name = layer_names(cfg)[layer_index]
+    norm = NORMS[cfg.norm]
+    self.layer_index = layer_index
+    self.dropout_rate = cfg.dropout
+    self.attn_norm = norm(cfg.d_model)
+    self.attn = attention.build(name, rngs=rngs, **dataclasses.asdict(dims),
+                                **attention_options(cfg, name))
+    self.mlp_norm = norm(cfg.d_model)
+    self.mlp = MLP(cfg.d_model, cfg.d_ff or 4 * cfg.d_model, kind=cfg.mlp, rngs=rngs,
+                   out_stddev=DEFAULT_STDDEV / (2 * cfg.num_layers) ** 0.5, dtype=dims.dtype)
+
+  def __call__(self, x: jax.Array, ctx: Context):
+    y, aux = self.attn(self.attn_norm(x), ctx)
+    x = x + dropout(y, self.dropout_rate, ctx, 2 * self.layer_index)
+    x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, ctx, 2 * self.layer_index + 1)
+    return sharding.constrain(x, ("act_batch", "act_length", "act_embed")), aux
+
+
+class Stack(nnx.Module):
+  """The blocks, plus cross-layer tensors some families need (passed down via ``ctx.shared``)."""
+
+  def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
+    check_choice("model.norm", cfg.norm, list(NORMS))
+    check_choice("model.remat", cfg.remat, list(REMAT_POLICIES))
+    self.remat = cfg.remat
+    names = layer_names(cfg)
+    shared = {}
+    for name in dict.fromkeys(names):
+      fam = attention.family(name)
+      if fam.shared_factory is not None:
+        opts = attention.make_options(name, **attention_options(cfg, name))
+        shared[name] = fam.shared_factory(dims_for(cfg, 0), opts, rngs=rngs)
+    self.shared = nnx.Dict(shared)
+    self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+
+  def __call__(self, x: jax.Array, ctx: Context):
+    ctx = ctx.replace(shared={name: module() for name, module in self.shared.items()})
+    call = _block_call if self.remat == "none" else nnx.remat(
+        _block_call, policy=REMAT_POLICIES[self.remat])
+    per_layer = []
+    for block in self.blocks:
+      x, aux = call(block, x, ctx)
+      per_layer.append(aux)
+    return x, attention.merge_aux(per_layer)
+
+
+def _block_call(block: Block, x: jax.Array, ctx: Context):
+  return block(x, ctx)

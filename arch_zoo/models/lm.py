@@ -1,0 +1,44 @@
+"""Decoder-only language model: token embedding, pre-norm blocks, final norm, (tied) head.
+
+``model(tokens[B, T] int32) -> (logits[B, T, V] float32, aux)``. Attention is always causal here;
+the families receive ``ctx.causal=True``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict
+
+from arch_zoo import sharding
+from arch_zoo.attention.base import Context
+from arch_zoo.layers import Dense, Embed
+from arch_zoo.models.block import NORMS, Stack, compute_dtype
+
+
+class LanguageModel(nnx.Module):
+  """GPT-style decoder over any registered causal attention family."""
+
+  def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
+    dtype = compute_dtype(cfg.dtype)
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=dtype)
+    self.stack = Stack(cfg, rngs=rngs)
+    self.final_norm = NORMS[cfg.norm](cfg.d_model)
+    self.head = None if cfg.tie_embeddings else Dense(
+        cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=dtype,
+        out_dtype=jnp.float32)
+
+  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, deterministic: bool = True,
+               rng: jax.Array | None = None):
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    ctx = Context(positions=positions, segment_ids=segment_ids, rng=rng, causal=True,
+                  deterministic=deterministic)
+    x = sharding.constrain(self.embed(tokens), ("act_batch", "act_length", "act_embed"))
+    x, aux = self.stack(x, ctx)
+    x = self.final_norm(x)
+    logits = self.embed.attend(x) if self.head is None else self.head(x)
+    return sharding.constrain(logits, ("act_batch", "act_length", "act_vocab")), aux

@@ -1,0 +1,124 @@
+"""What a run writes about itself at start: config, code version, packages, devices, parameter
+counts and model FLOPs per token, so that any result can be traced and compared after the fact.
+
+FLOPs are model FLOPs of matmuls only (PaLM / nanoGPT convention): training = 3 x forward.
+The attention term of each family comes from its ``flops_per_token``; for causal softmax attention
+it counts the unmasked half of QK^T and AV (the convention MaxText and Megatron use since 2025).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from arch_zoo import attention
+from arch_zoo.models.block import attention_options, dims_for, layer_names
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy",
+            "tensorflow-datasets", "ml_collections")
+RUN_INFO_FILE = "run_info.json"
+
+
+def git_commit() -> dict[str, Any]:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                            text=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return {"commit": commit or None, "dirty": bool(dirty)}
+  except (OSError, subprocess.SubprocessError):
+    return {"commit": None, "dirty": None}
+
+
+def package_versions() -> dict[str, str | None]:
+  out = {}
+  for name in PACKAGES:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = None
+  return out
+
+
+def device_info() -> dict[str, Any]:
+  devices = jax.devices()
+  return {"backend": jax.default_backend(), "count": len(devices),
+          "local_count": jax.local_device_count(), "process_count": jax.process_count(),
+          "kind": devices[0].device_kind if devices else None}
+
+
+def _path_names(path) -> list[str]:
+  return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+
+
+def parameter_counts(params) -> dict[str, int]:
+  """Total, attention (including cross-layer shared tensors) and embedding parameters."""
+  counts = {"total": 0, "attention": 0, "embedding": 0}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = _path_names(path)
+    size = int(np.prod(leaf.shape))
+    counts["total"] += size
+    if "attn" in names or "shared" in names:
+      counts["attention"] += size
+    if "embed" in names or "pos_embed" in names:
+      counts["embedding"] += size
+  return counts
+
+
+def layer_flops_per_token(model_cfg: ConfigDict, seq_len: int, causal: bool) -> float:
+  """Forward matmul FLOPs per token of the block stack (attention + MLP)."""
+  total = 0.0
+  mlp_matrices = 3 if model_cfg.mlp == "swiglu" else 2
+  d_ff = model_cfg.d_ff or 4 * model_cfg.d_model
+  for i, name in enumerate(layer_names(model_cfg)):
+    fam = attention.family(name)
+    options = attention.make_options(name, **attention_options(model_cfg, name))
+    total += fam.module.flops_per_token(dims_for(model_cfg, i), options, seq_len, causal)
+    total += 2 * mlp_matrices * model_cfg.d_model * d_ff
+  return total
+
+
+def lm_flops_per_token(model_cfg: ConfigDict, seq_len: int) -> dict[str, float]:
+  head = 2 * model_cfg.d_model * model_cfg.vocab_size
+  causal = layer_flops_per_token(model_cfg, seq_len, causal=True) + head
+  full = layer_flops_per_token(model_cfg, seq_len, causal=False) + head
+  return {"train_flops_per_token": 3 * causal, "train_flops_per_token_noncausal": 3 * full,
+          "convention": "matmuls only; train = 3 x forward; causal attention counts half of "
+                        "QK^T and AV (noncausal: all of it, as nanoGPT/PaLM)"}
+
+
+def flops_per_token(config: ConfigDict) -> dict[str, Any]:
+  if config.task == "lm":
+    return lm_flops_per_token(config.model, config.data.seq_len)
+  return {}
+
+
+def write_run_info(workdir: str, config: ConfigDict, params, extra: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+  info = {
+      "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "command": " ".join(sys.argv),
+      "git": git_commit(),
+      "python": platform.python_version(),
+      "packages": package_versions(),
+      "devices": device_info(),
+      "parameters": parameter_counts(params),
+      "flops": flops_per_token(config),
+      "config": json.loads(config.to_json_best_effort()),
+      **(extra or {}),
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, RUN_INFO_FILE), "w") as f:
+      json.dump(info, f, indent=2)
+  return info

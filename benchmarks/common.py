@@ -1,0 +1,67 @@
+"""Shared helpers for the GPU benchmarks: timing, device facts and the JSON record.
+
+Every benchmark writes one JSON file with the device, package versions, shapes, the median and
+spread of its timings, and the peer measured in the same run on the same GPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+H100_BF16_PEAK = 989e12  # dense bf16 datasheet peak (H100/H200 SXM); the MFU denominator peers use
+
+
+def versions(*names: str) -> dict[str, str | None]:
+  out = {"python": sys.version.split()[0]}
+  for name in names:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = None
+  return out
+
+
+def gpu_name() -> str:
+  try:
+    return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                          capture_output=True, text=True, timeout=20).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+  """Median and spread of per-step seconds."""
+  samples = sorted(samples)
+  return {"median_s": statistics.median(samples), "min_s": samples[0], "max_s": samples[-1],
+          "iqr_s": (samples[3 * len(samples) // 4] - samples[len(samples) // 4]) if len(samples) > 3
+          else 0.0, "n": len(samples)}
+
+
+def time_steps(run_block: Callable[[int], None], *, steps_per_sample: int, samples: int,
+               warmup_blocks: int = 1) -> dict[str, float]:
+  """Times ``run_block(n)`` (which runs n steps and synchronises) and returns per-step stats."""
+  for _ in range(warmup_blocks):
+    run_block(steps_per_sample)
+  per_step = []
+  for _ in range(samples):
+    start = time.perf_counter()
+    run_block(steps_per_sample)
+    per_step.append((time.perf_counter() - start) / steps_per_sample)
+  return summarize(per_step)
+
+
+def write(path: str, record: dict[str, Any]) -> None:
+  record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": gpu_name(), **record}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(record, f, indent=2)
+  print(json.dumps(record, indent=2))

@@ -1,0 +1,85 @@
+r"""Decoder-only language model on Jane Austen (byte-level), any attention family.
+
+    python train.py --config configs/lm.py:attn=mha,size=S --workdir runs/lm_mha_S
+    python train.py --config configs/lm.py:attn=mha,size=124M,data=tfds:lm1b --workdir runs/x \
+        --config.train.steps=20000
+
+Arguments (``get_config("attn=NAME,size=SIZE,data=DATA")``):
+
+* ``attn``: a registered attention name (``python -c "from arch_zoo import attention;
+  print(attention.names())"``).
+* ``size``: ``test`` (unit tests), ``S`` (the 2-core CPU demo), ``124M`` (GPT-2 small shape) or
+  ``350M`` (GPT-2 medium shape). The two GPT-2 shapes use GPT-2's padded vocabulary (50304) so
+  shapes and FLOPs match the peers; with the byte tokenizer only the first 256 rows are used.
+* ``data``: ``austen`` (default, offline), ``tfds:NAME`` (a prepared catalog dataset in
+  ``data.data_dir``, text feature ``data.text_key``) or ``text:GLOB`` (local UTF-8 files; the last
+  ``data.val_fraction`` of the text is validation).
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+from configs import common
+
+SIZES = {
+    "test": dict(d_model=32, num_layers=2, num_heads=2, seq_len=32, vocab_size=256,
+                 batch_size=8, steps=20, learning_rate=3e-3, warmup_steps=2),
+    # The 2-core CPU demo: ~4.5 minutes of training. Squared ReLU instead of GELU because XLA's
+    # CPU backend spends ~40% of the step in GELU's backward; per step it learns as well.
+    "S": dict(d_model=128, num_layers=4, num_heads=4, seq_len=128, vocab_size=256,
+              batch_size=8, steps=2500, learning_rate=3e-3, warmup_steps=100, mlp="relu2"),
+    "124M": dict(d_model=768, num_layers=12, num_heads=12, seq_len=1024, vocab_size=50304,
+                 batch_size=64, steps=20000, learning_rate=6e-4, warmup_steps=700),
+    "350M": dict(d_model=1024, num_layers=24, num_heads=16, seq_len=1024, vocab_size=50304,
+                 batch_size=64, steps=20000, learning_rate=3e-4, warmup_steps=700),
+}
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+  arg = common.parse_arg(arg, attn="mha", size="S", data="austen")
+  if arg.size not in SIZES:
+    raise ValueError(f"Unknown LM size {arg.size!r}; valid: {', '.join(SIZES)}.")
+  size = SIZES[arg.size]
+
+  config = ConfigDict()
+  config.task = "lm"
+  config.seed = 0
+  config.model = ConfigDict(dict(
+      name="lm",
+      vocab_size=size["vocab_size"],
+      d_model=size["d_model"],
+      num_layers=size["num_layers"],
+      num_heads=size["num_heads"],
+      head_dim=0,  # 0: d_model // num_heads
+      d_ff=0,  # 0: 4 * d_model
+      mlp=size.get("mlp", "gelu"),  # gelu (GPT-2) | relu | relu2 | swiglu
+      norm="rmsnorm",
+      tie_embeddings=True,
+      dropout=0.0,
+      dtype="auto",  # auto: bf16 matmuls on GPU/TPU, float32 on CPU; params are always float32
+      remat="none",  # none | full | dots
+      layer_pattern="",  # e.g. "lightning,lightning,lightning,mha" for hybrids
+      attention=common.attention_config(arg.attn, causal=True),
+  ))
+  config.data = ConfigDict(dict(
+      name=arg.data,
+      data_dir="",  # "": $TFDS_DATA_DIR or ~/tensorflow_datasets
+      tokenizer="byte",
+      seq_len=size["seq_len"],
+      text_key="text",
+      train_split="train",
+      eval_split="validation",
+      val_fraction=0.05,  # text:GLOB only
+  ))
+  config.optim = common.optim_config(learning_rate=size["learning_rate"],
+                                     warmup_steps=size["warmup_steps"])
+  config.train = common.train_config(steps=size["steps"], batch_size=size["batch_size"])
+  config.eval = ConfigDict(dict(batch_size=size["batch_size"] * 4))
+  config.mesh, config.sharding = common.mesh_config("dp")
+  if arg.size == "test":
+    config.train.update(log_every=5, eval_every=10, eval_batches=2, checkpoint_every=10)
+  if arg.size == "S":
+    config.train.update(log_every=100, eval_every=1000, checkpoint_every=1000)
+  config.lock()
+  return config

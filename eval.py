@@ -1,0 +1,90 @@
+r"""Restores a run's checkpoint and evaluates it; no training code.
+
+    python eval.py --workdir runs/lm_mha_S              # latest checkpoint
+    python eval.py --workdir runs/lm_mha_S --step 2000
+
+Reads the run's ``config.json``, restores the checkpoint into the same (sharded) layout and runs the
+task's evaluator on the whole validation split: loss, perplexity and bits per byte for language
+models. Prints a summary and one JSON line, and writes ``eval_results.json`` into the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+from absl import app, flags, logging
+from ml_collections import ConfigDict
+
+from arch_zoo import checkpoint, data as data_lib, optim, sharding, steps, train_state
+from arch_zoo.evaluators import perplexity
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "Run directory written by train.py.")
+  flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+  flags.DEFINE_integer("max_batches", None, "Evaluate only this many batches (default: all).")
+
+RESULTS_FILE = "eval_results.json"
+
+
+def load_config(workdir: str) -> ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: is {workdir} a train.py workdir?")
+  with open(path) as f:
+    return ConfigDict(json.load(f))
+
+
+def evaluate_run(workdir: str, step: int | None = None, max_batches: int | None = None
+                 ) -> dict[str, Any]:
+  config = load_config(workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_for(config.sharding)
+  tx, _ = optim.build(config.optim, config.train.steps)
+  shardings = train_state.shardings_of(config, mesh, rules, tx)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  if ckpt.latest_step() is None:
+    raise checkpoint.CheckpointError(f"No checkpoint in {ckpt.directory}; train first.")
+  state, _ = ckpt.restore(train_state.abstract_state(config, tx, shardings), step)
+  ckpt.close()
+
+  data = data_lib.build(config, jax.process_index(), jax.process_count())
+  eval_step = jax.jit(steps.make_eval_step(train_state.graphdef_of(config.model)))
+  with sharding.use(mesh, rules):
+    metrics = perplexity.evaluate(eval_step, state, data, config.eval.batch_size, max_batches,
+                                  lambda b: sharding.global_batch_from_local(b, mesh))
+  results = {"step": int(state.step), "task": config.task,
+             "attention": config.model.attention.name, "validation": metrics}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.workdir is None:
+    raise app.UsageError("--workdir is required.")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  try:
+    results = evaluate_run(FLAGS.workdir, FLAGS.step, FLAGS.max_batches)
+  except (checkpoint.CheckpointError, data_lib.DatasetMissingError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  v = results["validation"]
+  print(f"step {results['step']}: validation loss {v['loss']:.4f} | perplexity "
+        f"{v['perplexity']:.3f} | bits/byte {v['bits_per_byte']:.4f} ({v['tokens']} tokens)")
+  print(json.dumps(results))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
