@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,6 +72,9 @@ def run_ours(args) -> dict:
     float(metrics["train/loss"])
 
   with sharding.use(mesh, rules):
+    start = time.perf_counter()
+    run_block(1)
+    print(f"ours compiled in {time.perf_counter() - start:.0f}s", flush=True)
     stats = common.time_steps(run_block, steps_per_sample=args.steps, samples=args.samples)
   flops = provenance.lm_flops_per_token(config.model, args.seq_len)
   return {"stats": stats, "flops_per_token": flops["train_flops_per_token"],
@@ -107,8 +111,10 @@ def run_peer(args) -> dict:
       loss = train_step()
     loss.item()
 
+  start = time.perf_counter()
   for _ in range(3):  # compile
     run_block(1)
+  print(f"peer compiled and warmed up in {time.perf_counter() - start:.0f}s", flush=True)
   stats = common.time_steps(run_block, steps_per_sample=args.steps, samples=args.samples)
   n = 8192
   a = torch.ones((n, n), device="cuda", dtype=torch.bfloat16)
@@ -135,6 +141,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=10, help="steps per timed sample")
   parser.add_argument("--samples", type=int, default=5)
   parser.add_argument("--sides", default="ours,peer")
+  parser.add_argument("--child_timeout", type=int, default=300)
   # Internal: run one side in this process.
   parser.add_argument("--side", default=None)
   parser.add_argument("--seq_len", type=int, default=0)
@@ -146,40 +153,48 @@ def main() -> None:
     return
 
   rows = []
+  header = {"benchmark": "LM training step, GPT-2 124M shape",
+            "mfu_formula": "tokens/s x train FLOPs/token / peak; train FLOPs/token = 3 x forward "
+                           "matmul FLOPs (QKV, out-proj, MLP, LM head; causal attention QK^T and "
+                           "AV counted at half), see arch_zoo/provenance.py",
+            "attention": args.attn, "remat": args.remat, "rows": rows}
   for seq_len in map(int, args.seq_lens.split(",")):
     batch = args.tokens_per_step // seq_len
     row = {"seq_len": seq_len, "batch": batch, "tokens_per_step": batch * seq_len}
+    rows.append(row)
     for side in args.sides.split(","):
+      print(f"--- {side}: T={seq_len}, batch={batch}", flush=True)
       with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
         cmd = [sys.executable, __file__, "--side", side, "--seq_len", str(seq_len), "--batch",
                str(batch), "--attn", args.attn, "--remat", args.remat, "--steps", str(args.steps),
                "--samples", str(args.samples), "--child_out", tmp.name]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-          row[side] = {"error": proc.stderr[-3000:]}
-          print(proc.stderr[-3000:], file=sys.stderr)
+        try:
+          proc = subprocess.run(cmd, timeout=args.child_timeout)
+          ok = proc.returncode == 0
+        except subprocess.TimeoutExpired:
+          ok = False
+        if not ok:
+          row[side] = {"error": f"child failed or exceeded {args.child_timeout}s"}
           continue
         row[side] = json.load(open(tmp.name))
-      stats = row[side]["stats"]
-      row[side]["tokens_per_s"] = row["tokens_per_step"] / stats["median_s"]
-    ours = row.get("ours", {})
-    if "flops_per_token" in ours:
-      for side in ("ours", "peer"):
-        if "tokens_per_s" not in row.get(side, {}):
-          continue
-        achieved = row[side]["tokens_per_s"] * ours["flops_per_token"]
-        row[side]["model_tflops"] = achieved / 1e12
-        row[side]["mfu_vs_989"] = achieved / common.H100_BF16_PEAK
-        row[side]["mfu_vs_measured_matmul_peak"] = achieved / row[side]["matmul_peak_flops"]
-      if "tokens_per_s" in row.get("peer", {}):
-        row["speedup_vs_peer"] = ours["tokens_per_s"] / row["peer"]["tokens_per_s"]
-    rows.append(row)
-  common.write(args.out, {
-      "benchmark": "LM training step, GPT-2 124M shape",
-      "mfu_formula": "tokens/s x train FLOPs/token / peak; train FLOPs/token = 3 x forward "
-                     "matmul FLOPs (QKV, out-proj, MLP, LM head; causal attention QK^T and AV "
-                     "counted at half), see arch_zoo/provenance.py",
-      "attention": args.attn, "remat": args.remat, "rows": rows})
+      row[side]["tokens_per_s"] = row["tokens_per_step"] / row[side]["stats"]["median_s"]
+      add_derived(row)
+      common.write(args.out, header)  # after every measurement: a killed job keeps its results
+
+
+def add_derived(row: dict) -> None:
+  ours = row.get("ours", {})
+  if "flops_per_token" not in ours:
+    return
+  for side in ("ours", "peer"):
+    if "tokens_per_s" not in row.get(side, {}):
+      continue
+    achieved = row[side]["tokens_per_s"] * ours["flops_per_token"]
+    row[side]["model_tflops"] = achieved / 1e12
+    row[side]["mfu_vs_989"] = achieved / common.H100_BF16_PEAK
+    row[side]["mfu_vs_measured_matmul_peak"] = achieved / row[side]["matmul_peak_flops"]
+  if "tokens_per_s" in row.get("peer", {}):
+    row["speedup_vs_peer"] = ours["tokens_per_s"] / row["peer"]["tokens_per_s"]
 
 
 if __name__ == "__main__":

@@ -64,4 +64,3 @@ def write(path: str, record: dict[str, Any]) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(record, f, indent=2)
-  print(json.dumps(record, indent=2))

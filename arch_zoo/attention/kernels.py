@@ -64,6 +64,9 @@ def cudnn_supports(q, k, *, segment_ids=None, mask=None) -> str | None:
     return f"cuDNN needs bf16/fp16 inputs, got {q.dtype}"
   if q.shape[-1] > 256 or q.shape[-1] % 8:
     return f"head_dim {q.shape[-1]} is not a multiple of 8 up to 256"
+  if q.shape[1] % 2 or k.shape[1] % 2:
+    # Seen on H100 (jax 0.11.2): "Unsupported sequence length Q 197, KV 197" (ViT-B/16 + class).
+    return f"cuDNN refuses odd sequence lengths (got {q.shape[1]}, {k.shape[1]})"
   if segment_ids is not None:
     return "JAX's cuDNN binding takes sequence lengths, not segment ids"
   if mask is not None:
