@@ -65,7 +65,8 @@ def train_config(**overrides: Any) -> ConfigDict:
       keep_checkpoints=3,
       async_checkpoint=True,
       stop_at_step=0,  # >0: stop there (checkpointed) as if preempted; resume continues exactly
-      progress=True,  # the one-line progress bar (only on a terminal)
+      progress=True,  # the one-line progress bar
+      init="auto",  # where weights are created: auto | host | device (see train_state.py)
   ))
   cfg.update(overrides)
   return cfg
