@@ -65,18 +65,20 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="benchmarks/results/attention_parity.json")
   args = parser.parse_args()
-  cases = [case(b, t, h, kv, d, causal)
-           for (b, t, h, kv, d) in [(4, 1024, 12, 12, 64), (2, 2048, 16, 4, 128),
-                                    (2, 1024, 8, 1, 128), (8, 198, 6, 6, 64)]
-           for causal in (True, False)]
+  cases = []
   record = {"benchmark": "attention kernel parity, cudnn (bf16) vs xla (f32)",
-            "tolerance": TOLERANCE, "all_pass": all(c["pass"] for c in cases),
-            "versions": common.versions("jax", "jaxlib"), "cases": cases}
-  common.write(args.out, record)
-  for c in cases:
-    print(c["shape"], "causal" if c["causal"] else "bidir",
-          {k: round(v, 4) for k, v in c["cudnn_bf16_error"].items()},
-          {k: round(v, 4) for k, v in c["xla_bf16_error"].items()}, "PASS" if c["pass"] else "FAIL")
+            "tolerance": TOLERANCE, "versions": common.versions("jax", "jaxlib"), "cases": cases}
+  for (b, t, h, kv, d) in [(4, 1024, 12, 12, 64), (2, 2048, 16, 4, 128), (2, 1024, 8, 1, 128),
+                           (8, 198, 6, 6, 64)]:
+    for causal in (True, False):
+      c = case(b, t, h, kv, d, causal)
+      cases.append(c)
+      record["all_pass"] = all(c["pass"] for c in cases)
+      common.write(args.out, record)  # after every case: a killed job keeps its results
+      print(c["shape"], "causal" if c["causal"] else "bidir",
+            {k: round(v, 4) for k, v in c["cudnn_bf16_error"].items()},
+            {k: round(v, 4) for k, v in c["xla_bf16_error"].items()},
+            "PASS" if c["pass"] else "FAIL", flush=True)
 
 
 if __name__ == "__main__":
