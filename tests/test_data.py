@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
+pytest.importorskip("tensorflow_datasets")  # the GPU image has no TFDS; the data layer needs it
+
 from arch_zoo import data as data_lib
 from arch_zoo.data import text
 from arch_zoo.data.builders.austen.austen_dataset_builder import paragraphs
