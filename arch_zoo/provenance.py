@@ -41,9 +41,9 @@ def git_commit() -> dict[str, Any]:
     return {"commit": None, "dirty": None}
 
 
-def package_versions() -> dict[str, str | None]:
+def package_versions(names=PACKAGES) -> dict[str, str | None]:
   out = {}
-  for name in PACKAGES:
+  for name in names:
     try:
       out[name] = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
