@@ -316,7 +316,7 @@ def one_train_step(config, mesh_shape, rules, devices):
 
 
 def test_atoms_shard_like_projection_kernels_and_the_sharded_step_matches_one_device():
-  config = lm_config("masa", num_layers=3, num_atoms=2, d_model=64, num_heads=4)
+  config = lm_config("masa", num_layers=2, num_atoms=2, d_model=64, num_heads=4)
   ref_state, ref_metrics = one_train_step(config, {"data": 1}, "dp", jax.devices()[:1])
   state, step_metrics = one_train_step(config, {"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp",
                                        jax.devices())
@@ -343,6 +343,7 @@ def test_trains_through_train_py_and_resumes_exactly(austen_data_dir, tmp_path):
   def config(**train_overrides):
     cfg = lm_config("masa", num_layers=3)
     cfg.data.data_dir = austen_data_dir
+    cfg.eval.batch_size = 512  # the final validation reads all of Persuasion: fewer, larger calls
     cfg.train.update(steps=30, log_every=5, eval_every=0, checkpoint_every=10, progress=False,
                      **train_overrides)
     return cfg
