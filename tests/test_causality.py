@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from arch_zoo import attention
-from tests.helpers import build_lm, lm_config, random_tokens
+from tests.helpers import build_attention, build_lm, lm_config, random_tokens
 
 CAUSAL_NAMES = [n for n in attention.names() if attention.family(n).causal is True]
 
@@ -31,10 +31,10 @@ def test_future_tokens_do_not_change_past_logits(name, deterministic):
 def test_gradient_of_past_outputs_wrt_future_embeddings_is_zero(name):
   config = lm_config(name)
   dims = dict(d_model=32, num_heads=2, num_layers=1)
-  attn = attention.build(name, **dims, **{k: v for k, v in config.model.attention.items()
-                                          if k != "name"})
+  attn, shared = build_attention(name, **dims, **{k: v for k, v in config.model.attention.items()
+                                                  if k != "name"})
   x = jax.random.normal(jax.random.key(1), (1, 16, 32))
-  ctx = attention.Context.for_inputs(1, 16)
+  ctx = attention.Context.for_inputs(1, 16, shared=shared)
 
   def past_output(x):
     return attn(x, ctx)[0][:, :8].sum()
