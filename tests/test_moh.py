@@ -53,9 +53,10 @@ def inputs(batch=2, length=7, seed=1):
 ALL_ACTIVE_SPLITS = [(HEADS, 0), (0, HEADS), (1, HEADS - 1), (2, 2)]
 
 
-@pytest.mark.parametrize("split", ALL_ACTIVE_SPLITS)
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("num_kv_heads", [0, 2])
+@pytest.mark.parametrize("split,causal,num_kv_heads", [
+    *[(split, causal, 0) for split in ALL_ACTIVE_SPLITS for causal in (True, False)],
+    ((2, 2), True, 2), ((2, 2), False, 2),  # grouped-query heads
+])
 def test_all_heads_active_with_zero_routers_equals_mha_bitwise(split, causal, num_kv_heads):
   """Spec 2.9-1/2: uniform router outputs make every code-form gate exactly 1."""
   num_shared, top_k = split
@@ -379,3 +380,32 @@ def test_resume_is_exact(austen_data_dir, tmp_path):
   resumed = train.train_and_evaluate(training_config(austen_data_dir), split_dir)
   assert train_rows(full_dir) == train_rows(split_dir)  # every logged metric, bitwise
   assert resumed["loss"] == full["loss"]
+
+
+def test_sharded_training_step_equals_single_device():
+  """The balance loss and usage metrics are means over the global batch, so a step on a
+  data x fsdp x tensor mesh computes what one device computes."""
+  from arch_zoo import optim, sharding, steps, train_state
+
+  def one_step(mesh_shape, rules, devices):
+    config = lm_config("moh", d_model=64, num_heads=4, num_shared_heads=1, top_k=2)
+    mesh = sharding.make_mesh(mesh_shape, devices)
+    rules = sharding.rules_for(rules)
+    tx, schedule = optim.build(config.optim, 10)
+    graphdef, state, shardings = train_state.create(config, mesh, rules, tx)
+    step = jax.jit(steps.make_train_step(graphdef, tx, schedule, jax.random.key(0)),
+                   in_shardings=(shardings, None), out_shardings=(shardings, None))
+    tokens = np.asarray(random_tokens(8, 33, 256, seed=2))
+    local = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+             "weights": np.ones((8, 32), np.float32)}
+    with sharding.use(mesh, rules):
+      state, step_metrics = sharding.wait_if_cpu_mesh(
+          step(state, sharding.global_batch_from_local(local, mesh)))
+    return state, jax.device_get(step_metrics)
+
+  ref_state, ref_metrics = one_step({"data": 1}, "dp", jax.devices()[:1])
+  state, step_metrics = one_step({"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp", jax.devices())
+  for key in ("train/loss", "train/loss/moh_balance", "train/metric/moh_head_frequency/l01/h02"):
+    np.testing.assert_allclose(step_metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+  for a, b in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
