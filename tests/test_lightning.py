@@ -6,6 +6,7 @@ decay schedules against their published formulas; the module end to end (decodin
 training through train.py with resume).
 """
 
+import functools
 import math
 
 import jax
@@ -15,7 +16,7 @@ import pytest
 from flax import nnx
 
 import train
-from arch_zoo import attention, metrics
+from arch_zoo import attention, metrics, sharding
 from arch_zoo.attention import lightning, linear_kernels as lk, linear_pallas
 from arch_zoo.attention.base import Context
 from arch_zoo.models.block import Stack
@@ -197,6 +198,19 @@ def test_pallas_gradients_match_naive_in_interpret_mode():
   naive = grads(lambda q, k, v: lk.causal_reference(q, k, v, SLOPES))
   for got, want in zip(pallas, naive):
     assert_close(got, want)
+
+
+def test_pallas_runs_per_shard_of_batch_and_heads_under_a_mesh():
+  """Under a data x tensor mesh the kernel is shard_mapped (each device: its batch rows, its
+  heads and their slopes), and still equals the reference."""
+  mesh = sharding.make_mesh({"data": 4, "tensor": 2})
+  q, k, v = qkv(b=4, t=48, h=4, d=16)
+  fn = jax.jit(lk.per_shard(functools.partial(linear_pallas.lightning_attention, chunk_size=16,
+                                              config=INTERPRET)))
+  with sharding.use(mesh, sharding.rules_for("fsdp_tp")):
+    assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v, SLOPES))
+    out = fn(q, k, v, SLOPES)
+  assert_close(out, reference(q, k, v, SLOPES))
 
 
 def test_segment_plan_covers_the_sequence_with_little_padding():

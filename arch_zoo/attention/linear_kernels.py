@@ -34,7 +34,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from arch_zoo import sharding
 from arch_zoo.registry import check_choice
 
 IMPLS = ("auto", "xla", "naive", "pallas")
@@ -203,7 +205,29 @@ def causal_fn_for(impl: str, *, block_size: int):
     return functools.partial(causal_blockwise, block_size=block_size)
   from arch_zoo.attention import linear_pallas  # GPU kernel; imported only when asked for
 
-  return functools.partial(linear_pallas.lightning_attention, chunk_size=block_size)
+  return per_shard(functools.partial(linear_pallas.lightning_attention, chunk_size=block_size))
+
+
+def per_shard(causal_fn):
+  """Runs ``causal_fn`` on each device's shard of the batch and heads under the active mesh.
+
+  XLA cannot partition a Pallas call: on a sharded batch it would gather the whole batch onto
+  every device. The operator is independent per (batch, head), so ``shard_map`` over the
+  activation rules (``act_batch``, ``act_heads``) is exact; the sequence axis stays whole.
+  """
+
+  def run(q, k, v, slopes):
+    active = sharding.active()
+    if active is None or active[0].size == 1:
+      return causal_fn(q, k, v, slopes)
+    mesh, rules = active
+    batch, _, heads, _ = sharding.logical_to_spec(("act_batch", None, "act_heads", None), rules,
+                                                  q.shape, mesh)
+    spec = P(batch, None, heads, None)
+    return jax.shard_map(causal_fn, mesh=mesh, in_specs=(spec, spec, spec, P(heads)),
+                         out_specs=spec, check_vma=False)(q, k, v, slopes)
+
+  return run
 
 
 def resolve_impl(impl: str, q, k, v, *, block_size: int) -> str:
