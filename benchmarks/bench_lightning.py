@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -255,11 +256,14 @@ def child(args) -> None:
 
 
 def install_wheels(wheel_dir: str, target: str) -> str:
+  """Unpacks the pure-Python wheels (fla_core, einops) into ``target``: a wheel is a zip of its
+  site-packages files, so no pip and no network are needed on the GPU machine."""
   wheels = sorted(glob.glob(os.path.join(wheel_dir, "*.whl")))
   if not wheels:
     raise FileNotFoundError(f"No wheels in {wheel_dir!r} (expected fla_core and einops).")
-  subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
-                  "--target", target, *wheels], check=True)
+  for wheel in wheels:
+    with zipfile.ZipFile(wheel) as archive:
+      archive.extractall(target)
   return target
 
 

@@ -10,7 +10,7 @@ Why the work is split this way:
 
 * The Lightning algorithm is sequential over chunks. One program per (batch, head) would leave
   most of an H100 idle at long T (B*H = 32 programs at T = 32K, B*T = 64K, H = 16). So the
-  sequence is cut into *segments* of ``segment_len`` tokens (2048), and every (batch, head,
+  sequence is cut into *segments* of ``segment_len`` tokens (1024), and every (batch, head,
   segment, value block) is one program: the grid, and the work of each program, are then the
   same for every T at a fixed number of tokens.
 * A segment needs the state of all the tokens before it. A first, cheap kernel sums each
@@ -52,7 +52,7 @@ class KernelConfig:
 
   chunk_size: int = 64  # tokens per chunk (the official Lightning kernel uses 64)
   block_e: int = 64  # value columns per program; the state tile is [D, block_e] float32
-  segment_len: int = 2048  # tokens per independent program along the sequence
+  segment_len: int = 1024  # tokens per independent program along the sequence
   num_warps: int = 4
   num_stages: int = 2
   interpret: bool = False  # run the kernels through the Pallas interpreter (any backend)
