@@ -1,4 +1,4 @@
-r"""Compile the lightning Triton kernels for an H100 without a GPU: registers, spills, shared memory.
+r"""Compiles the lightning Triton kernels for an H100 without a GPU: registers, spills, shared mem.
 
     python3.12 -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install triton      # once (PyPI Triton)
     python benchmarks/pallas_sm90_check.py --triton_python /tmp/tvenv/bin/python \

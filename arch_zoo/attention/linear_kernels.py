@@ -51,10 +51,10 @@ def _f32_einsum(spec: str, *operands) -> jax.Array:
                     preferred_element_type=F32)
 
 
-def decay_mask(slopes: jax.Array, length: int, *, offset: int = 0) -> jax.Array:
+def decay_mask(slopes: jax.Array, length: int) -> jax.Array:
   """``[H, length, length]``: ``lam^(t - u)`` where ``u <= t``, else 0 (t, u local positions)."""
   pos = jnp.arange(length, dtype=F32)
-  distance = pos[:, None] - pos[None, :] + offset
+  distance = pos[:, None] - pos[None, :]
   decay = jnp.exp(-slopes.astype(F32)[:, None, None] * jnp.maximum(distance, 0.0))
   return jnp.where(distance >= 0, decay, 0.0)
 

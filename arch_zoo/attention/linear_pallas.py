@@ -165,15 +165,14 @@ def _grid_and_specs(shape_q, shape_v, num_segments: int, segment_len: int, cfg: 
   block_e = min(cfg.block_e, e)
   grid = (e // block_e, num_segments, b * h)
 
-  def seq(width, *, value_block: bool = False):  # [B, T, H, X] arrays: one segment of one head
-    if value_block:
-      return pl.BlockSpec((None, segment_len, None, block_e),
-                          lambda ie, s, bh: (bh // h, s, bh % h, ie))
-    return pl.BlockSpec((None, segment_len, None, width), lambda ie, s, bh: (bh // h, s, bh % h, 0))
-
+  # One segment of one head of a [B, T, H, X] array: all X columns, or this program's value block.
+  rows = pl.BlockSpec((None, segment_len, None, d), lambda ie, s, bh: (bh // h, s, bh % h, 0))
+  value_rows = pl.BlockSpec((None, segment_len, None, block_e),
+                            lambda ie, s, bh: (bh // h, s, bh % h, ie))
   slope = pl.BlockSpec((None,), lambda ie, s, bh: (bh % h,))
-  state = pl.BlockSpec((None, None, None, d, block_e), lambda ie, s, bh: (bh // h, bh % h, s, 0, ie))
-  return grid, seq, slope, state, block_e
+  state = pl.BlockSpec((None, None, None, d, block_e),
+                       lambda ie, s, bh: (bh // h, bh % h, s, 0, ie))
+  return grid, rows, value_rows, slope, state
 
 
 def _compiler_params(cfg: KernelConfig):
@@ -189,13 +188,13 @@ def segment_states(k, v, slopes, *, segment_len: int, reverse: bool, cfg: Kernel
   b, t, h, d = k.shape
   e = v.shape[-1]
   num_segments = t // segment_len
-  grid, seq, slope, state, block_e = _grid_and_specs(k.shape, v.shape, num_segments, segment_len,
-                                                     cfg)
+  grid, rows, value_rows, slope, state = _grid_and_specs(k.shape, v.shape, num_segments,
+                                                         segment_len, cfg)
   return pl.pallas_call(
       functools.partial(_state_kernel, chunk=cfg.chunk_size, reverse=reverse),
       out_shape=jax.ShapeDtypeStruct((b, h, num_segments, d, e), F32),
       grid=grid,
-      in_specs=[slope, seq(d), seq(e, value_block=True)],
+      in_specs=[slope, rows, value_rows],
       out_specs=state,
       compiler_params=_compiler_params(cfg),
       interpret=cfg.interpret,
@@ -220,16 +219,15 @@ def start_states(local, slopes, *, segment_len: int, reverse: bool):
 def segment_outputs(q, k, v, slopes, start, *, segment_len: int, reverse: bool,
                     cfg: KernelConfig):
   """The output kernel over every (value block, segment, batch * head)."""
-  d, e = q.shape[-1], v.shape[-1]
   num_segments = q.shape[1] // segment_len
-  grid, seq, slope, state, block_e = _grid_and_specs(q.shape, v.shape, num_segments, segment_len,
-                                                     cfg)
+  grid, rows, value_rows, slope, state = _grid_and_specs(q.shape, v.shape, num_segments,
+                                                         segment_len, cfg)
   return pl.pallas_call(
       functools.partial(_output_kernel, chunk=cfg.chunk_size, reverse=reverse),
       out_shape=jax.ShapeDtypeStruct(v.shape, q.dtype),
       grid=grid,
-      in_specs=[slope, seq(d), seq(d), seq(e, value_block=True), state],
-      out_specs=seq(e, value_block=True),
+      in_specs=[slope, rows, rows, value_rows, state],
+      out_specs=value_rows,
       compiler_params=_compiler_params(cfg),
       interpret=cfg.interpret,
       name="lightning_outputs",
@@ -293,7 +291,8 @@ def _lightning_bwd(segment_len, cfg, residuals, d_out):
 _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 
 
-def lightning_attention(q, k, v, slopes, *, chunk_size: int = 64, config: KernelConfig | None = None):
+def lightning_attention(q, k, v, slopes, *, chunk_size: int = 64,
+                        config: KernelConfig | None = None):
   """Causal linear attention with per-head decay on the Triton kernel; differentiable.
 
   Args:
@@ -320,12 +319,5 @@ def lightning_attention(q, k, v, slopes, *, chunk_size: int = 64, config: Kernel
   return out[:, :t] if padded != t else out
 
 
-def ideal_programs(batch: int, heads: int, length: int, head_dim_v: int,
-                   cfg: KernelConfig = KernelConfig()) -> int:
-  """Programs per kernel launch (for the benchmark's record)."""
-  _, num_segments = _segment_plan(length, cfg)
-  return batch * heads * num_segments * max(1, head_dim_v // cfg.block_e)
-
-
-__all__ = ["KernelConfig", "ideal_programs", "lightning_attention", "segment_states",
+__all__ = ["KernelConfig", "lightning_attention", "segment_states",
            "start_states", "unsupported_reason"]
