@@ -1,8 +1,6 @@
 """Dynamic Mask Attention: the oracles of spec section 5.7 against an independent naive reference,
 the sparse kernels against the dense one (outputs and gradients), and training with resume."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -369,3 +367,14 @@ def test_trains_through_train_py_and_resumes_exactly(austen_data_dir, tmp_path):
   assert losses == train_losses(split_dir)  # bitwise, every logged step
   assert resumed["loss"] == full["loss"]
   assert losses[20] < losses[5]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [256, 512])  # dense limit (cuDNN, folded bias) and sparse kernel
+def test_gpu_paths_match_the_float32_reference_in_bf16(t):
+  q, k, v, bias, score = inputs(b=2, t=t, h=8, g=4, d=64)
+  bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  ref = dma(*(x.astype(jnp.float32) for x in bf16), bias, score, causal=True, keep_window=256,
+            impl="xla")
+  out = dma(*bf16, bias, score, causal=True, keep_window=256, impl="auto", chunk_size=128)
+  np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=2e-2)

@@ -58,8 +58,9 @@ class DynamicMaskOptions:
     check_choice("attention.tie_break", self.tie_break, TIE_BREAKS)
     check_choice("attention.impl", self.impl, IMPLS)
     for name in ("keep_window_size", "chunk_size"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"attention.{name} must be a positive integer, got {getattr(self, name)}.")
+      value = getattr(self, name)
+      if value < 1:
+        raise ValueError(f"attention.{name} must be a positive integer, got {value}.")
 
 
 def selection_mask(score, keep_window: int, *, causal: bool, segment_ids=None,

@@ -164,8 +164,8 @@ def chunk_selection(local_score, local_pos, carry_score, carry_pos, keep_window:
   width = carry_score.shape[-1]
   filled = carry_score > -jnp.inf  # [B, G, W]
   # [B, G, C(l), W(k)]: chunk key l beats carried key k.
-  local_beats_carry = beats(local_score[..., :, None], local_pos[:, None], carry_score[..., None, :],
-                            carry_pos[..., None, :], tie_break)
+  local_beats_carry = beats(local_score[..., :, None], local_pos[:, None],
+                            carry_score[..., None, :], carry_pos[..., None, :], tie_break)
   beaten_by_chunk = jnp.cumsum(local_beats_carry, axis=-2, dtype=jnp.int32)  # [B, G, C(i), W]
   keep_carry = filled[..., None, :] & (jnp.arange(width) + beaten_by_chunk < keep_window)
 
@@ -199,7 +199,9 @@ def chunked_causal_attention(q, k, v, bias, score, *, keep_window: int, chunk_si
   def pad(x, value=0.0):
     return jnp.pad(x, [(0, 0), (0, t_pad - t)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
 
-  k, v, bias = pad(k), pad(v), pad(bias.astype(jnp.float32))
+  # Keys and values enter every chunk that carries them, so their gradients are sums over chunks:
+  # hold them in float32 here so that those sums accumulate in float32, not in bf16.
+  k, v, bias = (pad(x.astype(jnp.float32)) for x in (k, v, bias))
   # Padded keys score -inf: they never enter a carry, and no real query reaches them causally.
   score = pad(selection_score(score), -jnp.inf).transpose(0, 2, 1)
   q_chunks = pad(q).reshape(b, n_chunks, chunk, g, h // g, d).swapaxes(0, 1)
@@ -217,7 +219,8 @@ def chunked_causal_attention(q, k, v, bias, score, *, keep_window: int, chunk_si
       carried = jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 3)), axis=1)
       return jnp.concatenate([carried, lax.dynamic_slice_in_dim(x, start, chunk, axis=1)], axis=1)
 
-    k_c, v_c, bias_c = candidates(k), candidates(v), candidates(bias)
+    k_c, v_c = (candidates(x).astype(q.dtype) for x in (k, v))
+    bias_c = candidates(bias)
     logits = jnp.einsum("bcgrd,bkgd->bgrck", q_c, k_c, preferred_element_type=jnp.float32)
     logits = logits * scale + bias_c.transpose(0, 2, 1)[:, :, None, None, :]
     logits = jnp.where(keep[:, :, None], logits, kernels.MASK_VALUE)
