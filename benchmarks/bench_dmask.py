@@ -10,7 +10,8 @@ heads, 8 KV heads, head_dim 128, QK-norm and RoPE, bf16 matmuls with float32 par
   kernel, which never builds a [T, T] tensor), A initialised at 0.5 so that scores differ.
 * ``mha``: the same projections, ``impl=cudnn`` (JAX's cuDNN flash attention, causal).
 
-At T = 4K, 8K, 16K and 32K with a fixed number of tokens per step (batch = tokens / T), each
+At T = 4K, 8K, 16K and 32K (and 2K = the window, where DMA takes its dense-limit path: cuDNN
+with the folded per-key bias) with a fixed number of tokens per step (batch = tokens / T), each
 (side, T) runs in its own subprocess so that the peak memory of one does not leak into the next.
 Time: median of jitted ``value_and_grad`` steps (w.r.t. parameters and input), and of the forward
 alone. Memory: the device allocator's peak (``peak_bytes_in_use``, includes parameters and inputs)
@@ -141,9 +142,13 @@ def run_parity(args) -> dict:
                                "xla_bf16": (compute_dtype(args), "xla"),
                                "reference_f32": (jnp.float32, "xla")}.items():
       graphdef, params = build_layer("dynamic_mask", args, dtype, impl=impl)
-      grad_fn = jax.jit(jax.value_and_grad(loss_fn(graphdef, ctx), argnums=(0, 1)))
-      _, (d_params, d_x) = grad_fn(params, x.astype(dtype), cotangent)
-      y, _ = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, ctx))(params, x.astype(dtype))
+
+      def loss(params, x):
+        y, _ = nnx.merge(graphdef, params)(x, ctx)
+        return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+      grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+      (_, y), (d_params, d_x) = grad_fn(params, x.astype(dtype))
       named = {"d" + jax.tree_util.keystr(path, simple=True, separator="/").removesuffix(
           "/value"): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(d_params)[0]}
       runs[run] = {"out": y, "dx": d_x, **named}
@@ -192,7 +197,8 @@ def main() -> None:
   parser.add_argument("--out", default="benchmarks/results/dmask.json")
   parser.add_argument("--smoke", action="store_true",
                       help="tiny float32 shapes that run on CPU (checks the script, not speed)")
-  parser.add_argument("--seq_lens", default="4096,8192,16384,32768")
+  parser.add_argument("--seq_lens", default="2048,4096,8192,16384,32768",
+                      help="2048 = the window: the dense-limit (folded-bias cuDNN) path")
   parser.add_argument("--tokens_per_step", type=int, default=32768)
   parser.add_argument("--d_model", type=int, default=2048)
   parser.add_argument("--heads", type=int, default=16)
@@ -202,7 +208,7 @@ def main() -> None:
   parser.add_argument("--mha_impl", default="cudnn")
   parser.add_argument("--sides", default=",".join(SIDES))
   parser.add_argument("--parity", type=int, default=1, help="1: run the parity check first")
-  parser.add_argument("--steps", type=int, default=5, help="steps per timed sample")
+  parser.add_argument("--steps", type=int, default=3, help="steps per timed sample")
   parser.add_argument("--samples", type=int, default=5)
   parser.add_argument("--child_timeout", type=int, default=150)
   # Internal: run one side in this process.

@@ -77,16 +77,23 @@ def fold_key_bias(q, k, v, bias):
   return q2, k2, v2
 
 
+def cudnn_max_head_dim() -> int:
+  """JAX's cuDNN binding allows head dims up to 256 on Hopper and later, 128 before."""
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  return 256 if capability is not None and float(capability) >= 9.0 else 128
+
+
 def key_bias_attention(q, k, v, bias, *, causal: bool, segment_ids=None, impl: str = "auto"):
   """Dense attention over every allowed key, plus a per-key bias (DMA's dense limit).
 
   ``impl='auto'`` folds the bias into the dot product and calls cuDNN where cuDNN can run the
-  folded shapes (GPU, bf16, head_dim + 8 <= 256, no segment ids); otherwise, and for
+  folded shapes (GPU, bf16, head_dim + 8 within cuDNN's limit, no segment ids); otherwise, and for
   ``impl='xla'``, the float32 reference with a broadcast ``[B, H, 1, S]`` bias.
   """
   d = q.shape[-1]
   folded = jax.ShapeDtypeStruct(q.shape[:-1] + (d + FOLD_WIDTH,), q.dtype)
-  if impl == "auto" and kernels.cudnn_supports(folded, k, segment_ids=segment_ids) is None:
+  if (impl == "auto" and kernels.cudnn_supports(folded, k, segment_ids=segment_ids) is None
+      and d + FOLD_WIDTH <= cudnn_max_head_dim()):
     q2, k2, v2 = fold_key_bias(q, k, v, bias)
     out = kernels.attention(q2, k2, v2, causal=causal, impl="cudnn", scale=d ** -0.5)
     return out[..., :d]
