@@ -69,8 +69,9 @@ def fold_key_bias(q, k, v, bias):
   """
   d = q.shape[-1]
   pad = FOLD_WIDTH - 1
-  ones = jnp.full(q.shape[:-1] + (1,), d ** 0.5, q.dtype)
-  q2 = jnp.concatenate([q, ones, jnp.zeros(q.shape[:-1] + (pad,), q.dtype)], axis=-1)
+  # In bf16 the bias and sqrt(D) round like any other feature (relative error <= 2^-9).
+  root_d = jnp.full(q.shape[:-1] + (1,), d ** 0.5, q.dtype)
+  q2 = jnp.concatenate([q, root_d, jnp.zeros(q.shape[:-1] + (pad,), q.dtype)], axis=-1)
   k2 = jnp.concatenate([k, bias[..., None].astype(k.dtype),
                         jnp.zeros(k.shape[:-1] + (pad,), k.dtype)], axis=-1)
   v2 = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, FOLD_WIDTH)])
