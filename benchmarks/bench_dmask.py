@@ -17,10 +17,10 @@ Time: median of jitted ``value_and_grad`` steps (w.r.t. parameters and input), a
 alone. Memory: the device allocator's peak (``peak_bytes_in_use``, includes parameters and inputs)
 and XLA's planned temporary buffers of the compiled step (``temp_size_in_bytes``).
 
-Before timing, ``parity`` checks the GPU-only paths against the float32 reference on the same bf16
+After timing, ``parity`` checks the GPU-only paths against the float32 reference on the same bf16
 inputs (outputs and all gradients): the sparse kernel at T = 2 x window and the folded-bias cuDNN
-path in the dense limit (T = window).
-The JSON is rewritten after every measurement, so a killed run keeps what it measured.
+path in the dense limit (T = window). The JSON is rewritten after every measurement, so a killed
+run keeps what it measured, and no new measurement starts once ``--budget_s`` is spent.
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
 
 SIDES = ("dynamic_mask", "mha")
+START = time.perf_counter()
 PARITY_TOLERANCE = 2e-2
 
 
@@ -171,13 +173,17 @@ def child(args) -> None:
 
 
 def run_child(args, side: str, extra: list[str]) -> dict:
+  remaining = args.budget_s - (time.perf_counter() - START)
+  if remaining < 30:
+    return {"skipped": f"the run's --budget_s={args.budget_s} was spent"}
+  timeout = int(min(args.child_timeout, remaining))
   with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--child_out", tmp.name,
            *shared_flags(args), *extra]
     try:
-      proc = subprocess.run(cmd, timeout=args.child_timeout)
+      proc = subprocess.run(cmd, timeout=timeout)
     except subprocess.TimeoutExpired:
-      return {"error": f"exceeded {args.child_timeout}s"}
+      return {"error": f"exceeded {timeout}s"}
     if proc.returncode != 0:
       return {"error": f"child exited with {proc.returncode} (out of memory or unsupported; "
                        "see the log above)"}
@@ -197,8 +203,8 @@ def main() -> None:
   parser.add_argument("--out", default="benchmarks/results/dmask.json")
   parser.add_argument("--smoke", action="store_true",
                       help="tiny float32 shapes that run on CPU (checks the script, not speed)")
-  parser.add_argument("--seq_lens", default="2048,4096,8192,16384,32768",
-                      help="2048 = the window: the dense-limit (folded-bias cuDNN) path")
+  parser.add_argument("--seq_lens", default="4096,8192,16384,32768,2048",
+                      help="in this order; 2048 = the window: the dense-limit (cuDNN) path")
   parser.add_argument("--tokens_per_step", type=int, default=32768)
   parser.add_argument("--d_model", type=int, default=2048)
   parser.add_argument("--heads", type=int, default=16)
@@ -207,10 +213,12 @@ def main() -> None:
   parser.add_argument("--chunk_size", type=int, default=512)
   parser.add_argument("--mha_impl", default="cudnn")
   parser.add_argument("--sides", default=",".join(SIDES))
-  parser.add_argument("--parity", type=int, default=1, help="1: run the parity check first")
+  parser.add_argument("--parity", type=int, default=1, help="1: the GPU parity check, last")
   parser.add_argument("--steps", type=int, default=3, help="steps per timed sample")
   parser.add_argument("--samples", type=int, default=5)
   parser.add_argument("--child_timeout", type=int, default=150)
+  parser.add_argument("--budget_s", type=int, default=540,
+                      help="no new measurement starts after this many seconds")
   # Internal: run one side in this process.
   parser.add_argument("--side", default=None)
   parser.add_argument("--seq_len", type=int, default=0)
@@ -218,7 +226,7 @@ def main() -> None:
   parser.add_argument("--child_out", default=None)
   args = parser.parse_args()
   if args.smoke and not args.side:
-    args.seq_lens, args.tokens_per_step = "128,256", 512
+    args.seq_lens, args.tokens_per_step = "256,128", 512
     args.d_model, args.heads, args.kv_heads, args.keep_window, args.chunk_size = 64, 4, 2, 64, 32
     args.mha_impl, args.steps, args.samples = "auto", 2, 2
   if args.side:
@@ -236,11 +244,7 @@ def main() -> None:
             "timing": "median seconds per step of jitted value_and_grad (params and input) and of "
                       "the forward; peak_bytes_in_use from the device allocator, per subprocess",
             "smoke": args.smoke, "rows": rows}
-  if args.parity:
-    print("--- parity", flush=True)
-    record["parity"] = run_child(args, "parity", [])
-    common.write(args.out, record)
-  for seq_len in map(int, args.seq_lens.split(",")):
+  for seq_len in map(int, filter(None, args.seq_lens.split(","))):
     batch = max(1, args.tokens_per_step // seq_len)
     row = {"seq_len": seq_len, "batch": batch}
     rows.append(row)
@@ -255,6 +259,10 @@ def main() -> None:
         print(f"    fwd+bwd {row[side]['fwd_bwd']['median_s'] * 1e3:.2f} ms, forward "
               f"{row[side]['forward']['median_s'] * 1e3:.2f} ms, peak "
               f"{(row[side]['peak_bytes_in_use'] or 0) / 2**30:.2f} GiB", flush=True)
+  if args.parity:
+    print("--- parity", flush=True)
+    record["parity"] = run_child(args, "parity", [])
+    common.write(args.out, record)
 
 
 if __name__ == "__main__":
