@@ -79,6 +79,9 @@ def unit_layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
+# The array functions below are jitted (shape arguments static) so that eager calls, as in tests
+# and notebooks, compile once instead of dispatching op by op; inside the train step they inline.
+
 # ------------------------------------------------------------------------------ local heads
 
 
