@@ -327,8 +327,12 @@ def test_no_output_depends_on_a_later_token(deterministic):
   ctx = Context.for_inputs(2, length, causal=True, deterministic=deterministic,
                            rng=None if deterministic else jax.random.key(0))
 
+  graphdef, state = nnx.split(attn)
+  # Each call starts from the same state (a training call updates the centroids); jitted once.
+  run_jitted = jax.jit(lambda state, x: nnx.merge(graphdef, state, copy=True)(x, ctx)[0])
+
   def run(x):
-    return np.asarray(nnx.clone(attn)(x, ctx)[0])
+    return np.asarray(run_jitted(state, x))
 
   def layout(x):
     _, nearest = nearest_clusters(attn, unit_layer_norm(projections(attn, x)[0][:, :, 1:]))
@@ -350,7 +354,8 @@ def test_past_outputs_have_zero_gradient_wrt_later_inputs():
   length, t = 30, 17
   attn = build(local_heads=1, num_clusters=3, window=2, local_window=4)
   ctx = Context.for_inputs(1, length, causal=True)
-  grad = jax.grad(lambda x: jnp.sum(attn(x, ctx)[0][:, :t] ** 2))(inputs(1, length, seed=10))
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(attn(x, ctx)[0][:, :t] ** 2)))(
+      inputs(1, length, seed=10))
   np.testing.assert_array_equal(np.asarray(grad[:, t:]), 0.0)
   assert np.abs(np.asarray(grad[:, :t])).sum() > 0
 
@@ -364,7 +369,9 @@ def routing_config(**model):
   return config
 
 
-def one_train_step(config, mesh_shape=None, devices=None, steps_taken=1):
+def train_steps(config, mesh_shape=None, devices=None, steps_taken=2, evaluate=False):
+  """Runs ``steps_taken`` jitted train steps on one fixed batch; returns the initial and final
+  state, the last step's metrics, the state's shardings and (optionally) one eval step."""
   mesh = sharding.make_mesh(mesh_shape or {"data": 1}, devices or jax.devices()[:1])
   rules = sharding.rules_for(config.sharding)
   tx, schedule = optim.build(config.optim, 10)
@@ -374,34 +381,36 @@ def one_train_step(config, mesh_shape=None, devices=None, steps_taken=1):
   tokens = jax.random.randint(jax.random.key(1), (8, 33), 0, 256, jnp.int32)
   local = {"inputs": np.asarray(tokens[:, :-1]), "targets": np.asarray(tokens[:, 1:]),
            "weights": np.ones((8, 32), np.float32)}
-  initial = state.model_state
+  initial, evaluation = state.model_state, None
   with sharding.use(mesh, rules):
     batch = sharding.global_batch_from_local(local, mesh)
     for _ in range(steps_taken):
       state, step_metrics = sharding.wait_if_cpu_mesh(step(state, batch))
-    evaluation = jax.jit(steps.make_eval_step(graphdef))(state.params, state.model_state, batch)
-  return initial, state, step_metrics, evaluation, shardings
+    if evaluate:
+      eval_step = jax.jit(steps.make_eval_step(graphdef))
+      evaluation = eval_step(state.params, state.model_state, batch)
+      again = eval_step(state.params, state.model_state, batch)
+  return initial, state, step_metrics, shardings, (evaluation, again) if evaluate else None
 
 
-def test_train_step_updates_replicated_centroids_and_logs_the_commitment_loss():
-  initial, state, step_metrics, evaluation, shardings = one_train_step(routing_config())
+def test_train_step_updates_replicated_centroids_like_sharded_and_remat_steps():
+  """The train step updates the k-means state (replicated, logged); evaluation depends only on
+  the state it is given. Cluster statistics are sums over the global batch: a 2 x 4 mesh and
+  remat must reach the centroids of one device."""
+  initial, reference, ref_metrics, shardings, (evaluation, again) = train_steps(
+      routing_config(), evaluate=True)
   assert {"cluster_counts", "cluster_sums", "centroids"} <= {
-      str(path[-1]) for path, _ in state.model_state.flat_state()}
-  for (path, new), (_, old) in zip(state.model_state.flat_state(), initial.flat_state()):
+      str(path[-1]) for path, _ in reference.model_state.flat_state()}
+  for (path, new), (_, old) in zip(reference.model_state.flat_state(), initial.flat_state()):
     assert not np.array_equal(np.asarray(new), np.asarray(old)), path
   for _, spec in shardings.model_state.flat_state():
     assert spec.get_value().spec == jax.sharding.PartitionSpec()  # replicated
-  assert step_metrics["train/loss/routing_commitment"] > 0
-  assert np.isfinite(evaluation["nll_sum"])
+  assert ref_metrics["train/loss/routing_commitment"] > 0
+  assert np.isfinite(evaluation["nll_sum"]) and evaluation["nll_sum"] == again["nll_sum"]
 
-
-def test_sharded_and_rematerialised_steps_give_the_same_centroids():
-  """Cluster statistics are sums over the global batch: a 2 x 4 mesh (and remat) must reach the
-  centroids of one device."""
-  _, reference, ref_metrics, _, _ = one_train_step(routing_config(), steps_taken=2)
-  _, sharded, metrics_sharded, _, _ = one_train_step(
-      routing_config(), {"data": 2, "fsdp": 4}, jax.devices(), steps_taken=2)
-  _, remat, metrics_remat, _, _ = one_train_step(routing_config(remat="full"), steps_taken=2)
+  _, sharded, metrics_sharded, _, _ = train_steps(routing_config(), {"data": 2, "fsdp": 4},
+                                                  jax.devices())
+  _, remat, metrics_remat, _, _ = train_steps(routing_config(remat="full"))
   for other, other_metrics in ((sharded, metrics_sharded), (remat, metrics_remat)):
     np.testing.assert_allclose(other_metrics["train/loss"], ref_metrics["train/loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(reference.model_state), jax.tree.leaves(other.model_state)):
