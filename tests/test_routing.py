@@ -473,3 +473,25 @@ def test_resumed_run_continues_with_the_same_centroids(austen_data_dir, tmp_path
   for a, b in zip(jax.tree.leaves(at_10), jax.tree.leaves(restored_model_state(config, split_dir,
                                                                                20))):
     assert not np.array_equal(np.asarray(a), np.asarray(b))  # the centroids kept moving
+
+
+def test_flops_count_full_attention_for_one_cluster_and_stay_flat_with_a_fixed_window():
+  dims = attention.Dims(d_model=64, num_heads=4)
+  mha = attention.family("mha").module.flops_per_token(
+      dims, attention.make_options("mha"), 128, True)
+  one_cluster = routing.RoutingAttention.flops_per_token(
+      dims, routing.RoutingOptions(local_heads=0, num_clusters=1), 128, True)
+  no_key_projection = 2 * 64 * 4 * 16  # routing heads use their queries as keys
+  scores = 2 * 4 * 1 * 16  # one centroid score per head
+  # MHA counts T/2 keys per causal query, the exact mean is (T + 1)/2: half a key per head.
+  np.testing.assert_allclose(one_cluster, mha - no_key_projection + scores + 4 * 16 * 4 * 0.5)
+
+  def per_token(name, seq_len):
+    options = dict(num_clusters=seq_len // 512, window=512) if name == "routing" else {}
+    return attention.family(name).module.flops_per_token(
+        dims, attention.make_options(name, **options), seq_len, True)
+
+  # With w fixed, routing's cost per token stays nearly flat from 4K to 32K (the centroid scores
+  # and the local heads' first block are the only T-dependent terms); MHA's grows with T.
+  assert per_token("routing", 32768) < 1.05 * per_token("routing", 4096)
+  assert per_token("mha", 32768) > 5 * per_token("mha", 4096)
