@@ -13,6 +13,7 @@ from arch_zoo import attention, checkpoint, metrics, optim, sharding, steps, tra
 from arch_zoo.attention import routing
 from arch_zoo.attention.base import Context
 from arch_zoo.layers import apply_rope
+from arch_zoo.models.block import Stack
 from configs import lm
 
 D_MODEL, HEADS = 32, 2  # head_dim 16
@@ -419,8 +420,6 @@ def test_train_step_updates_replicated_centroids_like_sharded_and_remat_steps():
 
 def test_bidirectional_stack_runs_and_updates_every_layer():
   """The ViT path: the shared block stack with ``causal=False`` (balanced routing)."""
-  from arch_zoo.models.block import Stack
-
   config = routing_config()
   stack = Stack(config.model, rngs=nnx.Rngs(0))
   before = [np.asarray(block.attn.centroids[...]) for block in stack.blocks]
@@ -453,19 +452,20 @@ def restored_model_state(config, workdir, step):
 
 
 def test_resumed_run_continues_with_the_same_centroids(austen_data_dir, tmp_path):
+  # Both runs stop at step 20 of 40 (like a preemption), which skips the final validation over
+  # the whole split; tests/test_training.py covers that the final evaluation resumes exactly.
   full_dir, split_dir = tmp_path / "full", tmp_path / "split"
-  full = train.train_and_evaluate(run_config(austen_data_dir), str(full_dir))
-  train.train_and_evaluate(run_config(austen_data_dir, stop_at_step=10), str(split_dir))
-  resumed = train.train_and_evaluate(run_config(austen_data_dir), str(split_dir))
+  train.train_and_evaluate(run_config(austen_data_dir, steps=40, stop_at_step=20), str(full_dir))
+  train.train_and_evaluate(run_config(austen_data_dir, steps=40, stop_at_step=10), str(split_dir))
+  train.train_and_evaluate(run_config(austen_data_dir, steps=40, stop_at_step=20), str(split_dir))
 
   def losses(workdir):
     return {row["step"]: row["train/loss"] for row in metrics.read_metrics(str(workdir))
             if "train/loss" in row}
 
   assert losses(full_dir) == losses(split_dir)  # bitwise, every logged step
-  assert resumed["loss"] == full["loss"]
   assert losses(full_dir)[20] < losses(full_dir)[5]  # it learns
-  config = run_config(austen_data_dir)
+  config = run_config(austen_data_dir, steps=40)
   at_10 = restored_model_state(config, split_dir, 10)
   for a, b in zip(jax.tree.leaves(restored_model_state(config, full_dir, 20)),
                   jax.tree.leaves(restored_model_state(config, split_dir, 20))):
