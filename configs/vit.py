@@ -65,8 +65,8 @@ _STANDARD = dict(image_size=224, patch_size=16, num_layers=12, pool="gap", posem
                  data="tfds:imagenet2012")
 SIZES = {
     "test": dict(image_size=28, patch_size=7, d_model=32, num_layers=2, num_heads=2, d_ff=64,
-                 pool="gap", posemb="learned", mlp="gelu", batch_size=16, steps=20,
-                 learning_rate=3e-3, warmup_steps=2, crop="pad", flip=True,
+                 pool="gap", posemb="learned", mlp="gelu", batch_size=32, steps=20,
+                 learning_rate=1e-2, warmup_steps=2, crop="pad", flip=True,
                  data="fashion_mnist_debian"),
     "S": dict(image_size=28, patch_size=7, d_model=64, num_layers=4, num_heads=4, d_ff=256,
               pool="gap", posemb="sincos2d", mlp="gelu", batch_size=128, steps=2000,
