@@ -201,7 +201,7 @@ def run_fla_side(args, emit) -> None:
     out = op(q, k, v)
     grads = torch.autograd.grad(out, (q, k, v), d_out)
     np.savez(os.path.join(args.parity_dir, "fla.npz"),
-             **{n: a.float().cpu().numpy() for n, a in zip(("o", "dq", "dk", "dv"),
+             **{n: a.detach().float().cpu().numpy() for n, a in zip(("o", "dq", "dk", "dv"),
                                                            (out, *grads))})
     print("fla parity arrays written", flush=True)
   for seq_len in map(int, args.seq_lens.split(",")):
