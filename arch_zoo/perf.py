@@ -1,4 +1,4 @@
-"""Named sets of XLA flags for GPU speed, selected by config (``train.xla_flags``) instead of by hand.
+"""Named sets of XLA flags for GPU speed, chosen by config (``train.xla_flags``), not by hand.
 
 XLA reads ``XLA_FLAGS`` once, when the first backend starts, so :func:`apply_xla_flags` must run
 before anything touches a device (``train.py`` calls it first thing). An unknown flag name makes

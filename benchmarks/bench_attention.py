@@ -1,7 +1,7 @@
 r"""Attention layers of every registered family, fwd and fwd+bwd, T = 1K..32K, against torch SDPA.
 
-    python benchmarks/bench_attention.py --out benchmarks/results/attention_layers_h100.json  # ~9 min
-    python benchmarks/bench_attention.py --smoke --out /tmp/attention_smoke.json             # CPU
+    python benchmarks/bench_attention.py --out benchmarks/results/attention_layers_h100.json
+    python benchmarks/bench_attention.py --smoke --out /tmp/attention_smoke.json   # CPU, ~4 min
 
 Shapes are GPT-2 124M-like: d_model 768, 12 heads of 64, bf16 matmuls (float32 params), causal,
 a constant number of tokens per step (``--tokens_per_step``, default 32K: batch 32 at T=1K down to
@@ -419,7 +419,8 @@ def main() -> None:
            "--deadline", str(time.time() + cap - 10), "--samples", str(args.samples),
            "--target_sample_s", str(args.target_sample_s), "--case_cap_s", str(args.case_cap_s),
            "--tokens_per_step", str(shape["tokens_per_step"]),
-           "--seq_lens", ",".join(map(str, shape["seq_lens"]))] + (["--smoke"] if args.smoke else [])
+           "--seq_lens", ",".join(map(str, shape["seq_lens"]))]
+    cmd += ["--smoke"] if args.smoke else []
     child_start = time.time()
     try:
       rc = subprocess.run(cmd, timeout=cap).returncode
