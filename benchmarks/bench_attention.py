@@ -366,12 +366,12 @@ def main() -> None:
                       help="comma list (torch, kernel_cudnn, mha, ...); default: all")
   parser.add_argument("--tokens_per_step", type=int, default=0, help="0: 32768 (smoke: 256)")
   parser.add_argument("--seq_lens", default="", help="comma list; default 1K..32K")
-  parser.add_argument("--samples", type=int, default=0, help="0: 9 (smoke: 3)")
+  parser.add_argument("--samples", type=int, default=0, help="0: 7 (smoke: 3)")
   parser.add_argument("--target_sample_s", type=float, default=0.05)
   parser.add_argument("--case_cap_s", type=float, default=1.0,
                       help="stop growing T for a variant once one call takes longer")
   parser.add_argument("--budget_s", type=float, default=510.0, help="whole-run budget")
-  parser.add_argument("--child_cap_s", type=float, default=150.0, help="one variant at most")
+  parser.add_argument("--child_cap_s", type=float, default=100.0, help="one variant at most")
   parser.add_argument("--torch_python", default=sys.executable,
                       help="interpreter for the torch side (the GPU image has one for both)")
   # Internal: run one variant in this process.
@@ -384,7 +384,7 @@ def main() -> None:
     shape["tokens_per_step"] = args.tokens_per_step
   if args.seq_lens:
     shape["seq_lens"] = tuple(int(t) for t in args.seq_lens.split(","))
-  args.samples = args.samples or (3 if args.smoke else 9)
+  args.samples = args.samples or (3 if args.smoke else 7)
 
   if args.variant:  # child
     rec = Recorder(args.child_out, {"variant": args.variant})
