@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -143,7 +144,9 @@ def run_jax(args, shape, rec: Recorder) -> None:
     else:
       fn = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) * cot),
                             argnums=(0, 1, 2)))
-    return (lambda i: fn(*sets[i % 2])), None
+    call = lambda i: fn(*sets[i % 2])  # noqa: E731
+    call.hlo = lambda: fn.lower(*sets[0]).compile().as_text()
+    return call, None
 
   def layer_case(t, b, mode):
     name = variant.split("_")[0] if variant.startswith("mha_") else variant
@@ -193,7 +196,9 @@ def run_jax(args, shape, rec: Recorder) -> None:
           new_rest = nnx.split(model, nnx.Param, ...)[2]  # e.g. routing's centroid update
           return jnp.sum(y.astype(jnp.float32) * cot) + extra, new_rest
         return jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
-    return (lambda i: fn(params, rest, xs[i % 2])), None
+    call = lambda i: fn(params, rest, xs[i % 2])  # noqa: E731
+    call.hlo = lambda: fn.lower(params, rest, xs[0]).compile().as_text()
+    return call, None
 
   make = kernel_case if variant.startswith("kernel_") else layer_case
   stopped = {}
@@ -216,6 +221,11 @@ def run_jax(args, shape, rec: Recorder) -> None:
           continue
         case["stats"] = time_calls(call, sync, samples=args.samples,
                                    target_sample_s=args.target_sample_s)
+        if t == shape["seq_lens"][0] and mode == "fwd":
+          # Regression guard: the softmax paths must reach cuDNN's fused attention, never XLA's
+          # materialised [T, T] softmax (about 8x slower on an H100).
+          # Recorded: the cuDNN custom calls / fusions named in the compiled HLO.
+          case["hlo_cudnn_calls"] = sorted(set(re.findall(r"__cudnn\$\w+", call.hlo())))
       except Exception as e:  # noqa: BLE001  (OOM and kernel refusals are results here)
         reason = ("OOM: " if is_oom(e) else "error: ") + str(e).splitlines()[0][:300]
         rec.add({**case, "skipped": reason})
@@ -422,8 +432,10 @@ def main() -> None:
            "--seq_lens", ",".join(map(str, shape["seq_lens"]))]
     cmd += ["--smoke"] if args.smoke else []
     child_start = time.time()
+    # One child at a time owns the GPU: let JAX take more than its default 75% (long-T cases).
+    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9", **os.environ}
     try:
-      rc = subprocess.run(cmd, timeout=cap).returncode
+      rc = subprocess.run(cmd, timeout=cap, env=env).returncode
       status = "ok" if rc == 0 else f"exit code {rc}"
     except subprocess.TimeoutExpired:
       status = f"killed after {cap:.0f}s (its finished cases are kept)"
