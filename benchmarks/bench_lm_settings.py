@@ -8,6 +8,7 @@ jitted step with the state donated, device-resident random tokens). What varies 
 
 * ``model.attention.fused_qkv``: one QKV GEMM instead of three;
 * ``model.remat``: ``none`` or ``dots`` (save matmul outputs, recompute the elementwise work);
+* ``model.scan_layers``: one stacked block run by ``lax.scan`` instead of 12 unrolled blocks;
 * ``train.batch_size``: 16, 32 or 64 sequences of 1024 tokens;
 * ``train.xla_flags``: named XLA flag sets (``arch_zoo/perf.py``), e.g. ``cublas`` (cuBLAS GEMMs
   instead of Triton) or ``no_cmd_buffer``.
@@ -43,13 +44,14 @@ PLAN = [
                 dict(fused_qkv=True, remat="none", batch=64),
                 dict(fused_qkv=False, remat="none", batch=32)]),
     ("default", [dict(fused_qkv=True, remat="none", batch=16),
-                 dict(fused_qkv=True, remat="dots", batch=64)]),
+                 dict(fused_qkv=True, remat="dots", batch=64),
+                 dict(fused_qkv=True, remat="none", batch=64, scan_layers=True)]),
     ("cublas,no_cmd_buffer", [dict(fused_qkv=True, remat="none", batch=64)]),
     ("cublaslt", [dict(fused_qkv=True, remat="none", batch=64)]),
     ("cublas,lhs", [dict(fused_qkv=True, remat="none", batch=64)]),
 ]
 SMOKE_PLAN = [("default", [dict(fused_qkv=False, remat="none", batch=4),
-                           dict(fused_qkv=True, remat="dots", batch=8)]),
+                           dict(fused_qkv=True, remat="dots", batch=8, scan_layers=True)]),
               ("cublas", [dict(fused_qkv=True, remat="none", batch=4)])]
 
 
@@ -82,6 +84,7 @@ def run_flag_set(args) -> None:
   result["matmul_peak_flops"] = matmul_peak(256 if args.smoke else 8192)
   save()
   for setting in json.loads(args.settings):
+    setting = {"scan_layers": False, **setting}
     row = dict(setting)
     result["runs"].append(row)
     if time.time() > args.deadline:
@@ -94,6 +97,7 @@ def run_flag_set(args) -> None:
       config.train.batch_size = setting["batch"]
       config.model.remat = setting["remat"]
       config.model.attention.fused_qkv = setting["fused_qkv"]
+      config.model.scan_layers = setting["scan_layers"]
     try:
       mesh = sharding.make_mesh(config.mesh)
       rules = sharding.rules_for(config.sharding)
@@ -130,7 +134,8 @@ def run_flag_set(args) -> None:
                mfu_vs_989=tokens_per_s * flops / common.H100_BF16_PEAK,
                mfu_vs_measured_matmul_peak=tokens_per_s * flops / result["matmul_peak_flops"])
     print(f"  {args.flag_set:>22} fused_qkv={setting['fused_qkv']!s:5} remat={setting['remat']:4} "
-          f"batch={setting['batch']:3}: {tokens_per_s:,.0f} tok/s, "
+          f"scan={setting['scan_layers']!s:5} batch={setting['batch']:3}: "
+          f"{tokens_per_s:,.0f} tok/s, "
           f"MFU {row['mfu_vs_989']:.1%} of 989", flush=True)
     save()
 
@@ -204,7 +209,8 @@ def main() -> None:
       flag_set, settings = group
       if left < 30:
         record["flag_sets"].setdefault(flag_set, []).append({"skipped": "whole-run budget spent"})
-        record["rows"] += [{"flag_set": flag_set, **s, "skipped": "whole-run budget spent"}
+        record["rows"] += [{"flag_set": flag_set, "scan_layers": False, **s,
+                            "skipped": "whole-run budget spent"}
                            for s in settings]
         continue
       print(f"--- ours: XLA flag set {flag_set!r}", flush=True)
@@ -221,7 +227,8 @@ def main() -> None:
           "matmul_peak_flops": result.get("matmul_peak_flops"), "versions": result.get("versions")})
       done = result.get("runs", [])
       record["rows"] += [{"flag_set": flag_set, **r} for r in done]
-      record["rows"] += [{"flag_set": flag_set, **s, "skipped": f"child {status}"}
+      record["rows"] += [{"flag_set": flag_set, "scan_layers": False, **s,
+                          "skipped": f"child {status}"}
                          for s in settings[len(done):]]
     peer_rate = record.get("peer", {}).get("tokens_per_s")
     for row in record["rows"]:
@@ -230,21 +237,21 @@ def main() -> None:
     measured = [r for r in record["rows"] if "tokens_per_s" in r]
     if measured:
       best = max(measured, key=lambda r: r["tokens_per_s"])
-      record["best"] = {k: best[k] for k in ("flag_set", "fused_qkv", "remat", "batch",
-                                             "tokens_per_s", "mfu_vs_989")}
+      record["best"] = {k: best[k] for k in ("flag_set", "fused_qkv", "remat", "scan_layers",
+                                             "batch", "tokens_per_s", "mfu_vs_989")}
     record["elapsed_s"] = time.time() - start
     common.write(args.out, record)  # after every subprocess: a killed job keeps its results
 
-  print(f"\n{'xla flags':>22} {'fused':>5} {'remat':>5} {'batch':>5} {'tok/s':>10} {'MFU989':>7} "
-        f"{'xpeer':>6}")
+  print(f"\n{'xla flags':>22} {'fused':>5} {'remat':>5} {'scan':>5} {'batch':>5} {'tok/s':>10} "
+        f"{'MFU989':>7} {'xpeer':>6}")
   for r in record["rows"]:
+    head = (f"{r['flag_set']:>22} {r['fused_qkv']!s:>5} {r['remat']:>5} "
+            f"{r['scan_layers']!s:>5} {r['batch']:>5} ")
     if "tokens_per_s" in r:
-      print(f"{r['flag_set']:>22} {r['fused_qkv']!s:>5} {r['remat']:>5} {r['batch']:>5} "
-            f"{r['tokens_per_s']:>10,.0f} {r['mfu_vs_989']:>7.1%} "
+      print(head + f"{r['tokens_per_s']:>10,.0f} {r['mfu_vs_989']:>7.1%} "
             f"{r.get('speedup_vs_peer', float('nan')):>6.2f}")
     else:
-      print(f"{r['flag_set']:>22} {r['fused_qkv']!s:>5} {r['remat']:>5} {r['batch']:>5} "
-            f"skipped: {r['skipped'][:60]}")
+      print(head + f"skipped: {r['skipped'][:60]}")
   if "peer" in record:
     print(f"peer: {record['peer'].get('tokens_per_s', record['peer'].get('skipped'))}")
   print(f"wrote {args.out} in {time.time() - start:.0f}s")
