@@ -158,3 +158,12 @@ def test_weight_decay_mask_ignores_the_stacked_layers_axis(scan_layers):
   assert blocks["attn"]["out"]["kernel"] is True and blocks["mlp"]["up"]["kernel"] is True
   assert blocks["attn_norm"]["scale"] is False and mask["final_norm"]["scale"] is False
   assert mask["embed"]["embedding"] is True
+
+
+@pytest.mark.parametrize("name", ["dynamic_mask", "masa"])
+def test_scan_over_layers_gives_the_unrolled_logits(name):
+  tokens = random_tokens(2, 16, 256, seed=2)
+  want, want_aux = build_lm(lm_config(name, num_layers=3))(tokens)
+  got, got_aux = build_lm(lm_config(name, num_layers=3, scan_layers=True))(tokens)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert set(got_aux) == set(want_aux)
