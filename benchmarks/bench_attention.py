@@ -24,7 +24,7 @@ repeated calls (inputs rotate between two sets); the record has median, min, max
 per-call seconds. A variant stops growing T once a case OOMs or one call exceeds ``--case_cap_s``;
 the whole run stops starting new work at ``--budget_s``; every skip is recorded with its reason.
 
-Derived numbers: tokens/s; for softmax kernels, TFLOP/s with causal-halved FLOPs (fwd
+Derived numbers: tokens/s; for the bare kernels, TFLOP/s with causal-halved FLOPs (fwd
 ``2*B*H*T^2*D``, fwd+bwd ``3.5 x fwd``, as in performance-anchors.md section 10); per T, the ratio
 ``torch_time / jax_time`` (>= 1: JAX is faster) for the ``mha`` layer and the kernels against
 torch cuDNN.
@@ -295,9 +295,11 @@ def run_torch(args, shape, rec: Recorder) -> None:
             with sdpa_kernel([backend]), torch.autocast(device, dtype=dtype, enabled=cuda):
               if part == "kernel":
                 q, k, v = qkv[i % 2]
+                if mode == "fwd":
+                  with torch.no_grad():  # no autograd record, like the JAX forward
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                return (out if mode == "fwd" else
-                        torch.autograd.grad(out, (q, k, v), kcot))
+                return torch.autograd.grad(out, (q, k, v), kcot)
               x = xs[i % 2]
               if mode == "fwd":
                 with torch.no_grad():
@@ -324,7 +326,7 @@ def derive(cases: list[dict], smoke: bool = False) -> dict:
       continue
     med = c["stats"]["median_s"]
     c["tokens_per_s"] = c["tokens"] / med
-    if c["variant"].startswith(("kernel_", "torch_", "mha")):
+    if c["variant"].startswith(("kernel_", "torch_kernel_")):
       fwd = 2 * c["batch"] * c["heads"] * c["seq_len"] ** 2 * c["head_dim"]  # causal-halved
       c["attention_core_tflops"] = (fwd if c["mode"] == "fwd" else 3.5 * fwd) / med / 1e12
   by_key = {(c["variant"], c["seq_len"], c["mode"]): c for c in cases if "stats" in c}
