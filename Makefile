@@ -1,7 +1,10 @@
 # arch_zoo: the two set-up commands are `make demo` and `make test`.
 #
-#   make demo   venv + pinned install + Austen corpus + train the small LM on CPU, print val metrics
-#   make test   venv + pinned install + Austen corpus + the test suite (CPU, 8 fake devices)
+#   make demo   venv + pinned install + data + train the small LM on CPU, print val metrics
+#   make test   venv + pinned install + data + the test suite (CPU, 8 fake devices)
+#   make demo-vit   train the small ViT on Fashion-MNIST on CPU, print its test accuracy
+#
+# `make data` prepares both offline datasets: the Austen corpus and Fashion-MNIST.
 #
 # Only refreshing Debian's package lists needs root. When it is needed and we are not root, the
 # data step stops and prints the exact command to run.
@@ -9,6 +12,7 @@
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo_lm_mha_S
+VIT_DEMO_DIR ?= runs/demo_vit_mha_S
 
 # The first Python >= 3.12 found: python3.13, python3.12, then pyenv's 3.12 installs.
 PYTHON ?= $(shell for p in python3.13 python3.12 \
@@ -16,7 +20,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 \
             if $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then \
             echo $$p; break; fi; done)
 
-.PHONY: setup data demo test clean-demo
+.PHONY: setup data demo demo-vit test clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	@if [ -z "$(PYTHON)" ]; then echo "error: no Python >= 3.12 found; install one (e.g. pyenv install 3.12) or pass PYTHON=/path/to/python3.12" >&2; exit 1; fi
@@ -27,13 +31,17 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 data: setup
-	$(PY) -m arch_zoo.data.prepare austen
+	$(PY) -m arch_zoo.data.prepare austen fashion_mnist_debian
 
 demo: data
 	$(PY) train.py --config configs/lm.py:attn=mha,size=S --workdir $(DEMO_DIR)
+
+demo-vit: data
+	$(PY) train.py --config configs/vit.py:attn=mha,size=S --workdir $(VIT_DEMO_DIR)
+	$(PY) eval.py --workdir $(VIT_DEMO_DIR)
 
 test: data
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q
 
 clean-demo:
-	rm -rf $(DEMO_DIR)
+	rm -rf $(DEMO_DIR) $(VIT_DEMO_DIR)

@@ -2,14 +2,17 @@ r"""Restores a run's checkpoint and evaluates it; no training code.
 
     python eval.py --workdir runs/lm_mha_S              # latest checkpoint
     python eval.py --workdir runs/lm_mha_S --step 2000
+    python eval.py --workdir runs/vit_mha_S
 
 Reads the run's ``config.json``, restores the checkpoint into the same (sharded) layout and runs the
-task's evaluator on the whole validation split: loss, perplexity and bits per byte for language
-models. Prints a summary and one JSON line, and writes ``eval_results.json`` into the workdir.
+task's evaluator on a whole split: for language models the validation split (loss, perplexity,
+bits per byte), for image classification ``data.test_split`` (loss, top-1 accuracy). Prints a
+summary and one JSON line, and writes ``eval_results.json`` into the workdir.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -19,8 +22,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict
 
-from arch_zoo import checkpoint, data as data_lib, optim, sharding, steps, train_state
-from arch_zoo.evaluators import perplexity
+from arch_zoo import checkpoint, data as data_lib, evaluators, optim, sharding, steps, train_state
 
 FLAGS = flags.FLAGS
 
@@ -56,11 +58,19 @@ def evaluate_run(workdir: str, step: int | None = None, max_batches: int | None 
 
   data = data_lib.build(config, jax.process_index(), jax.process_count())
   eval_step = jax.jit(steps.make_eval_step(train_state.graphdef_of(config.model)))
+  evaluate = evaluators.for_task(config.task).evaluate
+  is_classifier = config.task == "classification"
+  if is_classifier:  # classifiers report their held-out test split, language models validation
+    evaluate = functools.partial(evaluate, split=config.data.test_split)
   with sharding.use(mesh, rules):
-    metrics = perplexity.evaluate(eval_step, state, data, config.eval.batch_size, max_batches,
-                                  lambda b: sharding.global_batch_from_local(b, mesh))
+    metrics = evaluate(eval_step, state, data, config.eval.batch_size, max_batches,
+                       lambda b: sharding.global_batch_from_local(b, mesh))
   results = {"step": int(state.step), "task": config.task,
-             "attention": config.model.attention.name, "validation": metrics}
+             "attention": config.model.attention.name}
+  if is_classifier:
+    results.update(split=config.data.test_split, test=metrics)
+  else:
+    results["validation"] = metrics
   if jax.process_index() == 0:
     with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
       json.dump(results, f, indent=2)
@@ -79,9 +89,14 @@ def main(argv):
   except (checkpoint.CheckpointError, data_lib.DatasetMissingError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  v = results["validation"]
-  print(f"step {results['step']}: validation loss {v['loss']:.4f} | perplexity "
-        f"{v['perplexity']:.3f} | bits/byte {v['bits_per_byte']:.4f} ({v['tokens']} tokens)")
+  if "test" in results:
+    t = results["test"]
+    print(f"step {results['step']}: test loss {t['loss']:.4f} | top-1 {t['accuracy']:.4f} "
+          f"({t['examples']} images of {results['split']})")
+  else:
+    v = results["validation"]
+    print(f"step {results['step']}: validation loss {v['loss']:.4f} | perplexity "
+          f"{v['perplexity']:.3f} | bits/byte {v['bits_per_byte']:.4f} ({v['tokens']} tokens)")
   print(json.dumps(results))
 
 

@@ -2,10 +2,13 @@ r"""Trains a model from a config: the one training loop of arch_zoo.
 
     python train.py --config configs/lm.py:attn=mha,size=S --workdir runs/lm_mha_S
     python train.py --config configs/lm.py:attn=mha,size=S --workdir runs/x --config.train.steps=200
+    python train.py --config configs/vit.py:attn=mha,size=S --workdir runs/vit_mha_S
 
 Re-running the same command resumes from the latest checkpoint in ``--workdir`` and continues the
 exact run (same batches, same randomness, same losses). The loop reads top to bottom:
 flags -> config -> mesh -> data -> model -> restore -> jit step -> loop -> final evaluation.
+The task (``lm`` or ``classification``) picks the data, the evaluator and the throughput unit;
+the loop itself is the same for both.
 """
 
 from __future__ import annotations
@@ -24,8 +27,7 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from arch_zoo import checkpoint, data as data_lib, metrics as metrics_lib, optim, provenance
-from arch_zoo import sharding, steps, train_state
-from arch_zoo.evaluators import perplexity
+from arch_zoo import evaluators, sharding, steps, train_state
 
 FLAGS = flags.FLAGS
 
@@ -49,6 +51,8 @@ class NonFiniteLossError(FloatingPointError):
 
 def _lookup(cfg: ConfigDict, dotted: str):
   for part in dotted.split("."):
+    if part not in cfg:
+      return None  # a key of another task (e.g. data.seq_len for a ViT)
     cfg = cfg[part]
   return cfg
 
@@ -117,6 +121,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
                      "data-parallel devices (mesh data x fsdp).")
 
   data = data_lib.build(config, jax.process_index(), jax.process_count())
+  evaluator = evaluators.for_task(config.task)
   if config.task == "lm" and config.model.vocab_size < data.vocab_size:
     raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
                      f"tokenizer's {data.vocab_size}.")
@@ -157,7 +162,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     return sharding.global_batch_from_local(batch, mesh)
 
   def validate(max_batches: int | None) -> dict[str, float]:
-    return perplexity.evaluate(eval_step, state, data, config.eval.batch_size, max_batches, put)
+    return evaluator.evaluate(eval_step, state, data, config.eval.batch_size, max_batches, put)
 
   def save(step: int) -> None:
     ckpt.save(step, state, {"samples_seen": samples_seen, "seed": config.seed})

@@ -1,5 +1,5 @@
 """What a run writes about itself at start: config, code version, packages, devices, parameter
-counts and model FLOPs per token, so that any result can be traced and compared after the fact.
+counts and model FLOPs per token (per image for classification), so that any result can be traced and compared after the fact.
 
 FLOPs are model FLOPs of matmuls only (PaLM / nanoGPT convention): training = 3 x forward.
 The attention term of each family comes from its ``flops_per_token``; for causal softmax attention
@@ -41,9 +41,9 @@ def git_commit() -> dict[str, Any]:
     return {"commit": None, "dirty": None}
 
 
-def package_versions() -> dict[str, str | None]:
+def package_versions(names=PACKAGES) -> dict[str, str | None]:
   out = {}
-  for name in PACKAGES:
+  for name in names:
     try:
       out[name] = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -71,7 +71,7 @@ def parameter_counts(params) -> dict[str, int]:
     counts["total"] += size
     if "attn" in names or "shared" in names:
       counts["attention"] += size
-    if "embed" in names or "pos_embed" in names:
+    if {"embed", "pos_embed", "patch_embed", "cls_token"} & set(names):
       counts["embedding"] += size
   return counts
 
@@ -98,9 +98,31 @@ def lm_flops_per_token(model_cfg: ConfigDict, seq_len: int) -> dict[str, float]:
                         "QK^T and AV (noncausal: all of it, as nanoGPT/PaLM)"}
 
 
+def vit_tokens(model_cfg: ConfigDict) -> int:
+  """Sequence length of the ViT: the patches, plus the class token with ``pool="cls"``."""
+  return (model_cfg.image_size // model_cfg.patch_size) ** 2 + (model_cfg.pool == "cls")
+
+
+def vit_flops_per_image(model_cfg: ConfigDict) -> dict[str, float]:
+  """Patch embedding + blocks with bidirectional (non-causal) attention over every token + head."""
+  tokens = vit_tokens(model_cfg)
+  patches = (model_cfg.image_size // model_cfg.patch_size) ** 2
+  patch_dim = model_cfg.patch_size ** 2 * model_cfg.num_channels
+  forward = (tokens * layer_flops_per_token(model_cfg, tokens, causal=False)
+             + patches * 2 * patch_dim * model_cfg.d_model
+             + 2 * model_cfg.d_model * model_cfg.num_classes)
+  return {"train_flops_per_image": 3 * forward, "forward_flops_per_image": forward,
+          "tokens": tokens,
+          "convention": "matmuls only; train = 3 x forward; attention is bidirectional, so "
+                        "QK^T and AV are counted over all token pairs"}
+
+
 def flops_per_token(config: ConfigDict) -> dict[str, Any]:
+  """Model FLOPs per unit of throughput: per token for language models, per image for ViTs."""
   if config.task == "lm":
     return lm_flops_per_token(config.model, config.data.seq_len)
+  if config.task == "classification":
+    return vit_flops_per_image(config.model)
   return {}
 
 

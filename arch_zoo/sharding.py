@@ -129,6 +129,12 @@ def use(mesh: Mesh, rules: Mapping[str, Any]):
     _ACTIVE.reset(token)
 
 
+def active() -> tuple[Mesh, Mapping[str, Any]] | None:
+  """The ``(mesh, rules)`` set by ``use``, or None: for custom kernels (Pallas) that XLA cannot
+  partition and that must be wrapped in ``shard_map`` themselves."""
+  return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   """Sharding hint for an activation; a no-op outside ``use`` (unit tests, single device)."""
   active = _ACTIVE.get()

@@ -37,7 +37,9 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
 
 def forward(graphdef, params, model_state, batch, *, deterministic: bool, rng=None):
   """Runs the model; returns logits, aux and the (possibly updated) non-parameter state."""
-  model = nnx.merge(graphdef, params, model_state)
+  # copy=True: fresh Variables at this trace level, which the model may update (the train step
+  # runs it under jax.grad, a deeper trace than the jit that owns the incoming state).
+  model = nnx.merge(graphdef, params, model_state, copy=True)
   extra = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
   logits, aux = model(batch["inputs"], deterministic=deterministic, rng=rng, **extra)
   _, _, new_model_state = nnx.split(model, nnx.Param, ...)

@@ -7,7 +7,6 @@ spread of its timings, and the peer measured in the same run on the same GPU.
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
 import os
 import statistics
@@ -16,17 +15,13 @@ import sys
 import time
 from typing import Any, Callable
 
+from arch_zoo import provenance
+
 H100_BF16_PEAK = 989e12  # dense bf16 datasheet peak (H100/H200 SXM); the MFU denominator peers use
 
 
 def versions(*names: str) -> dict[str, str | None]:
-  out = {"python": sys.version.split()[0]}
-  for name in names:
-    try:
-      out[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      out[name] = None
-  return out
+  return {"python": sys.version.split()[0], **provenance.package_versions(names)}
 
 
 def gpu_name() -> str:

@@ -27,3 +27,13 @@ def austen_data_dir():
     pytest.fail("The austen dataset is not prepared: run `make data` (or `python -m "
                 "arch_zoo.data.prepare austen`) before the tests.")
   return data_dir
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_data_dir():
+  """The prepared Fashion-MNIST dataset; `make test` prepares it before running pytest."""
+  data_dir = data_lib.default_data_dir()
+  if not data_lib.is_prepared("fashion_mnist_debian", data_dir):
+    pytest.fail("The fashion_mnist_debian dataset is not prepared: run `make data` (or `python -m "
+                "arch_zoo.data.prepare fashion_mnist_debian`) before the tests.")
+  return data_dir

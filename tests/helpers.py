@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from arch_zoo import models
+from arch_zoo import attention, models
+from arch_zoo.attention.base import DIM_FIELDS
 from configs import lm
 
 
@@ -27,3 +28,17 @@ def build_lm(config, seed: int = 0):
 
 def random_tokens(batch: int, length: int, vocab: int, seed: int = 0):
   return jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab, dtype=jnp.int32)
+
+
+def build_attention(name: str, seed: int = 0, **kwargs):
+  """One attention layer outside a backbone, plus the ``ctx.shared`` it reads: what the Stack
+  would build for a family with a ``shared_factory`` (MASA's atoms), else ``{}``."""
+  rngs = nnx.Rngs(seed)
+  attn = attention.build(name, rngs=rngs, **kwargs)
+  fam = attention.family(name)
+  if fam.shared_factory is None:
+    return attn, {}
+  dims = attention.Dims(**{k: kwargs[k] for k in DIM_FIELDS if k in kwargs})
+  options = attention.make_options(name, **{k: v for k, v in kwargs.items()
+                                            if k not in DIM_FIELDS})
+  return attn, {name: fam.shared_factory(dims, options, rngs=rngs)()}

@@ -13,6 +13,11 @@ from arch_zoo.attention.base import (Context, Dims, Family, build, family, make_
 
 # Importing a family module registers it. One file per family.
 from arch_zoo.attention import mha  # noqa: E402,F401
+from arch_zoo.attention import dynamic_mask  # noqa: E402,F401
+from arch_zoo.attention import lightning  # noqa: E402,F401
+from arch_zoo.attention import masa  # noqa: E402,F401
+from arch_zoo.attention import moh  # noqa: E402,F401
+from arch_zoo.attention import routing  # noqa: E402,F401
 
 __all__ = ["Context", "Dims", "Family", "build", "family", "make_options", "merge_aux", "names",
            "names_supporting", "register"]

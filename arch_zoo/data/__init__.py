@@ -14,12 +14,18 @@ import os
 class OfflineDataset:
   debian_package: str
   description: str
+  # Where `apt-get install` puts the package's data. Used as it is when present (no download);
+  # otherwise the package is fetched and unpacked into the cache (arch_zoo.data.debian).
+  installed_path: str = ""
 
 
 # The offline defaults, prepared by `python -m arch_zoo.data.prepare NAME`.
 DATASETS = {
     "austen": OfflineDataset("r-cran-janeaustenr",
                              "Jane Austen's six novels; Persuasion is the validation split"),
+    "fashion_mnist_debian": OfflineDataset("dataset-fashion-mnist",
+                                           "Fashion-MNIST, 60k train / 10k test, 28x28x1",
+                                           installed_path="/usr/share/datasets/fashion-mnist"),
 }
 
 
@@ -61,4 +67,8 @@ def build(config, process_index: int = 0, process_count: int = 1):
   if config.task == "lm":
     from arch_zoo.data.text import LanguageModelingData
     return LanguageModelingData(config.data, config.seed, process_index, process_count)
-  raise ValueError(f"Unknown task {config.task!r}; valid: lm.")
+  if config.task == "classification":
+    from arch_zoo.data.images import ImageClassificationData
+    return ImageClassificationData(config.data, config.model, config.seed, process_index,
+                                   process_count)
+  raise ValueError(f"Unknown task {config.task!r}; valid: lm, classification.")

@@ -1,8 +1,9 @@
 """Prepares the offline default datasets as TFDS array_record datasets.
 
-    python -m arch_zoo.data.prepare austen [--data_dir DIR]
+    python -m arch_zoo.data.prepare austen fashion_mnist_debian [--data_dir DIR]
 
-Fetches the Debian package (see :mod:`arch_zoo.data.debian`), then builds the custom TFDS dataset
+Fetches the Debian package (see :mod:`arch_zoo.data.debian`; a package already installed
+system-wide is used where it is), then builds the custom TFDS dataset
 into ``DIR`` (default: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). Safe to re-run: a
 prepared dataset is left as it is.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 
@@ -30,7 +32,10 @@ def prepare(name: str, data_dir: str | None = None) -> str:
     return data_dir
   spec = DATASETS[name]
   start = time.time()
-  manual_dir = debian.unpacked(spec.debian_package)
+  if spec.installed_path and os.path.isdir(spec.installed_path):
+    manual_dir = spec.installed_path
+  else:
+    manual_dir = debian.unpacked(spec.debian_package)
   module = importlib.import_module(f"arch_zoo.data.builders.{name}")
   builder = module.Builder(data_dir=data_dir, file_format="array_record")
   builder.download_and_prepare(

@@ -1,4 +1,5 @@
-"""Token embedding and rotary position embedding (RoPE)."""
+"""Token embedding, rotary position embedding (RoPE), and the ViT's patch and 2-D position
+embeddings."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from arch_zoo.layers.linear import DEFAULT_STDDEV
+from arch_zoo.layers.linear import DEFAULT_STDDEV, Dense
 
 
 class Embed(nnx.Module):
@@ -44,3 +45,41 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> ja
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x.dtype)
+
+
+class PatchEmbed(nnx.Module):
+  """Cuts ``images[B, H, W, C]`` into non-overlapping ``p x p`` patches and projects each to
+  ``features``: a stride-``p`` convolution written as a reshape and one matmul (same result)."""
+
+  def __init__(self, patch_size: int, channels: int, features: int, *, rngs: nnx.Rngs,
+               dtype: Any = jnp.float32):
+    self.patch_size = patch_size
+    fan_in = patch_size * patch_size * channels
+    # LeCun-normal, as the ViT's patch convolution: unit-variance pixels give unit-scale tokens.
+    self.proj = Dense(fan_in, features, axes=(None, "embed"), rngs=rngs, use_bias=True,
+                      stddev=fan_in ** -0.5, dtype=dtype)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """``[B, H, W, C]`` -> ``[B, (H/p) * (W/p), features]``, patches in row-major order."""
+    b, h, w, c = images.shape
+    p = self.patch_size
+    patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return self.proj(patches.reshape(b, (h // p) * (w // p), p * p * c))
+
+
+def sincos_2d_position_embedding(grid_h: int, grid_w: int, features: int,
+                                 temperature: float = 10_000.0) -> jax.Array:
+  """Fixed 2-D sine-cosine position embedding ``[grid_h * grid_w, features]`` (row-major), as in
+  big_vision's ViT (Beyer et al. 2022, "Better plain ViT baselines"): a quarter of the channels
+  each for sin and cos of the column and of the row, at frequencies ``temperature^(-i/(F/4-1))``."""
+  if features % 4:
+    raise ValueError(f"The 2-D sin-cos position embedding needs d_model divisible by 4, got "
+                     f"{features}; use model.posemb='learned'.")
+  quarter = features // 4
+  freq = temperature ** -(jnp.arange(quarter, dtype=jnp.float32) / max(quarter - 1, 1))
+  rows, cols = jnp.meshgrid(jnp.arange(grid_h, dtype=jnp.float32),
+                            jnp.arange(grid_w, dtype=jnp.float32), indexing="ij")
+  col_angle = cols.reshape(-1, 1) * freq  # [N, F/4]
+  row_angle = rows.reshape(-1, 1) * freq
+  return jnp.concatenate([jnp.sin(col_angle), jnp.cos(col_angle), jnp.sin(row_angle),
+                          jnp.cos(row_angle)], axis=1)

@@ -1,0 +1,176 @@
+"""Dynamic Mask Attention (DMA): "Trainable Dynamic Mask Sparse Attention" (Shi et al., 2025,
+arXiv 2508.02124), the attention of the Doge models (HF ``DogeAttention``, SmallDoges/flash-dmattn).
+
+Each key gets a content score from its value vector: ``dt = vec(v_j) W_dt`` (one number per KV
+head ``g``, mixing all KV heads' values), ``beta = A_g * softplus(dt)``. The score is
+
+* the bias added to every logit of that key: ``exp(beta)`` (``bias_form='exp'``, paper Eq. 3 and
+  HF Doge) or ``beta`` (``'log'``, the flash-sparse-attention Doge example); and
+* the selection rule: each query keeps only the ``keep_window_size`` best-scoring keys among those
+  it may see (causal, same segment). When the key length is at most the window, every allowed key
+  is kept, as in HF.
+
+The selection is made on detached scores; gradients reach ``A`` and ``W_dt`` through the bias.
+The bias depends on the key only, so it is shared by a group's query heads and, bidirectionally,
+every query keeps the same keys (a per-head global token selection), which is well defined: the
+family runs causally and bidirectionally.
+
+``impl`` picks the kernel (``dynamic_mask_kernels.py``): ``xla`` materialises the
+``[B, H_kv, T, S]`` mask (the reference, small T); ``sparse`` never builds a ``[T, S]`` tensor;
+``auto`` takes the dense cuDNN path in the dense limit and ``sparse`` beyond it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from arch_zoo.attention import dynamic_mask_kernels as dmk
+from arch_zoo.attention import kernels
+from arch_zoo.attention.base import Context, Dims, check_choice, register
+from arch_zoo.attention.mha import QKVProjection, kv_heads, output_projection
+from arch_zoo.layers import Dense
+
+BIAS_FORMS = ("exp", "log")
+TIE_BREAKS = ("recent", "earliest")
+IMPLS = ("auto", "xla", "sparse")
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicMaskOptions:
+  keep_window_size: int = 2048  # w: keys kept per query (HF DogeConfig default)
+  bias_form: str = "exp"  # exp: bias exp(A softplus(dt)) (paper, HF) | log: A softplus(dt) (FSA)
+  tie_break: str = "recent"  # equal scores: keep the most recent (recent) or earliest key
+  a_init: float = 0.0  # initial A (HF inits zeros: every score ties at the start)
+  dt_bias: bool = False  # a bias in the dt projection (HF: attention_bias, default False)
+  num_kv_heads: int = 0  # 0 -> num_heads
+  qk_norm: bool = True  # Doge QK-norms queries and keys
+  rope: bool = True
+  rope_base: float = 10_000.0
+  impl: str = "auto"  # auto | xla | sparse
+  chunk_size: int = 512  # query chunk of the causal sparse kernel
+
+  def __post_init__(self):
+    check_choice("attention.bias_form", self.bias_form, BIAS_FORMS)
+    check_choice("attention.tie_break", self.tie_break, TIE_BREAKS)
+    check_choice("attention.impl", self.impl, IMPLS)
+    for name in ("keep_window_size", "chunk_size"):
+      value = getattr(self, name)
+      if value < 1:
+        raise ValueError(f"attention.{name} must be a positive integer, got {value}.")
+
+
+def selection_mask(score, keep_window: int, *, causal: bool, segment_ids=None,
+                   tie_break: str = "recent"):
+  """The published mask, materialised: boolean ``[B, G, T, S]``, or None when all allowed keys
+  are kept (``S <= w``).
+
+  Row ``i`` keeps the ``w`` best keys among the allowed ones (causal, same segment), by
+  ``score[b, j, g]``; rows with fewer allowed keys keep all of them.
+  """
+  score = dmk.selection_score(score)
+  t = s = score.shape[1]
+  if s <= keep_window:
+    return None
+  allowed = kernels.allowed_mask(t, s, causal=causal, q_segment_ids=segment_ids,
+                                 kv_segment_ids=segment_ids)
+  rows = jnp.broadcast_to(score.transpose(0, 2, 1)[:, :, None, :],
+                          (score.shape[0], score.shape[2], t, s))
+  if allowed is not None:
+    rows = jnp.where(allowed, rows, -jnp.inf)  # disallowed keys lose every comparison
+  _, index = dmk.top_keys(rows, keep_window, tie_break)
+  kept = jnp.put_along_axis(jnp.zeros(rows.shape, bool), index, True, axis=-1, inplace=False)
+  return kept if allowed is None else kept & allowed  # drop disallowed keys picked to fill w
+
+
+def reference(q, k, v, bias, score, *, causal: bool, keep_window: int, segment_ids=None,
+              tie_break: str = "recent"):
+  """Dense DMA with the ``[B, G, T, S]`` mask built explicitly; float32 softmax."""
+  mask = selection_mask(score, keep_window, causal=causal, segment_ids=segment_ids,
+                        tie_break=tie_break)
+  if mask is not None:
+    mask = jnp.repeat(mask, q.shape[2] // k.shape[2], axis=1)
+  return kernels.attention(q, k, v, causal=causal, impl="xla", segment_ids=segment_ids,
+                           bias=dmk.group_bias(bias, q.shape[2]), mask=mask)
+
+
+def dynamic_mask_attention(q, k, v, bias, score, *, causal: bool, keep_window: int,
+                           impl: str = "auto", segment_ids=None, tie_break: str = "recent",
+                           chunk_size: int = 512):
+  """DMA on per-head tensors: ``q [B, T, H, D]``, ``k, v [B, S, G, D]``, ``bias, score
+  [B, S, G]``. Dispatches to the kernel named by ``impl`` (see the module docstring)."""
+  check_choice("attention.impl", impl, IMPLS)
+  score = dmk.selection_score(score)
+  if impl == "xla":
+    return reference(q, k, v, bias, score, causal=causal, keep_window=keep_window,
+                     segment_ids=segment_ids, tie_break=tie_break)
+  if impl == "auto" and k.shape[1] <= keep_window:
+    return dmk.key_bias_attention(q, k, v, bias, causal=causal, segment_ids=segment_ids)
+  if segment_ids is not None:
+    if impl == "sparse":
+      raise ValueError("dynamic_mask impl='sparse' does not support segment_ids (packed "
+                       "sequences) yet. Use impl='auto' (which then materialises the mask) or "
+                       "impl='xla', or feed unpacked sequences.")
+    return reference(q, k, v, bias, score, causal=causal, keep_window=keep_window,
+                     segment_ids=segment_ids, tie_break=tie_break)
+  if causal:
+    return dmk.chunked_causal_attention(q, k, v, bias, score, keep_window=keep_window,
+                                        chunk_size=chunk_size, tie_break=tie_break)
+  return dmk.shared_topk_attention(q, k, v, bias, score, keep_window=keep_window,
+                                   tie_break=tie_break)
+
+
+@register("dynamic_mask", options=DynamicMaskOptions, bidirectional=True)
+class DynamicMaskAttention(nnx.Module):
+  """Dynamic Mask Attention: each query keeps its top-w keys by a value-derived score (+ bias)."""
+
+  def __init__(self, dims: Dims, options: DynamicMaskOptions, *, rngs: nnx.Rngs):
+    self.options = options
+    self.qkv = QKVProjection(dims, num_kv_heads=options.num_kv_heads, qk_norm=options.qk_norm,
+                             rope=options.rope, rope_base=options.rope_base, rngs=rngs)
+    g, d = self.qkv.num_kv_heads, dims.head_dim
+    # dt reads the values of all KV heads (H_kv * D) and gives one score per KV head.
+    self.dt_proj = Dense(g * d, g, axes=("kv_heads", None), use_bias=options.dt_bias, rngs=rngs,
+                         dtype=dims.dtype, out_dtype=jnp.float32)
+    self.A = nnx.Param(jnp.full((g,), options.a_init, jnp.float32), logical_axes=(None,))
+    self.out = output_projection(dims, rngs)
+
+  def key_scores(self, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``v [B, S, G, D]`` -> (bias added to the logits, selection score), each ``[B, S, G]``
+    float32. The selection uses ``A softplus(dt)`` in both forms: exp is monotone, so the kept
+    keys are the same, and the log domain does not round large exponentials into ties."""
+    b, s, g, d = v.shape
+    log_bias = self.A[...] * jax.nn.softplus(self.dt_proj(v.reshape(b, s, g * d)))
+    bias = jnp.exp(log_bias) if self.options.bias_form == "exp" else log_bias
+    return bias, log_bias
+
+  def __call__(self, x: jax.Array, ctx: Context):
+    b, t, _ = x.shape
+    q, k, v = self.qkv(x, ctx)
+    bias, score = self.key_scores(v)
+    o = dynamic_mask_attention(q, k, v, bias, score, causal=ctx.causal,
+                               keep_window=self.options.keep_window_size, impl=self.options.impl,
+                               segment_ids=ctx.segment_ids, tie_break=self.options.tie_break,
+                               chunk_size=self.options.chunk_size)
+    return self.out(o.reshape(b, t, -1)), {}
+
+  @staticmethod
+  def flops_per_token(dims: Dims, options: DynamicMaskOptions, seq_len: int,
+                      causal: bool) -> float:
+    """Forward matmul FLOPs per token with ideal sparsity: projections (plus dt) and QK^T/AV over
+    the keys a query keeps. Causal: mean of min(i + 1, w), counted as mha counts (T/2 when
+    dense). The sparse kernel computes w + chunk_size candidates per query, not counted here."""
+    h, d, dm = dims.num_heads, dims.head_dim, dims.d_model
+    g = kv_heads(dims, options.num_kv_heads)
+    w = options.keep_window_size
+    projections = 2 * dm * (h + 2 * g) * d + 2 * h * d * dm + 2 * g * d * g
+    if not causal:
+      keys = min(seq_len, w)
+    elif seq_len <= w:
+      keys = 0.5 * seq_len
+    else:
+      keys = (0.5 * w * w + (seq_len - w) * w) / seq_len
+    return projections + 4 * keys * h * d

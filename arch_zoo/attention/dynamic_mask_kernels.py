@@ -1,0 +1,242 @@
+"""Kernels for Dynamic Mask Attention, kept apart from its mathematics (``dynamic_mask.py``).
+
+All three compute the same function as the dense reference (``dynamic_mask.reference``): softmax
+attention where query ``i`` of KV group ``g`` sees only its ``w`` best-scoring allowed keys, and
+every key ``j`` adds its own bias ``bias[b, j, g]`` to the logits.
+
+* :func:`key_bias_attention`, the dense limit (every allowed key kept, ``S <= w``): the per-key bias
+  rides inside the dot product, so cuDNN's flash kernel runs it without a ``[T, S]`` bias tensor.
+* :func:`chunked_causal_attention`: causal, ``S > w``. Query chunks attend to a bounded candidate
+  set (the ``w`` best keys before the chunk plus the chunk itself); memory O(chunk x (w + chunk)).
+* :func:`shared_topk_attention`: bidirectional, ``S > w``. Every query keeps the same ``w`` keys,
+  which are gathered once.
+
+Layout as in :mod:`arch_zoo.attention.kernels`: queries ``[B, T, H, D]``, keys and values
+``[B, S, G, D]`` with ``H % G == 0``; ``bias`` and ``score`` are ``[B, S, G]`` float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from arch_zoo.attention import kernels
+
+# Width of the features appended by fold_key_bias: one carries the bias, the rest pad the head
+# dimension to the multiple of 8 that cuDNN needs.
+FOLD_WIDTH = 8
+
+
+def selection_score(score):
+  """Detached float32 scores with a single zero: top_k orders -0.0 below +0.0 while ``==`` calls
+  them equal, and the kernels rely on both agreeing."""
+  score = lax.stop_gradient(score).astype(jnp.float32)
+  return jnp.where(score == 0, 0.0, score)
+
+
+def beats(score_a, pos_a, score_b, pos_b, tie_break: str):
+  """The strict total order of keys used by the selection: higher score first; equal scores are
+  ordered by position (``recent``: the later key wins; ``earliest``: the earlier key wins)."""
+  later = pos_a > pos_b if tie_break == "recent" else pos_a < pos_b
+  return (score_a > score_b) | ((score_a == score_b) & later)
+
+
+def top_keys(score, width: int, tie_break: str):
+  """Indices of the ``width`` best keys along the last axis of ``score`` (values, indices).
+
+  ``lax.top_k`` is stable (equal values keep their input order), so reading the keys backwards
+  makes ties go to the most recent key.
+  """
+  if tie_break == "recent":
+    values, index = lax.top_k(score[..., ::-1], width)
+    return values, score.shape[-1] - 1 - index
+  return lax.top_k(score, width)
+
+
+def group_bias(bias, num_heads: int):
+  """``[B, S, G]`` per-key bias -> ``[B, H, 1, S]``, the layout of ``kernels.reference_attention``
+  (query head ``h`` reads group ``h // (H // G)``)."""
+  return jnp.repeat(bias.transpose(0, 2, 1), num_heads // bias.shape[-1], axis=1)[:, :, None, :]
+
+
+def fold_key_bias(q, k, v, bias):
+  """Appends features so that ``scale * <q', k'> = scale * <q, k> + bias[key]``.
+
+  q' = [q, sqrt(D), 0...], k' = [k, bias, 0...], v' = [v, 0...]: a per-key bias then needs no
+  bias input at all, and its gradient arrives through k'. The kernel keeps its usual
+  ``scale = D ** -0.5`` of the original head dimension; slice ``[..., :D]`` off the output.
+  """
+  d = q.shape[-1]
+  pad = FOLD_WIDTH - 1
+  # In bf16 the bias and sqrt(D) round like any other feature (relative error <= 2^-9).
+  root_d = jnp.full(q.shape[:-1] + (1,), d ** 0.5, q.dtype)
+  q2 = jnp.concatenate([q, root_d, jnp.zeros(q.shape[:-1] + (pad,), q.dtype)], axis=-1)
+  k2 = jnp.concatenate([k, bias[..., None].astype(k.dtype),
+                        jnp.zeros(k.shape[:-1] + (pad,), k.dtype)], axis=-1)
+  v2 = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, FOLD_WIDTH)])
+  return q2, k2, v2
+
+
+def cudnn_max_head_dim() -> int:
+  """JAX's cuDNN binding allows head dims up to 256 on Hopper and later, 128 before."""
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  return 256 if capability is not None and float(capability) >= 9.0 else 128
+
+
+def key_bias_attention(q, k, v, bias, *, causal: bool, segment_ids=None, impl: str = "auto"):
+  """Dense attention over every allowed key, plus a per-key bias (DMA's dense limit).
+
+  ``impl='auto'`` folds the bias into the dot product and calls cuDNN where cuDNN can run the
+  folded shapes (GPU, bf16, head_dim + 8 within cuDNN's limit, no segment ids); otherwise, and for
+  ``impl='xla'``, the float32 reference with a broadcast ``[B, H, 1, S]`` bias.
+  """
+  d = q.shape[-1]
+  folded = jax.ShapeDtypeStruct(q.shape[:-1] + (d + FOLD_WIDTH,), q.dtype)
+  if (impl == "auto" and kernels.cudnn_supports(folded, k, segment_ids=segment_ids) is None
+      and d + FOLD_WIDTH <= cudnn_max_head_dim()):
+    q2, k2, v2 = fold_key_bias(q, k, v, bias)
+    out = kernels.attention(q2, k2, v2, causal=causal, impl="cudnn", scale=d ** -0.5)
+    return out[..., :d]
+  return kernels.attention(q, k, v, causal=causal, impl="xla", segment_ids=segment_ids,
+                           bias=group_bias(bias, q.shape[2]))
+
+
+def shared_topk_attention(q, k, v, bias, score, *, keep_window: int, tie_break: str,
+                          impl: str = "auto"):
+  """Bidirectional DMA for ``S > w``: the score depends on the key only, so all queries keep the
+  same ``w`` keys of each group. Gather them once and attend densely: memory O(T x w)."""
+  _, index = top_keys(score.transpose(0, 2, 1), keep_window, tie_break)  # [B, G, w]
+  index = index.transpose(0, 2, 1)  # [B, w, G]
+  k_kept = jnp.take_along_axis(k, index[..., None], axis=1)
+  v_kept = jnp.take_along_axis(v, index[..., None], axis=1)
+  bias_kept = jnp.take_along_axis(bias, index, axis=1)
+  return key_bias_attention(q, k_kept, v_kept, bias_kept, causal=False, impl=impl)
+
+
+def carried_keys(score, keep_window: int, chunk: int, tie_break: str):
+  """For each query chunk, the ``w`` best keys among all positions before it.
+
+  Args:
+    score: ``[B, G, T_pad]`` float32 selection scores, ``-inf`` on padding.
+    keep_window: ``w``; the carry has ``width = min(w, T_pad)`` slots.
+    chunk: query chunk length; ``T_pad`` is a multiple of it.
+    tie_break: ``recent`` or ``earliest``.
+
+  Returns:
+    ``(scores, index)``, each ``[n_chunks, B, G, width]``, sorted by the selection order (slot
+    ``r`` holds the key ranked ``r`` in the prefix). Slots beyond the prefix length hold ``-inf``.
+  """
+  b, g, t_pad = score.shape
+  width = min(keep_window, t_pad)
+  init = (jnp.full((b, g, width), -jnp.inf, score.dtype), jnp.zeros((b, g, width), jnp.int32))
+
+  def step(carry, start):
+    best, index = carry
+    local = lax.dynamic_slice_in_dim(score, start, chunk, axis=2)
+    local_index = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), local.shape)
+    # Stable top_k keeps input order among ties. The carry is already in selection order; putting
+    # the chunk (all later keys) first and reversed makes ties go to later keys, and after it for
+    # `earliest` to earlier ones: the merged result stays in selection order.
+    if tie_break == "recent":
+      merged = jnp.concatenate([local[..., ::-1], best], axis=-1)
+      merged_index = jnp.concatenate([local_index[..., ::-1], index], axis=-1)
+    else:
+      merged = jnp.concatenate([best, local], axis=-1)
+      merged_index = jnp.concatenate([index, local_index], axis=-1)
+    best, slot = lax.top_k(merged, width)
+    return (best, jnp.take_along_axis(merged_index, slot, axis=-1)), carry
+
+  starts = jnp.arange(0, t_pad, chunk, dtype=jnp.int32)
+  _, per_chunk = lax.scan(step, init, starts)
+  return per_chunk
+
+
+def chunk_selection(local_score, local_pos, carry_score, carry_pos, keep_window: int,
+                    tie_break: str):
+  """Which candidates each query of a chunk keeps, without sorting per query.
+
+  Query ``i`` keeps candidate ``x`` when ``x`` is allowed and fewer than ``w`` allowed candidates
+  beat it. For a carried key the count is its rank in the carry plus the chunk keys ``<= i`` that
+  beat it; for a chunk key, the carried keys that beat it plus the chunk keys ``<= i`` that do.
+  Both "chunk keys ``<= i``" terms are prefix sums over the chunk.
+
+  Args:
+    local_score, local_pos: ``[B, G, C]`` scores and ``[C]`` positions of the chunk's keys (the
+      chunk's queries have the same positions).
+    carry_score, carry_pos: ``[B, G, W]``, in selection order; ``-inf`` marks empty slots.
+
+  Returns:
+    Boolean ``[B, G, C, W + C]``: query x (carried keys, then chunk keys).
+  """
+  width = carry_score.shape[-1]
+  filled = carry_score > -jnp.inf  # [B, G, W]
+  # [B, G, C(l), W(k)]: chunk key l beats carried key k.
+  local_beats_carry = beats(local_score[..., :, None], local_pos[:, None],
+                            carry_score[..., None, :], carry_pos[..., None, :], tie_break)
+  beaten_by_chunk = jnp.cumsum(local_beats_carry, axis=-2, dtype=jnp.int32)  # [B, G, C(i), W]
+  keep_carry = filled[..., None, :] & (jnp.arange(width) + beaten_by_chunk < keep_window)
+
+  beaten_by_carry = jnp.sum(filled[..., None, :] & ~local_beats_carry, axis=-1,
+                            dtype=jnp.int32)  # [B, G, C(l)]
+  # [B, G, C(l'), C(l)]: chunk key l' beats chunk key l; prefix sum over l' up to query i.
+  local_beats_local = beats(local_score[..., :, None], local_pos[:, None],
+                            local_score[..., None, :], local_pos[None, :], tie_break)
+  beaten_in_chunk = jnp.cumsum(local_beats_local, axis=-2, dtype=jnp.int32)  # [B, G, C(i), C(l)]
+  causal = local_pos[None, :] <= local_pos[:, None]  # [C(i), C(l)]
+  keep_local = causal & (beaten_by_carry[..., None, :] + beaten_in_chunk < keep_window)
+  return jnp.concatenate([keep_carry, keep_local], axis=-1)
+
+
+def chunked_causal_attention(q, k, v, bias, score, *, keep_window: int, chunk_size: int,
+                             tie_break: str):
+  """Causal DMA that never builds a ``[T, S]`` tensor.
+
+  The ``w`` keys query ``i`` keeps are the best of the prefix ``[0, i]``. Any of them that lies
+  before the query's chunk is also among the best ``w`` of everything before the chunk, so a
+  chunk of C queries needs only ``w + C`` candidate keys: the carried best ``w`` and the chunk's
+  own keys. Chunks run one after another (``lax.map``) under ``jax.checkpoint``, so forward and
+  backward hold O(B x H x C x (w + C)) at a time. Work is O(T x (w + C)) instead of O(T^2).
+  """
+  b, t, h, d = q.shape
+  g = k.shape[2]
+  chunk = min(chunk_size, t)
+  n_chunks = -(-t // chunk)
+  t_pad = n_chunks * chunk
+
+  def pad(x, value=0.0):
+    return jnp.pad(x, [(0, 0), (0, t_pad - t)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+
+  # Keys and values enter every chunk that carries them, so their gradients are sums over chunks:
+  # hold them in float32 here so that those sums accumulate in float32, not in bf16.
+  k, v, bias = (pad(x.astype(jnp.float32)) for x in (k, v, bias))
+  # Padded keys score -inf: they never enter a carry, and no real query reaches them causally.
+  score = pad(selection_score(score), -jnp.inf).transpose(0, 2, 1)
+  q_chunks = pad(q).reshape(b, n_chunks, chunk, g, h // g, d).swapaxes(0, 1)
+  carry_score, carry_index = carried_keys(score, keep_window, chunk, tie_break)
+  scale = d ** -0.5
+
+  def one_chunk(args):
+    q_c, start, best, index = args  # [B, C, G, R, D], [], [B, G, W], [B, G, W]
+    local_pos = start + jnp.arange(chunk, dtype=jnp.int32)
+    keep = chunk_selection(lax.dynamic_slice_in_dim(score, start, chunk, axis=2), local_pos,
+                           best, index, keep_window, tie_break)  # [B, G, C, W + C]
+    rows = index.transpose(0, 2, 1)  # [B, W, G]
+
+    def candidates(x):  # carried keys, then the chunk's own keys
+      carried = jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 3)), axis=1)
+      return jnp.concatenate([carried, lax.dynamic_slice_in_dim(x, start, chunk, axis=1)], axis=1)
+
+    k_c, v_c = (candidates(x).astype(q.dtype) for x in (k, v))
+    bias_c = candidates(bias)
+    logits = jnp.einsum("bcgrd,bkgd->bgrck", q_c, k_c, preferred_element_type=jnp.float32)
+    logits = logits * scale + bias_c.transpose(0, 2, 1)[:, :, None, None, :]
+    logits = jnp.where(keep[:, :, None], logits, kernels.MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bgrck,bkgd->bcgrd", probs.astype(v_c.dtype), v_c,
+                     preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+  starts = jnp.arange(0, t_pad, chunk, dtype=jnp.int32)
+  out = lax.map(jax.checkpoint(one_chunk), (q_chunks, starts, carry_score, carry_index))
+  return out.swapaxes(0, 1).reshape(b, t_pad, h, d)[:, :t]

@@ -1,0 +1,323 @@
+"""A Triton kernel (Pallas GPU) for causal linear attention with per-head decay.
+
+Same operator as :func:`arch_zoo.attention.linear_kernels.causal_reference`,
+
+    o_t = sum_{u <= t} lam^(t - u) (q_t . k_u) v_u,     lam = exp(-s) per head,
+
+built for a throughput per token that does not depend on the sequence length T.
+
+Why the work is split this way:
+
+* The Lightning algorithm is sequential over chunks. One program per (batch, head) would leave
+  most of an H100 idle at long T (B*H = 32 programs at T = 32K, B*T = 64K, H = 16). So the
+  sequence is cut into *segments* of ``segment_len`` tokens (1024), and every (batch, head,
+  segment, value block) is one program: the grid, and the work of each program, are then the
+  same for every T at a fixed number of tokens.
+* A segment needs the state of all the tokens before it. A first, cheap kernel sums each
+  segment's ``k v^T`` (decayed to the segment's end); XLA combines those in a short float32
+  prefix over segments (``lam^(segment_len)`` between neighbours); the output kernel then runs
+  the chunked Lightning scan inside each segment from that start state.
+* Inside a segment, chunks of ``chunk_size`` tokens: the intra-chunk part is quadratic with the
+  decay mask, the inter-chunk part reads the float32 state, as in Lightning Attention-2.
+* The backward pass is the same kernel three more times, with the roles of the arrays permuted:
+  ``dQ = causal(dO, V, K)``, ``dK = anticausal(V, dO, Q)``, ``dV = anticausal(K, Q, dO)``, where
+  the anti-causal operator (``sum over t >= u``) walks the chunks in reverse. The segment states of
+  the dQ pass are the transposed states of the forward pass (saved), and the dK and dV passes share
+  one set of states (transposes of each other).
+
+Numerics: matmul inputs stay in the input dtype (bf16 on GPU) with float32 accumulation; the
+state is accumulated and stored in float32 and read by the matmuls in the input dtype, the way a
+bf16 model reads any float32 weight. Decay factors are only ever ``exp`` of non-positive numbers.
+
+Decay is not learnable (TransNormerLLM reports NaN with learnable decay), so ``slopes`` receive a
+zero gradient. ``interpret=True`` runs the kernels on any backend (the CPU tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+F32 = jnp.float32
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Tiling of the kernels (hashable: a static argument of the custom VJP)."""
+
+  chunk_size: int = 64  # tokens per chunk (the official Lightning kernel uses 64)
+  block_e: int = 64  # value columns per program; the state tile is [D, block_e] float32
+  segment_len: int = 1024  # tokens per independent program along the sequence
+  num_warps: int = 4
+  num_stages: int = 2
+  interpret: bool = False  # run the kernels through the Pallas interpreter (any backend)
+
+
+def _is_power_of_two(n: int) -> bool:
+  return n > 0 and n & (n - 1) == 0
+
+
+def unsupported_reason(q, k, v, *, chunk_size: int = 64, interpret: bool = False) -> str | None:
+  """None if the kernel can run on these arrays, else the reason it cannot."""
+  if not interpret and jax.default_backend() != "gpu":
+    return f"the backend is {jax.default_backend()!r}, not 'gpu'"
+  if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+    return f"unsupported dtype {q.dtype}"
+  for name, dim in (("head_dim", q.shape[-1]), ("value head_dim", v.shape[-1]),
+                    ("block_size", chunk_size)):
+    if not (_is_power_of_two(dim) and 16 <= dim <= 256):
+      return f"{name} {dim} is not a power of two in [16, 256] (Triton tile sizes)"
+  if max(x.size for x in (q, k, v)) >= 2 ** 31:
+    return "an input has 2^31 elements or more (the kernel indexes with int32)"
+  return None
+
+
+def _segment_plan(length: int, cfg: KernelConfig) -> tuple[int, int]:
+  """``(segment_len, num_segments)``: segments are whole chunks and cover ``length`` with less
+  than one chunk of padding per segment."""
+  chunks = -(-length // cfg.chunk_size)
+  num_segments = -(-chunks // max(1, cfg.segment_len // cfg.chunk_size))
+  segment_len = cfg.chunk_size * -(-chunks // num_segments)
+  return segment_len, num_segments
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels. Each program sees one (batch, head, segment, value block): q/k refs [L, D], v/o refs
+# [L, block_e], state refs [D, block_e]; ``reverse`` walks the chunks last to first (the
+# anti-causal operator of the backward pass).
+# --------------------------------------------------------------------------------------------
+
+
+def _chunk_decays(slope, chunk: int, reverse: bool):
+  """Decay factors of one chunk (all exponents non-negative distances).
+
+  Causal: the mask is ``lam^(r-c)`` for ``c <= r``; a query at row r is ``r + 1`` steps after the
+  previous chunk's last token; a key at row c is ``chunk - 1 - c`` steps before this chunk's last.
+  Reverse: mirrored (``c >= r``; ``chunk - r`` steps to the next chunk's first token; ``c`` steps
+  after this chunk's first token).
+  """
+  row = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0).astype(F32)
+  col = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1).astype(F32)
+  distance = col - row if reverse else row - col
+  mask = jnp.where(distance >= 0, jnp.exp(-slope * jnp.maximum(distance, 0.0)), 0.0)
+  r = jax.lax.broadcasted_iota(jnp.int32, (chunk, 1), 0).astype(F32)
+  query_decay = jnp.exp(-slope * ((chunk - r) if reverse else (r + 1.0)))
+  key_decay = jnp.exp(-slope * (r if reverse else (chunk - 1.0 - r)))
+  return mask, query_decay, key_decay, jnp.exp(-slope * chunk)
+
+
+def _dot(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
+  dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
+  precision = HIGHEST if a.dtype == F32 else None
+  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
+
+
+def _state_kernel(slope_ref, k_ref, v_ref, state_ref, *, chunk: int, reverse: bool):
+  """The segment's own state: ``sum_u lam^(distance to the segment's far end) k_u v_u^T``."""
+  slope = slope_ref[...]
+  _, _, key_decay, chunk_decay = _chunk_decays(slope, chunk, reverse)
+  num_chunks = k_ref.shape[0] // chunk
+
+  def body(i, state):
+    j = num_chunks - 1 - i if reverse else i
+    rows = pl.ds(pl.multiple_of(j * chunk, chunk), chunk)
+    k = k_ref[rows, :]
+    v = v_ref[rows, :]
+    weighted = (k.astype(F32) * key_decay).astype(k.dtype)
+    return chunk_decay * state + _dot(weighted, v, transpose_a=True)
+
+  state_ref[...] = jax.lax.fori_loop(0, num_chunks, body, jnp.zeros(state_ref.shape, F32))
+
+
+def _output_kernel(slope_ref, q_ref, k_ref, v_ref, start_ref, o_ref, *, chunk: int,
+                   reverse: bool):
+  """Chunked Lightning scan over one segment, from the state of everything before it."""
+  slope = slope_ref[...]
+  mask, query_decay, key_decay, chunk_decay = _chunk_decays(slope, chunk, reverse)
+  num_chunks = q_ref.shape[0] // chunk
+
+  def body(i, state):
+    j = num_chunks - 1 - i if reverse else i
+    rows = pl.ds(pl.multiple_of(j * chunk, chunk), chunk)
+    q = q_ref[rows, :]
+    k = k_ref[rows, :]
+    v = v_ref[rows, :]
+    scores = _dot(q, k, transpose_b=True) * mask
+    out = _dot(scores.astype(v.dtype), v)
+    out += query_decay * _dot(q, state.astype(q.dtype))
+    o_ref[rows, :] = out.astype(o_ref.dtype)
+    weighted = (k.astype(F32) * key_decay).astype(k.dtype)
+    return chunk_decay * state + _dot(weighted, v, transpose_a=True)
+
+  jax.lax.fori_loop(0, num_chunks, body, start_ref[...])
+
+
+def _grid_and_specs(shape_q, shape_v, num_segments: int, segment_len: int, cfg: KernelConfig):
+  """Grid ``(value blocks, segments, batch * heads)``: value blocks vary fastest, so the programs
+  that read the same queries and keys run side by side (L2 reuse)."""
+  b, _, h, d = shape_q
+  e = shape_v[-1]
+  block_e = min(cfg.block_e, e)
+  grid = (e // block_e, num_segments, b * h)
+
+  # One segment of one head of a [B, T, H, X] array: all X columns, or this program's value block.
+  rows = pl.BlockSpec((None, segment_len, None, d), lambda ie, s, bh: (bh // h, s, bh % h, 0))
+  value_rows = pl.BlockSpec((None, segment_len, None, block_e),
+                            lambda ie, s, bh: (bh // h, s, bh % h, ie))
+  slope = pl.BlockSpec((None,), lambda ie, s, bh: (bh % h,))
+  state = pl.BlockSpec((None, None, None, d, block_e),
+                       lambda ie, s, bh: (bh // h, bh % h, s, 0, ie))
+  return grid, rows, value_rows, slope, state
+
+
+def _compiler_params(cfg: KernelConfig):
+  if cfg.interpret:
+    return None
+  from jax.experimental.pallas import triton as pl_triton
+
+  return pl_triton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def segment_states(k, v, slopes, *, segment_len: int, reverse: bool, cfg: KernelConfig):
+  """``[B, H, S, D, E]`` float32: each segment's own decayed ``sum k v^T`` (no earlier tokens)."""
+  b, t, h, d = k.shape
+  e = v.shape[-1]
+  num_segments = t // segment_len
+  grid, rows, value_rows, slope, state = _grid_and_specs(k.shape, v.shape, num_segments,
+                                                         segment_len, cfg)
+  return pl.pallas_call(
+      functools.partial(_state_kernel, chunk=cfg.chunk_size, reverse=reverse),
+      out_shape=jax.ShapeDtypeStruct((b, h, num_segments, d, e), F32),
+      grid=grid,
+      in_specs=[slope, rows, value_rows],
+      out_specs=state,
+      compiler_params=_compiler_params(cfg),
+      interpret=cfg.interpret,
+      name="lightning_segment_states",
+  )(slopes.astype(F32), k, v)
+
+
+def start_states(local, slopes, *, segment_len: int, reverse: bool):
+  """State entering each segment: ``sum over earlier segments s' of lam^(L * gap) local[s']``,
+  where ``gap`` counts the whole segments in between (later ones when ``reverse``)."""
+  num_segments = local.shape[2]
+  if num_segments == 1:
+    return jnp.zeros_like(local)
+  s = jnp.arange(num_segments, dtype=F32)
+  gap = (s[None, :] - s[:, None] - 1) if reverse else (s[:, None] - s[None, :] - 1)
+  weight = jnp.where(gap >= 0, jnp.exp(-slopes.astype(F32)[:, None, None] * segment_len
+                                       * jnp.maximum(gap, 0.0)), 0.0)  # [H, S, S']
+  return jnp.einsum("hst,bhtde->bhsde", weight, local, precision=HIGHEST,
+                    preferred_element_type=F32)
+
+
+def segment_outputs(q, k, v, slopes, start, *, segment_len: int, reverse: bool,
+                    cfg: KernelConfig):
+  """The output kernel over every (value block, segment, batch * head)."""
+  num_segments = q.shape[1] // segment_len
+  grid, rows, value_rows, slope, state = _grid_and_specs(q.shape, v.shape, num_segments,
+                                                         segment_len, cfg)
+  return pl.pallas_call(
+      functools.partial(_output_kernel, chunk=cfg.chunk_size, reverse=reverse),
+      out_shape=jax.ShapeDtypeStruct(v.shape, q.dtype),
+      grid=grid,
+      in_specs=[slope, rows, rows, value_rows, state],
+      out_specs=value_rows,
+      compiler_params=_compiler_params(cfg),
+      interpret=cfg.interpret,
+      name="lightning_outputs",
+  )(slopes.astype(F32), q, k, v, start)
+
+
+def _operator(q, k, v, slopes, start, *, segment_len, reverse, cfg):
+  """(Anti-)causal operator of one pass given the start states (computed here when None)."""
+  if start is None:
+    local = segment_states(k, v, slopes, segment_len=segment_len, reverse=reverse, cfg=cfg)
+    start = start_states(local, slopes, segment_len=segment_len, reverse=reverse)
+  return segment_outputs(q, k, v, slopes, start, segment_len=segment_len, reverse=reverse,
+                         cfg=cfg), start
+
+
+def _no_start_needed(t: int, segment_len: int) -> bool:
+  return t == segment_len  # one segment: it starts from the zero state
+
+
+def _zero_start(q, v):
+  b, _, h, d = q.shape
+  return jnp.zeros((b, h, 1, d, v.shape[-1]), F32)
+
+
+def _transpose_state(state):
+  return state.swapaxes(-1, -2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _lightning(q, k, v, slopes, segment_len: int, cfg: KernelConfig):
+  out, _ = _lightning_fwd(q, k, v, slopes, segment_len, cfg)
+  return out
+
+
+def _lightning_fwd(q, k, v, slopes, segment_len, cfg):
+  start = _zero_start(q, v) if _no_start_needed(q.shape[1], segment_len) else None
+  out, start = _operator(q, k, v, slopes, start, segment_len=segment_len, reverse=False, cfg=cfg)
+  return out, (q, k, v, slopes, start)
+
+
+def _lightning_bwd(segment_len, cfg, residuals, d_out):
+  q, k, v, slopes, start = residuals
+  d_out = d_out.astype(q.dtype)
+  # dQ_t = sum_{u<=t} lam^(t-u) (dO_t . v_u) k_u: the causal operator on (dO, V, K); its states
+  # sum v k^T, the forward's transposed.
+  d_q, _ = _operator(d_out, v, k, slopes, _transpose_state(start), segment_len=segment_len,
+                     reverse=False, cfg=cfg)
+  # dK_u = sum_{t>=u} lam^(t-u) (v_u . dO_t) q_t and dV_u = sum_{t>=u} lam^(t-u) (k_u . q_t) dO_t:
+  # anti-causal operators whose states (sum dO q^T and sum q dO^T) are transposes of each other.
+  if _no_start_needed(q.shape[1], segment_len):
+    suffix = _zero_start(q, d_out)
+  else:
+    local = segment_states(q, d_out, slopes, segment_len=segment_len, reverse=True, cfg=cfg)
+    suffix = start_states(local, slopes, segment_len=segment_len, reverse=True)
+  d_k, _ = _operator(v, d_out, q, slopes, _transpose_state(suffix), segment_len=segment_len,
+                     reverse=True, cfg=cfg)
+  d_v, _ = _operator(k, q, d_out, slopes, suffix, segment_len=segment_len, reverse=True, cfg=cfg)
+  return d_q, d_k.astype(k.dtype), d_v, jnp.zeros_like(slopes)
+
+
+_lightning.defvjp(_lightning_fwd, _lightning_bwd)
+
+
+def lightning_attention(q, k, v, slopes, *, chunk_size: int = 64,
+                        config: KernelConfig | None = None):
+  """Causal linear attention with per-head decay on the Triton kernel; differentiable.
+
+  Args:
+    q, k: ``[B, T, H, D]``; v: ``[B, T, H, E]``; slopes: ``[H]`` decay rates ``s >= 0``.
+    chunk_size: tokens per chunk (``attention.block_size``); overrides ``config.chunk_size``.
+    config: tiling; the defaults suit an H100 at D = E = 128.
+
+  Returns:
+    ``[B, T, H, E]`` in ``q.dtype``.
+  """
+  cfg = dataclasses.replace(config or KernelConfig(), chunk_size=chunk_size)
+  reason = unsupported_reason(q, k, v, chunk_size=cfg.chunk_size, interpret=cfg.interpret)
+  if reason is not None:
+    raise ValueError(f"The Pallas lightning kernel cannot run: {reason}.")
+  if k.dtype != q.dtype or v.dtype != q.dtype:
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+  t = q.shape[1]
+  segment_len, num_segments = _segment_plan(t, cfg)
+  padded = segment_len * num_segments
+  if padded != t:  # zero rows at the end change no earlier output (and add nothing to a state)
+    pad = [(0, 0), (0, padded - t), (0, 0), (0, 0)]
+    q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+  out = _lightning(q, k, v, jnp.asarray(slopes, F32), segment_len, cfg)
+  return out[:, :t] if padded != t else out
+
+
+__all__ = ["KernelConfig", "lightning_attention", "segment_states",
+           "start_states", "unsupported_reason"]

@@ -1,0 +1,177 @@
+"""MASA (Zhussip et al. 2025, "Share Your Attention: Transformer Weight Sharing via Matrix-based
+Dictionary Learning", arXiv 2508.04581): each layer's attention weights are learned combinations
+of matrix atoms shared by all layers.
+
+For each shared projection type P (query, key, value and, in MASA-QKVO, the output), the backbone
+owns a dictionary ``D^P`` of S matrix atoms ``[S, d_in, d_out]``; layer l owns only its coefficients
+``c^P_l`` (``[S]``) and uses the weight ``W^P_l = sum_s c^P_{l,s} D^P_s``. Everything after the
+projections is :mod:`~arch_zoo.attention.mha`'s attention (GQA, QK-norm, RoPE and its kernels:
+cuDNN flash on GPUs). Attention parameters per type fall from ``L d_in d_out`` to
+``S d_in d_out + L S``; the paper's default S = L/3 removes two thirds of them.
+
+The dictionaries are built once per model by :class:`Dictionaries` (the family's
+``shared_factory``); :class:`~arch_zoo.models.block.Stack` calls it each forward pass and hands the
+arrays to every layer in ``ctx.shared["masa"]``, so no Variable is shared between two modules and
+gradients from every layer sum into the atoms.
+
+Coefficient initialisation is not given in the paper (the official code could not be found). The
+default, ``random_unit``, draws each layer's coefficient vector uniformly on the unit sphere: with
+atoms drawn like an untied weight, every synthesised ``W_l`` then has exactly the untied weight's
+variance, while distinct layers start distinct. ``one_hot`` gives layer l atom ``l mod S``: with
+S = L this is an untied MHA model at init, with S = 1 a fully tied (ALBERT-style) one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from arch_zoo.attention import kernels
+from arch_zoo.attention.base import Context, Dims, check_choice, register
+from arch_zoo.attention.mha import MultiHeadAttention, kv_heads, output_projection
+from arch_zoo.layers import RMSNorm, apply_rope
+from arch_zoo.layers.linear import DEFAULT_STDDEV
+
+NAME = "masa"
+SHARED = {"qkvo": ("query", "key", "value", "out"),  # MASA-QKVO: 66.7% fewer at S = L/3
+          "qkv": ("query", "key", "value")}  # MASA-QKV: each layer keeps its own output (50%)
+COEFFICIENT_INITS = ("random_unit", "one_hot")
+
+
+@dataclasses.dataclass(frozen=True)
+class MASAOptions:
+  num_atoms: int = 0  # S, atoms per dictionary; 0 -> max(1, num_layers // 3), the paper's L/3
+  shared: str = "qkvo"  # qkvo | qkv (which projection types come from a dictionary)
+  coefficient_init: str = "random_unit"  # random_unit | one_hot (see the module docstring)
+  num_kv_heads: int = 0  # as mha: 0 -> num_heads; 1 -> MQA; otherwise GQA
+  qk_norm: bool = False
+  rope: bool = True
+  rope_base: float = 10_000.0
+  impl: str = "auto"  # auto | xla | cudnn
+
+  def __post_init__(self):
+    check_choice("attention.shared", self.shared, list(SHARED))
+    check_choice("attention.coefficient_init", self.coefficient_init, COEFFICIENT_INITS)
+    check_choice("attention.impl", self.impl, kernels.IMPLS)
+    if self.num_atoms < 0:
+      raise ValueError(f"attention.num_atoms must be >= 1, or 0 for num_layers // 3; "
+                       f"got {self.num_atoms}.")
+
+
+def num_atoms(dims: Dims, options: MASAOptions) -> int:
+  """S: the configured number of atoms, or the paper's default L/3 (at least one)."""
+  return options.num_atoms or max(1, dims.num_layers // 3)
+
+
+def projection_shapes(dims: Dims, options: MASAOptions) -> dict[str, tuple[int, int, tuple]]:
+  """``(d_in, d_out, logical axes)`` of each projection type that comes from a dictionary."""
+  d, width_q = dims.d_model, dims.num_heads * dims.head_dim
+  width_kv = kv_heads(dims, options.num_kv_heads) * dims.head_dim
+  shapes = {"query": (d, width_q, ("embed", "heads")), "key": (d, width_kv, ("embed", "kv_heads")),
+            "value": (d, width_kv, ("embed", "kv_heads")), "out": (width_q, d, ("heads", "embed"))}
+  return {name: shapes[name] for name in SHARED[options.shared]}
+
+
+def atom_stddev(dims: Dims, name: str) -> float:
+  # Each atom is drawn like the untied weight it stands in for, output included (GPT-2's
+  # 0.02 / sqrt(2 L) for residual-branch outputs, as mha's output_projection).
+  return DEFAULT_STDDEV / (2 * dims.num_layers) ** 0.5 if name == "out" else DEFAULT_STDDEV
+
+
+def synthesize(coefficients: jax.Array, atoms: jax.Array) -> jax.Array:
+  """``W = sum_s c_s D_s``, in float32 at full precision.
+
+  This costs S d_in d_out multiply-adds per layer and step whatever the batch, so HIGHEST is free;
+  it keeps accelerators from rounding the weight through TF32 (and keeps one-hot exact).
+  """
+  return jnp.einsum("s,sio->io", coefficients, atoms, precision=jax.lax.Precision.HIGHEST)
+
+
+class Dictionaries(nnx.Module):
+  """The backbone-owned atoms: one ``[S, d_in, d_out]`` dictionary per shared projection type.
+
+  Calling it returns ``{"query": D^Q, "key": D^K, ...}``, which the Stack puts in
+  ``ctx.shared["masa"]``.
+  """
+
+  def __init__(self, dims: Dims, options: MASAOptions, *, rngs: nnx.Rngs):
+    s = num_atoms(dims, options)
+    self.atoms = nnx.Dict({
+        name: nnx.Param(atom_stddev(dims, name) * jax.random.normal(
+            rngs.params(), (s, d_in, d_out), jnp.float32), logical_axes=("atoms", *axes))
+        for name, (d_in, d_out, axes) in projection_shapes(dims, options).items()})
+
+  def __call__(self) -> dict[str, jax.Array]:
+    return {name: atoms[...] for name, atoms in self.atoms.items()}
+
+
+def initial_coefficients(dims: Dims, options: MASAOptions, rngs: nnx.Rngs) -> jax.Array:
+  """One layer's ``[S]`` coefficients with unit Euclidean norm (see the module docstring)."""
+  s = num_atoms(dims, options)
+  if options.coefficient_init == "one_hot":
+    return jax.nn.one_hot(dims.layer_index % s, s, dtype=jnp.float32)
+  direction = jax.random.normal(rngs.params(), (s,), jnp.float32)
+  return direction / jnp.linalg.norm(direction)
+
+
+@register(NAME, options=MASAOptions, bidirectional=True,
+          shared_factory=lambda dims, options, rngs: Dictionaries(dims, options, rngs=rngs))
+class SharedDictionaryAttention(nnx.Module):
+  """MASA: Q/K/V/O weights as learned combinations of matrix atoms shared across layers."""
+
+  def __init__(self, dims: Dims, options: MASAOptions, *, rngs: nnx.Rngs):
+    self.impl, self.dtype = options.impl, dims.dtype
+    self.num_heads, self.head_dim = dims.num_heads, dims.head_dim
+    self.num_kv_heads = kv_heads(dims, options.num_kv_heads)
+    self.rope, self.rope_base = options.rope, options.rope_base
+    # Each projection type has its own coefficients, even where they start equal (one_hot).
+    self.coefficients = nnx.Dict({
+        name: nnx.Param(initial_coefficients(dims, options, rngs), logical_axes=("atoms",))
+        for name in projection_shapes(dims, options)})
+    self.query_norm = RMSNorm(self.head_dim, axis_name=None) if options.qk_norm else None
+    self.key_norm = RMSNorm(self.head_dim, axis_name=None) if options.qk_norm else None
+    self.out = None if "out" in self.coefficients else output_projection(dims, rngs)
+
+  def weights(self, ctx: Context) -> dict[str, jax.Array]:
+    """This layer's synthesised float32 weights, from the atoms in ``ctx.shared``."""
+    if NAME not in ctx.shared:
+      raise ValueError(
+          f"{NAME!r} attention reads its atoms from ctx.shared[{NAME!r}], which the backbone's "
+          "Stack fills. To call a layer on its own, build them with "
+          f"attention.family({NAME!r}).shared_factory(dims, options, rngs=...) and pass "
+          f"ctx.replace(shared={{{NAME!r}: dictionaries()}}).")
+    atoms = ctx.shared[NAME]
+    return {name: synthesize(c[...], atoms[name]) for name, c in self.coefficients.items()}
+
+  def project(self, x: jax.Array, weight: jax.Array) -> jax.Array:
+    # The same matmul as layers.Dense: operands in the compute dtype, parameters kept float32.
+    return jnp.dot(x.astype(self.dtype), weight.astype(self.dtype),
+                   preferred_element_type=self.dtype)
+
+  def __call__(self, x: jax.Array, ctx: Context):
+    b, t, _ = x.shape
+    w = self.weights(ctx)
+    q = self.project(x, w["query"]).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.project(x, w["key"]).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.project(x, w["value"]).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.query_norm is not None:
+      q, k = self.query_norm(q), self.key_norm(k)
+    if self.rope:
+      q = apply_rope(q, ctx.positions, self.rope_base)
+      k = apply_rope(k, ctx.positions, self.rope_base)
+    o = kernels.attention(q, k, v, causal=ctx.causal, impl=self.impl, segment_ids=ctx.segment_ids)
+    o = o.reshape(b, t, -1)
+    return (self.out(o) if self.out is not None else self.project(o, w["out"])), {}
+
+  @staticmethod
+  def flops_per_token(dims: Dims, options: MASAOptions, seq_len: int, causal: bool) -> float:
+    """Forward matmul FLOPs per token: exactly mha's.
+
+    Synthesising the weights (2 S d_in d_out FLOPs per type and layer) happens once per step, not
+    per token; spread over a step of B x T tokens it is a fraction ~S / (B T) of the projections
+    (0.01% for the 124M LM at 32k tokens per step), so it is left out like the optimizer update.
+    """
+    return MultiHeadAttention.flops_per_token(dims, options, seq_len, causal)

@@ -1,0 +1,269 @@
+r"""Dynamic Mask Attention at long context: fwd+bwd time and memory against ``mha`` on cuDNN.
+
+    python benchmarks/bench_dmask.py --out benchmarks/results/dmask_h100.json
+    python benchmarks/bench_dmask.py --smoke --out /tmp/dmask_smoke.json   # CPU, tiny shapes
+
+One attention layer (projections included) of the DMA paper's 1.7B shape: d_model 2048, 16 query
+heads, 8 KV heads, head_dim 128, QK-norm and RoPE, bf16 matmuls with float32 parameters.
+
+* ``dynamic_mask``: keep_window_size 2048, ``impl=auto`` (beyond the window: the chunked sparse
+  kernel, which never builds a [T, T] tensor), A initialised at 0.5 so that scores differ.
+* ``mha``: the same projections, ``impl=cudnn`` (JAX's cuDNN flash attention, causal).
+
+At T = 4K, 8K, 16K and 32K (and 2K = the window, where DMA takes its dense-limit path: cuDNN
+with the folded per-key bias) with a fixed number of tokens per step (batch = tokens / T), each
+(side, T) runs in its own subprocess so that the peak memory of one does not leak into the next.
+Time: median of jitted ``value_and_grad`` steps (w.r.t. parameters and input), and of the forward
+alone. Memory: the device allocator's peak (``peak_bytes_in_use``, includes parameters and inputs)
+and XLA's planned temporary buffers of the compiled step (``temp_size_in_bytes``).
+
+After timing, ``parity`` checks the GPU-only paths against the float32 reference on the same bf16
+inputs (outputs and all gradients): the sparse kernel at T = 2 x window and the folded-bias cuDNN
+path in the dense limit (T = window). The JSON is rewritten after every measurement, so a killed
+run keeps what it measured, and no new measurement starts once ``--budget_s`` is spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+SIDES = ("dynamic_mask", "mha")
+START = time.perf_counter()
+PARITY_TOLERANCE = 2e-2
+
+
+def build_layer(name: str, args, dtype, **overrides):
+  """The attention layer's graphdef and parameters (created on the host, then put on device)."""
+  import jax
+  from flax import nnx
+
+  from arch_zoo import attention
+
+  options = dict(num_kv_heads=args.kv_heads, qk_norm=True)
+  if name == "dynamic_mask":
+    options.update(keep_window_size=args.keep_window, chunk_size=args.chunk_size, a_init=0.5)
+  else:
+    options.update(impl=args.mha_impl)
+  options.update(overrides)
+  with jax.default_device(jax.devices("cpu")[0]):
+    layer = attention.build(name, rngs=nnx.Rngs(0), d_model=args.d_model,
+                            num_heads=args.heads, dtype=dtype, **options)
+    graphdef, params = nnx.split(layer)
+  return graphdef, jax.device_put(params, jax.devices()[0])
+
+
+def loss_fn(graphdef, ctx):
+  import jax.numpy as jnp
+  from flax import nnx
+
+  def loss(params, x, cotangent):
+    y, _ = nnx.merge(graphdef, params)(x, ctx)
+    return jnp.sum(y.astype(jnp.float32) * cotangent)
+
+  return loss
+
+
+def compute_dtype(args):
+  import jax.numpy as jnp
+  return jnp.float32 if args.smoke else jnp.bfloat16
+
+
+def run_timing(args) -> dict:
+  import jax
+
+  from arch_zoo.attention.base import Context
+
+  dtype = compute_dtype(args)
+  b, t = args.batch, args.seq_len
+  graphdef, params = build_layer(args.side, args, dtype)
+  keys = jax.random.split(jax.random.key(1), 2)
+  x = jax.random.normal(keys[0], (b, t, args.d_model), dtype)
+  cotangent = jax.random.normal(keys[1], (b, t, args.d_model), jax.numpy.float32)
+  loss = loss_fn(graphdef, Context.for_inputs(b, t))
+  fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  forward = jax.jit(loss)
+  compiled = fwd_bwd.lower(params, x, cotangent).compile()
+  analysis = compiled.memory_analysis()
+
+  def block(fn):
+    def run(k):
+      for _ in range(k):
+        out = fn(params, x, cotangent)
+      jax.block_until_ready(out)
+    return run
+
+  result = {
+      "fwd_bwd": common.time_steps(block(fwd_bwd), steps_per_sample=args.steps,
+                                   samples=args.samples),
+      "forward": common.time_steps(block(forward), steps_per_sample=args.steps,
+                                   samples=args.samples),
+      "compiled_temp_bytes": getattr(analysis, "temp_size_in_bytes", None),
+      "compiled_argument_bytes": getattr(analysis, "argument_size_in_bytes", None),
+  }
+  stats = jax.devices()[0].memory_stats() or {}
+  result["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
+  result["bytes_limit"] = stats.get("bytes_limit")
+  result["versions"] = common.versions("jax", "jaxlib", "flax")
+  return result
+
+
+def rel_err(a, b) -> float:
+  import jax.numpy as jnp
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-12))
+
+
+def run_parity(args) -> dict:
+  """The bf16 kernel and XLA's bf16 reference, both against the float32 reference, on the same
+  inputs and weights; gradients w.r.t. the input and every parameter."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from arch_zoo.attention.base import Context
+
+  cases = []
+  for t, label in ((2 * args.keep_window, "sparse kernel (T = 2 w)"),
+                   (args.keep_window, "dense limit, folded bias (T = w)")):
+    keys = jax.random.split(jax.random.key(2), 2)
+    x = jax.random.normal(keys[0], (1, t, args.d_model), jnp.bfloat16)
+    cotangent = jax.random.normal(keys[1], (1, t, args.d_model), jnp.float32)
+    ctx = Context.for_inputs(1, t)
+    runs = {}
+    for run, (dtype, impl) in {"kernel": (compute_dtype(args), "auto"),
+                               "xla_bf16": (compute_dtype(args), "xla"),
+                               "reference_f32": (jnp.float32, "xla")}.items():
+      graphdef, params = build_layer("dynamic_mask", args, dtype, impl=impl)
+
+      def loss(params, x):
+        y, _ = nnx.merge(graphdef, params)(x, ctx)
+        return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+      grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+      (_, y), (d_params, d_x) = grad_fn(params, x.astype(dtype))
+      named = {"d" + jax.tree_util.keystr(path, simple=True, separator="/").removesuffix(
+          "/value"): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(d_params)[0]}
+      runs[run] = {"out": y, "dx": d_x, **named}
+    ref = runs["reference_f32"]
+    kernel = {k: rel_err(v, ref[k]) for k, v in runs["kernel"].items()}
+    floor = {k: rel_err(v, ref[k]) for k, v in runs["xla_bf16"].items()}
+    ok = all(e <= max(PARITY_TOLERANCE, 2 * floor[k]) for k, e in kernel.items())
+    cases.append({"case": label, "seq_len": t, "kernel_error": kernel, "xla_bf16_error": floor,
+                  "pass": ok})
+    print(label, "PASS" if ok else "FAIL", {k: f"{v:.1e}" for k, v in kernel.items()},
+          flush=True)
+  return {"cases": cases, "all_pass": all(c["pass"] for c in cases),
+          "versions": common.versions("jax", "jaxlib", "flax")}
+
+
+def child(args) -> None:
+  result = run_parity(args) if args.side == "parity" else run_timing(args)
+  with open(args.child_out, "w") as f:
+    json.dump(result, f)
+
+
+def run_child(args, side: str, extra: list[str]) -> dict:
+  remaining = args.budget_s - (time.perf_counter() - START)
+  if remaining < 30:
+    return {"skipped": f"the run's --budget_s={args.budget_s} was spent"}
+  timeout = int(min(args.child_timeout, remaining))
+  with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+    cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--child_out", tmp.name,
+           *shared_flags(args), *extra]
+    try:
+      proc = subprocess.run(cmd, timeout=timeout)
+    except subprocess.TimeoutExpired:
+      return {"error": f"exceeded {timeout}s"}
+    if proc.returncode != 0:
+      return {"error": f"child exited with {proc.returncode} (out of memory or unsupported; "
+                       "see the log above)"}
+    return json.load(open(tmp.name))
+
+
+def shared_flags(args) -> list[str]:
+  flags = []
+  for name in ("d_model", "heads", "kv_heads", "keep_window", "chunk_size", "mha_impl", "steps",
+               "samples"):
+    flags += [f"--{name}", str(getattr(args, name))]
+  return flags + (["--smoke"] if args.smoke else [])
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="benchmarks/results/dmask.json")
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny float32 shapes that run on CPU (checks the script, not speed)")
+  parser.add_argument("--seq_lens", default="4096,8192,16384,32768,2048",
+                      help="in this order; 2048 = the window: the dense-limit (cuDNN) path")
+  parser.add_argument("--tokens_per_step", type=int, default=32768)
+  parser.add_argument("--d_model", type=int, default=2048)
+  parser.add_argument("--heads", type=int, default=16)
+  parser.add_argument("--kv_heads", type=int, default=8)
+  parser.add_argument("--keep_window", type=int, default=2048)
+  parser.add_argument("--chunk_size", type=int, default=512)
+  parser.add_argument("--mha_impl", default="cudnn")
+  parser.add_argument("--sides", default=",".join(SIDES))
+  parser.add_argument("--parity", type=int, default=1, help="1: the GPU parity check, last")
+  parser.add_argument("--steps", type=int, default=3, help="steps per timed sample")
+  parser.add_argument("--samples", type=int, default=5)
+  parser.add_argument("--child_timeout", type=int, default=150)
+  parser.add_argument("--budget_s", type=int, default=540,
+                      help="no new measurement starts after this many seconds")
+  # Internal: run one side in this process.
+  parser.add_argument("--side", default=None)
+  parser.add_argument("--seq_len", type=int, default=0)
+  parser.add_argument("--batch", type=int, default=0)
+  parser.add_argument("--child_out", default=None)
+  args = parser.parse_args()
+  if args.smoke and not args.side:
+    args.seq_lens, args.tokens_per_step = "256,128", 512
+    args.d_model, args.heads, args.kv_heads, args.keep_window, args.chunk_size = 64, 4, 2, 64, 32
+    args.mha_impl, args.steps, args.samples = "auto", 2, 2
+  if args.side:
+    child(args)
+    return
+
+  rows = []
+  record = {"benchmark": "attention layer fwd+bwd at long context: dynamic_mask vs mha (cuDNN)",
+            "shape": dict(d_model=args.d_model, heads=args.heads, kv_heads=args.kv_heads,
+                          head_dim=args.d_model // args.heads, qk_norm=True, rope=True,
+                          dtype="float32" if args.smoke else "bfloat16"),
+            "dynamic_mask": dict(keep_window_size=args.keep_window, chunk_size=args.chunk_size,
+                                 impl="auto", bias_form="exp", a_init=0.5),
+            "mha_impl": args.mha_impl, "tokens_per_step": args.tokens_per_step,
+            "timing": "median seconds per step of jitted value_and_grad (params and input) and of "
+                      "the forward; peak_bytes_in_use from the device allocator, per subprocess",
+            "smoke": args.smoke, "rows": rows}
+  for seq_len in map(int, filter(None, args.seq_lens.split(","))):
+    batch = max(1, args.tokens_per_step // seq_len)
+    row = {"seq_len": seq_len, "batch": batch}
+    rows.append(row)
+    for side in args.sides.split(","):
+      print(f"--- {side}: T={seq_len}, batch={batch}", flush=True)
+      row[side] = run_child(args, side, ["--seq_len", str(seq_len), "--batch", str(batch)])
+      if "fwd_bwd" in row.get("dynamic_mask", {}) and "fwd_bwd" in row.get("mha", {}):
+        row["fwd_bwd_speedup_vs_mha"] = (row["mha"]["fwd_bwd"]["median_s"]
+                                         / row["dynamic_mask"]["fwd_bwd"]["median_s"])
+      common.write(args.out, record)  # after every measurement: a killed job keeps its results
+      if "fwd_bwd" in row[side]:
+        print(f"    fwd+bwd {row[side]['fwd_bwd']['median_s'] * 1e3:.2f} ms, forward "
+              f"{row[side]['forward']['median_s'] * 1e3:.2f} ms, peak "
+              f"{(row[side]['peak_bytes_in_use'] or 0) / 2**30:.2f} GiB", flush=True)
+  if args.parity:
+    print("--- parity", flush=True)
+    record["parity"] = run_child(args, "parity", [])
+    common.write(args.out, record)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,63 @@
+"""Image classification through the one training loop: falling loss with accuracy, exact resume
+(augmentation included), and eval.py's test accuracy."""
+
+import json
+import math
+
+import numpy as np
+
+import eval as eval_lib
+import train
+from arch_zoo import metrics
+from configs import vit
+
+
+def config_for(data_dir, **train_overrides):
+  config = vit.get_config("attn=mha,size=test")
+  # Slices keep the tests quick; the test size augments (pad-crop and flip) so that resume also
+  # checks that augmentation is a pure function of the sample index.
+  config.data.update(data_dir=data_dir, train_split="train[:6000]", eval_split="test[:1000]",
+                     test_split="test[:1000]")
+  config.train.update(progress=False, **train_overrides)
+  return config
+
+
+def train_losses(workdir):
+  return {row["step"]: row["train/loss"] for row in metrics.read_metrics(workdir)
+          if "train/loss" in row}
+
+
+def test_loss_falls_and_accuracy_rises(fashion_mnist_data_dir, tmp_path):
+  config = config_for(fashion_mnist_data_dir, steps=80, log_every=10, eval_every=0,
+                      checkpoint_every=0)
+  final = train.train_and_evaluate(config, str(tmp_path))
+  losses = train_losses(str(tmp_path))
+  assert losses[80] < losses[10] - 0.25, losses
+  assert final["loss"] < math.log(10) - 0.25 and final["accuracy"] > 0.3, final  # chance: 0.1
+  assert final["examples"] == 1000
+  info = json.load(open(tmp_path / "run_info.json"))
+  assert info["flops"]["train_flops_per_image"] > 0 and info["flops"]["tokens"] == 16
+  assert info["parameters"]["embedding"] > 0  # the patch embedding
+
+
+def test_resume_is_exact(fashion_mnist_data_dir, tmp_path):
+  full_dir, split_dir = str(tmp_path / "full"), str(tmp_path / "split")
+  full = train.train_and_evaluate(config_for(fashion_mnist_data_dir), full_dir)
+  stopped = train.train_and_evaluate(config_for(fashion_mnist_data_dir, stop_at_step=10),
+                                     split_dir)
+  assert stopped == {"step": 10}
+  resumed = train.train_and_evaluate(config_for(fashion_mnist_data_dir), split_dir)
+  assert train_losses(full_dir) == train_losses(split_dir)  # bitwise, every logged step
+  assert resumed == full | {"eval_seconds": resumed["eval_seconds"],
+                            "train_throughput": resumed["train_throughput"]}
+
+
+def test_eval_restores_and_reports_test_accuracy(fashion_mnist_data_dir, tmp_path):
+  final = train.train_and_evaluate(config_for(fashion_mnist_data_dir, steps=10), str(tmp_path))
+  results = eval_lib.evaluate_run(str(tmp_path))
+  assert results["step"] == 10 and results["split"] == "test[:1000]"
+  # The test slice is also this config's validation split: the same numbers.
+  np.testing.assert_allclose(results["test"]["loss"], final["loss"], rtol=1e-6)
+  assert results["test"]["accuracy"] == final["accuracy"]
+  saved = json.load(open(tmp_path / "eval_results.json"))
+  assert saved["test"]["examples"] == 1000 and saved["task"] == "classification"
