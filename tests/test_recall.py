@@ -1,5 +1,6 @@
 """MQAR generator and the retrieval evaluators."""
 
+import json
 import re
 
 import numpy as np
@@ -76,13 +77,31 @@ def test_passkey_oracle_scores_100_and_random_scores_chance(tmp_path):
   tok = ByteTokenizer()
   kwargs = dict(filler=filler_tokens(), encode=tok.encode, decode=tok.decode,
                 lengths=[200, 400], depths=[0.0, 0.5, 1.0], trials=20)
-  perfect = passkey.evaluate(oracle_predict, **kwargs)
-  assert perfect["mean_exact"] == 1.0
-  chance = passkey.evaluate(random_predict, **kwargs)
-  assert chance["mean_exact"] < 0.05
-  assert 0.03 < chance["mean_digits"] < 0.2  # one digit in ten
+  perfect = passkey.evaluate(passkey.argmax_of(oracle_predict), **kwargs)
+  assert perfect["accuracy"] == 1.0 and perfect["digit_accuracy"] == 1.0
+  assert [(c["length"], c["depth"]) for c in perfect["grid"]] == [
+      (n, d) for n in (200, 400) for d in (0.0, 0.5, 1.0)]
+  chance = passkey.evaluate(passkey.argmax_of(random_predict), **kwargs)
+  assert chance["accuracy"] < 0.05
+  assert 0.03 < chance["digit_accuracy"] < 0.2  # one digit in ten
   json_path, png_path = passkey.write(perfect, str(tmp_path))
   assert open(png_path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  assert json.load(open(json_path)) == perfect
+
+
+def test_passkey_context_length_counts_the_answer():
+  """At length == seq_len the model never reads past its training length."""
+  tok = ByteTokenizer()
+  widths = set()
+
+  def next_token(tokens, index):
+    widths.add(tokens.shape[1])
+    return np.full(len(tokens), ord("0"))
+
+  passkey.evaluate(next_token, filler_tokens(), tok.encode, tok.decode, [300], [0.5], trials=2)
+  assert widths == {300}
+  assert passkey.default_lengths(1024, tok.encode) == [256, 512, 1024]
+  assert passkey.default_lengths(32, tok.encode) == [passkey.min_length(tok.encode)]
 
 
 def test_passkey_needle_sits_at_the_requested_depth():

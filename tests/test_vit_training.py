@@ -5,6 +5,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 import eval as eval_lib
 import train
@@ -54,10 +55,16 @@ def test_resume_is_exact(fashion_mnist_data_dir, tmp_path):
 
 def test_eval_restores_and_reports_test_accuracy(fashion_mnist_data_dir, tmp_path):
   final = train.train_and_evaluate(config_for(fashion_mnist_data_dir, steps=10), str(tmp_path))
-  results = eval_lib.evaluate_run(str(tmp_path))
-  assert results["step"] == 10 and results["split"] == "test[:1000]"
+  record = eval_lib.evaluate_run(str(tmp_path))
+  test = record["results"]["classification"]
+  assert record["step"] == 10 and test["split"] == "test[:1000]"
   # The test slice is also this config's validation split: the same numbers.
-  np.testing.assert_allclose(results["test"]["loss"], final["loss"], rtol=1e-6)
-  assert results["test"]["accuracy"] == final["accuracy"]
+  np.testing.assert_allclose(test["loss"], final["loss"], rtol=1e-6)
+  assert test["accuracy"] == final["accuracy"]
   saved = json.load(open(tmp_path / "eval_results.json"))
-  assert saved["test"]["examples"] == 1000 and saved["task"] == "classification"
+  assert saved["results"]["classification"]["examples"] == 1000
+  assert saved["task"] == "classification" and saved["suite"] == "default"
+  # No recall probe fits an image classifier: a clear error, and the saved results stay.
+  with pytest.raises(ValueError, match="No recall evaluator fits a classification run"):
+    eval_lib.evaluate_run(str(tmp_path), suite="recall")
+  assert json.load(open(tmp_path / "eval_results.json")) == saved
