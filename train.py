@@ -190,9 +190,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
           f"The training loss became {logged['train/loss']} in steps ({window[0]}, {window[1]}]. "
           f"No checkpoint was written after it; the last good one is step {ckpt.latest_step()} in "
           f"{ckpt.directory}. Lower optim.learning_rate or raise optim.warmup_steps, then resume.")
+    progress.update(step, logged["train/loss"])  # first: the rate then includes this window
     logged["train/throughput"] = progress.rate
     writer.write(step, logged)
-    progress.update(step, logged["train/loss"])
 
   with sharding.use(mesh, rules):
     while step < min(total_steps, stop_at):

@@ -18,6 +18,7 @@ samples consumed (saved in checkpoints); test sets are generated from a differen
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -113,13 +114,18 @@ def mqar(num_examples: int, slc: Slice, vocab_size: int, rng: np.random.Generato
   return inputs, targets, weights
 
 
+@functools.lru_cache(maxsize=8)
 def generate(seed: int, split: str, slc: Slice, num_examples: int, vocab_size: int,
              power_a: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """The dataset of one (split, slice), a pure function of its arguments."""
+  """The dataset of one (split, slice), a pure function of its arguments. Cached (read-only
+  arrays), so that a process that trains and evaluates several models generates it once."""
   if split not in SPLIT_STREAMS:
     raise ValueError(f"split must be one of {list(SPLIT_STREAMS)}, got {split!r}.")
   rng = np.random.default_rng([seed, SPLIT_STREAMS[split], slc.seq_len, slc.num_kv_pairs])
-  return mqar(num_examples, slc, vocab_size, rng, power_a)
+  arrays = mqar(num_examples, slc, vocab_size, rng, power_a)
+  for array in arrays:
+    array.flags.writeable = False
+  return arrays
 
 
 class MQARData:
@@ -136,12 +142,20 @@ class MQARData:
     self.test_slices = parse_slices(cfg.test_slices)
     self.seq_len = max(s.seq_len for s in self.train_slices)
     self.process_index, self.process_count = process_index, process_count
-    parts = [generate(cfg.seed, "train", s, cfg.train_examples, cfg.vocab_size, cfg.power_a)
-             for s in self.train_slices]
-    self.train = tuple(np.concatenate([_pad(a, self.seq_len) for a in arrays])
-                       for arrays in zip(*parts))
     self.seed = seed
     self._epoch: tuple[int, np.ndarray] | None = None
+    self._train: tuple[np.ndarray, ...] | None = None
+
+  @property
+  def train(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs, targets and weights of every training slice, padded to the longest; generated
+    on first use (evaluation never needs them)."""
+    if self._train is None:
+      parts = [generate(self.cfg.seed, "train", s, self.cfg.train_examples, self.cfg.vocab_size,
+                        self.cfg.power_a) for s in self.train_slices]
+      self._train = tuple(np.concatenate([_pad(a, self.seq_len) for a in arrays])
+                          for arrays in zip(*parts))
+    return self._train
 
   @property
   def units_per_example(self) -> int:
