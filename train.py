@@ -45,7 +45,7 @@ CONFIG_FILE = "config.json"
 FINAL_METRICS_FILE = "final_metrics.json"
 # Config keys that define the run; a workdir holding a run with different values is refused.
 IDENTITY_KEYS = ("task", "seed", "model", "data.name", "data.seq_len", "data.tokenizer",
-                 "data.seed", "data.vocab_size", "data.train_slices")
+                 "data.seed", "data.vocab_size", "data.train_slices", "data.random_non_queries")
 
 
 class NonFiniteLossError(FloatingPointError):

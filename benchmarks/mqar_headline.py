@@ -8,16 +8,20 @@ MQAR at (seq 256, 16 kv pairs) through ``train.train_and_evaluate`` -- the code 
 runs -- and is scored by ``eval.evaluate_run(suite="recall")``: accuracy per (length, kv pairs)
 slice on 3,000 fresh test examples each, at the training slice and at longer ones.
 
-Recipe, as far as it fits one ~8-minute command (Zoology, ICLR'24 Figure 2: vocabulary 8192,
-100k training examples, 3k test examples per slice, batch 256 at seq 256, AdamW, weight decay
-0.1, a learning-rate sweep over logspace(1e-4, 1e-2, 4) and tens of epochs):
+Recipe, as far as it fits one ~8-minute command (Zoology, ICLR'24 Figure 2,
+``zoology/experiments/paper_configs/iclr24_zoology_figure2/configs.py``: one run per sequence
+length, vocabulary 8192, 100k training and 3k test examples, batch 256 at seq 256, no random
+tokens between queries, 2 layers of attention with one head and no MLP, learned absolute
+positions, dropout 0.1, a learning-rate sweep over logspace(1e-4, 1e-2, 4), 64 epochs):
 
 * kept: the data (vocabulary, 100k training examples of the (256, 16) slice, power-law query
-  distances, loss on answers only), the model shape (2 layers, d 128), batch 256, AdamW with
-  weight decay 0.1;
-* cut to fit: ``--steps`` (default 2500, ~6.4 epochs instead of tens), one learning rate
-  (``--learning_rate``, default 2e-3, with 150 warm-up steps and cosine decay) instead of the
-  sweep, no early stop.
+  distances, ``random_non_queries=False``, loss on answers only), 2 layers at d 128, batch 256,
+  AdamW;
+* ours, not Zoology's: the arch_zoo LM block (2 heads, RoPE, a GELU MLP, no dropout, weight
+  decay 0.1 on matrices);
+* cut to fit: ``--steps`` (default 8000, ~20 epochs instead of 64), one learning rate
+  (``--learning_rate``, default 2e-3, near the sweep's 2.15e-3; 300 warm-up steps, cosine decay
+  to 10%) instead of the sweep, no early stop.
 
 Every family gets the same step budget. A global wall-clock budget (``--budget_s``) guards the
 command: after ``--calibrate_steps`` steps each family's step time is measured and, if the rest
@@ -57,6 +61,7 @@ def make_config(args, family: str):
   config = recall.get_config(f"attn={family},size={args.size},task=mqar")
   config.data.update(train_slices=args.train_slices, test_slices=args.test_slices,
                      train_examples=args.train_examples, test_examples=args.test_examples)
+  config.data.random_non_queries = bool(args.random_non_queries)
   config.optim.update(learning_rate=args.learning_rate, warmup_steps=args.warmup_steps)
   config.train.update(steps=args.steps, batch_size=args.batch_size, progress=False,
                       log_every=50, eval_every=args.eval_every, eval_batches=4,
@@ -133,14 +138,16 @@ def main() -> None:
   parser.add_argument("--train_examples", type=int, default=100_000)
   parser.add_argument("--test_examples", type=int, default=3_000)
   parser.add_argument("--batch_size", type=int, default=256)
-  parser.add_argument("--steps", type=int, default=2500)
+  parser.add_argument("--steps", type=int, default=8000)
   parser.add_argument("--learning_rate", type=float, default=2e-3)
-  parser.add_argument("--warmup_steps", type=int, default=150)
+  parser.add_argument("--warmup_steps", type=int, default=300)
   parser.add_argument("--eval_every", type=int, default=500)
   parser.add_argument("--calibrate_steps", type=int, default=100)
-  parser.add_argument("--budget_s", type=float, default=420.0,
+  parser.add_argument("--budget_s", type=float, default=450.0,
                       help="Wall-clock budget for all families, training and evaluation.")
   parser.add_argument("--eval_reserve_s", type=float, default=10.0)
+  parser.add_argument("--random_non_queries", type=int, default=0,
+                      help="1: random tokens between queries (Zoology's default); 0: Figure 2.")
   parser.add_argument("--workdir", default="", help="Keep the runs here (default: a temp dir).")
   args = parser.parse_args()
   if args.smoke:

@@ -5,7 +5,8 @@ order drawn from a power law over distances (close queries are likelier, as repe
 in text). The vocabulary is split: keys come from ``[1, V/2)`` and values from ``[V/2, V)``, and
 keys are distinct within a sequence. The loss and the accuracy count only the answers: at the
 position of a queried key the target is its value. Every other position of the query region holds
-a random token (Zoology's ``random_non_queries``), so the model cannot find queries by position.
+a random token (Zoology's ``random_non_queries``, its default), so the model cannot find queries by
+position; ``data.random_non_queries=False`` leaves them 0, as Zoology's Figure 2 runs do.
 
     inputs : k1 v1 k2 v2 k3 v3 | r  r  k2 r  r  k1 r  r  r  k3 r ...
     targets:  .  .  .  .  .  . | .  .  v2 .  .  v1 .  .  .  v3 . ...   (weights 1 on v's only)
@@ -116,13 +117,14 @@ def mqar(num_examples: int, slc: Slice, vocab_size: int, rng: np.random.Generato
 
 @functools.lru_cache(maxsize=8)
 def generate(seed: int, split: str, slc: Slice, num_examples: int, vocab_size: int,
-             power_a: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             power_a: float = 0.01, random_non_queries: bool = True
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The dataset of one (split, slice), a pure function of its arguments. Cached (read-only
   arrays), so that a process that trains and evaluates several models generates it once."""
   if split not in SPLIT_STREAMS:
     raise ValueError(f"split must be one of {list(SPLIT_STREAMS)}, got {split!r}.")
   rng = np.random.default_rng([seed, SPLIT_STREAMS[split], slc.seq_len, slc.num_kv_pairs])
-  arrays = mqar(num_examples, slc, vocab_size, rng, power_a)
+  arrays = mqar(num_examples, slc, vocab_size, rng, power_a, random_non_queries)
   for array in arrays:
     array.flags.writeable = False
   return arrays
@@ -143,6 +145,9 @@ class MQARData:
     self.seq_len = max(s.seq_len for s in self.train_slices)
     self.process_index, self.process_count = process_index, process_count
     self.seed = seed
+    # Zoology's default fills the query region's other positions with random tokens; its
+    # Figure 2 runs leave them 0 (random_non_queries=False). Older configs lack the key.
+    self.random_non_queries = bool(cfg.get("random_non_queries", True))
     self._epoch: tuple[int, np.ndarray] | None = None
     self._train: tuple[np.ndarray, ...] | None = None
 
@@ -152,7 +157,7 @@ class MQARData:
     on first use (evaluation never needs them)."""
     if self._train is None:
       parts = [generate(self.cfg.seed, "train", s, self.cfg.train_examples, self.cfg.vocab_size,
-                        self.cfg.power_a) for s in self.train_slices]
+                        self.cfg.power_a, self.random_non_queries) for s in self.train_slices]
       self._train = tuple(np.concatenate([_pad(a, self.seq_len) for a in arrays])
                           for arrays in zip(*parts))
     return self._train
@@ -183,7 +188,7 @@ class MQARData:
 
   def test_set(self, slc: Slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return generate(self.cfg.seed, "test", slc, self.cfg.test_examples, self.cfg.vocab_size,
-                    self.cfg.power_a)
+                    self.cfg.power_a, self.random_non_queries)
 
   def test_batches(self, slc: Slice, global_batch: int) -> Iterator[dict[str, np.ndarray]]:
     """Every test example of the slice once; the last batch is padded with zero weights."""
