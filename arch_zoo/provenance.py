@@ -123,6 +123,10 @@ def flops_per_token(config: ConfigDict) -> dict[str, Any]:
     return lm_flops_per_token(config.model, config.data.seq_len)
   if config.task == "classification":
     return vit_flops_per_image(config.model)
+  if config.task == "mqar":  # the LM backbone at the longest training slice (shorter ones padded)
+    from arch_zoo.data.synthetic import parse_slices
+    return lm_flops_per_token(config.model, max(s.seq_len for s in
+                                                parse_slices(config.data.train_slices)))
   return {}
 
 
