@@ -1,0 +1,102 @@
+r"""The default offline comparison for the 2-core CPU machine: all six attention families on the
+small LM (Jane Austen, bytes), on MQAR and on the small ViT (Fashion-MNIST), 2 seeds each
+(36 runs), plus the paper claims it can check at this scale.
+
+    python compare.py --sweep configs/sweeps/quick.py --workdir runs/quick --out docs/results
+
+Budget: under 60 minutes on 2 quiet cores, i.e. about 90 s per run including start-up, compilation,
+training, the final validation and eval.py. The step counts below come from CPU timings of one
+member per task (docs/comparisons.md has the measurements); they are enough for every family to
+leave chance level, not to converge: read the table as "which attention learns faster here",
+not as final quality.
+
+Shared choices, identical for every family of a group:
+
+* 3 layers instead of the configs' 4 (LM and ViT; MQAR has 2): faster, and MASA's default of
+  S = L/3 atoms is then exactly one third of the layers, the setting of its claim.
+* The sparse families get windows smaller than the sequence, so that they are sparse at all at
+  these lengths (their defaults, 2048 and 256, exceed every sequence here and would make them dense
+  softmax attention): dynamic_mask keeps ``keep_window_size`` = T/4 keys per query and routing's
+  local heads see blocks of ``local_window`` = T/4 (its routing heads use C = 4 clusters, so
+  windows of T/4 too). For the ViT (16 patches) both are 8 (T/2).
+* MoH uses its default split: half the heads shared, enough routed heads for 75% of all heads to be
+  active per token (4 heads: 2 shared + 1 of 2 routed).
+* No matching (``match="none"``): MASA's claim is about using fewer attention parameters, so
+  matching would hide it; every table shows params, attention params, FLOPs per token and state
+  size instead. ``configs/sweeps/lm_iso_params.py`` is the same LM comparison at matched parameters.
+"""
+
+LM_STEPS = 400
+MQAR_STEPS = 400
+VIT_STEPS = 300
+FAMILIES = ["mha", "moh", "lightning", "routing", "dynamic_mask", "masa"]
+SEEDS = [0, 1]
+
+
+def quiet(steps: int, log_every: int) -> dict:
+  """Training settings of a short run: loss every ``log_every`` steps (the curves), one checkpoint
+  half-way (a killed sweep resumes from it) and one at the end, no periodic validation."""
+  return {"train.steps": steps, "train.log_every": log_every, "train.eval_every": 0,
+          "train.checkpoint_every": steps // 2, "train.keep_checkpoints": 1}
+
+
+def get_sweep():
+  return [
+      dict(name="lm", config="configs/lm.py", arg="size=S", variants=FAMILIES, seeds=SEEDS,
+           overrides={"model.num_layers": 3, **quiet(LM_STEPS, 20)},
+           attention_overrides={"dynamic_mask": {"model.attention.keep_window_size": 32},
+                                "routing": {"model.attention.local_window": 32}},
+           # eval.py's default suite on an LM is the perplexity train.py already measured over
+           # the whole validation split at the last step: skip the duplicate.
+           suite=None),
+      dict(name="mqar", config="configs/recall.py", arg="size=S,task=mqar", variants=FAMILIES,
+           seeds=SEEDS, overrides={**quiet(MQAR_STEPS, 20)},
+           attention_overrides={"dynamic_mask": {"model.attention.keep_window_size": 16},
+                                "routing": {"model.attention.local_window": 16}},
+           suite="default"),
+      dict(name="vit", config="configs/vit.py", arg="size=S", variants=FAMILIES, seeds=SEEDS,
+           overrides={"model.num_layers": 3, **quiet(VIT_STEPS, 20)},
+           attention_overrides={"dynamic_mask": {"model.attention.keep_window_size": 8},
+                                "routing": {"model.attention.local_window": 8}},
+           suite=None),
+  ]
+
+
+def get_claims():
+  return [
+      dict(title="MoH: 75% of the heads vs MHA",
+           paper="MoH keeps or improves MHA's quality while activating only 50-90% of the heads "
+                 "per token (MoH-LLaMA3-8B: 75%).",
+           group="lm", variant="moh", baseline="mha", metrics=["bits_per_byte", "perplexity"]),
+      dict(title="MoH on images",
+           paper="MoH-ViT matches or beats ViT on ImageNet-1k with 75-90% of the heads.",
+           group="vit", variant="moh", baseline="mha", metrics=["top1"]),
+      dict(title="MASA: S = L/3 atoms vs MHA",
+           paper="Sharing the attention projections of all layers through S = L/3 matrix atoms "
+                 "keeps MHA's quality at about 1/3 of the attention parameters.",
+           group="lm", variant="masa", baseline="mha", metrics=["bits_per_byte", "perplexity"]),
+      dict(title="MASA on images", paper="As above, for ViTs.",
+           group="vit", variant="masa", baseline="mha", metrics=["top1"]),
+      dict(title="Lightning vs MHA: perplexity",
+           paper="TransNormerLLM / Lightning Attention matches or beats softmax attention in "
+                 "perplexity at linear cost and a fixed-size state.",
+           group="lm", variant="lightning", baseline="mha",
+           metrics=["bits_per_byte", "perplexity"]),
+      dict(title="Lightning vs MHA: recall (MQAR)",
+           paper="(Zoology's finding for linear attention in general: a fixed-size state recalls "
+                 "worse than attention at equal width.)",
+           group="mqar", variant="lightning", baseline="mha", metrics=["mqar_accuracy"]),
+      dict(title="Dynamic Mask Attention vs MHA",
+           paper="DMA has lower perplexity than MHA at every size and better MQAR recall.",
+           group="lm", variant="dynamic_mask", baseline="mha", metrics=["bits_per_byte"]),
+      dict(title="Dynamic Mask Attention vs MHA: recall",
+           paper="DMA reports MQAR wins over MHA.",
+           group="mqar", variant="dynamic_mask", baseline="mha", metrics=["mqar_accuracy"]),
+      dict(title="Routing Transformer vs MHA",
+           paper="Content-based sparse routing reaches lower perplexity than dense/local "
+                 "attention (Wikitext-103: 15.8 vs 18.3).",
+           group="lm", variant="routing", baseline="mha", metrics=["bits_per_byte"]),
+      dict(title="Routing Transformer vs MHA: recall",
+           paper="(Not claimed by the paper; measured for completeness.)",
+           group="mqar", variant="routing", baseline="mha", metrics=["mqar_accuracy"]),
+  ]
