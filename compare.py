@@ -794,11 +794,25 @@ def plot(results: dict[str, list[VariantResult]], out_dir: str) -> None:
 
 # ---------------------------------------------------------------------------- main
 
+def select_groups(groups: list[dict], claims: list[Claim], names: str | None):
+  """Only the groups named in ``names`` (comma separated), and the claims about them."""
+  if not names:
+    return groups, claims
+  wanted = [n.strip() for n in names.split(",") if n.strip()]
+  unknown = set(wanted) - {g["name"] for g in groups}
+  if unknown:
+    raise ValueError(f"--groups names {sorted(unknown)}; the sweep has "
+                     f"{[g['name'] for g in groups]}.")
+  return ([g for g in groups if g["name"] in wanted],
+          [c for c in claims if c.group in wanted])
+
+
 def run_sweep(sweep_path: str, root: str, in_process: bool = True, out_dir: str | None = None,
-              report_only: bool = False) -> tuple[str, list[str]]:
+              report_only: bool = False, group_names: str | None = None
+              ) -> tuple[str, list[str]]:
   """Runs the sweep's unfinished members, then writes the report; returns the path of
   comparison.md and the workdirs that failed."""
-  groups, claims = load_sweep(sweep_path)
+  groups, claims = select_groups(*load_sweep(sweep_path), group_names)
   failed = [] if report_only else run_sweep_members(groups, root, in_process)
   return report(root, groups, claims, out_dir or root, sweep_path), failed
 
@@ -814,11 +828,13 @@ def main(argv=None) -> int:
                            "instead of in this process")
   parser.add_argument("--report_only", action="store_true",
                       help="run nothing; rebuild the table and plots from the finished members")
+  parser.add_argument("--groups", default=None,
+                      help="comma-separated group names: run and report only these")
   args = parser.parse_args(argv)
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # as train.py: orbax logs every file it renames at INFO
   path, failed = run_sweep(args.sweep, args.workdir, not args.subprocess, args.out,
-                           args.report_only)
+                           args.report_only, args.groups)
   print(f"wrote {path} (+ comparison.csv, loss_curves.png, metric_vs_params.png)")
   if failed:
     print(f"{len(failed)} member(s) failed: {', '.join(failed)}. Run the same command again to "

@@ -65,36 +65,41 @@ def get_sweep():
 def get_claims():
   return [
       dict(title="MoH: 75% of the heads vs MHA",
-           paper="MoH keeps or improves MHA's quality while activating only 50-90% of the heads "
-                 "per token (MoH-LLaMA3-8B: 75%).",
+           paper="MoH with 75% of the heads active per token matches or beats MHA (LLMs from "
+                 "scratch, 6-task average: LLM-S 44.6 vs 43.9, LLM-B 47.8 vs 47.4).",
            group="lm", variant="moh", baseline="mha", metrics=["bits_per_byte", "perplexity"]),
       dict(title="MoH on images",
-           paper="MoH-ViT matches or beats ViT on ImageNet-1k with 75-90% of the heads.",
+           paper="MoH-ViT at 75% of the heads matches its baseline on ImageNet-1k (MoH-ViT-B "
+                 "84.9 vs 84.8 top-1; MoH-ViT-S 84.6 vs 84.7).",
            group="vit", variant="moh", baseline="mha", metrics=["top1"]),
       dict(title="MASA: S = L/3 atoms vs MHA",
-           paper="Sharing the attention projections of all layers through S = L/3 matrix atoms "
-                 "keeps MHA's quality at about 1/3 of the attention parameters.",
+           paper="Building every layer's Q/K/V/O from S = L/3 shared matrix atoms (1/3 of the "
+                 "attention parameters) keeps or improves quality (110M: WikiText PPL 72.82 vs "
+                 "76.11 for the vanilla Transformer).",
            group="lm", variant="masa", baseline="mha", metrics=["bits_per_byte", "perplexity"]),
-      dict(title="MASA on images", paper="As above, for ViTs.",
+      dict(title="MASA on images", paper="MASA-ViT (CIFAR-100, S = 4, QKVO) beats its vanilla "
+           "baseline with fewer parameters (41.75 vs 39.40 at 12 layers, width 64).",
            group="vit", variant="masa", baseline="mha", metrics=["top1"]),
       dict(title="Lightning vs MHA: perplexity",
-           paper="TransNormerLLM / Lightning Attention matches or beats softmax attention in "
-                 "perplexity at linear cost and a fixed-size state.",
+           paper="TransNormerLLM (lightning attention) reaches lower perplexity than a softmax "
+                 "Transformer (Wikitext-103, ~45M: test PPL 24.03 vs 24.78) with a fixed-size "
+                 "state.",
            group="lm", variant="lightning", baseline="mha",
            metrics=["bits_per_byte", "perplexity"]),
       dict(title="Lightning vs MHA: recall (MQAR)",
-           paper="(Zoology's finding for linear attention in general: a fixed-size state recalls "
+           paper="(No recall claim by the paper; Zoology finds that fixed-state models recall "
                  "worse than attention at equal width.)",
            group="mqar", variant="lightning", baseline="mha", metrics=["mqar_accuracy"]),
       dict(title="Dynamic Mask Attention vs MHA",
-           paper="DMA has lower perplexity than MHA at every size and better MQAR recall.",
+           paper="DMA has lower perplexity than MHA at every size from 80M to 1.7B (SmolLM "
+                 "corpus, scaling figure).",
            group="lm", variant="dynamic_mask", baseline="mha", metrics=["bits_per_byte"]),
       dict(title="Dynamic Mask Attention vs MHA: recall",
-           paper="DMA reports MQAR wins over MHA.",
+           paper="The DMA paper reports better MQAR recall than MHA.",
            group="mqar", variant="dynamic_mask", baseline="mha", metrics=["mqar_accuracy"]),
       dict(title="Routing Transformer vs MHA",
-           paper="Content-based sparse routing reaches lower perplexity than dense/local "
-                 "attention (Wikitext-103: 15.8 vs 18.3).",
+           paper="The Routing Transformer reaches lower perplexity than the paper's baseline "
+                 "(Wikitext-103: 15.8 vs 18.3 PPL) at O(n^1.5 d) attention cost.",
            group="lm", variant="routing", baseline="mha", metrics=["bits_per_byte"]),
       dict(title="Routing Transformer vs MHA: recall",
            paper="(Not claimed by the paper; measured for completeness.)",
