@@ -38,6 +38,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -98,8 +99,10 @@ TASK_METRICS = {
                (("eval", "perplexity", "perplexity"), ("final", "perplexity"))),
     ],
     "mqar": [
-        Metric("mqar_accuracy", "MQAR accuracy", (("eval", "mqar", "accuracy"),),
-               lower_is_better=False),
+        # eval.py's mean over the training slices (Zoology's number), else train.py's final
+        # validation on the training slices' test sets, pooled.
+        Metric("mqar_accuracy", "MQAR accuracy", (("eval", "mqar", "accuracy"),
+                                                  ("final", "accuracy")), lower_is_better=False),
     ],
     "classification": [
         Metric("val_loss", "test loss", (("eval", "classification", "loss"), ("final", "loss"))),
@@ -115,9 +118,11 @@ def task_metrics(task: str, evaluated: list[dict]) -> list[Metric]:
   """The task's columns, then MQAR's per-slice accuracies and passkey's overall accuracy when the
   evaluation has them, then training throughput."""
   out = list(TASK_METRICS.get(task, []))
-  slice_keys = sorted({k for e in evaluated for k, v in e.get("mqar", {}).items()
-                       if k != "accuracy" and isinstance(v, (int, float))},
-                      key=slice_order)
+  mqar_keys = {k for e in evaluated for k in e.get("mqar", {})}
+  if "accuracy_longer" in mqar_keys:  # the test slices longer than any training slice
+    out.append(Metric("mqar_accuracy_longer", "MQAR accuracy, longer",
+                      (("eval", "mqar", "accuracy_longer"),), lower_is_better=False))
+  slice_keys = sorted((k for k in mqar_keys if re.fullmatch(r"T\d+_kv\d+", k)), key=slice_order)
   out += [Metric(f"mqar_{k}", f"MQAR {k}", (("eval", "mqar", k),), lower_is_better=False)
           for k in slice_keys]
   if any("accuracy" in e.get("passkey", {}) for e in evaluated):
@@ -130,7 +135,6 @@ def task_metrics(task: str, evaluated: list[dict]) -> list[Metric]:
 
 def slice_order(name: str) -> tuple:
   """``T64_kv4`` before ``T128_kv8``: digits compare as numbers."""
-  import re
   return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
@@ -443,12 +447,18 @@ def normalize_eval_results(results: dict) -> dict[str, dict]:
 
   TODO(merge of branch `recall`): drop the old layout ({"validation": ...} / {"test": ...})."""
   if "results" in results:
-    return results["results"]
-  if "validation" in results:
-    return {"perplexity": results["validation"]}
-  if "test" in results:
-    return {"classification": results["test"]}
-  return {}
+    evaluated = {name: dict(metrics) for name, metrics in results["results"].items()}
+  elif "validation" in results:
+    evaluated = {"perplexity": results["validation"]}
+  elif "test" in results:
+    evaluated = {"classification": results["test"]}
+  else:
+    evaluated = {}
+  # MQAR lists its slices; each becomes a column T{seq_len}_kv{pairs}.
+  mqar = evaluated.get("mqar", {})
+  for item in mqar.pop("slices", []) if isinstance(mqar.get("slices"), list) else []:
+    mqar[f"T{item['seq_len']}_kv{item['num_kv_pairs']}"] = item["accuracy"]
+  return evaluated
 
 
 def collect(root: str, member: dict) -> dict[str, Any] | None:
@@ -549,6 +559,8 @@ class Claim:
 def fmt(value: float | None, digits: int = 4) -> str:
   if value is None or not math.isfinite(value):
     return "—"
+  if abs(value) >= 10 ** digits:  # throughputs: 16,510 rather than 1.651e+04
+    return f"{value:,.0f}"
   return f"{value:.{digits}g}"
 
 
@@ -684,7 +696,8 @@ def report(root: str, groups: list[dict], claims: list[Claim], out_dir: str,
       cells = [result.variant if result.variant == result.attention
                else f"{result.variant} ({result.attention})", seeds,
                f"{first['params']:,}", delta, f"{first['attention_params']:,}",
-               str(first["d_ff"]), fmt(first["flops_per_token"], 3),
+               str(first["d_ff"]),
+               f"{first['flops_per_token']:.3g}" if first["flops_per_token"] else "—",
                state_text(first["state_per_token"], first["state_fixed"]),
                *[fmt_mean_std(mean, std) for mean, std in stats],
                "<br>".join(f"`{r['workdir']}`" for r in result.runs)]
@@ -762,7 +775,6 @@ def plot(results: dict[str, list[VariantResult]], out_dir: str) -> None:
     ax.set_title(f"{name}: training loss (dashed: other seeds)", fontsize=9)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
-    ax.set_yscale("log")
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, "loss_curves.png"), dpi=110)

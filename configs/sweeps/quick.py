@@ -26,9 +26,9 @@ Shared choices, identical for every family of a group:
   size instead. ``configs/sweeps/lm_iso_params.py`` is the same LM comparison at matched parameters.
 """
 
-LM_STEPS = 400
-MQAR_STEPS = 400
-VIT_STEPS = 300
+LM_STEPS = 300
+MQAR_STEPS = 600
+VIT_STEPS = 200
 FAMILIES = ["mha", "moh", "lightning", "routing", "dynamic_mask", "masa"]
 SEEDS = [0, 1]
 
