@@ -221,6 +221,16 @@ def test_segment_plan_covers_the_sequence_with_little_padding():
     assert t <= segment_len * count < t + 64 * count
 
 
+def test_auto_segment_plan_splits_only_until_the_grid_is_full():
+  cfg = linear_pallas.KernelConfig(chunk_size=64, segment_len=0, min_programs=256)
+  assert linear_pallas._segment_plan(2048, cfg, parallel_programs=1024) == (2048, 1)
+  assert linear_pallas._segment_plan(32768, cfg, parallel_programs=64) == (8192, 4)
+  for t, programs in ((100, 1), (1000, 3), (32768, 7), (4097, 200)):
+    segment_len, count = linear_pallas._segment_plan(t, cfg, programs)
+    assert segment_len % 64 == 0 and t <= segment_len * count < t + 64 * count
+    assert count * programs >= 256 or segment_len == 64
+
+
 def test_pallas_impl_refuses_cpu_with_reason():
   q, k, v = qkv()
   with pytest.raises(ValueError, match="impl='pallas' cannot run here"):
