@@ -4,6 +4,7 @@ write one table, a claims section and the plots.
     python compare.py --sweep configs/sweeps/quick.py --workdir runs/cmp
     python compare.py --sweep configs/sweeps/quick.py --workdir runs/cmp --out docs/results
     python compare.py --sweep configs/sweeps/quick.py --workdir runs/cmp --report_only
+    python compare.py --sweep configs/sweeps/quick.py --workdir runs/cmp --groups lm,vit
 
 A sweep file (``configs/sweeps/*.py``) defines ``get_sweep()``: a list of groups. Inside a group
 every member is the same config (size, data, data order, steps, optimizer, evaluation) except for
@@ -572,7 +573,9 @@ def fmt(value: float | None, digits: int = 4) -> str:
 def fmt_mean_std(mean: float | None, std: float | None) -> str:
   if mean is None:
     return "—"
-  return fmt(mean) if std is None else f"{fmt(mean)} ± {std:.2g}"
+  if std is None:
+    return fmt(mean)
+  return f"{fmt(mean)} ± {f'{std:,.0f}' if abs(std) >= 100 else f'{std:.2g}'}"
 
 
 def claim_lines(claims: list[Claim], results: dict[str, list[VariantResult]]) -> list[str]:
