@@ -393,6 +393,10 @@ def evaluate_in_process(workdir: str, member: dict) -> None:
   eval_lib.evaluate_run(workdir, **kwargs)
 
 
+class Preempted(RuntimeError):
+  """train.py stopped early on SIGTERM: the whole sweep stops, to be resumed later."""
+
+
 def run_member(member: dict, workdir: str, in_process: bool) -> None:
   """Trains (or resumes) a member, then evaluates it; adds the seconds to its record."""
   record = prepare_workdir(member, workdir)
@@ -409,8 +413,8 @@ def run_member(member: dict, workdir: str, in_process: bool) -> None:
     record["train_seconds"] += time.perf_counter() - start
     write_json(path, record)
     if not training_finished(workdir):
-      raise RuntimeError(f"{workdir}: training stopped before its last step (preempted?); run "
-                         "the sweep again to resume it.")
+      raise Preempted(f"{workdir}: training stopped before its last step (SIGTERM: it "
+                      "checkpointed); run the sweep again to resume it.")
   if not evaluation_finished(workdir, member):
     start = time.perf_counter()
     if in_process:
@@ -437,6 +441,8 @@ def run_sweep_members(groups: list[dict], root: str, in_process: bool) -> list[s
     start = time.perf_counter()
     try:
       run_member(member, workdir, in_process)
+    except Preempted:
+      raise
     except Exception:  # noqa: BLE001  one failed member must not stop the sweep
       traceback.print_exc()
       failed.append(workdir)
@@ -856,8 +862,12 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # as train.py: orbax logs every file it renames at INFO
-  path, failed = run_sweep(args.sweep, args.workdir, not args.subprocess, args.out,
-                           args.report_only, args.groups)
+  try:
+    path, failed = run_sweep(args.sweep, args.workdir, not args.subprocess, args.out,
+                             args.report_only, args.groups)
+  except Preempted as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    return 1
   print(f"wrote {path} (+ comparison.csv, loss_curves.png, metric_vs_params.png)")
   if failed:
     print(f"{len(failed)} member(s) failed: {', '.join(failed)}. Run the same command again to "
