@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from arch_zoo import checkpoint, data as data_lib, metrics as metrics_lib, optim, provenance
+from arch_zoo import checkpoint, data as data_lib, metrics as metrics_lib, optim, perf, provenance
 from arch_zoo import evaluators, sharding, steps, train_state
 
 FLAGS = flags.FLAGS
@@ -104,6 +104,8 @@ def mean_metrics(pending: list[dict[str, Any]]) -> dict[str, float]:
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in ``workdir``; returns the final validation metrics."""
   # ---------------------------------------------------------------- setup
+  if config.train.get("xla_flags"):
+    perf.apply_xla_flags(config.train.xla_flags)  # before anything starts a JAX backend
   maybe_initialize_distributed()
   os.makedirs(workdir, exist_ok=True)
   check_workdir(config, workdir)

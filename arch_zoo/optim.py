@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import optax
+from flax import nnx
 from ml_collections import ConfigDict
 
 
@@ -15,8 +16,18 @@ def learning_rate_schedule(cfg: ConfigDict, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """Weight decay on matrices (kernels, embeddings, atoms), not on norms, biases or gates."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on matrices (kernels, embeddings, atoms), not on norms, biases or gates.
+
+  A leading ``layers`` axis (``model.scan_layers``: one stacked block) does not count: a stack of
+  norm scales is still a norm."""
+
+  def is_matrix(p) -> bool:
+    if isinstance(p, nnx.Variable):
+      axes = p.get_metadata().get("logical_axes") or ()
+      return len(p.get_value().shape) - (1 if axes[:1] == ("layers",) else 0) >= 2
+    return p.ndim >= 2
+
+  return jax.tree.map(is_matrix, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def build(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

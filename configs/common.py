@@ -67,6 +67,9 @@ def train_config(**overrides: Any) -> ConfigDict:
       stop_at_step=0,  # >0: stop there (checkpointed) as if preempted; resume continues exactly
       progress=True,  # the one-line progress bar
       init="auto",  # where weights are created: auto | host | device (see train_state.py)
+      # Named XLA flag sets, comma separated (arch_zoo/perf.py), e.g. "cublas": cuBLAS GEMMs
+      # instead of Triton. Applied by train.py before JAX starts; "" adds nothing.
+      xla_flags="",
   ))
   cfg.update(overrides)
   return cfg

@@ -59,6 +59,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       dropout=0.0,
       dtype="auto",  # auto: bf16 matmuls on GPU/TPU, float32 on CPU; params are always float32
       remat="none",  # none | full | dots
+      scan_layers=False,  # True: one stacked block run by lax.scan (mha, dynamic_mask, masa)
       layer_pattern="",  # e.g. "lightning,lightning,lightning,mha" for hybrids
       attention=common.attention_config(arg.attn, causal=True),
   ))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from arch_zoo.attention import kernels
@@ -26,6 +27,11 @@ class MHAOptions:
   rope: bool = True  # the ViT turns this off and adds position embeddings instead
   rope_base: float = 10_000.0
   impl: str = "auto"  # auto | xla | cudnn
+  # One [d_model, (H + 2 H_kv) D] matmul instead of three: the same function (a fused kernel is
+  # the three kernels concatenated along the output axis); fewer, larger GEMMs for the GPU. Under
+  # tensor parallelism (sharding fsdp_tp) the fused output is resharded before the split, so keep
+  # separate projections there.
+  fused_qkv: bool = False
 
   def __post_init__(self):
     check_choice("attention.impl", self.impl, kernels.IMPLS)
@@ -45,24 +51,36 @@ class QKVProjection(nnx.Module):
   """
 
   def __init__(self, dims: Dims, *, num_kv_heads: int, qk_norm: bool, rope: bool,
-               rope_base: float, rngs: nnx.Rngs):
+               rope_base: float, rngs: nnx.Rngs, fused: bool = False):
     self.num_heads, self.head_dim = dims.num_heads, dims.head_dim
     self.num_kv_heads = kv_heads(dims, num_kv_heads)
     self.rope, self.rope_base = rope, rope_base
     width_q = self.num_heads * self.head_dim
     width_kv = self.num_kv_heads * self.head_dim
-    self.query = Dense(dims.d_model, width_q, axes=("embed", "heads"), rngs=rngs, dtype=dims.dtype)
-    self.key = Dense(dims.d_model, width_kv, axes=("embed", "kv_heads"), rngs=rngs, dtype=dims.dtype)
-    self.value = Dense(dims.d_model, width_kv, axes=("embed", "kv_heads"), rngs=rngs,
+    if fused:  # columns [queries | keys | values], each head-major as in the separate kernels
+      self.fused = Dense(dims.d_model, width_q + 2 * width_kv, axes=("embed", "heads"), rngs=rngs,
+                         dtype=dims.dtype)
+      self.query = self.key = self.value = None
+    else:
+      self.fused = None
+      self.query = Dense(dims.d_model, width_q, axes=("embed", "heads"), rngs=rngs,
+                         dtype=dims.dtype)
+      self.key = Dense(dims.d_model, width_kv, axes=("embed", "kv_heads"), rngs=rngs,
                        dtype=dims.dtype)
+      self.value = Dense(dims.d_model, width_kv, axes=("embed", "kv_heads"), rngs=rngs,
+                         dtype=dims.dtype)
     self.query_norm = RMSNorm(self.head_dim, axis_name=None) if qk_norm else None
     self.key_norm = RMSNorm(self.head_dim, axis_name=None) if qk_norm else None
 
   def __call__(self, x: jax.Array, ctx: Context):
     b, t, _ = x.shape
-    q = self.query(x).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.key(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.value(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.fused is not None:
+      heads = self.fused(x).reshape(b, t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+      q, k, v = jnp.split(heads, [self.num_heads, self.num_heads + self.num_kv_heads], axis=2)
+    else:
+      q = self.query(x).reshape(b, t, self.num_heads, self.head_dim)
+      k = self.key(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+      v = self.value(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     if self.query_norm is not None:
       q, k = self.query_norm(q), self.key_norm(k)
     if self.rope:
@@ -84,7 +102,8 @@ class MultiHeadAttention(nnx.Module):
   def __init__(self, dims: Dims, options: MHAOptions, *, rngs: nnx.Rngs):
     self.impl = options.impl
     self.qkv = QKVProjection(dims, num_kv_heads=options.num_kv_heads, qk_norm=options.qk_norm,
-                             rope=options.rope, rope_base=options.rope_base, rngs=rngs)
+                             rope=options.rope, rope_base=options.rope_base, rngs=rngs,
+                             fused=options.fused_qkv)
     self.out = output_projection(dims, rngs)
 
   def __call__(self, x: jax.Array, ctx: Context):

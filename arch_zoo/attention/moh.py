@@ -185,7 +185,8 @@ class MixtureOfHeadAttention(nnx.Module):
     self.balance_loss_coef = options.balance_loss_coef
     self.layer_index = dims.layer_index
     self.qkv = QKVProjection(dims, num_kv_heads=options.num_kv_heads, qk_norm=options.qk_norm,
-                             rope=options.rope, rope_base=options.rope_base, rngs=rngs)
+                             rope=options.rope, rope_base=options.rope_base, rngs=rngs,
+                             fused=options.fused_qkv)
     self.router = HeadRouter(dims.d_model, dims.num_heads, num_shared, top_k,
                              options.normalization, rngs=rngs)
     self.out = output_projection(dims, rngs)

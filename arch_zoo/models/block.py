@@ -77,11 +77,34 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg.d_model, cfg.d_ff or 4 * cfg.d_model, kind=cfg.mlp, rngs=rngs,
                    out_stddev=DEFAULT_STDDEV / (2 * cfg.num_layers) ** 0.5, dtype=dims.dtype)
 
-  def __call__(self, x: jax.Array, ctx: Context):
+  def __call__(self, x: jax.Array, ctx: Context, layer_index: jax.Array | int | None = None):
+    # Under scan_layers the index arrives as a scanned array (the stacked block's own attribute
+    # is that of layer 0); it only salts dropout.
+    index = self.layer_index if layer_index is None else layer_index
     y, aux = self.attn(self.attn_norm(x), ctx)
-    x = x + dropout(y, self.dropout_rate, ctx, 2 * self.layer_index)
-    x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, ctx, 2 * self.layer_index + 1)
+    x = x + dropout(y, self.dropout_rate, ctx, 2 * index)
+    x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, ctx, 2 * index + 1)
     return sharding.constrain(x, ("act_batch", "act_length", "act_embed")), aux
+
+
+# Families whose layers differ only in parameter values (no per-layer static attribute such as
+# lightning's decay slopes, MoH's per-layer metric names or routing's centroid state), so one
+# stacked block can stand for all of them under scan_layers.
+SCANNABLE = ("mha", "dynamic_mask", "masa")
+
+
+def stack_blocks(blocks: list[Block]) -> Block:
+  """One Block whose parameters carry a leading ``layers`` axis, from L blocks built as usual
+  (so a scanned model starts from exactly the weights of the unrolled one)."""
+  graphdef, first = nnx.split(blocks[0])
+  others = [nnx.split(block)[1] for block in blocks[1:]]
+  stacked = jax.tree.map(lambda *layers: jnp.stack(layers), first, *others)
+  block = nnx.merge(graphdef, stacked)
+  for _, var in nnx.iter_graph(block):
+    axes = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
+    if axes is not None:
+      var.set_metadata(logical_axes=("layers", *axes))
+  return block
 
 
 class Stack(nnx.Module):
@@ -99,12 +122,32 @@ class Stack(nnx.Module):
         opts = attention.make_options(name, **attention_options(cfg, name))
         shared[name] = fam.shared_factory(dims_for(cfg, 0), opts, rngs=rngs)
     self.shared = nnx.Dict(shared)
-    self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    self.scan_layers = bool(cfg.get("scan_layers", False))
+    blocks = [Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)]
+    if self.scan_layers:
+      odd = sorted(set(names) - set(SCANNABLE))
+      if odd:
+        raise ValueError(f"model.scan_layers=True cannot stack {', '.join(odd)} layers (their "
+                         f"layers differ in more than weights); it supports "
+                         f"{', '.join(SCANNABLE)}. Set model.scan_layers=False.")
+      self.num_layers = cfg.num_layers
+      self.blocks = stack_blocks(blocks)
+    else:
+      self.blocks = nnx.List(blocks)
 
   def __call__(self, x: jax.Array, ctx: Context):
     ctx = ctx.replace(shared={name: module() for name, module in self.shared.items()})
     call = _block_call if self.remat == "none" else nnx.remat(
         _block_call, policy=REMAT_POLICIES[self.remat])
+    if self.scan_layers:
+      # One compiled block body applied L times (lax.scan); aux is stacked over layers and
+      # averaged as merge_aux does for the unrolled stack.
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0, None), out_axes=(nnx.Carry, 0))
+      def body(x, block, index, ctx):
+        return call(block, x, ctx, index)
+
+      x, aux = body(x, self.blocks, jnp.arange(self.num_layers), ctx)
+      return x, {k: jnp.mean(jnp.asarray(v, jnp.float32), axis=0) for k, v in aux.items()}
     per_layer = []
     for block in self.blocks:
       x, aux = call(block, x, ctx)
@@ -112,5 +155,5 @@ class Stack(nnx.Module):
     return x, attention.merge_aux(per_layer)
 
 
-def _block_call(block: Block, x: jax.Array, ctx: Context):
-  return block(x, ctx)
+def _block_call(block: Block, x: jax.Array, ctx: Context, layer_index=None):
+  return block(x, ctx, layer_index)

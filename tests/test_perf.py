@@ -1,0 +1,169 @@
+"""Performance settings are config options that keep the function the same: fused QKV, XLA flags."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arch_zoo import perf
+from arch_zoo.attention.base import Context
+from tests.helpers import build_lm, lm_config, random_tokens
+
+
+@pytest.mark.parametrize("name,num_kv_heads", [("mha", 2), ("moh", 0)])
+def test_fused_qkv_equals_separate_projections_with_concatenated_weights(name, num_kv_heads):
+  separate = build_lm(lm_config(name, num_heads=4, d_model=32, num_kv_heads=num_kv_heads))
+  fused = build_lm(lm_config(name, num_heads=4, d_model=32, num_kv_heads=num_kv_heads,
+                             fused_qkv=True))
+  for block_s, block_f in zip(separate.stack.blocks, fused.stack.blocks):
+    p = block_s.attn.qkv
+    block_f.attn.qkv.fused.kernel[...] = jnp.concatenate(
+        [p.query.kernel[...], p.key.kernel[...], p.value.kernel[...]], axis=1)
+    # Everything else (norms, out-projection, MLP, router) is copied as it is.
+    block_f.attn.out.kernel[...] = block_s.attn.out.kernel[...]
+    for a, b in ((block_s.mlp.up, block_f.mlp.up), (block_s.mlp.down, block_f.mlp.down)):
+      b.kernel[...] = a.kernel[...]
+    if name == "moh":
+      block_f.attn.router = block_s.attn.router
+  fused.embed = separate.embed
+  tokens = random_tokens(2, 16, 256, seed=3)
+  want, _ = separate(tokens)
+  got, _ = fused(tokens)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_qkv_has_one_kernel_with_as_many_parameters():
+  separate = build_lm(lm_config("mha", num_heads=4, d_model=32, num_kv_heads=2))
+  fused = build_lm(lm_config("mha", num_heads=4, d_model=32, num_kv_heads=2, fused_qkv=True))
+  qkv = fused.stack.blocks[0].attn.qkv
+  assert qkv.query is None and qkv.fused.kernel.shape == (32, (4 + 2 * 2) * 8)
+  count = lambda m: sum(x.size for x in jax.tree.leaves(m))  # noqa: E731
+  assert count(nnx_params(fused)) == count(nnx_params(separate))
+  x = jax.random.normal(jax.random.key(0), (1, 5, 32))
+  q, k, v = qkv(x, Context.for_inputs(1, 5, causal=True))
+  assert q.shape == (1, 5, 4, 8) and k.shape == v.shape == (1, 5, 2, 8)
+
+
+def nnx_params(model):
+  from flax import nnx
+  return nnx.state(model, nnx.Param)
+
+
+def test_xla_flag_sets_combine_without_duplicates_and_reject_unknown_names():
+  assert perf.xla_flags_for("") == []
+  assert perf.xla_flags_for("cublas,cublaslt") == list(perf.XLA_FLAG_SETS["cublaslt"])
+  with pytest.raises(ValueError, match="valid: default, cublas"):
+    perf.xla_flags_for("cublas,fast")
+
+
+def test_apply_xla_flags_refuses_once_a_backend_runs():
+  jax.devices()  # the test process has a CPU backend by now
+  env = {}
+  assert perf.apply_xla_flags("", env) == ""
+  with pytest.raises(RuntimeError, match="before JAX starts a backend"):
+    perf.apply_xla_flags("cublas", env)
+
+
+def test_every_xla_flag_is_known_to_the_pinned_jaxlib():
+  """XLA aborts at start on an unknown flag; start a fresh backend with all of them."""
+  code = ("import os; from arch_zoo import perf; "
+          "perf.apply_xla_flags(','.join(perf.XLA_FLAG_SETS)); "
+          "import jax; jax.devices(); print(os.environ['XLA_FLAGS'])")
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for flags in perf.XLA_FLAG_SETS.values():
+    for flag in flags:
+      assert flag in proc.stdout
+
+
+@pytest.mark.parametrize("remat", ["dots"])  # "full" is covered by tests/test_routing.py
+def test_remat_policies_give_the_loss_and_gradients_of_no_remat(remat):
+  from flax import nnx
+
+  def loss_and_grads(policy):
+    model = build_lm(lm_config("mha", remat=policy, fused_qkv=True))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tokens = random_tokens(2, 16, 256, seed=5)
+
+    def loss(params):
+      logits, _ = nnx.merge(graphdef, params, rest)(tokens[:, :-1])
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (want, want_grads), (got, got_grads) = loss_and_grads("none"), loss_and_grads(remat)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+def train_two_steps(scan_layers: bool, remat: str, mesh_shape, rules):
+  from arch_zoo import optim, sharding, steps, train_state
+  config = lm_config("mha", scan_layers=scan_layers, remat=remat, d_model=64, num_heads=4)
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(list(mesh_shape.values())))])
+  rules = sharding.rules_for(rules)
+  tx, schedule = optim.build(config.optim, 10)
+  graphdef, state, shardings = train_state.create(config, mesh, rules, tx)
+  step = jax.jit(steps.make_train_step(graphdef, tx, schedule, jax.random.key(0)),
+                 in_shardings=(shardings, None), out_shardings=(shardings, None),
+                 donate_argnums=(0,))
+  tokens = np.asarray(random_tokens(8, 33, 256, seed=1))
+  local = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((8, 32),
+                                                                                  np.float32)}
+  losses = []
+  with sharding.use(mesh, rules):
+    for _ in range(2):
+      state, metrics = sharding.wait_if_cpu_mesh(
+          step(state, sharding.global_batch_from_local(local, mesh)))
+      losses.append(float(metrics["train/loss"]))
+  return state, losses, metrics
+
+
+@pytest.mark.parametrize("remat", ["dots"])  # remat inside the scanned body
+def test_scan_over_layers_trains_like_the_unrolled_stack(remat):
+  """Same initial weights, same losses and gradient norms over two AdamW steps, and the same
+  parameters after them (stacked along the leading layers axis); sharded over fsdp, so the
+  stacked kernels' ("layers", ...) logical axes go through the sharding rules."""
+  mesh = {"data": 1, "fsdp": 2}
+  ref_state, ref_losses, ref_metrics = train_two_steps(False, remat, mesh, "fsdp")
+  state, losses, metrics = train_two_steps(True, remat, mesh, "fsdp")
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  np.testing.assert_allclose(metrics["train/grad_norm"], ref_metrics["train/grad_norm"], rtol=1e-5)
+  unrolled = ref_state.params["stack"]["blocks"]
+  stacked = state.params["stack"]["blocks"]
+  want = jax.tree.map(lambda *xs: np.stack(xs), *[unrolled[i] for i in range(len(unrolled))])
+  for g, w in zip(jax.tree.leaves(stacked), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+def test_scan_over_layers_refuses_families_whose_layers_differ_in_structure():
+  with pytest.raises(ValueError, match="cannot stack moh layers"):
+    build_lm(lm_config("moh", scan_layers=True))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_weight_decay_mask_ignores_the_stacked_layers_axis(scan_layers):
+  from flax import nnx
+
+  from arch_zoo import optim
+  model = build_lm(lm_config("mha", scan_layers=scan_layers))
+  mask = optim.decay_mask(nnx.state(model, nnx.Param))
+  blocks = mask["stack"]["blocks"] if scan_layers else mask["stack"]["blocks"][0]
+  assert blocks["attn"]["out"]["kernel"] is True and blocks["mlp"]["up"]["kernel"] is True
+  assert blocks["attn_norm"]["scale"] is False and mask["final_norm"]["scale"] is False
+  assert mask["embed"]["embedding"] is True
+
+
+@pytest.mark.parametrize("name", ["dynamic_mask", "masa"])
+def test_scan_over_layers_gives_the_unrolled_logits(name):
+  tokens = random_tokens(2, 16, 256, seed=2)
+  want, want_aux = build_lm(lm_config(name, num_layers=3))(tokens)
+  got, got_aux = build_lm(lm_config(name, num_layers=3, scan_layers=True))(tokens)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert set(got_aux) == set(want_aux)
