@@ -476,14 +476,17 @@ def normalize_eval_results(results: dict) -> dict[str, dict]:
 def collect(root: str, member: dict) -> dict[str, Any] | None:
   """Everything the report needs from one member's workdir, or None if it is not finished."""
   workdir = member_dir(root, member)
-  if not is_finished(workdir, member):
+  record_path = os.path.join(workdir, MEMBER_FILE)
+  if not (is_finished(workdir, member) and os.path.exists(record_path)):
     return None
+  record = read_json(record_path)
+  if record["member"] != member_identity(member):
+    return None  # another sweep's run in this place: never report it as this member
   info = read_json(os.path.join(workdir, provenance.RUN_INFO_FILE))
   final = read_json(os.path.join(workdir, FINAL_METRICS_FILE))
   evaluated = {}
   if member["suite"] is not None:
     evaluated = normalize_eval_results(read_json(os.path.join(workdir, EVAL_RESULTS_FILE)))
-  record = read_json(os.path.join(workdir, MEMBER_FILE))
   config = info["config"]
   flops = info.get("flops", {})
   state = info.get("state_elements") or {}
