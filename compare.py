@@ -35,7 +35,6 @@ import argparse
 import csv
 import dataclasses
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -54,7 +53,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 if REPO not in sys.path:  # config files import `configs.common`
   sys.path.insert(0, REPO)
 
-from arch_zoo import metrics as metrics_lib, provenance  # noqa: E402
+from arch_zoo import evaluators, metrics as metrics_lib, provenance  # noqa: E402
 
 MATCH_TOLERANCE = 0.02
 MATCH_KINDS = ("none", "params", "flops")
@@ -334,11 +333,9 @@ def evaluation_finished(workdir: str, member: dict) -> bool:
   final_step = read_json(os.path.join(workdir, FINAL_METRICS_FILE))["step"]
   if results.get("step") != final_step:
     return False
-  try:  # eval.py merges the evaluators of several calls on one step: are the suite's all there?
-    from arch_zoo.evaluators import suite_for
-  except ImportError:  # TODO(merge of branch `recall`): eval.py before suites ran one evaluator
-    return "results" in results or "validation" in results or "test" in results
-  return set(suite_for(member["suite"], results.get("task"))) <= set(results.get("results", {}))
+  # eval.py merges the evaluators of several calls on one step: are the suite's all there?
+  return (set(evaluators.suite_for(member["suite"], results.get("task")))
+          <= set(results.get("results", {})))
 
 
 def is_finished(workdir: str, member: dict) -> bool:
@@ -386,11 +383,7 @@ def run_subprocess(cmd: list[str], workdir: str) -> None:
 
 def evaluate_in_process(workdir: str, member: dict) -> None:
   import eval as eval_lib  # noqa: A004  (the repository's eval.py)
-  kwargs = {"max_batches": member["eval_max_batches"]}
-  # TODO(merge of branch `recall`): eval.py gains `suite`; until then the old signature.
-  if "suite" in inspect.signature(eval_lib.evaluate_run).parameters:
-    kwargs["suite"] = member["suite"]
-  eval_lib.evaluate_run(workdir, **kwargs)
+  eval_lib.evaluate_run(workdir, max_batches=member["eval_max_batches"], suite=member["suite"])
 
 
 class Preempted(RuntimeError):
@@ -455,17 +448,8 @@ def run_sweep_members(groups: list[dict], root: str, in_process: bool) -> list[s
 # ---------------------------------------------------------------------------- collecting
 
 def normalize_eval_results(results: dict) -> dict[str, dict]:
-  """``{EVALUATOR: metrics}`` of an ``eval_results.json``.
-
-  TODO(merge of branch `recall`): drop the old layout ({"validation": ...} / {"test": ...})."""
-  if "results" in results:
-    evaluated = {name: dict(metrics) for name, metrics in results["results"].items()}
-  elif "validation" in results:
-    evaluated = {"perplexity": results["validation"]}
-  elif "test" in results:
-    evaluated = {"classification": results["test"]}
-  else:
-    evaluated = {}
+  """``{EVALUATOR: metrics}`` of an ``eval_results.json``, MQAR's slices as metrics."""
+  evaluated = {name: dict(metrics) for name, metrics in results.get("results", {}).items()}
   # MQAR lists its slices; each becomes a column T{seq_len}_kv{pairs}.
   mqar = evaluated.get("mqar", {})
   for item in mqar.pop("slices", []) if isinstance(mqar.get("slices"), list) else []:

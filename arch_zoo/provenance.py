@@ -119,7 +119,8 @@ def vit_flops_per_image(model_cfg: ConfigDict) -> dict[str, float]:
 
 def mqar_seq_len(data_cfg: ConfigDict) -> int:
   """The longest training sequence of an MQAR config (``train_slices="64:4,128:8"`` -> 128)."""
-  return max(int(item.split(":")[0]) for item in data_cfg.train_slices.split(",") if item.strip())
+  from arch_zoo.data.synthetic import parse_slices
+  return max(s.seq_len for s in parse_slices(data_cfg.train_slices))
 
 
 def sequence_length(config: ConfigDict) -> int:
@@ -135,8 +136,9 @@ def sequence_length(config: ConfigDict) -> int:
 
 
 def flops_per_token(config: ConfigDict) -> dict[str, Any]:
-  """Model FLOPs per unit of throughput: per token for language models (MQAR: at its longest
-  training slice), per image for ViTs (and per token, the image's FLOPs over its tokens)."""
+  """Model FLOPs per unit of throughput: per token for language models (MQAR: the LM backbone at
+  its longest training slice, shorter ones being padded), per image for ViTs (and per token, the
+  image's FLOPs over its tokens)."""
   if config.task in ("lm", "mqar"):
     return lm_flops_per_token(config.model, sequence_length(config))
   if config.task == "classification":

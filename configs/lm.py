@@ -29,6 +29,8 @@ SIZES = {
     # CPU backend spends ~40% of the step in GELU's backward; per step it learns as well.
     "S": dict(d_model=128, num_layers=4, num_heads=4, seq_len=128, vocab_size=256,
               batch_size=8, steps=2400, learning_rate=3e-3, warmup_steps=100, mlp="relu2"),
+    # Fastest measured on one H100 (docs/performance.md, "Best settings per size"): these defaults
+    # plus --config.model.attention.fused_qkv=True --config.train.xla_flags=cublas.
     "124M": dict(d_model=768, num_layers=12, num_heads=12, seq_len=1024, vocab_size=50304,
                  batch_size=64, steps=20000, learning_rate=6e-4, warmup_steps=700),
     "350M": dict(d_model=1024, num_layers=24, num_heads=16, seq_len=1024, vocab_size=50304,
@@ -76,7 +78,13 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.optim = common.optim_config(learning_rate=size["learning_rate"],
                                      warmup_steps=size["warmup_steps"])
   config.train = common.train_config(steps=size["steps"], batch_size=size["batch_size"])
-  config.eval = ConfigDict(dict(batch_size=size["batch_size"] * 4))
+  config.eval = ConfigDict(dict(
+      batch_size=size["batch_size"] * 4,
+      # `eval.py --suite recall|all`: passkey retrieval in validation-corpus filler. Lengths
+      # (tokens, answer included; "": 1/4, 1/2 and 1 x data.seq_len) may exceed seq_len to test
+      # extrapolation; depths are fractions of the filler before the passkey.
+      passkey=ConfigDict(dict(lengths="", depths="0,0.25,0.5,0.75,1", trials=20)),
+  ))
   config.mesh, config.sharding = common.mesh_config("dp")
   if arg.size == "test":
     config.train.update(log_every=5, eval_every=10, eval_batches=2, checkpoint_every=10)

@@ -5,6 +5,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 import eval as eval_lib
 import train
@@ -12,12 +13,12 @@ from arch_zoo import metrics
 from configs import vit
 
 
-def config_for(data_dir, **train_overrides):
+def config_for(data_dir, train_split="train[:1000]", test_split="test[:200]", **train_overrides):
   config = vit.get_config("attn=mha,size=test")
   # Slices keep the tests quick; the test size augments (pad-crop and flip) so that resume also
   # checks that augmentation is a pure function of the sample index.
-  config.data.update(data_dir=data_dir, train_split="train[:6000]", eval_split="test[:1000]",
-                     test_split="test[:1000]")
+  config.data.update(data_dir=data_dir, train_split=train_split, eval_split=test_split,
+                     test_split=test_split)
   config.train.update(progress=False, **train_overrides)
   return config
 
@@ -28,8 +29,8 @@ def train_losses(workdir):
 
 
 def test_loss_falls_and_accuracy_rises(fashion_mnist_data_dir, tmp_path):
-  config = config_for(fashion_mnist_data_dir, steps=80, log_every=10, eval_every=0,
-                      checkpoint_every=0)
+  config = config_for(fashion_mnist_data_dir, "train[:6000]", "test[:1000]", steps=80,
+                      log_every=10, eval_every=0, checkpoint_every=0)
   final = train.train_and_evaluate(config, str(tmp_path))
   losses = train_losses(str(tmp_path))
   assert losses[80] < losses[10] - 0.25, losses
@@ -40,7 +41,7 @@ def test_loss_falls_and_accuracy_rises(fashion_mnist_data_dir, tmp_path):
   assert info["parameters"]["embedding"] > 0  # the patch embedding
 
 
-def test_resume_is_exact(fashion_mnist_data_dir, tmp_path):
+def test_resume_is_exact_and_eval_restores_the_test_accuracy(fashion_mnist_data_dir, tmp_path):
   full_dir, split_dir = str(tmp_path / "full"), str(tmp_path / "split")
   full = train.train_and_evaluate(config_for(fashion_mnist_data_dir), full_dir)
   stopped = train.train_and_evaluate(config_for(fashion_mnist_data_dir, stop_at_step=10),
@@ -50,14 +51,17 @@ def test_resume_is_exact(fashion_mnist_data_dir, tmp_path):
   assert train_losses(full_dir) == train_losses(split_dir)  # bitwise, every logged step
   assert resumed == full | {"eval_seconds": resumed["eval_seconds"],
                             "train_throughput": resumed["train_throughput"]}
-
-
-def test_eval_restores_and_reports_test_accuracy(fashion_mnist_data_dir, tmp_path):
-  final = train.train_and_evaluate(config_for(fashion_mnist_data_dir, steps=10), str(tmp_path))
-  results = eval_lib.evaluate_run(str(tmp_path))
-  assert results["step"] == 10 and results["split"] == "test[:1000]"
-  # The test slice is also this config's validation split: the same numbers.
-  np.testing.assert_allclose(results["test"]["loss"], final["loss"], rtol=1e-6)
-  assert results["test"]["accuracy"] == final["accuracy"]
-  saved = json.load(open(tmp_path / "eval_results.json"))
-  assert saved["test"]["examples"] == 1000 and saved["task"] == "classification"
+  # eval.py restores the last checkpoint and reports the test split, here also the validation
+  # split: the same numbers as the end of training.
+  record = eval_lib.evaluate_run(split_dir)
+  test = record["results"]["classification"]
+  assert record["step"] == 20 and test["split"] == "test[:200]"
+  np.testing.assert_allclose(test["loss"], resumed["loss"], rtol=1e-6)
+  assert test["accuracy"] == resumed["accuracy"]
+  saved = json.load(open(tmp_path / "split" / "eval_results.json"))
+  assert saved["results"]["classification"]["examples"] == 200
+  assert saved["task"] == "classification" and saved["suite"] == "default"
+  # No recall probe fits an image classifier: a clear error, and the saved results stay.
+  with pytest.raises(ValueError, match="No recall evaluator fits a classification run"):
+    eval_lib.evaluate_run(split_dir, suite="recall")
+  assert json.load(open(tmp_path / "split" / "eval_results.json")) == saved

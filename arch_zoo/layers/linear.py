@@ -11,6 +11,29 @@ from flax import nnx
 DEFAULT_STDDEV = 0.02  # GPT-2 / nanoGPT init.
 
 
+@jax.custom_vjp
+def materialize_cotangent(y: jax.Array) -> jax.Array:
+  """Identity whose backward pass stores the incoming gradient before anything reads it.
+
+  XLA's CPU backend otherwise fuses the elementwise backward (GELU's, the norms', the residual
+  sums of every later layer) into the transposing copies that feed the weight-gradient matmuls,
+  and evaluates it there unvectorised, once per consumer: the ViT S train step ran 2x slower
+  (4 layers, batch 128: ~300 ms of CPU against ~135 ms with this). The values are unchanged.
+  """
+  return y
+
+
+def _materialize_fwd(y):
+  return y, None
+
+
+def _materialize_bwd(_, g):
+  return (jax.lax.optimization_barrier(g),)
+
+
+materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
+
+
 class Dense(nnx.Module):
   """``y = x @ W (+ b)``; ``W`` is float32 and cast to ``dtype`` for the matmul.
 
@@ -37,4 +60,5 @@ class Dense(nnx.Module):
                 preferred_element_type=self.out_dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.out_dtype)
-    return y
+    # GPU and TPU compilers fuse these gradients into the matmuls well; only the CPU needs help.
+    return materialize_cotangent(y) if jax.default_backend() == "cpu" else y
