@@ -24,6 +24,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from arch_zoo.data import batching
+
 SPLIT_STREAMS = {"train": 0, "test": 1}
 
 
@@ -167,11 +169,7 @@ class MQARData:
     return self.seq_len
 
   def local_rows(self, global_batch: int) -> slice:
-    if global_batch % self.process_count:
-      raise ValueError(f"Global batch {global_batch} is not divisible by {self.process_count} "
-                       "processes.")
-    per = global_batch // self.process_count
-    return slice(self.process_index * per, (self.process_index + 1) * per)
+    return batching.local_rows(global_batch, self.process_index, self.process_count)
 
   def _order(self, epoch: int) -> np.ndarray:
     if self._epoch is None or self._epoch[0] != epoch:
