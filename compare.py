@@ -394,11 +394,14 @@ def run_member(member: dict, workdir: str, in_process: bool) -> None:
   """Trains (or resumes) a member, then evaluates it; adds the seconds to its record."""
   record = prepare_workdir(member, workdir)
   path = os.path.join(workdir, MEMBER_FILE)
+  config = build_config(member["config_file"], member["arg"], member["overrides"])
+  # XLA flag sets (train.xla_flags, e.g. the ViT demo's cpu2) only act before a JAX backend
+  # starts, so such a member runs in processes of its own.
+  in_process = in_process and not config.train.get("xla_flags")
   if not training_finished(workdir):
     start = time.perf_counter()
     if in_process:
       import train
-      config = build_config(member["config_file"], member["arg"], member["overrides"])
       config.train.progress = False  # one line per member from compare.py instead
       train.train_and_evaluate(config, workdir)
     else:
