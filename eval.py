@@ -22,7 +22,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict
 
-from arch_zoo import checkpoint, data as data_lib, evaluators, optim, sharding, steps, train_state
+from arch_zoo import checkpoint, data as data_lib, evaluators, optim, perf, sharding, steps
+from arch_zoo import train_state
 
 FLAGS = flags.FLAGS
 
@@ -85,6 +86,8 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   try:
+    # The run's XLA flag sets (e.g. cpu2: two CPU devices), before JAX starts a backend.
+    perf.apply_xla_flags(load_config(FLAGS.workdir).train.get("xla_flags", ""))
     results = evaluate_run(FLAGS.workdir, FLAGS.step, FLAGS.max_batches)
   except (checkpoint.CheckpointError, data_lib.DatasetMissingError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
