@@ -1,29 +1,50 @@
-r"""Restores a run's checkpoint and evaluates it; no training code.
+r"""Restores a run's checkpoint and runs a suite of evaluators on it; no training code.
 
-    python eval.py --workdir runs/lm_mha_S              # latest checkpoint
-    python eval.py --workdir runs/lm_mha_S --step 2000
-    python eval.py --workdir runs/vit_mha_S
+    python eval.py --workdir runs/lm_mha_S                    # default suite, latest checkpoint
+    python eval.py --workdir runs/lm_mha_S --suite all        # perplexity and passkey
+    python eval.py --workdir runs/mqar --suite recall         # MQAR accuracy per slice
+    python eval.py --workdir runs/lm_mha_S --suite recall --passkey_lengths=128,256,512 \
+        --passkey_depths=0,0.5,1 --passkey_trials=50
 
-Reads the run's ``config.json``, restores the checkpoint into the same (sharded) layout and runs the
-task's evaluator on a whole split: for language models the validation split (loss, perplexity,
-bits per byte), for image classification ``data.test_split`` (loss, top-1 accuracy). Prints a
-summary and one JSON line, and writes ``eval_results.json`` into the workdir.
+Suites (``arch_zoo.evaluators.SUITES``) name evaluators that fit the run's task:
+
+* ``default``: the task's own metric -- ``perplexity`` for language models (the whole validation
+  split: loss, perplexity, bits per byte, accuracy, tokens), ``classification`` for ViTs
+  (``data.test_split``: loss, top-1 accuracy, examples, split), ``mqar`` for MQAR runs.
+* ``recall``: ``mqar`` for MQAR runs (accuracy per (length, kv pairs) slice, longer lengths
+  included), ``passkey`` for language models (needle in validation-corpus filler, per (length,
+  depth); a PNG heat map next to the results). A classification run has no recall evaluator.
+* ``all``: every evaluator that fits the task.
+
+Results go to ``eval_results.json`` in the workdir::
+
+    {"step": 2400, "task": "lm", "attention": "mha", "suite": "all",
+     "results": {"perplexity": {...}, "passkey": {...}}}
+
+Evaluating the same step again merges: evaluators of this call replace their earlier entries and
+the others are kept, so ``--suite default`` then ``--suite recall`` leaves both (``suite`` is
+that of the latest call). Results of another step are first moved to
+``eval_results_step{STEP}.json``, so nothing saved is lost.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from arch_zoo import checkpoint, data as data_lib, evaluators, optim, perf, sharding, steps
 from arch_zoo import train_state
+from arch_zoo.evaluators import classification, passkey, perplexity, recall
 
 FLAGS = flags.FLAGS
 
@@ -31,7 +52,15 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Run directory written by train.py.")
   flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
-  flags.DEFINE_integer("max_batches", None, "Evaluate only this many batches (default: all).")
+  flags.DEFINE_integer("max_batches", None,
+                       "Evaluate only this many batches (per MQAR slice; default: all).")
+  flags.DEFINE_enum("suite", "default", list(evaluators.SUITES),
+                    "Evaluators to run: default (the task's metric), recall, all.")
+  flags.DEFINE_list("passkey_lengths", None, "Passkey context lengths in tokens (default: "
+                    "eval.passkey.lengths of the config, else 1/4, 1/2 and 1 x data.seq_len).")
+  flags.DEFINE_list("passkey_depths", None, "Passkey depths as fractions (default: "
+                    "0,0.25,0.5,0.75,1).")
+  flags.DEFINE_integer("passkey_trials", None, "Passkey trials per (length, depth) cell.")
 
 RESULTS_FILE = "eval_results.json"
 
@@ -44,11 +73,104 @@ def load_config(workdir: str) -> ConfigDict:
     return ConfigDict(json.load(f))
 
 
-def evaluate_run(workdir: str, step: int | None = None, max_batches: int | None = None
-                 ) -> dict[str, Any]:
-  config = load_config(workdir)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_for(config.sharding)
+@dataclasses.dataclass
+class Run:
+  """What every evaluator needs: the restored run, its data and a jitted eval step."""
+
+  workdir: str
+  config: ConfigDict
+  state: Any
+  data: Any
+  mesh: Any
+  eval_step: Callable
+  max_batches: int | None
+
+  def put(self, batch):
+    return sharding.global_batch_from_local(batch, self.mesh)
+
+
+def run_perplexity(run: Run, options: dict) -> dict:
+  return perplexity.evaluate(run.eval_step, run.state, run.data, run.config.eval.batch_size,
+                             run.max_batches, run.put)
+
+
+def run_classification(run: Run, options: dict) -> dict:
+  # Classifiers report their held-out test split (training validated on data.eval_split).
+  split = run.config.data.test_split
+  metrics = classification.evaluate(run.eval_step, run.state, run.data,
+                                    run.config.eval.batch_size, run.max_batches, run.put,
+                                    split=split)
+  return {**metrics, "split": split}
+
+
+def run_mqar(run: Run, options: dict) -> dict:
+  return recall.evaluate_slices(run.eval_step, run.state, run.data, run.config.eval.batch_size,
+                                run.max_batches, run.put)
+
+
+def passkey_settings(config: ConfigDict, encode, options: dict) -> dict:
+  """Lengths, depths and trials: call options, else ``config.eval.passkey``, else defaults."""
+  saved = config.eval.get("passkey", ConfigDict()) if "eval" in config else ConfigDict()
+
+  def pick(key, parse, default):
+    value = options.get(key)
+    if value is None or value == "" or value == []:
+      value = saved.get(key)
+    if value is None or value == "" or value == []:
+      return default
+    return parse(value)
+
+  def numbers(cast):
+    def parse(value):
+      items = value.split(",") if isinstance(value, str) else value
+      return [cast(v) for v in items if str(v).strip()]
+    return parse
+
+  return {
+      "lengths": pick("lengths", numbers(int),
+                      passkey.default_lengths(config.data.seq_len, encode)),
+      "depths": pick("depths", numbers(float), list(passkey.DEFAULT_DEPTHS)),
+      "trials": pick("trials", int, passkey.DEFAULT_TRIALS),
+  }
+
+
+def run_passkey(run: Run, options: dict) -> dict:
+  data, mesh = run.data, run.mesh
+  tokenizer = data.tokenizer
+  settings = passkey_settings(run.config, tokenizer.encode, options)
+  graphdef = train_state.graphdef_of(run.config.model)
+
+  @jax.jit
+  def argmax_at(params, model_state, batch, index):
+    logits, _, _ = steps.forward(graphdef, params, model_state, batch, deterministic=True)
+    return jnp.argmax(logits[:, index], axis=-1)
+
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+
+  def next_token(tokens: np.ndarray, index: int) -> np.ndarray:
+    rows = len(tokens)
+    padded = -(-rows // data_parallel) * data_parallel  # whole rows per data-parallel device
+    tokens = np.concatenate([tokens, np.zeros((padded - rows,) + tokens.shape[1:], np.int32)])
+    batch = run.put({"inputs": tokens[data.local_rows(padded)]})
+    ids = argmax_at(run.state.params, run.state.model_state, batch, index)
+    ids = multihost_utils.process_allgather(ids, tiled=True)
+    return np.asarray(ids)[:rows]
+
+  results = passkey.evaluate(next_token, data.validation.tokens, tokenizer.encode,
+                             tokenizer.decode, settings["lengths"], settings["depths"],
+                             settings["trials"], seed=run.config.seed)
+  results["train_seq_len"] = run.config.data.seq_len
+  if jax.process_index() == 0:
+    _, png = passkey.write(results, run.workdir)
+    results["heatmap"] = os.path.relpath(png, run.workdir)
+  return results
+
+
+EVALUATORS = {"perplexity": run_perplexity, "classification": run_classification,
+              "mqar": run_mqar, "passkey": run_passkey}
+
+
+def restore(workdir: str, config: ConfigDict, step: int | None, mesh, rules):
   tx, _ = optim.build(config.optim, config.train.steps)
   shardings = train_state.shardings_of(config, mesh, rules, tx)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
@@ -56,26 +178,88 @@ def evaluate_run(workdir: str, step: int | None = None, max_batches: int | None 
     raise checkpoint.CheckpointError(f"No checkpoint in {ckpt.directory}; train first.")
   state, _ = ckpt.restore(train_state.abstract_state(config, tx, shardings), step)
   ckpt.close()
+  return state
 
+
+def upgrade(saved: dict) -> dict:
+  """Results written before suites ({"validation": ...} or {"test": ...}) in today's layout."""
+  if "results" in saved:
+    return saved
+  results = {}
+  if "validation" in saved:
+    results["perplexity"] = saved["validation"]
+  if "test" in saved:
+    results["classification"] = {**saved["test"], "split": saved.get("split")}
+  return {**{k: saved[k] for k in ("step", "task", "attention") if k in saved},
+          "suite": "default", "results": results}
+
+
+def save_results(workdir: str, record: dict) -> dict:
+  """Merges ``record`` into the workdir's results of the same step (see the module docstring)."""
+  path = os.path.join(workdir, RESULTS_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = upgrade(json.load(f))
+    if saved.get("step") == record["step"]:
+      record = {**record, "results": {**saved["results"], **record["results"]}}
+    else:
+      os.replace(path, os.path.join(workdir, f"eval_results_step{saved.get('step')}.json"))
+  with open(path, "w") as f:
+    json.dump(record, f, indent=2)
+  return record
+
+
+def evaluate_run(workdir: str, step: int | None = None, max_batches: int | None = None,
+                 suite: str = "default", *, passkey_options: dict | None = None
+                 ) -> dict[str, Any]:
+  """Runs ``suite`` on the checkpoint ``step`` (default: latest) of ``workdir``; returns and
+  writes ``{"step", "task", "attention", "suite", "results": {EVALUATOR: metrics}}`` (merged with
+  the saved results of the same step). ``passkey_options``: ``lengths``, ``depths``, ``trials``."""
+  config = load_config(workdir)
+  names = evaluators.suite_for(suite, config.task)  # fail before restoring anything
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_for(config.sharding)
+  state = restore(workdir, config, step, mesh, rules)
   data = data_lib.build(config, jax.process_index(), jax.process_count())
   eval_step = jax.jit(steps.make_eval_step(train_state.graphdef_of(config.model)))
-  evaluate = evaluators.for_task(config.task).evaluate
-  is_classifier = config.task == "classification"
-  if is_classifier:  # classifiers report their held-out test split, language models validation
-    evaluate = functools.partial(evaluate, split=config.data.test_split)
+  run = Run(workdir, config, state, data, mesh, eval_step, max_batches)
+  results = {}
   with sharding.use(mesh, rules):
-    metrics = evaluate(eval_step, state, data, config.eval.batch_size, max_batches,
-                       lambda b: sharding.global_batch_from_local(b, mesh))
-  results = {"step": int(state.step), "task": config.task,
-             "attention": config.model.attention.name}
-  if is_classifier:
-    results.update(split=config.data.test_split, test=metrics)
-  else:
-    results["validation"] = metrics
+    for name in names:
+      results[name] = EVALUATORS[name](run, passkey_options or {})
+  record = {"step": int(state.step), "task": config.task,
+            "attention": config.model.attention.name, "suite": suite, "results": results}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
-      json.dump(results, f, indent=2)
-  return results
+    record = save_results(workdir, record)
+  return record
+
+
+def summary(record: dict) -> list[str]:
+  """One line per evaluator."""
+  lines = [f"step {record['step']} | {record['task']} | attention {record['attention']}"]
+  for name, m in record["results"].items():
+    if name == "perplexity":
+      lines.append(f"  perplexity: validation loss {m['loss']:.4f} | perplexity "
+                   f"{m['perplexity']:.3f} | bits/byte {m['bits_per_byte']:.4f} "
+                   f"({m['tokens']} tokens)")
+    elif name == "classification":
+      lines.append(f"  classification: test loss {m['loss']:.4f} | top-1 {m['accuracy']:.4f} "
+                   f"({m['examples']} images of {m['split']})")
+    elif name == "mqar":
+      lines.append(f"  mqar: accuracy {m['accuracy']:.4f} (training slices)"
+                   + (f" | longer {m['accuracy_longer']:.4f}" if "accuracy_longer" in m else ""))
+      for s in m["slices"]:
+        lines.append(f"    T={s['seq_len']:<5d} kv={s['num_kv_pairs']:<4d} accuracy "
+                     f"{s['accuracy']:.4f} ({s['examples']} examples"
+                     + (", trained" if s["trained"] else "") + ")")
+    elif name == "passkey":
+      lines.append(f"  passkey: exact {m['accuracy']:.4f} | digits {m['digit_accuracy']:.4f} "
+                   f"({m['trials']} trials per cell; heat map {m.get('heatmap')})")
+      matrix = passkey.accuracy_matrix(m)
+      lines.append("    length \\ depth " + " ".join(f"{d:>5.0%}" for d in m["depths"]))
+      for length, row in zip(m["lengths"], matrix):
+        lines.append(f"    {length:>14d} " + " ".join(f"{v:5.2f}" for v in row))
+  return lines
 
 
 def main(argv):
@@ -85,22 +269,21 @@ def main(argv):
     raise app.UsageError("--workdir is required.")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  options = {"lengths": FLAGS.passkey_lengths, "depths": FLAGS.passkey_depths,
+             "trials": FLAGS.passkey_trials}
   try:
     # The run's XLA flag sets (e.g. cpu2: two CPU devices), before JAX starts a backend.
     perf.apply_xla_flags(load_config(FLAGS.workdir).train.get("xla_flags", ""))
-    results = evaluate_run(FLAGS.workdir, FLAGS.step, FLAGS.max_batches)
-  except (checkpoint.CheckpointError, data_lib.DatasetMissingError, FileNotFoundError) as e:
+    record = evaluate_run(FLAGS.workdir, FLAGS.step, FLAGS.max_batches, FLAGS.suite,
+                          passkey_options=options)
+  except (checkpoint.CheckpointError, data_lib.DatasetMissingError, FileNotFoundError,
+          ValueError) as e:
+    if os.environ.get("ARCH_ZOO_DEBUG"):
+      raise
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  if "test" in results:
-    t = results["test"]
-    print(f"step {results['step']}: test loss {t['loss']:.4f} | top-1 {t['accuracy']:.4f} "
-          f"({t['examples']} images of {results['split']})")
-  else:
-    v = results["validation"]
-    print(f"step {results['step']}: validation loss {v['loss']:.4f} | perplexity "
-          f"{v['perplexity']:.3f} | bits/byte {v['bits_per_byte']:.4f} ({v['tokens']} tokens)")
-  print(json.dumps(results))
+  print("\n".join(summary(record)))
+  print(json.dumps(record))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@ r"""Trains a model from a config: the one training loop of arch_zoo.
     python train.py --config configs/lm.py:attn=mha,size=S --workdir runs/lm_mha_S
     python train.py --config configs/lm.py:attn=mha,size=S --workdir runs/x --config.train.steps=200
     python train.py --config configs/vit.py:attn=mha,size=S --workdir runs/vit_mha_S
+    python train.py --config configs/recall.py:attn=mha,size=S,task=mqar --workdir runs/mqar_S
 
 Re-running the same command resumes from the latest checkpoint in ``--workdir`` and continues the
 exact run (same batches, same randomness, same losses). The loop reads top to bottom:
 flags -> config -> mesh -> data -> model -> restore -> jit step -> loop -> final evaluation.
-The task (``lm`` or ``classification``) picks the data, the evaluator and the throughput unit;
-the loop itself is the same for both.
+The task (``lm``, ``classification`` or ``mqar``) picks the data, the evaluator and the throughput
+unit (tokens/s, images/s, tokens/s); the loop itself is the same for all. MQAR trains the language
+model with loss only on the answers (the batch weights) and validates with its answer accuracy.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def define_flags() -> None:
 CONFIG_FILE = "config.json"
 FINAL_METRICS_FILE = "final_metrics.json"
 # Config keys that define the run; a workdir holding a run with different values is refused.
-IDENTITY_KEYS = ("task", "seed", "model", "data.name", "data.seq_len", "data.tokenizer")
+IDENTITY_KEYS = ("task", "seed", "model", "data.name", "data.seq_len", "data.tokenizer",
+                 "data.seed", "data.vocab_size", "data.train_slices", "data.random_non_queries")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -124,7 +127,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
 
   data = data_lib.build(config, jax.process_index(), jax.process_count())
   evaluator = evaluators.for_task(config.task)
-  if config.task == "lm" and config.model.vocab_size < data.vocab_size:
+  if config.task in ("lm", "mqar") and config.model.vocab_size < data.vocab_size:
     raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
                      f"tokenizer's {data.vocab_size}.")
 
@@ -189,9 +192,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
           f"The training loss became {logged['train/loss']} in steps ({window[0]}, {window[1]}]. "
           f"No checkpoint was written after it; the last good one is step {ckpt.latest_step()} in "
           f"{ckpt.directory}. Lower optim.learning_rate or raise optim.warmup_steps, then resume.")
+    progress.update(step, logged["train/loss"])  # first: the rate then includes this window
     logged["train/throughput"] = progress.rate
     writer.write(step, logged)
-    progress.update(step, logged["train/loss"])
 
   with sharding.use(mesh, rules):
     while step < min(total_steps, stop_at):
@@ -234,6 +237,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def format_final(final: dict[str, Any]) -> str:
+  if "answers" in final:  # MQAR: accuracy over the answers of the training slices' test sets
+    return f"validation loss {final['loss']:.4f} | MQAR accuracy {final['accuracy']:.4f}"
   keys = [("loss", "validation loss {:.4f}"), ("perplexity", "perplexity {:.3f}"),
           ("bits_per_byte", "bits/byte {:.4f}"), ("accuracy", "top-1 {:.4f}")]
   return " | ".join(fmt.format(final[k]) for k, fmt in keys if k in final)

@@ -117,13 +117,58 @@ def vit_flops_per_image(model_cfg: ConfigDict) -> dict[str, float]:
                         "QK^T and AV are counted over all token pairs"}
 
 
-def flops_per_token(config: ConfigDict) -> dict[str, Any]:
-  """Model FLOPs per unit of throughput: per token for language models, per image for ViTs."""
+def mqar_seq_len(data_cfg: ConfigDict) -> int:
+  """The longest training sequence of an MQAR config (``train_slices="64:4,128:8"`` -> 128)."""
+  from arch_zoo.data.synthetic import parse_slices
+  return max(s.seq_len for s in parse_slices(data_cfg.train_slices))
+
+
+def sequence_length(config: ConfigDict) -> int:
+  """Tokens per training sequence: ``data.seq_len``, MQAR's longest training slice, the ViT's
+  patches (+ class token)."""
   if config.task == "lm":
-    return lm_flops_per_token(config.model, config.data.seq_len)
+    return config.data.seq_len
+  if config.task == "mqar":
+    return mqar_seq_len(config.data)
   if config.task == "classification":
-    return vit_flops_per_image(config.model)
+    return vit_tokens(config.model)
+  raise ValueError(f"Unknown task {config.task!r}; valid: lm, mqar, classification.")
+
+
+def flops_per_token(config: ConfigDict) -> dict[str, Any]:
+  """Model FLOPs per unit of throughput: per token for language models (MQAR: the LM backbone at
+  its longest training slice, shorter ones being padded), per image for ViTs (and per token, the
+  image's FLOPs over its tokens)."""
+  if config.task in ("lm", "mqar"):
+    return lm_flops_per_token(config.model, sequence_length(config))
+  if config.task == "classification":
+    flops = vit_flops_per_image(config.model)
+    return {**flops, "train_flops_per_token": flops["train_flops_per_image"] / flops["tokens"]}
   return {}
+
+
+def state_elements(config: ConfigDict) -> dict[str, Any]:
+  """Decode-time state ("state size") of the attention layers, in elements per sequence.
+
+  Softmax families keep a KV cache: ``per_token`` elements for every token of context; lightning
+  keeps a ``fixed`` recurrent state whatever the context (``attention.state_size`` per family).
+  ``per_layer_*`` are means over the layers (equal to every layer's value unless
+  ``layer_pattern`` mixes families); ``at_seq_len`` is the whole stack's state at the training
+  sequence length (``seq_len``)."""
+  model_cfg = config.model
+  seq_len = sequence_length(config)
+  per_token = fixed = 0.0
+  names = layer_names(model_cfg)
+  for i, name in enumerate(names):
+    options = attention.make_options(name, **attention_options(model_cfg, name))
+    size = attention.state_size(name, dims_for(model_cfg, i), options)
+    per_token += size.per_token
+    fixed += size.fixed
+  return {"per_layer_per_token": per_token / len(names), "per_layer_fixed": fixed / len(names),
+          "at_seq_len": per_token * seq_len + fixed, "seq_len": seq_len,
+          "num_layers": len(names),
+          "definition": "elements a layer keeps to produce the next token: KV cache (per token of "
+                        "context) + recurrent state (fixed)"}
 
 
 def write_run_info(workdir: str, config: ConfigDict, params, extra: dict[str, Any] | None = None
@@ -137,6 +182,7 @@ def write_run_info(workdir: str, config: ConfigDict, params, extra: dict[str, An
       "devices": device_info(),
       "parameters": parameter_counts(params),
       "flops": flops_per_token(config),
+      "state_elements": state_elements(config),
       "config": json.loads(config.to_json_best_effort()),
       **(extra or {}),
   }

@@ -43,39 +43,16 @@ def jax_matmul_peak() -> float:
 
 
 def run_ours(args) -> dict:
-  import jax
-  import jax.numpy as jnp
-
-  from arch_zoo import optim, provenance, sharding, steps, train_state
+  from arch_zoo import provenance
   from configs import lm
 
   config = lm.get_config(f"attn={args.attn},size=124M")
   config.data.seq_len = args.seq_len
   config.train.batch_size = args.batch
   config.model.remat = args.remat
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_for(config.sharding)
-  tx, schedule = optim.build(config.optim, 1000)
-  graphdef, state, shardings = train_state.create(config, mesh, rules, tx)
-  step = jax.jit(steps.make_train_step(graphdef, tx, schedule, jax.random.key(0)),
-                 in_shardings=(shardings, None), out_shardings=(shardings, None),
-                 donate_argnums=(0,))
-  tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq_len + 1), 0, 50257,
-                              jnp.int32)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-           "weights": jnp.ones((args.batch, args.seq_len), jnp.float32)}
-  holder = {"state": state}
-
-  def run_block(k):
-    for _ in range(k):
-      holder["state"], metrics = step(holder["state"], batch)
-    float(metrics["train/loss"])
-
-  with sharding.use(mesh, rules):
-    start = time.perf_counter()
-    run_block(1)
-    print(f"ours compiled in {time.perf_counter() - start:.0f}s", flush=True)
-    stats = common.time_steps(run_block, steps_per_sample=args.steps, samples=args.samples)
+  step = common.TrainStep(config, common.random_lm_batch(args.batch, args.seq_len, 50257))
+  stats, compile_s = step.time(steps_per_sample=args.steps, samples=args.samples)
+  print(f"ours compiled in {compile_s:.0f}s", flush=True)
   flops = provenance.lm_flops_per_token(config.model, args.seq_len)
   return {"stats": stats, "flops_per_token": flops["train_flops_per_token"],
           "flops_per_token_noncausal": flops["train_flops_per_token_noncausal"],

@@ -68,10 +68,7 @@ def matmul_peak(n: int) -> float:
 
 def run_flag_set(args) -> None:
   """Child: XLA_FLAGS is already set by the parent; runs every setting of one flag set."""
-  import jax
-  import jax.numpy as jnp
-
-  from arch_zoo import optim, provenance, sharding, steps, train_state
+  from arch_zoo import provenance
   from configs import lm
 
   result = {"flag_set": args.flag_set, "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -99,31 +96,11 @@ def run_flag_set(args) -> None:
       config.model.attention.fused_qkv = setting["fused_qkv"]
       config.model.scan_layers = setting["scan_layers"]
     try:
-      mesh = sharding.make_mesh(config.mesh)
-      rules = sharding.rules_for(config.sharding)
-      tx, schedule = optim.build(config.optim, 1000)
-      graphdef, state, shardings = train_state.create(config, mesh, rules, tx)
-      step = jax.jit(steps.make_train_step(graphdef, tx, schedule, jax.random.key(0)),
-                     in_shardings=(shardings, None), out_shardings=(shardings, None),
-                     donate_argnums=(0,))
       vocab = min(config.model.vocab_size, 50257)
-      tokens = jax.random.randint(jax.random.key(1), (setting["batch"], args.seq_len + 1), 0,
-                                  vocab, jnp.int32)
-      batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-               "weights": jnp.ones((setting["batch"], args.seq_len), jnp.float32)}
-      holder = {"state": state}
-
-      def run_block(k):
-        for _ in range(k):
-          holder["state"], metrics = step(holder["state"], batch)
-        float(metrics["train/loss"])
-
-      with sharding.use(mesh, rules):
-        start = time.perf_counter()
-        run_block(1)
-        row["compile_s"] = time.perf_counter() - start
-        stats = common.time_steps(run_block, steps_per_sample=args.steps, samples=args.samples)
-      del holder, state
+      step = common.TrainStep(config,
+                              common.random_lm_batch(setting["batch"], args.seq_len, vocab))
+      stats, row["compile_s"] = step.time(steps_per_sample=args.steps, samples=args.samples)
+      del step
     except Exception as e:  # noqa: BLE001  (an OOM is a result of the sweep)
       row["skipped"] = "error: " + str(e).splitlines()[0][:300]
       save()

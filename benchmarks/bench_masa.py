@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,9 +40,8 @@ VARIANTS = {
 def run_variant(variant: str, size: str, seq_len: int, batch: int, steps_per_sample: int,
                 samples: int) -> dict:
   import jax
-  import jax.numpy as jnp
 
-  from arch_zoo import optim, provenance, sharding, steps, train_state
+  from arch_zoo import provenance
   from configs import lm
 
   attn, options = VARIANTS[variant]
@@ -51,31 +49,11 @@ def run_variant(variant: str, size: str, seq_len: int, batch: int, steps_per_sam
   config.data.seq_len = seq_len
   config.train.batch_size = batch
   config.model.attention.update(options)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_for(config.sharding)
-  tx, schedule = optim.build(config.optim, 1000)
-  graphdef, state, shardings = train_state.create(config, mesh, rules, tx)
-  step = jax.jit(steps.make_train_step(graphdef, tx, schedule, jax.random.key(0)),
-                 in_shardings=(shardings, None), out_shardings=(shardings, None),
-                 donate_argnums=(0,))
   vocab = min(config.model.vocab_size, 50257)
-  tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + 1), 0, vocab, jnp.int32)
-  batch_arrays = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                  "weights": jnp.ones((batch, seq_len), jnp.float32)}
-  holder = {"state": state}
-
-  def run_block(k):
-    for _ in range(k):
-      holder["state"], step_metrics = step(holder["state"], batch_arrays)
-    float(step_metrics["train/loss"])
-
-  with sharding.use(mesh, rules):
-    start = time.perf_counter()
-    run_block(1)
-    compile_s = time.perf_counter() - start
-    print(f"{variant}: compiled in {compile_s:.0f}s", flush=True)
-    stats = common.time_steps(run_block, steps_per_sample=steps_per_sample, samples=samples)
-  params = provenance.parameter_counts(holder["state"].params)
+  step = common.TrainStep(config, common.random_lm_batch(batch, seq_len, vocab))
+  stats, compile_s = step.time(steps_per_sample=steps_per_sample, samples=samples)
+  print(f"{variant}: compiled in {compile_s:.0f}s", flush=True)
+  params = provenance.parameter_counts(step.state.params)
   flops = provenance.lm_flops_per_token(config.model, seq_len)
   return {"attention_config": {k: v for k, v in config.model.attention.items()},
           "parameters": params, "stats": stats, "compile_s": compile_s,

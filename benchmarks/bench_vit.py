@@ -67,37 +67,20 @@ def run_ours(args) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from arch_zoo import optim, provenance, sharding, steps, train_state
+  from arch_zoo import provenance
   from arch_zoo.attention import kernels
   from benchmarks.bench_lm import jax_matmul_peak
 
   config = our_config(args)
   m = config.model
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_for(config.sharding)
-  tx, schedule = optim.build(config.optim, 1000)
-  graphdef, state, shardings = train_state.create(config, mesh, rules, tx)
-  step = jax.jit(steps.make_train_step(graphdef, tx, schedule, jax.random.key(0)),
-                 in_shardings=(shardings, None), out_shardings=(shardings, None),
-                 donate_argnums=(0,))
   k1, k2 = jax.random.split(jax.random.key(1))
   batch = {"inputs": jax.random.normal(k1, (args.batch, m.image_size, m.image_size,
                                             m.num_channels), jnp.float32),
            "targets": jax.random.randint(k2, (args.batch,), 0, m.num_classes, jnp.int32),
            "weights": jnp.ones((args.batch,), jnp.float32)}
-  holder = {"state": state}
-
-  def run_block(k):
-    for _ in range(k):
-      holder["state"], metrics = step(holder["state"], batch)
-    float(metrics["train/loss"])
-
-  with sharding.use(mesh, rules):
-    start = time.perf_counter()
-    run_block(1)
-    compile_s = time.perf_counter() - start
-    print(f"ours compiled in {compile_s:.0f}s", flush=True)
-    stats = common.time_steps(run_block, steps_per_sample=args.steps, samples=args.samples)
+  stats, compile_s = common.TrainStep(config, batch).time(steps_per_sample=args.steps,
+                                                         samples=args.samples)
+  print(f"ours compiled in {compile_s:.0f}s", flush=True)
   flops = provenance.vit_flops_per_image(m)
   dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
   probe = jnp.zeros((1, flops["tokens"], m.num_heads, m.d_model // m.num_heads), dtype)

@@ -59,3 +59,56 @@ def write(path: str, record: dict[str, Any]) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(record, f, indent=2)
+
+
+def random_lm_batch(batch: int, seq_len: int, vocab: int) -> dict[str, Any]:
+  """A device-resident batch of random tokens in ``train.py``'s batch format."""
+  import jax
+  import jax.numpy as jnp
+
+  tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + 1), 0, vocab, jnp.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "weights": jnp.ones((batch, seq_len), jnp.float32)}
+
+
+class TrainStep:
+  """The training step ``train.py`` runs for ``config`` (same state creation, shardings, donation
+  and jitted step), on one fixed device-resident batch, for benchmarks to time.
+
+  ``run_block(k)`` runs k steps and waits for the last one; ``compile()`` runs the first step and
+  returns its seconds (compilation included); ``metrics`` and ``state`` are the latest ones.
+  """
+
+  def __init__(self, config, batch: dict[str, Any]):
+    import jax
+
+    from arch_zoo import optim, sharding, steps, train_state
+
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.rules = sharding.rules_for(config.sharding)
+    tx, schedule = optim.build(config.optim, 1000)
+    self.graphdef, self.state, shardings = train_state.create(config, self.mesh, self.rules, tx)
+    self._step = jax.jit(steps.make_train_step(self.graphdef, tx, schedule, jax.random.key(0)),
+                         in_shardings=(shardings, None), out_shardings=(shardings, None),
+                         donate_argnums=(0,))
+    self.batch = batch
+    self.metrics = None
+
+  def run_block(self, k: int) -> None:
+    for _ in range(k):
+      self.state, self.metrics = self._step(self.state, self.batch)
+    float(self.metrics["train/loss"])
+
+  def compile(self) -> float:
+    start = time.perf_counter()
+    self.run_block(1)
+    return time.perf_counter() - start
+
+  def time(self, *, steps_per_sample: int, samples: int) -> tuple[dict[str, float], float]:
+    """``(stats, compile_s)``: the first step, then the timed samples, under the run's mesh."""
+    from arch_zoo import sharding
+
+    with sharding.use(self.mesh, self.rules):
+      compile_s = self.compile()
+      stats = time_steps(self.run_block, steps_per_sample=steps_per_sample, samples=samples)
+    return stats, compile_s

@@ -78,7 +78,13 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.optim = common.optim_config(learning_rate=size["learning_rate"],
                                      warmup_steps=size["warmup_steps"])
   config.train = common.train_config(steps=size["steps"], batch_size=size["batch_size"])
-  config.eval = ConfigDict(dict(batch_size=size["batch_size"] * 4))
+  config.eval = ConfigDict(dict(
+      batch_size=size["batch_size"] * 4,
+      # `eval.py --suite recall|all`: passkey retrieval in validation-corpus filler. Lengths
+      # (tokens, answer included; "": 1/4, 1/2 and 1 x data.seq_len) may exceed seq_len to test
+      # extrapolation; depths are fractions of the filler before the passkey.
+      passkey=ConfigDict(dict(lengths="", depths="0,0.25,0.5,0.75,1", trials=20)),
+  ))
   config.mesh, config.sharding = common.mesh_config("dp")
   if arg.size == "test":
     config.train.update(log_every=5, eval_every=10, eval_batches=2, checkpoint_every=10)

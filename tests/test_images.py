@@ -6,7 +6,6 @@ import struct
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 tfds = pytest.importorskip("tensorflow_datasets")  # the GPU image has no TFDS
 

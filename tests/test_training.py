@@ -48,10 +48,12 @@ def test_resume_is_exact(austen_data_dir, tmp_path):
 
 def test_eval_restores_and_matches_the_final_validation(austen_data_dir, tmp_path):
   final = train.train_and_evaluate(config_for(austen_data_dir, steps=10), str(tmp_path))
-  results = eval_lib.evaluate_run(str(tmp_path))
-  assert results["step"] == 10
-  np.testing.assert_allclose(results["validation"]["loss"], final["loss"], rtol=1e-6)
-  assert json.load(open(tmp_path / "eval_results.json"))["validation"]["bits_per_byte"] > 0
+  record = eval_lib.evaluate_run(str(tmp_path))
+  assert record["step"] == 10 and record["suite"] == "default"
+  assert list(record["results"]) == ["perplexity"]
+  np.testing.assert_allclose(record["results"]["perplexity"]["loss"], final["loss"], rtol=1e-6)
+  saved = json.load(open(tmp_path / "eval_results.json"))
+  assert saved["results"]["perplexity"]["bits_per_byte"] > 0 and saved["task"] == "lm"
 
 
 def test_checkpoint_round_trip_is_bitwise(austen_data_dir, tmp_path):

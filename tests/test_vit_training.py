@@ -5,6 +5,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 import eval as eval_lib
 import train
@@ -52,9 +53,15 @@ def test_resume_is_exact_and_eval_restores_the_test_accuracy(fashion_mnist_data_
                             "train_throughput": resumed["train_throughput"]}
   # eval.py restores the last checkpoint and reports the test split, here also the validation
   # split: the same numbers as the end of training.
-  results = eval_lib.evaluate_run(split_dir)
-  assert results["step"] == 20 and results["split"] == "test[:200]"
-  np.testing.assert_allclose(results["test"]["loss"], resumed["loss"], rtol=1e-6)
-  assert results["test"]["accuracy"] == resumed["accuracy"]
+  record = eval_lib.evaluate_run(split_dir)
+  test = record["results"]["classification"]
+  assert record["step"] == 20 and test["split"] == "test[:200]"
+  np.testing.assert_allclose(test["loss"], resumed["loss"], rtol=1e-6)
+  assert test["accuracy"] == resumed["accuracy"]
   saved = json.load(open(tmp_path / "split" / "eval_results.json"))
-  assert saved["test"]["examples"] == 200 and saved["task"] == "classification"
+  assert saved["results"]["classification"]["examples"] == 200
+  assert saved["task"] == "classification" and saved["suite"] == "default"
+  # No recall probe fits an image classifier: a clear error, and the saved results stay.
+  with pytest.raises(ValueError, match="No recall evaluator fits a classification run"):
+    eval_lib.evaluate_run(split_dir, suite="recall")
+  assert json.load(open(tmp_path / "split" / "eval_results.json")) == saved

@@ -148,6 +148,32 @@ def build(name: str, *, rngs: nnx.Rngs | None = None, **options) -> nnx.Module:
   return fam.module(dims, opts, rngs=rngs if rngs is not None else nnx.Rngs(0))
 
 
+@dataclasses.dataclass(frozen=True)
+class StateSize:
+  """What one layer must keep in memory to produce the next token (the decode-time state), in
+  elements per sequence: ``per_token`` elements for every token of context (a KV cache) plus
+  ``fixed`` elements that do not grow with the context (a recurrent state). For a context of T
+  tokens the layer holds ``per_token * T + fixed`` elements."""
+
+  per_token: float
+  fixed: float = 0.0
+
+  def at(self, length: int) -> float:
+    return self.per_token * length + self.fixed
+
+
+def state_size(name: str, dims: Dims, options) -> StateSize:
+  """The decode-time state of one layer of family ``name``. A family defines a static
+  ``state_size(dims, options)`` when it differs from the default: softmax attention with a full
+  KV cache, ``2 * kv_heads * head_dim`` elements per token (``options.num_kv_heads`` when the
+  family has it, 0 meaning ``num_heads``)."""
+  module = family(name).module
+  if hasattr(module, "state_size"):
+    return module.state_size(dims, options)
+  kv = getattr(options, "num_kv_heads", 0) or dims.num_heads
+  return StateSize(per_token=2 * kv * dims.head_dim)
+
+
 def merge_aux(per_layer: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
   """Averages each aux key over the layers that return it (MoH's code averages its loss too)."""
   sums: dict[str, list[jax.Array]] = {}

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from arch_zoo.attention import linear_kernels
-from arch_zoo.attention.base import Context, Dims, check_choice, register
+from arch_zoo.attention.base import Context, Dims, StateSize, check_choice, register
 from arch_zoo.attention.mha import output_projection
 from arch_zoo.layers import Dense
 
@@ -172,6 +172,12 @@ class LightningAttention(nnx.Module):
     q, k, v = (a[:, 0] for a in self._qkv(x))
     o, state = linear_kernels.recurrent_step(state, q, k, v, self.slopes_array())
     return self._output(x, o[:, None]), state
+
+  @staticmethod
+  def state_size(dims: Dims, options: LightningOptions) -> StateSize:
+    """Decoding keeps one ``D x D`` state ``sum_s decay^(t-s) k_s v_s^T`` per head and no cache."""
+    del options
+    return StateSize(per_token=0, fixed=dims.num_heads * dims.head_dim * dims.head_dim)
 
   @staticmethod
   def flops_per_token(dims: Dims, options: LightningOptions, seq_len: int, causal: bool) -> float:

@@ -10,9 +10,9 @@ Why the work is split this way:
 
 * The Lightning algorithm is sequential over chunks. One program per (batch, head) would leave
   most of an H100 idle at long T (B*H = 32 programs at T = 32K, B*T = 64K, H = 16). So the
-  sequence is cut into *segments* of ``segment_len`` tokens (1024), and every (batch, head,
-  segment, value block) is one program: the grid, and the work of each program, are then the
-  same for every T at a fixed number of tokens.
+  sequence is cut into *segments*, and every (batch, head, segment, value block) is one program.
+  Segment boundaries cost a state pass, so by default a sequence is cut only until the grid has
+  ``min_programs`` programs (``segment_len = 0``); a fixed ``segment_len`` is also accepted.
 * A segment needs the state of all the tokens before it. A first, cheap kernel sums each
   segment's ``k v^T`` (decayed to the segment's end); XLA combines those in a short float32
   prefix over segments (``lam^(segment_len)`` between neighbours); the output kernel then runs

@@ -71,4 +71,7 @@ def build(config, process_index: int = 0, process_count: int = 1):
     from arch_zoo.data.images import ImageClassificationData
     return ImageClassificationData(config.data, config.model, config.seed, process_index,
                                    process_count)
-  raise ValueError(f"Unknown task {config.task!r}; valid: lm, classification.")
+  if config.task == "mqar":
+    from arch_zoo.data.synthetic import MQARData
+    return MQARData(config.data, config.seed, process_index, process_count)
+  raise ValueError(f"Unknown task {config.task!r}; valid: lm, classification, mqar.")

@@ -31,7 +31,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from arch_zoo.data import default_data_dir, require_prepared
+from arch_zoo.data import batching, default_data_dir, require_prepared
 from arch_zoo.registry import check_choice
 
 CROPS = ("none", "pad", "random_resized")
@@ -230,11 +230,7 @@ class ImageClassificationData:
     return self._splits[split]
 
   def local_rows(self, global_batch: int) -> slice:
-    if global_batch % self.process_count:
-      raise ValueError(f"Global batch {global_batch} is not divisible by {self.process_count} "
-                       "processes.")
-    per = global_batch // self.process_count
-    return slice(self.process_index * per, (self.process_index + 1) * per)
+    return batching.local_rows(global_batch, self.process_index, self.process_count)
 
   # ---------------------------------------------------------------- preprocessing
 

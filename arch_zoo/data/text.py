@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from arch_zoo.data import require_prepared, tokenizers
+from arch_zoo.data import batching, require_prepared, tokenizers
 
 
 @dataclasses.dataclass
@@ -123,11 +123,7 @@ class LanguageModelingData:
     return self.tokenizer.vocab_size
 
   def local_rows(self, global_batch: int) -> slice:
-    if global_batch % self.process_count:
-      raise ValueError(f"Global batch {global_batch} is not divisible by {self.process_count} "
-                       "processes.")
-    per = global_batch // self.process_count
-    return slice(self.process_index * per, (self.process_index + 1) * per)
+    return batching.local_rows(global_batch, self.process_index, self.process_count)
 
   def train_batch(self, first_sample: int, global_batch: int) -> dict[str, np.ndarray]:
     """This process's rows of global samples ``[first_sample, first_sample + global_batch)``."""

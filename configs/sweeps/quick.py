@@ -1,0 +1,108 @@
+r"""The default offline comparison for the 2-core CPU machine: all six attention families on the
+small LM (Jane Austen, bytes), on MQAR and on the small ViT (Fashion-MNIST), 2 seeds each
+(36 runs), plus the paper claims it can check at this scale.
+
+    python compare.py --sweep configs/sweeps/quick.py --workdir runs/quick --out docs/results
+
+Budget: under 60 minutes on 2 quiet cores, i.e. about 90 s per run including start-up, compilation,
+training, the final validation and eval.py. The step counts below come from CPU timings of one
+member per task (docs/comparisons.md has the measurements); they are enough for every family to
+leave chance level, not to converge: read the table as "which attention learns faster here",
+not as final quality.
+
+Shared choices, identical for every family of a group:
+
+* 3 layers instead of the configs' 4 (LM and ViT; MQAR has 2): faster, and MASA's default of
+  S = L/3 atoms is then exactly one third of the layers, the setting of its claim.
+* The sparse families get windows smaller than the sequence, so that they are sparse at all at
+  these lengths (their defaults, 2048 and 256, exceed every sequence here and would make them dense
+  softmax attention): dynamic_mask keeps ``keep_window_size`` = T/4 keys per query and routing's
+  local heads see blocks of ``local_window`` = T/4 (its routing heads use C = 4 clusters, so
+  windows of T/4 too). For the ViT (16 patches) both are 8 (T/2).
+* MoH uses its default split: half the heads shared, enough routed heads for 75% of all heads to be
+  active per token (4 heads: 2 shared + 1 of 2 routed).
+* No matching (``match="none"``): MASA's claim is about using fewer attention parameters, so
+  matching would hide it; every table shows params, attention params, FLOPs per token and state
+  size instead. ``configs/sweeps/lm_iso_params.py`` is the same LM comparison at matched parameters.
+"""
+
+LM_STEPS = 300
+MQAR_STEPS = 400
+VIT_STEPS = 200
+FAMILIES = ["mha", "moh", "lightning", "routing", "dynamic_mask", "masa"]
+SEEDS = [0, 1]
+
+
+def quiet(steps: int, log_every: int) -> dict:
+  """Training settings of a short run: loss every ``log_every`` steps (the curves), one checkpoint
+  half-way (a killed sweep resumes from it) and one at the end, no periodic validation."""
+  return {"train.steps": steps, "train.log_every": log_every, "train.eval_every": 0,
+          "train.checkpoint_every": steps // 2, "train.keep_checkpoints": 1}
+
+
+def get_sweep():
+  return [
+      dict(name="lm", config="configs/lm.py", arg="size=S", variants=FAMILIES, seeds=SEEDS,
+           overrides={"model.num_layers": 3, **quiet(LM_STEPS, 20)},
+           attention_overrides={"dynamic_mask": {"model.attention.keep_window_size": 32},
+                                "routing": {"model.attention.local_window": 32}},
+           # eval.py's default suite on an LM is the perplexity train.py already measured over
+           # the whole validation split at the last step: skip the duplicate.
+           suite=None),
+      dict(name="mqar", config="configs/recall.py", arg="size=S,task=mqar", variants=FAMILIES,
+           # Batch 32 instead of the size's 64: MQAR steps cost 4x an LM step's tokens.
+           seeds=SEEDS, overrides={"train.batch_size": 32, **quiet(MQAR_STEPS, 20)},
+           attention_overrides={"dynamic_mask": {"model.attention.keep_window_size": 16},
+                                "routing": {"model.attention.local_window": 16}},
+           suite="default"),
+      dict(name="vit", config="configs/vit.py", arg="size=S", variants=FAMILIES, seeds=SEEDS,
+           overrides={"model.num_layers": 3, **quiet(VIT_STEPS, 20)},
+           attention_overrides={"dynamic_mask": {"model.attention.keep_window_size": 8},
+                                "routing": {"model.attention.local_window": 8}},
+           suite=None),
+  ]
+
+
+def get_claims():
+  return [
+      dict(title="MoH: 75% of the heads vs MHA",
+           paper="MoH with 75% of the heads active per token matches or beats MHA (LLMs from "
+                 "scratch, 6-task average: LLM-S 44.6 vs 43.9, LLM-B 47.8 vs 47.4).",
+           group="lm", variant="moh", baseline="mha", metrics=["bits_per_byte", "perplexity"]),
+      dict(title="MoH on images",
+           paper="MoH-ViT at 75% of the heads matches its baseline on ImageNet-1k (MoH-ViT-B "
+                 "84.9 vs 84.8 top-1; MoH-ViT-S 84.6 vs 84.7).",
+           group="vit", variant="moh", baseline="mha", metrics=["top1"]),
+      dict(title="MASA: S = L/3 atoms vs MHA",
+           paper="Building every layer's Q/K/V/O from S = L/3 shared matrix atoms (1/3 of the "
+                 "attention parameters) keeps or improves quality (110M: WikiText PPL 72.82 vs "
+                 "76.11 for the vanilla Transformer).",
+           group="lm", variant="masa", baseline="mha", metrics=["bits_per_byte", "perplexity"]),
+      dict(title="MASA on images", paper="MASA-ViT (CIFAR-100, S = 4, QKVO) beats its vanilla "
+           "baseline with fewer parameters (41.75 vs 39.40 at 12 layers, width 64).",
+           group="vit", variant="masa", baseline="mha", metrics=["top1"]),
+      dict(title="Lightning vs MHA: perplexity",
+           paper="TransNormerLLM (lightning attention) reaches lower perplexity than a softmax "
+                 "Transformer (Wikitext-103, ~45M: test PPL 24.03 vs 24.78) with a fixed-size "
+                 "state.",
+           group="lm", variant="lightning", baseline="mha",
+           metrics=["bits_per_byte", "perplexity"]),
+      dict(title="Lightning vs MHA: recall (MQAR)",
+           paper="(No recall claim by the paper; Zoology finds that fixed-state models recall "
+                 "worse than attention at equal width.)",
+           group="mqar", variant="lightning", baseline="mha", metrics=["mqar_accuracy"]),
+      dict(title="Dynamic Mask Attention vs MHA",
+           paper="DMA has lower perplexity than MHA at every size from 80M to 1.7B (SmolLM "
+                 "corpus, scaling figure).",
+           group="lm", variant="dynamic_mask", baseline="mha", metrics=["bits_per_byte"]),
+      dict(title="Dynamic Mask Attention vs MHA: recall",
+           paper="The DMA paper reports better MQAR recall than MHA.",
+           group="mqar", variant="dynamic_mask", baseline="mha", metrics=["mqar_accuracy"]),
+      dict(title="Routing Transformer vs MHA",
+           paper="The Routing Transformer reaches lower perplexity than the paper's baseline "
+                 "(Wikitext-103: 15.8 vs 18.3 PPL) at O(n^1.5 d) attention cost.",
+           group="lm", variant="routing", baseline="mha", metrics=["bits_per_byte"]),
+      dict(title="Routing Transformer vs MHA: recall",
+           paper="(Not claimed by the paper; measured for completeness.)",
+           group="mqar", variant="routing", baseline="mha", metrics=["mqar_accuracy"]),
+  ]
