@@ -42,7 +42,8 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from arch_zoo import checkpoint, data as data_lib, evaluators, optim, sharding, steps, train_state
+from arch_zoo import checkpoint, data as data_lib, evaluators, optim, perf, sharding, steps
+from arch_zoo import train_state
 from arch_zoo.evaluators import classification, passkey, perplexity, recall
 
 FLAGS = flags.FLAGS
@@ -271,6 +272,8 @@ def main(argv):
   options = {"lengths": FLAGS.passkey_lengths, "depths": FLAGS.passkey_depths,
              "trials": FLAGS.passkey_trials}
   try:
+    # The run's XLA flag sets (e.g. cpu2: two CPU devices), before JAX starts a backend.
+    perf.apply_xla_flags(load_config(FLAGS.workdir).train.get("xla_flags", ""))
     record = evaluate_run(FLAGS.workdir, FLAGS.step, FLAGS.max_batches, FLAGS.suite,
                           passkey_options=options)
   except (checkpoint.CheckpointError, data_lib.DatasetMissingError, FileNotFoundError,

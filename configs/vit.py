@@ -68,10 +68,12 @@ SIZES = {
                  pool="gap", posemb="learned", mlp="gelu", batch_size=32, steps=20,
                  learning_rate=1e-2, warmup_steps=2, crop="pad", flip=True,
                  data="fashion_mnist_debian"),
+    # The 2-core CPU demo. cpu2 (arch_zoo/perf.py) splits the CPU into two devices so each core
+    # trains half of every batch; one device uses about one core however many threads it has.
     "S": dict(image_size=28, patch_size=7, d_model=64, num_layers=4, num_heads=4, d_ff=256,
-              pool="gap", posemb="sincos2d", mlp="gelu", batch_size=128, steps=2000,
-              learning_rate=2e-3, warmup_steps=100, crop="none", flip=False,
-              data="fashion_mnist_debian"),
+              pool="gap", posemb="sincos2d", mlp="gelu", batch_size=128, steps=5000,
+              learning_rate=3e-3, warmup_steps=200, min_lr_ratio=0.0, crop="none", flip=False,
+              data="fashion_mnist_debian", xla_flags="cpu2"),
     "Ti/16": dict(_STANDARD, d_model=192, num_heads=3, d_ff=768, mlp="gelu"),
     "S/16": dict(_STANDARD, d_model=384, num_heads=6, d_ff=1536, mlp="gelu"),
     "B/16": dict(_STANDARD, d_model=768, num_heads=12, d_ff=3072, mlp="gelu"),
@@ -136,8 +138,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
       )),
   ))
   config.optim = common.optim_config(learning_rate=size["learning_rate"],
-                                     warmup_steps=size["warmup_steps"], b2=0.999)
-  config.train = common.train_config(steps=size["steps"], batch_size=size["batch_size"])
+                                     warmup_steps=size["warmup_steps"], b2=0.999,
+                                     min_lr_ratio=size.get("min_lr_ratio", 0.1))
+  config.train = common.train_config(steps=size["steps"], batch_size=size["batch_size"],
+                                     xla_flags=size.get("xla_flags", ""))
   config.eval = ConfigDict(dict(batch_size=min(size["batch_size"] * 4, 1024)))
   config.mesh, config.sharding = common.mesh_config("dp")
   if arg.size == "test":

@@ -3,6 +3,9 @@ permutation invariance, bidirectional attention, embeddings against independent 
 and FLOPs against the published figures, and config-time refusal of causal-only families."""
 
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from arch_zoo import attention, models, optim, provenance, steps
+from arch_zoo import attention, models, optim, perf, provenance, steps
 from arch_zoo.attention import base
 from arch_zoo.layers import PatchEmbed, sincos_2d_position_embedding
 from configs import vit
@@ -149,6 +152,20 @@ def test_sincos_position_embedding_encodes_row_and_column():
 def abstract_param_count(config):
   model = nnx.eval_shape(lambda: build(config))
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_demo_size_splits_its_batches_over_the_two_cpu_devices_it_asks_for():
+  """Size S (the 2-core CPU demo) names the cpu2 flag set: a fresh JAX then shows two CPU devices,
+  and the train and eval batches split evenly over them (the data-parallel mesh requires it)."""
+  config = vit.get_config("attn=mha,size=S")
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  probe = ("from arch_zoo import perf; import sys; perf.apply_xla_flags(sys.argv[1]); "
+           "import jax; print(jax.device_count())")
+  out = subprocess.run([sys.executable, "-c", probe, config.train.xla_flags], env=env,
+                       capture_output=True, text=True, check=True)
+  devices = int(out.stdout.split()[-1])
+  assert devices == 2
+  assert config.train.batch_size % devices == 0 and config.eval.batch_size % devices == 0
 
 
 @pytest.mark.parametrize("size,published", [("Ti/16", 5.7e6), ("S/16", 22.1e6), ("B/16", 86.6e6)])
