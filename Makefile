@@ -41,7 +41,7 @@ demo-vit: data
 	$(PY) eval.py --workdir $(VIT_DEMO_DIR)
 
 test: data
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q --durations=25
 
 clean-demo:
 	rm -rf $(DEMO_DIR) $(VIT_DEMO_DIR)
