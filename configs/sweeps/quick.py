@@ -56,7 +56,10 @@ def get_sweep():
                                 "routing": {"model.attention.local_window": 16}},
            suite="default"),
       dict(name="vit", config="configs/vit.py", arg="size=S", variants=FAMILIES, seeds=SEEDS,
-           overrides={"model.num_layers": 3, **quiet(VIT_STEPS, 20)},
+           # The sweep's own optimiser settings, not the 5000-step CPU demo recipe of size S.
+           overrides={"model.num_layers": 3, "optim.learning_rate": 2e-3,
+                      "optim.warmup_steps": 100, "optim.min_lr_ratio": 0.1,
+                      "train.xla_flags": "", **quiet(VIT_STEPS, 20)},
            attention_overrides={"dynamic_mask": {"model.attention.keep_window_size": 8},
                                 "routing": {"model.attention.local_window": 8}},
            suite=None),
