@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from arch_zoo import attention, models
+from arch_zoo import attention, metrics, models
 from arch_zoo.attention.base import DIM_FIELDS
 from configs import lm
 
@@ -42,3 +42,9 @@ def build_attention(name: str, seed: int = 0, **kwargs):
   options = attention.make_options(name, **{k: v for k, v in kwargs.items()
                                             if k not in DIM_FIELDS})
   return attn, {name: fam.shared_factory(dims, options, rngs=rngs)()}
+
+
+def train_losses(workdir) -> dict[int, float]:
+  """``{step: train/loss}`` of every logged step of a train.py run."""
+  return {row["step"]: row["train/loss"] for row in metrics.read_metrics(str(workdir))
+          if "train/loss" in row}

@@ -8,12 +8,13 @@ import pytest
 from flax import nnx
 
 import train
-from arch_zoo import attention, metrics
+from arch_zoo import attention
 from arch_zoo.attention import dynamic_mask as dm
 from arch_zoo.attention import dynamic_mask_kernels as dmk
 from arch_zoo.attention import kernels
 from arch_zoo.attention.base import Context
 from configs import lm
+from tests.helpers import train_losses
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 # Jitted: op-by-op dispatch of the chunk loop is what makes eager tests slow on CPU.
@@ -350,11 +351,6 @@ def train_config(data_dir, **train_overrides):
   config.data.data_dir = data_dir
   config.train.update(progress=False, **train_overrides)
   return config
-
-
-def train_losses(workdir):
-  return {row["step"]: row["train/loss"] for row in metrics.read_metrics(workdir)
-          if "train/loss" in row}
 
 
 def test_trains_through_train_py_and_resumes_exactly(austen_data_dir, tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from arch_zoo import attention, metrics, sharding
+from arch_zoo import attention, sharding
 from arch_zoo.attention import lightning, linear_kernels as lk, linear_pallas
 from arch_zoo.attention.base import Context
 
@@ -388,7 +388,7 @@ def test_bidirectional_stack_mixes_every_position():
 
 def test_lm_trains_and_resumes_exactly_through_train_py(austen_data_dir, tmp_path):
   import train
-  from tests.helpers import lm_config
+  from tests.helpers import lm_config, train_losses
 
   def config(**overrides):
     cfg = lm_config("lightning")
@@ -402,9 +402,6 @@ def test_lm_trains_and_resumes_exactly_through_train_py(austen_data_dir, tmp_pat
   assert train.train_and_evaluate(config(stop_at_step=15), split_dir) == {"step": 15}
   resumed = train.train_and_evaluate(config(), split_dir)
 
-  def losses(workdir):
-    return {r["step"]: r["train/loss"] for r in metrics.read_metrics(workdir) if "train/loss" in r}
-
-  assert losses(full_dir) == losses(split_dir)
+  assert train_losses(full_dir) == train_losses(split_dir)
   assert resumed["loss"] == final["loss"]
-  assert losses(full_dir)[30] < losses(full_dir)[5] - 0.5
+  assert train_losses(full_dir)[30] < train_losses(full_dir)[5] - 0.5

@@ -10,11 +10,11 @@ import pytest
 from flax import nnx
 
 import train
-from arch_zoo import attention, metrics, optim, provenance, sharding, steps, train_state
+from arch_zoo import attention, optim, provenance, sharding, steps, train_state
 from arch_zoo.attention import masa
 from arch_zoo.attention.base import Context, Dims
 from arch_zoo.layers.linear import DEFAULT_STDDEV
-from tests.helpers import build_attention, build_lm, lm_config, random_tokens
+from tests.helpers import build_attention, build_lm, lm_config, random_tokens, train_losses
 
 SHARED_TYPES = {"qkvo": ("query", "key", "value", "out"), "qkv": ("query", "key", "value")}
 
@@ -353,11 +353,8 @@ def test_trains_through_train_py_and_resumes_exactly(austen_data_dir, tmp_path):
   assert train.train_and_evaluate(config(stop_at_step=10), split_dir) == {"step": 10}
   resumed = train.train_and_evaluate(config(), split_dir)
 
-  def losses(workdir):
-    return {r["step"]: r["train/loss"] for r in metrics.read_metrics(workdir) if "train/loss" in r}
-
-  assert losses(full_dir) == losses(split_dir)  # bitwise, every logged step
+  assert train_losses(full_dir) == train_losses(split_dir)  # bitwise, every logged step
   assert resumed["loss"] == full["loss"]
-  assert losses(full_dir)[30] < losses(full_dir)[5] - 0.5, losses(full_dir)
+  assert train_losses(full_dir)[30] < train_losses(full_dir)[5] - 0.5, train_losses(full_dir)
   info = json.load(open(tmp_path / "full" / "run_info.json"))
   assert info["parameters"]["attention"] == attention_formula(3, 1, 32, 2, 0, "qkvo")

@@ -11,11 +11,11 @@ import pytest
 
 import eval as eval_lib
 import train
-from arch_zoo import metrics
 from arch_zoo.data import synthetic
 from arch_zoo.data.tokenizers import ByteTokenizer
 from arch_zoo.evaluators import passkey
 from configs import lm, recall
+from tests.helpers import train_losses
 
 
 def test_answers_are_right_by_construction():
@@ -129,11 +129,6 @@ def mqar_config(**train_overrides):
   config = recall.get_config("attn=mha,size=test,task=mqar")
   config.train.update(progress=False, **train_overrides)
   return config
-
-
-def train_losses(workdir):
-  return {row["step"]: row["train/loss"] for row in metrics.read_metrics(workdir)
-          if "train/loss" in row}
 
 
 def test_mqar_resume_is_exact_and_eval_suite_all_scores_every_slice(tmp_path):

@@ -9,12 +9,13 @@ import pytest
 from flax import nnx
 
 import train
-from arch_zoo import attention, checkpoint, metrics, optim, sharding, steps, train_state
+from arch_zoo import attention, checkpoint, optim, sharding, steps, train_state
 from arch_zoo.attention import routing
 from arch_zoo.attention.base import Context
 from arch_zoo.layers import apply_rope
 from arch_zoo.models.block import Stack
 from configs import lm
+from tests.helpers import train_losses
 
 D_MODEL, HEADS = 32, 2  # head_dim 16
 
@@ -459,12 +460,8 @@ def test_resumed_run_continues_with_the_same_centroids(austen_data_dir, tmp_path
   train.train_and_evaluate(run_config(austen_data_dir, steps=40, stop_at_step=10), str(split_dir))
   train.train_and_evaluate(run_config(austen_data_dir, steps=40, stop_at_step=20), str(split_dir))
 
-  def losses(workdir):
-    return {row["step"]: row["train/loss"] for row in metrics.read_metrics(str(workdir))
-            if "train/loss" in row}
-
-  assert losses(full_dir) == losses(split_dir)  # bitwise, every logged step
-  assert losses(full_dir)[20] < losses(full_dir)[5]  # it learns
+  assert train_losses(full_dir) == train_losses(split_dir)  # bitwise, every logged step
+  assert train_losses(full_dir)[20] < train_losses(full_dir)[5]  # it learns
   config = run_config(austen_data_dir, steps=40)
   at_10 = restored_model_state(config, split_dir, 10)
   for a, b in zip(jax.tree.leaves(restored_model_state(config, full_dir, 20)),

@@ -9,8 +9,9 @@ import pytest
 
 import eval as eval_lib
 import train
-from arch_zoo import checkpoint, metrics
+from arch_zoo import checkpoint
 from configs import lm
+from tests.helpers import train_losses
 
 
 def config_for(data_dir, **train_overrides):
@@ -18,11 +19,6 @@ def config_for(data_dir, **train_overrides):
   config.data.data_dir = data_dir
   config.train.update(progress=False, **train_overrides)
   return config
-
-
-def train_losses(workdir):
-  return {row["step"]: row["train/loss"] for row in metrics.read_metrics(workdir)
-          if "train/loss" in row}
 
 
 def test_loss_falls(austen_data_dir, tmp_path):

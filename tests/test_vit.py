@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from arch_zoo import attention, models, optim, perf, provenance, steps
+from arch_zoo import attention, models, optim, provenance, steps
 from arch_zoo.attention import base
 from arch_zoo.layers import PatchEmbed, sincos_2d_position_embedding
 from configs import vit

@@ -9,8 +9,8 @@ import pytest
 
 import eval as eval_lib
 import train
-from arch_zoo import metrics
 from configs import vit
+from tests.helpers import train_losses
 
 
 def config_for(data_dir, train_split="train[:1000]", test_split="test[:200]", **train_overrides):
@@ -21,11 +21,6 @@ def config_for(data_dir, train_split="train[:1000]", test_split="test[:200]", **
                      test_split=test_split)
   config.train.update(progress=False, **train_overrides)
   return config
-
-
-def train_losses(workdir):
-  return {row["step"]: row["train/loss"] for row in metrics.read_metrics(workdir)
-          if "train/loss" in row}
 
 
 def test_loss_falls_and_accuracy_rises(fashion_mnist_data_dir, tmp_path):
