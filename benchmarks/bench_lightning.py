@@ -40,11 +40,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 
 SIDES = ("ours", "fla", "mha", "xla")
-# The first is KernelConfig's default (segments sized by occupancy); the others are the tilings
-# that compile for sm_90 without register spills (benchmarks/pallas_sm90_check.py), and fixed
-# 1024-token segments, the earlier default (20M tokens/s at T = 2K against 35M for one segment).
-DEFAULT_CONFIGS = ("block_e=64,num_warps=4;block_e=64,num_warps=8;block_e=128,num_warps=8;"
-                   "block_e=64,num_warps=4,segment_len=1024")
+# The first is KernelConfig's default, spelled out; then 3 pipeline stages, the earlier default
+# tiling (2 stages, segments until 256 programs, 1024-token state pieces of 64 value columns), and
+# 128 value columns per program. The sweep at --sweep_at keeps the fastest for every length.
+DEFAULT_CONFIGS = ("block_e=64,num_warps=4,num_stages=4;block_e=64,num_warps=4,num_stages=3;"
+                   "num_stages=2,min_programs=256,state_len=1024,state_block_e=64,state_num_warps=4;"
+                   "block_e=128,num_warps=8")
 PARITY = dict(batch=1, seq_len=2048)
 FLATNESS_LIMIT = 0.15  # issue 5: tokens/s varies by at most 15% from 2K to 32K
 

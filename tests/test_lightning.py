@@ -6,6 +6,7 @@ decay schedules against their published formulas; the module end to end (decodin
 training through train.py with resume).
 """
 
+import dataclasses
 import functools
 import math
 
@@ -173,7 +174,8 @@ def test_symmetric_decay_equals_dense(impl):
 # Triton kernel, run by the Pallas interpreter on CPU (and compiled on a GPU when present).
 # ---------------------------------------------------------------------------------------------
 
-INTERPRET = linear_pallas.KernelConfig(interpret=True, segment_len=32, block_e=16)
+# 32-token segments, whose start states are summed from two 16-token pieces each.
+INTERPRET = linear_pallas.KernelConfig(interpret=True, segment_len=32, block_e=16, state_len=16)
 
 
 @pytest.mark.parametrize("t,e", [(80, 32), (64, 16)])  # 3 segments with a padded tail; 2 exact
@@ -198,6 +200,26 @@ def test_pallas_gradients_match_naive_in_interpret_mode():
   naive = grads(lambda q, k, v: lk.causal_reference(q, k, v, SLOPES))
   for got, want in zip(pallas, naive):
     assert_close(got, want)
+
+
+@pytest.mark.parametrize("state_len", [16, 32])  # two pieces per segment, one piece
+@pytest.mark.parametrize("reverse", [False, True])
+def test_start_states_sum_every_earlier_token_with_its_decay(state_len, reverse):
+  """Segment s starts from sum over u before it (after it: reverse) of lam^distance k_u v_u^T,
+  the distance counted to the token next to the segment."""
+  segment_len, t = 32, 96
+  _, k, v = qkv(b=1, t=t, h=4, d=16, e=16)
+  cfg = dataclasses.replace(INTERPRET, chunk_size=16, state_len=state_len)
+  got = linear_pallas.start_states(k, v, SLOPES, segment_len=segment_len, reverse=reverse,
+                                   cfg=cfg)
+  assert got.shape == (1, 4, t // segment_len, 16, 16)
+  for s in range(t // segment_len):
+    start, end = s * segment_len, (s + 1) * segment_len
+    u = np.arange(end, t) if reverse else np.arange(start)
+    distance = (u - end) if reverse else (start - 1 - u)
+    decay = np.exp(-np.asarray(SLOPES)[None, :] * distance[:, None])  # [U, H]
+    want = np.einsum("uh,uhd,uhe->hde", decay, np.asarray(k)[0, u], np.asarray(v)[0, u])
+    np.testing.assert_allclose(got[0, :, s], want, atol=1e-6)
 
 
 def test_pallas_runs_per_shard_of_batch_and_heads_under_a_mesh():

@@ -13,10 +13,10 @@ Why the work is split this way:
   sequence is cut into *segments*, and every (batch, head, segment, value block) is one program.
   Segment boundaries cost a state pass, so by default a sequence is cut only until the grid has
   ``min_programs`` programs (``segment_len = 0``); a fixed ``segment_len`` is also accepted.
-* A segment needs the state of all the tokens before it. A first, cheap kernel sums each
-  segment's ``k v^T`` (decayed to the segment's end); XLA combines those in a short float32
-  prefix over segments (``lam^(segment_len)`` between neighbours); the output kernel then runs
-  the chunked Lightning scan inside each segment from that start state.
+* A segment needs the state of all the tokens before it. A first kernel sums the decayed
+  ``k v^T`` of short pieces in parallel; one fused float32 multiply-and-sum weights each piece by
+  its decay to each segment boundary; the output kernel then runs the chunked Lightning scan inside
+  each segment from that start state.
 * Inside a segment, chunks of ``chunk_size`` tokens: the intra-chunk part is quadratic with the
   decay mask, the inter-chunk part reads the float32 state, as in Lightning Attention-2.
 * The backward pass is the same kernel three more times, with the roles of the arrays permuted:
@@ -52,12 +52,17 @@ class KernelConfig:
 
   chunk_size: int = 64  # tokens per chunk (the official Lightning kernel uses 64)
   block_e: int = 64  # value columns per program; the state tile is [D, block_e] float32
+  num_warps: int = 4
+  num_stages: int = 4  # software pipelining of the chunk loads
   # Tokens per independent program along the sequence. 0 (auto): as few segments as keep the GPU
   # busy, since every extra segment boundary costs a state pass; see _segment_plan.
   segment_len: int = 0
-  min_programs: int = 256  # auto: split the sequence until the grid has this many programs
-  num_warps: int = 4
-  num_stages: int = 2
+  min_programs: int = 128  # auto: split the sequence until the grid has this many programs
+  # The state pass (start_states): tokens per program, and its own tiling (it has no scores).
+  state_len: int = 4096
+  state_block_e: int = 128
+  state_num_warps: int = 8
+  state_num_stages: int = 3
   interpret: bool = False  # run the kernels through the Pallas interpreter (any backend)
 
 
@@ -86,9 +91,8 @@ def _segment_plan(length: int, cfg: KernelConfig, parallel_programs: int = 1) ->
 
   ``parallel_programs`` is the grid size of one segment (value blocks x batch x heads). With
   ``cfg.segment_len = 0`` the sequence is split only as far as needed to reach
-  ``cfg.min_programs`` programs: on an H100, one segment per sequence ran the fwd+bwd at 35M
-  tokens/s at T = 2K against 20M with 1024-token segments (benchmarks/results/lightning_h100.json),
-  because each segment boundary adds a state pass and a prefix over segments.
+  ``cfg.min_programs`` programs, because segments cost state passes: on an H100 the fwd+bwd runs
+  at 43M tokens/s at T = 16K (one segment) and 38M at 32K (two), see docs/attention/lightning.md.
   """
   chunks = -(-length // cfg.chunk_size)
   if cfg.segment_len > 0:
@@ -131,7 +135,7 @@ def _dot(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
 
 
 def _state_kernel(slope_ref, k_ref, v_ref, state_ref, *, chunk: int, reverse: bool):
-  """The segment's own state: ``sum_u lam^(distance to the segment's far end) k_u v_u^T``."""
+  """One piece's own state: ``sum_u lam^(distance to the piece's far end) k_u v_u^T``."""
   slope = slope_ref[...]
   _, _, key_decay, chunk_decay = _chunk_decays(slope, chunk, reverse)
   num_chunks = k_ref.shape[0] // chunk
@@ -170,63 +174,85 @@ def _output_kernel(slope_ref, q_ref, k_ref, v_ref, start_ref, o_ref, *, chunk: i
   jax.lax.fori_loop(0, num_chunks, body, start_ref[...])
 
 
-def _grid_and_specs(shape_q, shape_v, num_segments: int, segment_len: int, cfg: KernelConfig):
+def _grid_and_specs(shape_q, shape_v, num_segments: int, segment_len: int, block_e: int,
+                    first_segment: int = 0):
   """Grid ``(value blocks, segments, batch * heads)``: value blocks vary fastest, so the programs
-  that read the same queries and keys run side by side (L2 reuse)."""
+  that read the same queries and keys run side by side (L2 reuse). Program ``s`` reads segment
+  ``first_segment + s`` and writes state ``s``."""
   b, _, h, d = shape_q
   e = shape_v[-1]
-  block_e = min(cfg.block_e, e)
+  block_e = min(block_e, e)
   grid = (e // block_e, num_segments, b * h)
 
   # One segment of one head of a [B, T, H, X] array: all X columns, or this program's value block.
-  rows = pl.BlockSpec((None, segment_len, None, d), lambda ie, s, bh: (bh // h, s, bh % h, 0))
+  rows = pl.BlockSpec((None, segment_len, None, d),
+                      lambda ie, s, bh: (bh // h, s + first_segment, bh % h, 0))
   value_rows = pl.BlockSpec((None, segment_len, None, block_e),
-                            lambda ie, s, bh: (bh // h, s, bh % h, ie))
+                            lambda ie, s, bh: (bh // h, s + first_segment, bh % h, ie))
   slope = pl.BlockSpec((None,), lambda ie, s, bh: (bh % h,))
   state = pl.BlockSpec((None, None, None, d, block_e),
                        lambda ie, s, bh: (bh // h, bh % h, s, 0, ie))
   return grid, rows, value_rows, slope, state
 
 
-def _compiler_params(cfg: KernelConfig):
+def _compiler_params(cfg: KernelConfig, num_warps: int, num_stages: int):
   if cfg.interpret:
     return None
   from jax.experimental.pallas import triton as pl_triton
 
-  return pl_triton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+  return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def segment_states(k, v, slopes, *, segment_len: int, reverse: bool, cfg: KernelConfig):
-  """``[B, H, S, D, E]`` float32: each segment's own decayed ``sum k v^T`` (no earlier tokens)."""
-  b, t, h, d = k.shape
-  e = v.shape[-1]
-  num_segments = t // segment_len
-  grid, rows, value_rows, slope, state = _grid_and_specs(k.shape, v.shape, num_segments,
-                                                         segment_len, cfg)
+def _pieces_per_segment(segment_len: int, cfg: KernelConfig) -> int:
+  """The state pass cuts each segment into this many pieces of whole chunks, each at least
+  ``cfg.state_len`` tokens long (when the segment is)."""
+  chunks = segment_len // cfg.chunk_size
+  most = max(1, segment_len // cfg.state_len)
+  return max(n for n in range(1, most + 1) if chunks % n == 0)
+
+
+def piece_states(k, v, slopes, *, piece_len: int, first_piece: int, num_pieces: int,
+                 reverse: bool, cfg: KernelConfig):
+  """``[B, H, N, D, E]`` float32: the own ``sum k v^T`` of pieces ``first_piece ..
+  first_piece + N - 1`` of ``piece_len`` tokens, each decayed to its far end (no other tokens)."""
+  b, _, h, d = k.shape
+  grid, rows, value_rows, slope, state = _grid_and_specs(
+      k.shape, v.shape, num_pieces, piece_len, cfg.state_block_e, first_segment=first_piece)
   return pl.pallas_call(
       functools.partial(_state_kernel, chunk=cfg.chunk_size, reverse=reverse),
-      out_shape=jax.ShapeDtypeStruct((b, h, num_segments, d, e), F32),
+      out_shape=jax.ShapeDtypeStruct((b, h, num_pieces, d, v.shape[-1]), F32),
       grid=grid,
       in_specs=[slope, rows, value_rows],
       out_specs=state,
-      compiler_params=_compiler_params(cfg),
+      compiler_params=_compiler_params(cfg, cfg.state_num_warps, cfg.state_num_stages),
       interpret=cfg.interpret,
-      name="lightning_segment_states",
+      name="lightning_piece_states",
   )(slopes.astype(F32), k, v)
 
 
-def start_states(local, slopes, *, segment_len: int, reverse: bool):
-  """State entering each segment: ``sum over earlier segments s' of lam^(L * gap) local[s']``,
-  where ``gap`` counts the whole segments in between (later ones when ``reverse``)."""
-  num_segments = local.shape[2]
-  if num_segments == 1:
-    return jnp.zeros_like(local)
-  s = jnp.arange(num_segments, dtype=F32)
-  gap = (s[None, :] - s[:, None] - 1) if reverse else (s[:, None] - s[None, :] - 1)
-  weight = jnp.where(gap >= 0, jnp.exp(-slopes.astype(F32)[:, None, None] * segment_len
-                                       * jnp.maximum(gap, 0.0)), 0.0)  # [H, S, S']
-  return jnp.einsum("hst,bhtde->bhsde", weight, local, precision=HIGHEST,
-                    preferred_element_type=F32)
+def start_states(k, v, slopes, *, segment_len: int, reverse: bool, cfg: KernelConfig):
+  """``[B, H, S, D, E]`` float32: the state entering each segment, ``sum k v^T`` over every
+  earlier token (later ones when ``reverse``), decayed to the segment's boundary.
+
+  The states of short pieces are summed in parallel (a segment-long loop per program would leave
+  the GPU idle), then a float32 prefix weights piece p for segment s by ``lam^(piece_len * gap)``,
+  ``gap`` = whole pieces in between. No segment reads the last segment's pieces (the first's
+  when ``reverse``), so those are not computed.
+  """
+  num_segments = k.shape[1] // segment_len
+  per_segment = _pieces_per_segment(segment_len, cfg)
+  piece_len = segment_len // per_segment
+  first = per_segment if reverse else 0
+  num_pieces = (num_segments - 1) * per_segment
+  local = piece_states(k, v, slopes, piece_len=piece_len, first_piece=first,
+                       num_pieces=num_pieces, reverse=reverse, cfg=cfg)
+  piece = jnp.arange(num_pieces, dtype=F32)[None, :] + first
+  segment = jnp.arange(num_segments, dtype=F32)[:, None]
+  gap = (piece - (segment + 1) * per_segment) if reverse else (segment * per_segment - piece - 1)
+  weight = jnp.where(gap >= 0, jnp.exp(-slopes.astype(F32)[:, None, None] * piece_len
+                                       * jnp.maximum(gap, 0.0)), 0.0)  # [H, S, N]
+  # A fused multiply-and-sum, exact in float32; cheaper here than a float32 dot at HIGHEST.
+  return jnp.sum(weight[None, :, :, :, None, None] * local[:, :, None], axis=3)
 
 
 def segment_outputs(q, k, v, slopes, start, *, segment_len: int, reverse: bool,
@@ -234,14 +260,14 @@ def segment_outputs(q, k, v, slopes, start, *, segment_len: int, reverse: bool,
   """The output kernel over every (value block, segment, batch * head)."""
   num_segments = q.shape[1] // segment_len
   grid, rows, value_rows, slope, state = _grid_and_specs(q.shape, v.shape, num_segments,
-                                                         segment_len, cfg)
+                                                         segment_len, cfg.block_e)
   return pl.pallas_call(
       functools.partial(_output_kernel, chunk=cfg.chunk_size, reverse=reverse),
       out_shape=jax.ShapeDtypeStruct(v.shape, q.dtype),
       grid=grid,
       in_specs=[slope, rows, rows, value_rows, state],
       out_specs=value_rows,
-      compiler_params=_compiler_params(cfg),
+      compiler_params=_compiler_params(cfg, cfg.num_warps, cfg.num_stages),
       interpret=cfg.interpret,
       name="lightning_outputs",
   )(slopes.astype(F32), q, k, v, start)
@@ -250,8 +276,7 @@ def segment_outputs(q, k, v, slopes, start, *, segment_len: int, reverse: bool,
 def _operator(q, k, v, slopes, start, *, segment_len, reverse, cfg):
   """(Anti-)causal operator of one pass given the start states (computed here when None)."""
   if start is None:
-    local = segment_states(k, v, slopes, segment_len=segment_len, reverse=reverse, cfg=cfg)
-    start = start_states(local, slopes, segment_len=segment_len, reverse=reverse)
+    start = start_states(k, v, slopes, segment_len=segment_len, reverse=reverse, cfg=cfg)
   return segment_outputs(q, k, v, slopes, start, segment_len=segment_len, reverse=reverse,
                          cfg=cfg), start
 
@@ -293,8 +318,7 @@ def _lightning_bwd(segment_len, cfg, residuals, d_out):
   if _no_start_needed(q.shape[1], segment_len):
     suffix = _zero_start(q, d_out)
   else:
-    local = segment_states(q, d_out, slopes, segment_len=segment_len, reverse=True, cfg=cfg)
-    suffix = start_states(local, slopes, segment_len=segment_len, reverse=True)
+    suffix = start_states(q, d_out, slopes, segment_len=segment_len, reverse=True, cfg=cfg)
   d_k, _ = _operator(v, d_out, q, slopes, _transpose_state(suffix), segment_len=segment_len,
                      reverse=True, cfg=cfg)
   d_v, _ = _operator(k, q, d_out, slopes, suffix, segment_len=segment_len, reverse=True, cfg=cfg)
@@ -332,5 +356,5 @@ def lightning_attention(q, k, v, slopes, *, chunk_size: int = 64,
   return out[:, :t] if padded != t else out
 
 
-__all__ = ["KernelConfig", "lightning_attention", "segment_states",
-           "start_states", "unsupported_reason"]
+__all__ = ["KernelConfig", "lightning_attention", "piece_states", "start_states",
+           "unsupported_reason"]
