@@ -1,20 +1,21 @@
 r"""MoH against MHA: training and inference throughput, and the fraction of heads active per token.
 
-    python benchmarks/bench_moh.py --out benchmarks/results/moh_h100.json   # about 4 min, one H100
+    python benchmarks/bench_moh.py --out benchmarks/results/moh_h100.json   # about 6 min, one H100
     python benchmarks/bench_moh.py --smoke --out /tmp/moh_smoke.json        # tiny shapes, any CPU
 
-Two parts; each attention family runs in its own subprocess (no compiled program or GPU memory of
+Three parts; each attention family runs in its own subprocess (no compiled program or GPU memory of
 one side is left to the other), and the JSON is rewritten after every measurement:
 
 * ``lm``: the GPT-2 124M language model of ``configs/lm.py`` (12 layers, d 768, 12 heads, tied
   vocabulary 50304) at T=1024 and 32 sequences per step, as in ``bench_lm.py``: one jitted AdamW
   training step with donation, and one evaluation forward pass (``steps.make_eval_step``, the loss
   sums only, so that no [B, T, V] logits leave the device), both in tokens/s.
+* ``vit``: the whole ViT-S/16 of ``configs/vit.py`` (224x224, 196 patch tokens, gap pooling, 12
+  layers, d 384, 6 heads, 1000 classes) at 256 images per step, the same two steps, in images/s.
 * ``vit_layer``: one attention layer at ViT-S/16 shapes (d 384, 6 heads of 64, batch 256,
   bidirectional, no RoPE, bf16 matmuls): 196 patch tokens, and 197 with a class token (cuDNN refuses
   odd lengths, so 197 runs the XLA kernel for both families). Training = forward and backward with
-  respect to the parameters and the input; inference = forward. The whole ViT-S/16 comparison needs
-  the ViT backbone and is not part of this script.
+  respect to the parameters and the input; inference = forward.
 
 MoH runs with its registry defaults (``attention.md`` section 2.6; for 12 heads: 6 shared + top-3 of
 6 routed = 75% active; for 6 heads: 3 shared + top-2 of 3 = 83%). The fraction of heads active per
@@ -43,6 +44,7 @@ SHAPES = {
     "lm": {"full": dict(size="124M", seq_len=1024, batch=32),
            # 4 heads so that the smoke run routes (2 shared + top-1 of 2); the test size has 2
            "smoke": dict(size="test", seq_len=32, batch=4, num_heads=4)},
+    "vit": {"full": dict(size="S/16", batch=256), "smoke": dict(size="test", batch=4)},
     "vit_layer": {"full": dict(d_model=384, num_heads=6, batch=256, lengths=(196, 197),
                                num_layers=12),
                   "smoke": dict(d_model=48, num_heads=6, batch=4, lengths=(16, 17), num_layers=2)},
@@ -75,59 +77,78 @@ def moh_split(num_heads: int) -> dict:
           "routed_heads": num_heads - shared, "nominal_active_fraction": (shared + top_k) / num_heads}
 
 
-def run_lm(args, shape) -> dict:
+def time_train_and_inference(config, batch: dict, items_per_step: int, rate_key: str,
+                              args) -> dict:
+  """The training step ``train.py`` runs and one evaluation forward pass (``steps.make_eval_step``:
+  loss sums only, so no logits leave the device), each timed on ``batch``; ``items_per_step``
+  tokens (LM, ``rate_key`` tokens_per_s) or images (ViT, images_per_s)."""
   import jax
-  import jax.numpy as jnp
 
-  from arch_zoo import optim, provenance, sharding, steps, train_state
+  from arch_zoo import sharding, steps
+
+  trainer = common.TrainStep(config, batch)
+  eval_step = jax.jit(steps.make_eval_step(trainer.graphdef))
+  result = {}
+  train_stats, train_compile_s = trainer.time(steps_per_sample=args.steps, samples=args.samples)
+
+  def eval_block(k):
+    for _ in range(k):
+      out = eval_step(trainer.state.params, trainer.state.model_state, batch)
+    float(out["nll_sum"])
+
+  with sharding.use(trainer.mesh, trainer.rules):
+    start = time.perf_counter()
+    eval_block(1)
+    eval_compile_s = time.perf_counter() - start
+    eval_stats = common.time_steps(eval_block, steps_per_sample=args.steps, samples=args.samples)
+  for name, stats, compile_s in (("train", train_stats, train_compile_s),
+                                 ("inference", eval_stats, eval_compile_s)):
+    result[name] = {"stats": stats, "compile_and_first_step_s": compile_s,
+                    rate_key: items_per_step / stats["median_s"]}
+  aux = {k[len("train/"):]: v for k, v in jax.device_get(trainer.metrics).items()
+         if k.startswith(("train/metric/", "train/loss/"))}
+  result["routing"] = routing_summary(aux)
+  if args.attn == "moh":
+    result["moh_split"] = moh_split(config.model.num_heads)
+  return result
+
+
+def run_lm(args, shape) -> dict:
+  from arch_zoo import provenance
   from configs import lm
 
   config = lm.get_config(f"attn={args.attn},size={shape['size']}")
   config.data.seq_len = shape["seq_len"]
   config.train.batch_size = shape["batch"]
   config.model.num_heads = shape.get("num_heads", config.model.num_heads)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_for(config.sharding)
-  tx, schedule = optim.build(config.optim, 1000)
-  graphdef, state, shardings = train_state.create(config, mesh, rules, tx)
-  train_step = jax.jit(steps.make_train_step(graphdef, tx, schedule, jax.random.key(0)),
-                       in_shardings=(shardings, None), out_shardings=(shardings, None),
-                       donate_argnums=(0,))
-  eval_step = jax.jit(steps.make_eval_step(graphdef))
   b, t = shape["batch"], shape["seq_len"]
-  tokens = jax.random.randint(jax.random.key(1), (b, t + 1), 0, min(config.model.vocab_size, 50257),
-                              jnp.int32)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-           "weights": jnp.ones((b, t), jnp.float32)}
-  holder = {"state": state, "metrics": None}
-
-  def train_block(k):
-    for _ in range(k):
-      holder["state"], holder["metrics"] = train_step(holder["state"], batch)
-    float(holder["metrics"]["train/loss"])
-
-  def eval_block(k):
-    for _ in range(k):
-      out = eval_step(holder["state"].params, holder["state"].model_state, batch)
-    float(out["nll_sum"])
-
-  result = {"shape": {**shape, "tokens_per_step": b * t}}
-  with sharding.use(mesh, rules):
-    for name, block in (("train", train_block), ("inference", eval_block)):
-      start = time.perf_counter()
-      block(1)
-      compile_s = time.perf_counter() - start
-      stats = common.time_steps(block, steps_per_sample=args.steps, samples=args.samples)
-      result[name] = {"stats": stats, "compile_and_first_step_s": compile_s,
-                      "tokens_per_s": b * t / stats["median_s"]}
-  aux = {k[len("train/"):]: v for k, v in jax.device_get(holder["metrics"]).items()
-         if k.startswith(("train/metric/", "train/loss/"))}
-  result["routing"] = routing_summary(aux)
+  batch = common.random_lm_batch(b, t, min(config.model.vocab_size, 50257))
+  result = {"shape": {**shape, "tokens_per_step": b * t}, **time_train_and_inference(config, batch, b * t, "tokens_per_s", args)}
   flops = provenance.lm_flops_per_token(config.model, t)
   result["model_train_flops_per_token"] = flops["train_flops_per_token"]
-  if args.attn == "moh":
-    result["moh_split"] = moh_split(config.model.num_heads)
   return result
+
+
+def run_vit(args, shape) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from arch_zoo import provenance
+  from configs import vit
+
+  # data=tfds:imagenet2012 only sets the classes (1000) and channels (3); nothing is read.
+  config = vit.get_config(f"attn={args.attn},size={shape['size']},data=tfds:imagenet2012")
+  config.train.batch_size = shape["batch"]
+  m, b = config.model, shape["batch"]
+  k1, k2 = jax.random.split(jax.random.key(1))
+  batch = {"inputs": jax.random.normal(k1, (b, m.image_size, m.image_size, m.num_channels)),
+           "targets": jax.random.randint(k2, (b,), 0, m.num_classes, jnp.int32),
+           "weights": jnp.ones((b,), jnp.float32)}
+  flops = provenance.vit_flops_per_image(m)
+  return {"shape": {**shape, "image_size": m.image_size, "patch_size": m.patch_size,
+                    "tokens": flops["tokens"], "pool": m.pool},
+          **time_train_and_inference(config, batch, b, "images_per_s", args),
+          "model_train_flops_per_image": flops["train_flops_per_image"]}
 
 
 def run_vit_layer(args, shape) -> dict:
@@ -186,7 +207,7 @@ def run_vit_layer(args, shape) -> dict:
 
 def child(args) -> None:
   shape = SHAPES[args.part]["smoke" if args.smoke else "full"]
-  result = run_lm(args, shape) if args.part == "lm" else run_vit_layer(args, shape)
+  result = {"lm": run_lm, "vit": run_vit, "vit_layer": run_vit_layer}[args.part](args, shape)
   result["backend"] = __import__("jax").default_backend()
   result["versions"] = common.versions("jax", "jaxlib", "flax", "optax")
   with open(args.child_out, "w") as f:
@@ -195,12 +216,13 @@ def child(args) -> None:
 
 def add_ratios(record: dict) -> None:
   """MoH throughput over MHA's, measured in the same run."""
-  lm = record["lm"]
-  if all("train" in lm.get(f, {}) for f in FAMILIES):
-    record["lm_moh_over_mha"] = {
-        name: lm["moh"][name]["tokens_per_s"] / lm["mha"][name]["tokens_per_s"]
-        for name in ("train", "inference")}
-  vit = record["vit_layer"]
+  for part, rate_key in (("lm", "tokens_per_s"), ("vit", "images_per_s")):
+    sides = record.get(part, {})
+    if all("train" in sides.get(f, {}) for f in FAMILIES):
+      record[f"{part}_moh_over_mha"] = {
+          name: sides["moh"][name][rate_key] / sides["mha"][name][rate_key]
+          for name in ("train", "inference")}
+  vit = record.get("vit_layer", {})
   if all("rows" in vit.get(f, {}) for f in FAMILIES):
     record["vit_layer_moh_over_mha"] = {
         str(a["seq_len"]): {name: b[name]["tokens_per_s"] / a[name]["tokens_per_s"]
@@ -211,7 +233,7 @@ def add_ratios(record: dict) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="benchmarks/results/moh_h100.json")
-  parser.add_argument("--parts", default="lm,vit_layer")
+  parser.add_argument("--parts", default="lm,vit,vit_layer")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes, runs on a CPU")
   parser.add_argument("--steps", type=int, default=10, help="steps per timed sample")
   parser.add_argument("--samples", type=int, default=5)
@@ -233,8 +255,9 @@ def main() -> None:
                      "computes all heads and multiplies the unselected ones by zero: its FLOPs "
                      "are MHA's plus the router's. model_train_flops_per_token counts MoH's "
                      "active heads only (MoE convention, arch_zoo/attention/moh.py).",
-            "lm": {}, "vit_layer": {}}
+            }
   for part in args.parts.split(","):
+    record[part] = {}
     for attn in FAMILIES:
       print(f"--- {part}: {attn}", flush=True)
       with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
@@ -249,7 +272,8 @@ def main() -> None:
             "error": f"child failed or exceeded {args.child_timeout}s"}
       add_ratios(record)
       common.write(args.out, record)  # after every measurement: a killed job keeps its results
-  print(json.dumps({k: record[k] for k in ("lm_moh_over_mha", "vit_layer_moh_over_mha")
+  print(json.dumps({k: record[k] for k in ("lm_moh_over_mha", "vit_moh_over_mha",
+                                                    "vit_layer_moh_over_mha")
                     if k in record}, indent=2))
 
 
