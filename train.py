@@ -134,12 +134,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   # ---------------------------------------------------------------- model, optimizer, restore
   total_steps = config.train.steps
   tx, schedule = optim.build(config.optim, total_steps)
-  graphdef, state, state_shardings = train_state.create(config, mesh, rules, tx)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  keep=config.train.keep_checkpoints,
                                  async_save=config.train.async_checkpoint)
   samples_seen = 0
-  if ckpt.latest_step() is not None:
+  if ckpt.latest_step() is None:
+    graphdef, state, state_shardings = train_state.create(config, mesh, rules, tx)
+  else:  # restored straight into its shardings: no weights are initialised only to be replaced
+    graphdef = train_state.graphdef_of(config.model)
+    state_shardings = train_state.shardings_of(config, mesh, rules, tx)
     state, data_state = ckpt.restore(train_state.abstract_state(config, tx, state_shardings))
     samples_seen = int(data_state["samples_seen"])
     if is_main:
