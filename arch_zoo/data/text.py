@@ -14,6 +14,7 @@ partial window is padded with zero weights), so "bits per byte on all of Persuas
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import math
 import os
@@ -35,16 +36,23 @@ class TokenStream:
     return cls(tokens=tokenizer.encode(text), num_bytes=len(text.encode("utf-8")))
 
 
-def read_tfds_texts(name: str, split: str, data_dir: str, text_key: str) -> list[str]:
+def read_tfds_texts(name: str, split: str, data_dir: str, text_key: str) -> tuple[str, ...]:
+  require_prepared(name, data_dir)
+  return _read_prepared_texts(name, split, os.path.abspath(data_dir), text_key)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_prepared_texts(name: str, split: str, data_dir: str, text_key: str) -> tuple[str, ...]:
+  """Cached: a prepared dataset does not change, and reading Austen's records takes ~1 s, which
+  every run of a process (a test session, an in-process sweep) would otherwise pay again."""
   import tensorflow_datasets as tfds
 
-  require_prepared(name, data_dir)
   source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   texts = []
   for i in range(len(source)):
     value = source[i][text_key]
     texts.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
-  return texts
+  return tuple(texts)
 
 
 def read_text_files(pattern: str, val_fraction: float) -> tuple[list[str], list[str]]:
