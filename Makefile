@@ -40,8 +40,11 @@ demo-vit: data
 	$(PY) train.py --config configs/vit.py:attn=mha,size=S --workdir $(VIT_DEMO_DIR)
 	$(PY) eval.py --workdir $(VIT_DEMO_DIR)
 
+# Test workers (pytest-xdist processes); tests/conftest.py sets the XLA flags (8 fake devices).
+TEST_WORKERS ?= 2
+
 test: data
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=25
 
 clean-demo:
 	rm -rf $(DEMO_DIR) $(VIT_DEMO_DIR)
