@@ -1,0 +1,157 @@
+r"""Where the 124M LM training step spends its GPU time: a jax.profiler trace, summed per kernel.
+
+    python benchmarks/profile_lm.py --out benchmarks/results/lm_profile_h100.json   # ~2 min, GPU
+    python benchmarks/profile_lm.py --smoke --out /tmp/lm_profile_smoke.json      # CPU check
+
+Runs the training step of ``bench_lm_settings.py``'s best row (``configs/lm.py:attn=mha,size=124M``,
+fused QKV, 64 x 1024 tokens per step, the ``cublas`` XLA flag set), traces ``--steps`` steps with
+``jax.profiler`` (Perfetto JSON, readable without TensorBoard), and sums the device events of the
+trace by kernel name and by kind (GEMM, attention, fused elementwise/reduction, copies, other).
+The raw trace stays in ``--trace_dir`` for a closer look in https://ui.perfetto.dev.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+# Kernel-name patterns -> kind, first match wins (cuBLAS/CUTLASS GEMMs, cuDNN attention, XLA's
+# own Triton GEMMs and fusions, memory copies).
+KINDS = (
+    ("attention (cuDNN)", r"cudnn|fmha|flash|sdpa"),
+    ("GEMM", r"gemm|cutlass|cublas|sm90_xmma|nvjet|triton_gemm|__dot|dot_"),
+    ("copy / transpose", r"memcpy|memset|copy|transpose"),
+    ("reduction fusion", r"reduce|reduction|softmax|logsumexp"),
+    ("elementwise / other fusion", r"fusion|loop_|input_|wrapped_|triton"),
+)
+
+
+def kind_of(name: str) -> str:
+  lowered = name.lower()
+  for kind, pattern in KINDS:
+    if re.search(pattern, lowered):
+      return kind
+  return "other"
+
+
+def device_events(trace: dict) -> tuple[list[dict], dict]:
+  """Complete events on GPU device lines, and the name of each (pid, tid) line kept."""
+  processes, threads = {}, {}
+  for event in trace.get("traceEvents", []):
+    if event.get("ph") == "M" and event.get("name") == "process_name":
+      processes[event["pid"]] = event.get("args", {}).get("name", "")
+    if event.get("ph") == "M" and event.get("name") == "thread_name":
+      threads[(event["pid"], event.get("tid"))] = event.get("args", {}).get("name", "")
+  gpu_pids = {pid for pid, name in processes.items() if "gpu" in name.lower()}
+  lines = {}
+  events = []
+  for event in trace.get("traceEvents", []):
+    if event.get("ph") != "X" or event.get("pid") not in gpu_pids:
+      continue
+    line = threads.get((event["pid"], event.get("tid")), "")
+    # Kernels run on the stream lines; "XLA Ops" / "XLA Modules" lines repeat them by HLO op.
+    if "stream" not in line.lower():
+      continue
+    lines[f"{processes[event['pid']]} / {line}"] = True
+    events.append(event)
+  return events, sorted(lines)
+
+
+def summarize(events: list[dict], steps: int) -> dict:
+  by_name = collections.Counter()
+  count = collections.Counter()
+  for event in events:
+    by_name[event["name"]] += float(event.get("dur", 0.0))
+    count[event["name"]] += 1
+  total = sum(by_name.values())
+  by_kind = collections.Counter()
+  for name, dur in by_name.items():
+    by_kind[kind_of(name)] += dur
+  per_step = lambda us: us / steps / 1e3  # noqa: E731 - microseconds in the trace -> ms per step
+  return {
+      "device_busy_ms_per_step": per_step(total),
+      "by_kind_ms_per_step": {k: per_step(v) for k, v in by_kind.most_common()},
+      "by_kind_fraction": {k: v / total for k, v in by_kind.most_common()} if total else {},
+      "top_kernels": [{"name": name[:200], "kind": kind_of(name), "ms_per_step": per_step(dur),
+                       "fraction": dur / total, "calls_per_step": count[name] / steps}
+                      for name, dur in by_name.most_common(40)],
+  }
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="benchmarks/results/lm_profile.json")
+  parser.add_argument("--steps", type=int, default=5, help="traced steps")
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--flag_set", default="cublas")
+  parser.add_argument("--trace_dir", default=os.path.join(tempfile.gettempdir(), "lm_trace"))
+  parser.add_argument("--smoke", action="store_true", help="test-size model on the CPU")
+  args = parser.parse_args()
+
+  from arch_zoo import perf
+
+  if not args.smoke:
+    perf.apply_xla_flags(args.flag_set)
+  import jax
+
+  from arch_zoo import provenance, sharding
+  from configs import lm
+
+  config = lm.get_config(f"attn=mha,size={'test' if args.smoke else '124M'}")
+  config.model.attention.fused_qkv = True
+  config.train.batch_size = args.batch if not args.smoke else 8
+  seq_len = config.data.seq_len
+  batch = common.random_lm_batch(config.train.batch_size, seq_len,
+                                 min(config.model.vocab_size, 50257))
+  trainer = common.TrainStep(config, batch)
+  stats, compile_s = trainer.time(steps_per_sample=10 if not args.smoke else 2,
+                                  samples=3 if not args.smoke else 1)
+  with sharding.use(trainer.mesh, trainer.rules):
+    jax.profiler.start_trace(args.trace_dir, create_perfetto_trace=True)
+    start = time.perf_counter()
+    trainer.run_block(args.steps)
+    traced_s = time.perf_counter() - start
+    jax.profiler.stop_trace()
+  files = sorted(glob.glob(os.path.join(args.trace_dir, "**", "*perfetto_trace.json.gz"),
+                           recursive=True), key=os.path.getmtime)
+  if not files:
+    raise SystemExit(f"jax.profiler wrote no perfetto trace under {args.trace_dir}.")
+  with gzip.open(files[-1]) as f:
+    trace = json.load(f)
+  events, lines = device_events(trace)
+  tokens = config.train.batch_size * seq_len
+  flops = provenance.lm_flops_per_token(config.model, seq_len)["train_flops_per_token"]
+  record = {
+      "benchmark": "124M LM training step, GPU time per kernel (jax.profiler trace)",
+      "settings": {"size": "test" if args.smoke else "124M", "seq_len": seq_len,
+                   "batch": config.train.batch_size, "fused_qkv": True,
+                   "xla_flags": "" if args.smoke else args.flag_set},
+      "untraced_step": {"stats": stats, "compile_s": compile_s,
+                        "tokens_per_s": tokens / stats["median_s"],
+                        "mfu_vs_989": tokens / stats["median_s"] * flops / common.H100_BF16_PEAK},
+      "traced_steps": args.steps, "traced_wall_ms_per_step": traced_s / args.steps * 1e3,
+      "trace_file": os.path.relpath(files[-1], args.trace_dir), "device_lines": lines,
+      **summarize(events, args.steps),
+      "versions": common.versions("jax", "jaxlib", "flax", "optax"),
+  }
+  common.write(args.out, record)
+  print(json.dumps({k: record[k] for k in ("untraced_step", "device_busy_ms_per_step",
+                                           "by_kind_ms_per_step")}, indent=1))
+  for row in record["top_kernels"][:15]:
+    print(f"{row['ms_per_step']:8.3f} ms {row['fraction']:6.1%} {row['kind']:28s} {row['name'][:90]}")
+
+
+if __name__ == "__main__":
+  main()
