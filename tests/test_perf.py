@@ -53,6 +53,34 @@ def nnx_params(model):
   return nnx.state(model, nnx.Param)
 
 
+def test_float32_output_matmul_keeps_the_gradients_of_the_plain_dot():
+  """The head's matmul with bf16 inputs: float32 logits, and gradients (computed from the bf16
+  cotangent) within bf16 rounding of autodiff through the float32 dot; float32 inputs take the
+  plain dot, bitwise."""
+  from arch_zoo.layers.linear import float32_output_matmul
+
+  x = jax.random.normal(jax.random.key(0), (2, 8, 32))
+  w = jax.random.normal(jax.random.key(1), (32, 50)) * 0.1
+  weight = jax.random.normal(jax.random.key(2), (2, 8, 50))
+
+  def loss(fn, x, w):
+    return jnp.sum(jnp.tanh(fn(x, w)) * weight)
+
+  plain = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)  # noqa: E731
+  bf16 = [a.astype(jnp.bfloat16) for a in (x, w)]
+  assert float32_output_matmul(*bf16).dtype == jnp.float32
+  want = jax.grad(lambda x, w: loss(plain, x.astype(jnp.float32), w.astype(jnp.float32)),
+                  (0, 1))(*bf16)
+  got = jax.grad(lambda x, w: loss(float32_output_matmul, x, w), (0, 1))(*bf16)
+  for g, r in zip(got, want):
+    assert g.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(r.astype(jnp.float32))))
+    np.testing.assert_allclose(g.astype(jnp.float32), r.astype(jnp.float32), atol=2e-2 * scale)
+  np.testing.assert_array_equal(
+      jax.grad(lambda x, w: loss(float32_output_matmul, x, w), (0, 1))(x, w)[1],
+      jax.grad(lambda x, w: loss(plain, x, w), (0, 1))(x, w)[1])
+
+
 def test_xla_flag_sets_combine_without_duplicates_and_reject_unknown_names():
   assert perf.xla_flags_for("") == []
   assert perf.xla_flags_for("cublas,cublaslt") == list(perf.XLA_FLAG_SETS["cublaslt"])

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from arch_zoo.layers.linear import DEFAULT_STDDEV, Dense
+from arch_zoo.layers.linear import DEFAULT_STDDEV, Dense, float32_output_matmul
 
 
 class Embed(nnx.Module):
@@ -27,8 +27,7 @@ class Embed(nnx.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Tied output head; logits accumulate and come out in float32."""
-    return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T,
-                   preferred_element_type=jnp.float32)
+    return float32_output_matmul(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
