@@ -40,9 +40,9 @@ def matmul_to_float32(x: jax.Array, w: jax.Array) -> jax.Array:
 
   Autodiff of a dot with a float32 result feeds the float32 cotangent to both backward matmuls,
   which XLA then runs as float32 (TF32) GEMMs: on an H100 the tied head of the 124M LM took 37 ms
-  of its 156 ms step that way (benchmarks/results/lm_profile_h100.json). Rounding the cotangent
-  to the inputs' dtype first, as bf16 autocast does, keeps them on the bf16 tensor cores; the
-  forward logits stay float32.
+  of its 156 ms step that way (benchmarks/results/lm_profile_f32_head_h100.json). Rounding the
+  cotangent to the inputs' dtype first, as bf16 autocast does, keeps them on the bf16 tensor
+  cores; the forward logits stay float32.
   """
   return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
@@ -74,7 +74,8 @@ class Dense(nnx.Module):
   """``y = x @ W (+ b)``; ``W`` is float32 and cast to ``dtype`` for the matmul.
 
   ``out_dtype`` (default ``dtype``) is the accumulation/output type: the LM head asks for float32
-  so that logits and the loss never pass through bf16.
+  so that the logits and the loss are float32 (their gradient is rounded to ``dtype`` for the
+  backward matmuls, see ``matmul_to_float32``).
 
   ``axes`` names the kernel's two dimensions (e.g. ``("embed", "heads")``); the sharding rules map
   these logical names onto mesh axes, so the layer itself never mentions a mesh.
