@@ -1,6 +1,6 @@
 r"""MoH against MHA: training and inference throughput, and the fraction of heads active per token.
 
-    python benchmarks/bench_moh.py --out benchmarks/results/moh_h100.json   # about 6 min, one H100
+    python benchmarks/bench_moh.py --out benchmarks/results/moh_h100.json   # about 4 min, one H100
     python benchmarks/bench_moh.py --smoke --out /tmp/moh_smoke.json        # tiny shapes, any CPU
 
 Three parts; each attention family runs in its own subprocess (no compiled program or GPU memory of
