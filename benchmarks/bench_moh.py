@@ -130,9 +130,6 @@ def run_lm(args, shape) -> dict:
 
 
 def run_vit(args, shape) -> dict:
-  import jax
-  import jax.numpy as jnp
-
   from arch_zoo import provenance
   from configs import vit
 
@@ -140,10 +137,7 @@ def run_vit(args, shape) -> dict:
   config = vit.get_config(f"attn={args.attn},size={shape['size']},data=tfds:imagenet2012")
   config.train.batch_size = shape["batch"]
   m, b = config.model, shape["batch"]
-  k1, k2 = jax.random.split(jax.random.key(1))
-  batch = {"inputs": jax.random.normal(k1, (b, m.image_size, m.image_size, m.num_channels)),
-           "targets": jax.random.randint(k2, (b,), 0, m.num_classes, jnp.int32),
-           "weights": jnp.ones((b,), jnp.float32)}
+  batch = common.random_image_batch(b, m)
   flops = provenance.vit_flops_per_image(m)
   return {"shape": {**shape, "image_size": m.image_size, "patch_size": m.patch_size,
                     "tokens": flops["tokens"], "pool": m.pool},

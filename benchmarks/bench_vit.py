@@ -73,11 +73,7 @@ def run_ours(args) -> dict:
 
   config = our_config(args)
   m = config.model
-  k1, k2 = jax.random.split(jax.random.key(1))
-  batch = {"inputs": jax.random.normal(k1, (args.batch, m.image_size, m.image_size,
-                                            m.num_channels), jnp.float32),
-           "targets": jax.random.randint(k2, (args.batch,), 0, m.num_classes, jnp.int32),
-           "weights": jnp.ones((args.batch,), jnp.float32)}
+  batch = common.random_image_batch(args.batch, m)
   stats, compile_s = common.TrainStep(config, batch).time(steps_per_sample=args.steps,
                                                          samples=args.samples)
   print(f"ours compiled in {compile_s:.0f}s", flush=True)

@@ -71,6 +71,19 @@ def random_lm_batch(batch: int, seq_len: int, vocab: int) -> dict[str, Any]:
           "weights": jnp.ones((batch, seq_len), jnp.float32)}
 
 
+def random_image_batch(batch: int, model) -> dict[str, Any]:
+  """A device-resident batch of random images and labels for the ViT ``model`` config, in
+  ``train.py``'s batch format."""
+  import jax
+  import jax.numpy as jnp
+
+  k1, k2 = jax.random.split(jax.random.key(1))
+  return {"inputs": jax.random.normal(k1, (batch, model.image_size, model.image_size,
+                                           model.num_channels), jnp.float32),
+          "targets": jax.random.randint(k2, (batch,), 0, model.num_classes, jnp.int32),
+          "weights": jnp.ones((batch,), jnp.float32)}
+
+
 class TrainStep:
   """The training step ``train.py`` runs for ``config`` (same state creation, shardings, donation
   and jitted step), on one fixed device-resident batch, for benchmarks to time.

@@ -79,7 +79,9 @@ def summarize(events: list[dict], steps: int) -> dict:
   by_kind = collections.Counter()
   for name, dur in by_name.items():
     by_kind[kind_of(name)] += dur
-  per_step = lambda us: us / steps / 1e3  # noqa: E731 - microseconds in the trace -> ms per step
+
+  def per_step(microseconds: float) -> float:  # trace durations are in microseconds
+    return microseconds / steps / 1e3
   return {
       "device_busy_ms_per_step": per_step(total),
       "by_kind_ms_per_step": {k: per_step(v) for k, v in by_kind.most_common()},
