@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from arch_zoo.losses import cross_entropy
+
 MODEL_INPUT_KEYS = ("positions", "segment_ids")  # optional batch keys forwarded to the model
 
 
@@ -23,16 +25,6 @@ class TrainState:
   params: nnx.State
   opt_state: Any
   model_state: nnx.State  # non-parameter variables (may be empty)
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
-  """Weighted sums of the negative log-likelihood and of correct argmax predictions (float32)."""
-  logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  nll = log_z - target_logit
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return jnp.sum(nll * weights), jnp.sum(weights), jnp.sum(correct * weights)
 
 
 def forward(graphdef, params, model_state, batch, *, deterministic: bool, rng=None):
