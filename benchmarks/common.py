@@ -112,6 +112,10 @@ class TrainStep:
       self.state, self.metrics = self._step(self.state, self.batch)
     float(self.metrics["train/loss"])
 
+  def compiled_text(self) -> str:
+    """The optimised HLO of the step (names its fusions as the profiler's kernels are named)."""
+    return self._step.lower(self.state, self.batch).compile().as_text()
+
   def compile(self) -> float:
     start = time.perf_counter()
     self.run_block(1)

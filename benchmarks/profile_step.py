@@ -1,12 +1,16 @@
-r"""Where the 124M LM training step spends its GPU time: a jax.profiler trace, summed per kernel.
+r"""Where a training step spends its GPU time: a jax.profiler trace, summed per kernel.
 
-    python benchmarks/profile_lm.py --out benchmarks/results/lm_profile_h100.json   # ~2 min, GPU
-    python benchmarks/profile_lm.py --smoke --out /tmp/lm_profile_smoke.json      # CPU check
+    python benchmarks/profile_step.py --out benchmarks/results/lm_profile_h100.json  # ~1 min, GPU
+    python benchmarks/profile_step.py --model vit --out benchmarks/results/vit_s16_profile_h100.json
+    python benchmarks/profile_step.py --smoke --out /tmp/lm_profile_smoke.json     # CPU check
 
-Runs the training step of ``bench_lm_settings.py``'s best row (``configs/lm.py:attn=mha,size=124M``,
-fused QKV, 64 x 1024 tokens per step, the ``cublas`` XLA flag set), traces ``--steps`` steps with
-``jax.profiler`` (Perfetto JSON, readable without TensorBoard), and sums the device events of the
-trace by kernel name and by kind (GEMM, attention, fused elementwise/reduction, copies, other).
+``--model lm`` (default) runs the training step of ``bench_lm_settings.py``'s best row
+(``configs/lm.py:attn=mha,size=124M``, fused QKV, 64 x 1024 tokens per step, the ``cublas`` XLA
+flag set); ``--model vit`` runs ``bench_vit.py``'s step (``configs/vit.py`` size ``--vit_size``,
+default ``S/16``, GAP, 1000 classes, batch 256 images, fused QKV, ``cublas``). It traces
+``--steps`` steps with ``jax.profiler`` (Perfetto JSON, readable without TensorBoard), and sums the
+device events of the trace by kernel name and by kind (GEMM, attention, fused
+elementwise/reduction, copies, other).
 The raw trace stays in ``--trace_dir`` for a closer look in https://ui.perfetto.dev.
 """
 
@@ -92,13 +96,50 @@ def summarize(events: list[dict], steps: int) -> dict:
   }
 
 
+def fusion_hlo(hlo_text: str, names: list[str]) -> dict[str, dict[str, str]]:
+  """For kernels named after an XLA fusion, its HLO instruction and the root of its computation.
+
+  Says what a fusion computes (shapes, dtypes, the final op), to tell e.g. a norm's backward from
+  a residual add without opening the trace.
+  """
+  out = {}
+  for name in names:
+    # Kernel names write an instruction's ".N" suffix as "_N" (fusion.1022 -> fusion_1022).
+    candidates = [name, re.sub(r"_(\d+)$", r".\1", name)]
+    for candidate in candidates:
+      call = re.search(rf"^\s*(ROOT )?%?{re.escape(candidate)} = (.*)$", hlo_text, re.MULTILINE)
+      if call:
+        break
+    if not call:
+      continue
+    op_name = re.search(r'op_name="([^"]*)"', call.group(2))
+    entry = {"instruction": call.group(2).split(", metadata=")[0][:300],
+             "op_name": op_name.group(1)[:300] if op_name else ""}
+    called = re.search(r"calls=%?([\w.\-]+)", call.group(2))
+    if called:
+      body = re.search(rf"^%?{re.escape(called.group(1))} .*?\{{(.*?)^\}}", hlo_text,
+                       re.MULTILINE | re.DOTALL)
+      if body:
+        root = [line for line in body.group(1).splitlines() if "ROOT" in line]
+        ops = re.findall(r"= \S+ ([a-z\-]+)\(", body.group(1))
+        entry["root"] = root[0].strip().split(", metadata=")[0][:300] if root else ""
+        entry["ops"] = " ".join(sorted(set(ops)))[:400]
+    out[name] = entry
+  return out
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="benchmarks/results/lm_profile.json")
+  parser.add_argument("--model", default="lm", choices=("lm", "vit"))
+  parser.add_argument("--vit_size", default="S/16", help="configs/vit.py size (--model vit)")
   parser.add_argument("--steps", type=int, default=5, help="traced steps")
-  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--batch", type=int, default=0, help="0: 64 sequences (lm), 256 images (vit)")
   parser.add_argument("--flag_set", default="cublas")
-  parser.add_argument("--trace_dir", default=os.path.join(tempfile.gettempdir(), "lm_trace"))
+  parser.add_argument("--trace_dir", default=os.path.join(tempfile.gettempdir(), "step_trace"))
+  parser.add_argument("--loss", default="one_pass", choices=("one_pass", "plain"),
+                      help="plain: the logsumexp/take_along_axis/argmax form the one-pass "
+                           "arch_zoo.losses.cross_entropy replaced (to profile the difference)")
   parser.add_argument("--smoke", action="store_true", help="test-size model on the CPU")
   args = parser.parse_args()
 
@@ -108,15 +149,30 @@ def main() -> None:
     perf.apply_xla_flags(args.flag_set)
   import jax
 
-  from arch_zoo import provenance, sharding
-  from configs import lm
+  from arch_zoo import losses, provenance, sharding, steps
+  from configs import lm, vit
 
-  config = lm.get_config(f"attn=mha,size={'test' if args.smoke else '124M'}")
+  if args.loss == "plain":
+    steps.cross_entropy = losses.reference_cross_entropy  # read when the step is built
+
+  if args.model == "lm":
+    config = lm.get_config(f"attn=mha,size={'test' if args.smoke else '124M'}")
+    config.train.batch_size = 8 if args.smoke else args.batch or 64
+    seq_len = config.data.seq_len
+    batch = common.random_lm_batch(config.train.batch_size, seq_len,
+                                   min(config.model.vocab_size, 50257))
+    tokens_per_example = seq_len
+    flops = provenance.lm_flops_per_token(config.model, seq_len)["train_flops_per_token"]
+  else:
+    size = "test" if args.smoke else args.vit_size
+    config = vit.get_config(f"attn=mha,size={size},data=tfds:imagenet2012")
+    config.model.pool = "gap"
+    config.train.batch_size = 8 if args.smoke else args.batch or 256
+    batch = common.random_image_batch(config.train.batch_size, config.model)
+    counts = provenance.vit_flops_per_image(config.model)
+    tokens_per_example = counts["tokens"]
+    flops = counts["train_flops_per_image"] / counts["tokens"]
   config.model.attention.fused_qkv = True
-  config.train.batch_size = args.batch if not args.smoke else 8
-  seq_len = config.data.seq_len
-  batch = common.random_lm_batch(config.train.batch_size, seq_len,
-                                 min(config.model.vocab_size, 50257))
   trainer = common.TrainStep(config, batch)
   stats, compile_s = trainer.time(steps_per_sample=10 if not args.smoke else 2,
                                   samples=3 if not args.smoke else 1)
@@ -126,6 +182,7 @@ def main() -> None:
     trainer.run_block(args.steps)
     traced_s = time.perf_counter() - start
     jax.profiler.stop_trace()
+    hlo_text = trainer.compiled_text()
   files = sorted(glob.glob(os.path.join(args.trace_dir, "**", "*perfetto_trace.json.gz"),
                            recursive=True), key=os.path.getmtime)
   if not files:
@@ -133,21 +190,24 @@ def main() -> None:
   with gzip.open(files[-1]) as f:
     trace = json.load(f)
   events, lines = device_events(trace)
-  tokens = config.train.batch_size * seq_len
-  flops = provenance.lm_flops_per_token(config.model, seq_len)["train_flops_per_token"]
+  tokens = config.train.batch_size * tokens_per_example
   record = {
-      "benchmark": "124M LM training step, GPU time per kernel (jax.profiler trace)",
-      "settings": {"size": "test" if args.smoke else "124M", "seq_len": seq_len,
-                   "batch": config.train.batch_size, "fused_qkv": True,
+      "benchmark": f"{args.model} training step, GPU time per kernel (jax.profiler trace)",
+      "settings": {"model": args.model, "size": "test" if args.smoke else (
+                       "124M" if args.model == "lm" else args.vit_size),
+                   "tokens_per_example": tokens_per_example,
+                   "batch": config.train.batch_size, "fused_qkv": True, "loss": args.loss,
                    "xla_flags": "" if args.smoke else args.flag_set},
       "untraced_step": {"stats": stats, "compile_s": compile_s,
                         "tokens_per_s": tokens / stats["median_s"],
+                        "examples_per_s": config.train.batch_size / stats["median_s"],
                         "mfu_vs_989": tokens / stats["median_s"] * flops / common.H100_BF16_PEAK},
       "traced_steps": args.steps, "traced_wall_ms_per_step": traced_s / args.steps * 1e3,
       "trace_file": os.path.relpath(files[-1], args.trace_dir), "device_lines": lines,
       **summarize(events, args.steps),
       "versions": common.versions("jax", "jaxlib", "flax", "optax"),
   }
+  record["fusion_hlo"] = fusion_hlo(hlo_text, [row["name"] for row in record["top_kernels"]])
   common.write(args.out, record)
   print(json.dumps({k: record[k] for k in ("untraced_step", "device_busy_ms_per_step",
                                            "by_kind_ms_per_step")}, indent=1))
