@@ -20,6 +20,11 @@ The sets (combine with commas, e.g. ``cublas,lhs``):
   measure both.
 * ``autotune4``: ``--xla_gpu_autotune_level=4`` (the default level is 4 in recent XLA releases; kept
   as a named set so a sweep records it explicitly).
+* ``cudnn_ln``: ``--xla_gpu_enable_cudnn_layer_norm=true``: layer norms through cuDNN's
+  normalisation kernel instead of XLA's own fusions. At d_model 384, XLA fused the ViT-S/16 norms
+  into Triton kernels that took 7 ms of a 32 ms step
+  (benchmarks/results/vit_s16_profile_b256_cublas_h100.json); with this set, ViT-S/16 trained 5.9%
+  faster, and the 124M LM (d_model 768) no faster (docs/performance.md has both runs).
 * ``cpu2``: ``--xla_force_host_platform_device_count=2``: the CPU backend shows two devices, so the
   data-parallel mesh runs half of each batch on each, in parallel. On a 2-core machine this uses
   both cores; one device's intra-op threads do not (measured for ViT size S, the 2-core demo:
@@ -38,6 +43,7 @@ XLA_FLAG_SETS: dict[str, tuple[str, ...]] = {
     "lhs": ("--xla_gpu_enable_latency_hiding_scheduler=true",),
     "no_cmd_buffer": ("--xla_gpu_enable_command_buffer=",),
     "autotune4": ("--xla_gpu_autotune_level=4",),
+    "cudnn_ln": ("--xla_gpu_enable_cudnn_layer_norm=true",),
     "cpu2": ("--xla_force_host_platform_device_count=2",),
 }
 

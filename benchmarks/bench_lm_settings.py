@@ -11,7 +11,11 @@ jitted step with the state donated, device-resident random tokens). What varies 
 * ``model.scan_layers``: one stacked block run by ``lax.scan`` instead of 12 unrolled blocks;
 * ``train.batch_size``: 16, 32 or 64 sequences of 1024 tokens;
 * ``train.xla_flags``: named XLA flag sets (``arch_zoo/perf.py``), e.g. ``cublas`` (cuBLAS GEMMs
-  instead of Triton) or ``no_cmd_buffer``.
+  instead of Triton), ``cudnn_ln`` (cuDNN layer norms) or ``no_cmd_buffer``.
+
+Each row also records the training loss after its last timed step (``last_loss``): every row
+starts from the same weights and batch and runs the same number of steps, so a flag or setting
+that changed the numerics beyond bf16 rounding would show there.
 
 XLA reads its flags once per process, so each flag set runs in its own subprocess, which then runs
 its settings one after another (each compiled afresh) and measures the bf16 matmul peak (8192^3,
@@ -43,6 +47,7 @@ PLAN = [
     ("cublas", [dict(fused_qkv=True, remat="none", batch=32),
                 dict(fused_qkv=True, remat="none", batch=64),
                 dict(fused_qkv=False, remat="none", batch=32)]),
+    ("cublas,cudnn_ln", [dict(fused_qkv=True, remat="none", batch=64)]),
     ("default", [dict(fused_qkv=True, remat="none", batch=16),
                  dict(fused_qkv=True, remat="dots", batch=64),
                  dict(fused_qkv=True, remat="none", batch=64, scan_layers=True)]),
@@ -100,6 +105,8 @@ def run_flag_set(args) -> None:
       step = common.TrainStep(config,
                               common.random_lm_batch(setting["batch"], args.seq_len, vocab))
       stats, row["compile_s"] = step.time(steps_per_sample=args.steps, samples=args.samples)
+      # Same init, batch and step count in every row: the flags should not move it beyond bf16.
+      row["last_loss"] = float(step.metrics["train/loss"])
       del step
     except Exception as e:  # noqa: BLE001  (an OOM is a result of the sweep)
       row["skipped"] = "error: " + str(e).splitlines()[0][:300]

@@ -53,6 +53,7 @@ def our_config(args):
   config = vit.get_config(f"attn={args.attn},size={args.size},data=tfds:imagenet2012")
   config.model.pool = args.pool
   config.model.remat = args.remat
+  config.model.attention.fused_qkv = args.fused_qkv
   config.train.batch_size = args.batch
   return config
 
@@ -74,8 +75,8 @@ def run_ours(args) -> dict:
   config = our_config(args)
   m = config.model
   batch = common.random_image_batch(args.batch, m)
-  stats, compile_s = common.TrainStep(config, batch).time(steps_per_sample=args.steps,
-                                                         samples=args.samples)
+  trainer = common.TrainStep(config, batch)
+  stats, compile_s = trainer.time(steps_per_sample=args.steps, samples=args.samples)
   print(f"ours compiled in {compile_s:.0f}s", flush=True)
   flops = provenance.vit_flops_per_image(m)
   dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
@@ -84,6 +85,9 @@ def run_ours(args) -> dict:
   return {"stats": stats, "compile_s": compile_s, "tokens": flops["tokens"],
           "flops_per_image": flops["train_flops_per_image"],
           "attention_kernel": "cudnn" if refusal is None else f"xla ({refusal})",
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          # Same init, batch and step count under any flags: a numerics change would show here.
+          "last_loss": float(trainer.metrics["train/loss"]),
           "matmul_peak_flops": None if args.smoke else jax_matmul_peak(),
           "versions": common.versions("jax", "jaxlib", "flax", "optax")}
 
@@ -136,6 +140,10 @@ def run_peer(args) -> dict:
 
 
 def child(args) -> None:
+  if args.side == "ours":
+    from arch_zoo import perf
+
+    perf.apply_xla_flags(args.xla_flags)  # before JAX starts a backend
   result = run_ours(args) if args.side == "ours" else run_peer(args)
   with open(args.child_out, "w") as f:
     json.dump(result, f)
@@ -163,6 +171,9 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=256, help="images per step, both sides")
   parser.add_argument("--pool", default="gap", choices=("gap", "cls"))
   parser.add_argument("--remat", default="none")
+  parser.add_argument("--fused_qkv", action="store_true", help="ours: one QKV projection")
+  parser.add_argument("--xla_flags", default="",
+                      help="ours: named XLA flag sets (arch_zoo/perf.py), e.g. cublas")
   parser.add_argument("--steps", type=int, default=10, help="steps per timed sample")
   parser.add_argument("--samples", type=int, default=5)
   parser.add_argument("--sides", default="ours,peer")
@@ -191,7 +202,8 @@ def main() -> None:
                            "matmul FLOPs (patch embedding, QKV, out-proj, MLP, head; "
                            "bidirectional attention QK^T and AV over all token pairs), see "
                            "arch_zoo/provenance.py",
-            "attention": args.attn, "pool": args.pool, "remat": args.remat, "smoke": args.smoke,
+            "attention": args.attn, "pool": args.pool, "remat": args.remat,
+            "fused_qkv": args.fused_qkv, "xla_flag_sets": args.xla_flags, "smoke": args.smoke,
             "rows": rows}
   for size in args.sizes.split(","):
     args.size = size
@@ -203,9 +215,10 @@ def main() -> None:
       with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
         cmd = [sys.executable, __file__, "--side", side, "--size", size, "--batch",
                str(args.batch), "--attn", args.attn, "--pool", args.pool, "--remat", args.remat,
-               "--steps", str(args.steps), "--samples", str(args.samples), "--child_out",
+               "--xla_flags", args.xla_flags, "--steps", str(args.steps), "--samples", str(args.samples), "--child_out",
                tmp.name, "--shape", json.dumps(shape)] + (["--smoke"] if args.smoke else []) + (
-                   [] if args.compile else ["--no_compile"])
+                   [] if args.compile else ["--no_compile"]) + (
+                   ["--fused_qkv"] if args.fused_qkv else [])
         try:
           ok = subprocess.run(cmd, timeout=args.child_timeout).returncode == 0
         except subprocess.TimeoutExpired:
