@@ -90,7 +90,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
 
 
 def reference_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
-  """The plain form of ``cross_entropy`` (``logsumexp``, ``argmax``, autodiff): the tests' oracle."""
+  """The plain form of ``cross_entropy`` (``logsumexp``, ``argmax``, autodiff): the oracle."""
   logits = logits.astype(jnp.float32)
   nll = jax.nn.logsumexp(logits, axis=-1) - _target_logit(logits, targets)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)

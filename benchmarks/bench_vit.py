@@ -215,10 +215,10 @@ def main() -> None:
       with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
         cmd = [sys.executable, __file__, "--side", side, "--size", size, "--batch",
                str(args.batch), "--attn", args.attn, "--pool", args.pool, "--remat", args.remat,
-               "--xla_flags", args.xla_flags, "--steps", str(args.steps), "--samples", str(args.samples), "--child_out",
-               tmp.name, "--shape", json.dumps(shape)] + (["--smoke"] if args.smoke else []) + (
-                   [] if args.compile else ["--no_compile"]) + (
-                   ["--fused_qkv"] if args.fused_qkv else [])
+               "--xla_flags", args.xla_flags, "--steps", str(args.steps), "--samples",
+               str(args.samples), "--child_out", tmp.name, "--shape", json.dumps(shape)]
+        cmd += (["--smoke"] if args.smoke else []) + ([] if args.compile else ["--no_compile"])
+        cmd += ["--fused_qkv"] if args.fused_qkv else []
         try:
           ok = subprocess.run(cmd, timeout=args.child_timeout).returncode == 0
         except subprocess.TimeoutExpired:
