@@ -1,17 +1,22 @@
-r"""Where a training step spends its GPU time: a jax.profiler trace, summed per kernel.
+r"""Where a training step (or one attention layer) spends its GPU time: a jax.profiler trace.
 
     python benchmarks/profile_step.py --out benchmarks/results/lm_profile_h100.json  # ~1 min, GPU
-    python benchmarks/profile_step.py --model vit --out benchmarks/results/vit_s16_profile_h100.json
+    python benchmarks/profile_step.py --model vit --batch 512 --flag_set cublas,cudnn_ln \
+        --out benchmarks/results/vit_s16_profile_h100.json
+    python benchmarks/profile_step.py --model mha_layer --flag_set default \
+        --out benchmarks/results/mha_layer_fwd_profile_h100.json
     python benchmarks/profile_step.py --smoke --out /tmp/lm_profile_smoke.json     # CPU check
 
-``--model lm`` (default) runs the training step of ``bench_lm_settings.py``'s best row
-(``configs/lm.py:attn=mha,size=124M``, fused QKV, 64 x 1024 tokens per step, the ``cublas`` XLA
-flag set); ``--model vit`` runs ``bench_vit.py``'s step (``configs/vit.py`` size ``--vit_size``,
-default ``S/16``, GAP, 1000 classes, batch 256 images, fused QKV, ``cublas``). It traces
-``--steps`` steps with ``jax.profiler`` (Perfetto JSON, readable without TensorBoard), and sums the
-device events of the trace by kernel name and by kind (GEMM, attention, fused
-elementwise/reduction, copies, other).
-The raw trace stays in ``--trace_dir`` for a closer look in https://ui.perfetto.dev.
+``--model lm`` (default) runs the 124M LM's training step (``configs/lm.py:attn=mha,size=124M``,
+fused QKV, 64 x 1024 tokens per step, ``--flag_set``, default ``cublas``); ``--model vit`` runs
+``bench_vit.py``'s step (``configs/vit.py`` size ``--vit_size``, default ``S/16``, GAP, 1000
+classes, batch 256 images, fused QKV); ``--model mha_layer`` runs the forward of
+``bench_attention.py``'s ``mha`` layer (registry defaults, d_model 768, 12 heads of 64, causal,
+32,768 tokens at ``--seq_len``). It traces ``--steps`` calls with ``jax.profiler`` (Perfetto JSON,
+readable without TensorBoard), sums the device events of the trace by kernel name and by kind
+(GEMM, attention, fused elementwise/reduction, copies, other), and names the HLO fusion behind
+each top kernel. The raw trace stays in ``--trace_dir`` for a closer look in
+https://ui.perfetto.dev.
 """
 
 from __future__ import annotations
@@ -128,10 +133,73 @@ def fusion_hlo(hlo_text: str, names: list[str]) -> dict[str, dict[str, str]]:
   return out
 
 
+def trace_and_summarize(run_block, args) -> dict:
+  """Traces ``run_block(args.steps)`` and sums its GPU kernels (``summarize``)."""
+  import jax
+
+  jax.profiler.start_trace(args.trace_dir, create_perfetto_trace=True)
+  start = time.perf_counter()
+  run_block(args.steps)
+  traced_s = time.perf_counter() - start
+  jax.profiler.stop_trace()
+  files = sorted(glob.glob(os.path.join(args.trace_dir, "**", "*perfetto_trace.json.gz"),
+                           recursive=True), key=os.path.getmtime)
+  if not files:
+    raise SystemExit(f"jax.profiler wrote no perfetto trace under {args.trace_dir}.")
+  with gzip.open(files[-1]) as f:
+    trace = json.load(f)
+  events, lines = device_events(trace)
+  return {"traced_steps": args.steps, "traced_wall_ms_per_step": traced_s / args.steps * 1e3,
+          "trace_file": os.path.relpath(files[-1], args.trace_dir), "device_lines": lines,
+          **summarize(events, args.steps)}
+
+
+def profile_layer_forward(args) -> None:
+  """The ``mha`` layer's forward at ``bench_attention.py``'s shape (d_model 768, 12 heads of 64,
+  causal, 32,768 tokens, registry defaults): where its time goes beyond the attention kernel."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from arch_zoo import attention
+  from arch_zoo.attention.base import Context
+
+  on_gpu = jax.default_backend() == "gpu"
+  seq_len = 64 if args.smoke else args.seq_len
+  batch = max(1, (512 if args.smoke else 32_768) // seq_len)
+  dtype = jnp.bfloat16 if on_gpu else jnp.float32
+  layer = attention.build("mha", rngs=nnx.Rngs(0), d_model=768, num_heads=12, head_dim=64,
+                          dtype=dtype, num_layers=12, **attention.family("mha").defaults())
+  graphdef, params = nnx.split(layer)
+  x = jax.random.normal(jax.random.key(1), (batch, seq_len, 768), dtype)
+
+  @jax.jit
+  def forward(params, x):
+    ctx = Context.for_inputs(batch, seq_len, causal=True, deterministic=True, rng=None)
+    return nnx.merge(graphdef, params)(x, ctx)[0]
+
+  def run_block(k):
+    for _ in range(k):
+      y = forward(params, x)
+    y.block_until_ready()
+
+  run_block(3)
+  stats = common.time_steps(run_block, steps_per_sample=20, samples=5)
+  record = {"benchmark": "mha layer forward, GPU time per kernel (jax.profiler trace)",
+            "settings": {"model": "mha_layer", "seq_len": seq_len, "batch": batch,
+                         "d_model": 768, "heads": 12, "head_dim": 64, "causal": True,
+                         "options": "registry defaults",
+                         "xla_flags": "" if args.smoke else args.flag_set},
+            "untraced_call": {"stats": stats}, **trace_and_summarize(run_block, args),
+            "versions": common.versions("jax", "jaxlib", "flax")}
+  finish(record, forward.lower(params, x).compile().as_text(), args.out)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="benchmarks/results/lm_profile.json")
-  parser.add_argument("--model", default="lm", choices=("lm", "vit"))
+  parser.add_argument("--model", default="lm", choices=("lm", "vit", "mha_layer"))
+  parser.add_argument("--seq_len", type=int, default=1024, help="mha_layer: T (32,768 tokens)")
   parser.add_argument("--vit_size", default="S/16", help="configs/vit.py size (--model vit)")
   parser.add_argument("--steps", type=int, default=5, help="traced steps")
   parser.add_argument("--batch", type=int, default=0, help="0: 64 sequences (lm), 256 images (vit)")
@@ -147,14 +215,15 @@ def main() -> None:
 
   if not args.smoke:
     perf.apply_xla_flags(args.flag_set)
-  import jax
-
   from arch_zoo import losses, provenance, sharding, steps
   from configs import lm, vit
 
   if args.loss == "plain":
     steps.cross_entropy = losses.reference_cross_entropy  # read when the step is built
 
+  if args.model == "mha_layer":
+    profile_layer_forward(args)
+    return
   if args.model == "lm":
     config = lm.get_config(f"attn=mha,size={'test' if args.smoke else '124M'}")
     config.train.batch_size = 8 if args.smoke else args.batch or 64
@@ -177,19 +246,8 @@ def main() -> None:
   stats, compile_s = trainer.time(steps_per_sample=10 if not args.smoke else 2,
                                   samples=3 if not args.smoke else 1)
   with sharding.use(trainer.mesh, trainer.rules):
-    jax.profiler.start_trace(args.trace_dir, create_perfetto_trace=True)
-    start = time.perf_counter()
-    trainer.run_block(args.steps)
-    traced_s = time.perf_counter() - start
-    jax.profiler.stop_trace()
+    traced = trace_and_summarize(trainer.run_block, args)
     hlo_text = trainer.compiled_text()
-  files = sorted(glob.glob(os.path.join(args.trace_dir, "**", "*perfetto_trace.json.gz"),
-                           recursive=True), key=os.path.getmtime)
-  if not files:
-    raise SystemExit(f"jax.profiler wrote no perfetto trace under {args.trace_dir}.")
-  with gzip.open(files[-1]) as f:
-    trace = json.load(f)
-  events, lines = device_events(trace)
   tokens = config.train.batch_size * tokens_per_example
   record = {
       "benchmark": f"{args.model} training step, GPU time per kernel (jax.profiler trace)",
@@ -202,17 +260,20 @@ def main() -> None:
                         "tokens_per_s": tokens / stats["median_s"],
                         "examples_per_s": config.train.batch_size / stats["median_s"],
                         "mfu_vs_989": tokens / stats["median_s"] * flops / common.H100_BF16_PEAK},
-      "traced_steps": args.steps, "traced_wall_ms_per_step": traced_s / args.steps * 1e3,
-      "trace_file": os.path.relpath(files[-1], args.trace_dir), "device_lines": lines,
-      **summarize(events, args.steps),
-      "versions": common.versions("jax", "jaxlib", "flax", "optax"),
+      **traced, "versions": common.versions("jax", "jaxlib", "flax", "optax"),
   }
+  finish(record, hlo_text, args.out)
+
+
+def finish(record: dict, hlo_text: str, out: str) -> None:
+  """Adds the top kernels' fusions, writes the record and prints a summary."""
   record["fusion_hlo"] = fusion_hlo(hlo_text, [row["name"] for row in record["top_kernels"]])
-  common.write(args.out, record)
-  print(json.dumps({k: record[k] for k in ("untraced_step", "device_busy_ms_per_step",
-                                           "by_kind_ms_per_step")}, indent=1))
+  common.write(out, record)
+  print(json.dumps({k: record.get(k) for k in ("device_busy_ms_per_step", "by_kind_ms_per_step")},
+                   indent=1))
   for row in record["top_kernels"][:15]:
-    print(f"{row['ms_per_step']:8.3f} ms {row['fraction']:6.1%} {row['kind']:28s} {row['name'][:90]}")
+    print(f"{row['ms_per_step']:8.3f} ms {row['fraction']:6.1%} {row['kind']:28s} "
+          f"{row['name'][:88]}")
 
 
 if __name__ == "__main__":
