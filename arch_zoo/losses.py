@@ -89,6 +89,18 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
   return nll_sum, jnp.sum(weights), correct_sum
 
 
+def uniform_cross_entropy_sum(logits: jax.Array, weights: jax.Array) -> jax.Array:
+  """``sum(weights * (logsumexp(x) - mean(x)))``: the cross-entropy against a uniform target.
+
+  Label smoothing's extra term: ``(1 - e) * nll + e * this`` (per example) is the cross-entropy
+  against the target ``(1 - e) * one_hot + e / num_classes``. Plain form: it reads the logits
+  again, which is why it is only computed when smoothing is on.
+  """
+  logits = logits.astype(jnp.float32)
+  per_row = jax.nn.logsumexp(logits, axis=-1) - jnp.mean(logits, axis=-1)
+  return jnp.sum(per_row * weights.astype(jnp.float32))
+
+
 def reference_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
   """The plain form of ``cross_entropy`` (``logsumexp``, ``argmax``, autodiff): the oracle."""
   logits = logits.astype(jnp.float32)

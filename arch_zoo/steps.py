@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from arch_zoo.losses import cross_entropy
+from arch_zoo.losses import cross_entropy, uniform_cross_entropy_sum
 
 MODEL_INPUT_KEYS = ("positions", "segment_ids")  # optional batch keys forwarded to the model
 
@@ -39,17 +39,26 @@ def forward(graphdef, params, model_state, batch, *, deterministic: bool, rng=No
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    base_rng: jax.Array) -> Callable:
+                    base_rng: jax.Array, *, label_smoothing: float = 0.0) -> Callable:
+  """``label_smoothing`` e trains against ``(1 - e) * one_hot + e / num_classes``; ``train/nll``
+  stays the plain negative log-likelihood (and evaluation never smooths)."""
+  if not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(f"train.label_smoothing must be in [0, 1), got {label_smoothing}; "
+                     "0 turns it off, 0.1 is the usual value.")
 
   def loss_fn(params, model_state, batch, rng):
     logits, aux, new_model_state = forward(graphdef, params, model_state, batch,
                                            deterministic=False, rng=rng)
     nll_sum, weight_sum, correct = cross_entropy(logits, batch["targets"], batch["weights"])
     nll = nll_sum / jnp.maximum(weight_sum, 1.0)
+    objective = nll
+    if label_smoothing:
+      uniform = uniform_cross_entropy_sum(logits, batch["weights"]) / jnp.maximum(weight_sum, 1.0)
+      objective = (1.0 - label_smoothing) * nll + label_smoothing * uniform
     aux_loss = sum((v for k, v in aux.items() if k.startswith("loss/")), jnp.zeros(()))
     metrics = {"train/nll": nll, "train/accuracy": correct / jnp.maximum(weight_sum, 1.0),
                **{f"train/{k}": v for k, v in aux.items()}}
-    return nll + aux_loss, (metrics, new_model_state)
+    return objective + aux_loss, (metrics, new_model_state)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     # A per-step key derived from the step: resuming reproduces the same randomness.

@@ -67,6 +67,9 @@ def train_config(**overrides: Any) -> ConfigDict:
       stop_at_step=0,  # >0: stop there (checkpointed) as if preempted; resume continues exactly
       progress=True,  # the one-line progress bar
       init="auto",  # where weights are created: auto | host | device (see train_state.py)
+      # Trains against (1 - e) * one_hot + e / num_classes; 0: off. Validation and eval.py always
+      # report the plain negative log-likelihood.
+      label_smoothing=0.0,
       # Named XLA flag sets, comma separated (arch_zoo/perf.py), e.g. "cublas": cuBLAS GEMMs
       # instead of Triton. Applied by train.py before JAX starts; "" adds nothing.
       xla_flags="",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from arch_zoo import losses
+from arch_zoo import losses, steps
 
 
 def random_case(shape, vocab, seed=0, scale=3.0):
@@ -84,3 +84,23 @@ def test_a_nan_logit_makes_the_loss_nan_so_training_stops():
   logits = jnp.array([[0.5, jnp.nan, 1.0], [0.1, 0.2, 0.3]])
   nll_sum, _, _ = losses.cross_entropy(logits, jnp.array([0, 2]), jnp.ones(2))
   assert bool(jnp.isnan(nll_sum))  # train.py's finite-loss check must see it
+
+
+def test_label_smoothing_trains_towards_the_smoothed_target():
+  logits, targets, weights = random_case((3, 5), 10, seed=4)
+  smoothing = 0.1
+
+  def objective(x):
+    nll_sum = losses.cross_entropy(x, targets, weights)[0]
+    return (1 - smoothing) * nll_sum + smoothing * losses.uniform_cross_entropy_sum(x, weights)
+
+  grad = jax.grad(objective)(logits)
+  # d/dlogits of the cross-entropy against (1 - e) * one_hot + e / V is softmax - that target.
+  target = (1 - smoothing) * jax.nn.one_hot(targets, 10) + smoothing / 10
+  expected = (jax.nn.softmax(logits) - target) * weights[..., None]
+  np.testing.assert_allclose(grad, expected, atol=1e-6)
+
+
+def test_label_smoothing_outside_zero_to_one_is_refused():
+  with pytest.raises(ValueError, match="label_smoothing must be in"):
+    steps.make_train_step(None, None, None, jax.random.key(0), label_smoothing=1.5)

@@ -225,3 +225,20 @@ def test_bad_choices_list_the_valid_ones():
   config = vit_config()
   with pytest.raises(ValueError, match=r"expects images \[B, 28, 28, 1\]"):
     build(config)(jnp.zeros((2, 32, 32, 1)))
+
+
+def test_label_smoothing_changes_the_objective_not_the_reported_nll():
+  config = vit_config("mha")
+  graphdef, params, model_state = nnx.split(build(config), nnx.Param, ...)
+  model = nnx.merge(graphdef, params, model_state)
+  model.head.kernel[...] = jax.random.normal(jax.random.key(7), model.head.kernel.shape)
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  tx, schedule = optim.build(config.optim, 10)
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=tx.init(params), model_state=model_state)
+  batch = prototype_batch(config, 16, seed=0)
+  plain = steps.make_train_step(graphdef, tx, schedule, jax.random.key(0))(state, batch)[1]
+  smoothed = steps.make_train_step(graphdef, tx, schedule, jax.random.key(0),
+                                   label_smoothing=0.1)(state, batch)[1]
+  assert float(smoothed["train/nll"]) == float(plain["train/nll"])
+  assert float(smoothed["train/loss"]) != float(plain["train/loss"])
