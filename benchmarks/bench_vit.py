@@ -1,6 +1,6 @@
 r"""ViT training throughput at 224x224: arch_zoo (JAX) against timm's VisionTransformer (PyTorch).
 
-    python benchmarks/bench_vit.py --out /tmp/vit_default.json   # default settings, one H100, ~4-5 min
+    python benchmarks/bench_vit.py --out /tmp/vit_default.json   # default settings, H100, ~4-5 min
     python benchmarks/bench_vit.py --smoke --out /tmp/vit_smoke.json        # tiny shapes, any CPU
     python benchmarks/bench_vit.py --batch 512 --xla_flags cublas,cudnn_ln --fused_qkv \
         --out benchmarks/results/vit_h100.json           # the best settings found (performance.md)
