@@ -207,7 +207,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       samples_seen += batch_size
       state, step_metrics = train_step(state, batch)
       # The next batch is a function of samples_seen alone, so it can be made while this step
-      # runs: on a CPU mesh, which must wait for each step, that overlap is ~15% of the step.
+      # runs: on a CPU mesh, which must wait for each step, the ViT demo then trained 8-20% faster.
       if step + 1 < last_step:
         batch = put(data.train_batch(samples_seen, batch_size))
       state, step_metrics = sharding.wait_if_cpu_mesh((state, step_metrics))
