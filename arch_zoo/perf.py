@@ -25,6 +25,11 @@ The sets (combine with commas, e.g. ``cublas,lhs``):
   into Triton kernels that took 7 ms of a 32 ms step
   (benchmarks/results/vit_s16_profile_b256_cublas_h100.json); with this set, ViT-S/16 trained 5.9%
   faster, and the 124M LM (d_model 768) no faster (docs/performance.md has both runs).
+* ``no_dot_merger``: ``--xla_gpu_dot_merger_threshold_mb=0``: XLA stops merging matmuls that
+  share an operand into one wider GEMM. Merged, the separate Q, K (and V) projections come out of
+  one GEMM and are then copied out as slices, because cuDNN's attention takes whole tensors, not
+  strided views: in the ``mha`` layer's forward (no RoPE) the two copies took 0.073 ms of a
+  0.466 ms call at T=1K (benchmarks/results/mha_layer_fwd_norope_profile_h100.json).
 * ``cpu2``: ``--xla_force_host_platform_device_count=2``: the CPU backend shows two devices, so the
   data-parallel mesh runs half of each batch on each, in parallel. On a 2-core machine this uses
   both cores; one device's intra-op threads do not (measured for ViT size S, the 2-core demo:
@@ -44,6 +49,7 @@ XLA_FLAG_SETS: dict[str, tuple[str, ...]] = {
     "no_cmd_buffer": ("--xla_gpu_enable_command_buffer=",),
     "autotune4": ("--xla_gpu_autotune_level=4",),
     "cudnn_ln": ("--xla_gpu_enable_cudnn_layer_norm=true",),
+    "no_dot_merger": ("--xla_gpu_dot_merger_threshold_mb=0",),
     "cpu2": ("--xla_force_host_platform_device_count=2",),
 }
 

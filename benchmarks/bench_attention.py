@@ -2,6 +2,8 @@ r"""Attention layers of every registered family, fwd and fwd+bwd, T = 1K..32K, a
 
     python benchmarks/bench_attention.py --out benchmarks/results/attention_layers_h100.json
     python benchmarks/bench_attention.py --smoke --out /tmp/attention_smoke.json   # CPU, ~4 min
+    python benchmarks/bench_attention.py --variants torch,mha,mha_norope --xla_flags no_dot_merger \
+        --seq_lens 1024,2048,4096,8192,16384 --out benchmarks/results/attention_mha_h100.json
 
 Shapes are GPT-2 124M-like: d_model 768, 12 heads of 64, bf16 matmuls (float32 params), causal,
 a constant number of tokens per step (``--tokens_per_step``, default 32K: batch 32 at T=1K down to
@@ -10,7 +12,9 @@ memory, and a crash or hang costs one variant only):
 
 * ``torch``: torch SDPA with the FLASH_ATTENTION and CUDNN_ATTENTION backends
   (``torch.nn.attention.sdpa_kernel``), as a bare kernel on ``[B, H, T, D]`` inputs and as a layer
-  (one fused QKV Linear, SDPA, output Linear; eager, bf16 autocast, float32 params; no RoPE).
+  (one fused QKV Linear, SDPA, output Linear; eager, bf16 autocast, float32 params; no RoPE),
+  and as the same layer with RoPE on the queries and keys (``torch_layer_rope_*``: HF
+  transformers' rotate-half form), the work ``jax:mha`` does with its registry defaults.
 * ``jax:kernel_cudnn``: ``jax.nn.dot_product_attention(..., implementation="cudnn")`` on the
   ``[B, T, H, D]`` layout the families use.
 * ``jax:kernel_cudnn_bnth``: JAX's cuDNN binding called with the ``[B, H, T, D]`` layout (the one
@@ -27,7 +31,8 @@ the whole run stops starting new work at ``--budget_s``; every skip is recorded 
 Derived numbers: tokens/s; for the bare kernels, TFLOP/s with causal-halved FLOPs (fwd
 ``2*B*H*T^2*D``, fwd+bwd ``3.5 x fwd``, as in performance-anchors.md section 10); per T, the ratio
 ``torch_time / jax_time`` (>= 1: JAX is faster) for the ``mha`` layer and the kernels against
-torch cuDNN.
+torch cuDNN (``mha`` against the torch layer with and without RoPE, ``mha_norope`` against the
+one without).
 """
 
 from __future__ import annotations
@@ -259,19 +264,31 @@ def run_torch(args, shape, rec: Recorder) -> None:
       torch.cuda.synchronize()
 
   class TorchLayer(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, rope: bool):
       super().__init__()
       self.qkv = torch.nn.Linear(dm, 3 * h * d, bias=False)
       self.out = torch.nn.Linear(h * d, dm, bias=False)
+      self.rope = rope
 
     def forward(self, x):
       b, t, _ = x.shape
       q, k, v = self.qkv(x).view(b, t, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+      if self.rope:  # HF transformers' rotate-half form, tables in float32 cast to q's dtype
+        freq = 10_000.0 ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+        angle = torch.arange(t, device=x.device, dtype=torch.float32)[:, None] * freq
+        angle = torch.cat((angle, angle), dim=-1)
+        cos, sin = angle.cos().to(q.dtype), angle.sin().to(q.dtype)
+
+        def rotate(u):
+          u1, u2 = u.chunk(2, dim=-1)
+          return u * cos + torch.cat((-u2, u1), dim=-1) * sin
+        q, k = rotate(q), rotate(k)
       o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
       return self.out(o.transpose(1, 2).reshape(b, t, h * d))
 
-  layer = TorchLayer().to(device)
-  params = list(layer.parameters())
+  layers = {"layer": TorchLayer(rope=False).to(device)}
+  layers["layer_rope"] = TorchLayer(rope=True).to(device)
+  layers["layer_rope"].load_state_dict(layers["layer"].state_dict())
   for t in shape["seq_lens"]:
     b = max(1, shape["tokens_per_step"] // t)
     gen = torch.Generator(device=device).manual_seed(t)
@@ -282,7 +299,7 @@ def run_torch(args, shape, rec: Recorder) -> None:
           for _ in range(2)]
     lcot = torch.randn(b, t, dm, device=device, dtype=dtype, generator=gen)
     for backend_name, backend in backends.items():
-      for part in ("kernel", "layer"):
+      for part in ("kernel", "layer", "layer_rope"):
         for mode in ("fwd", "fwd_bwd"):
           variant = f"torch_{part}_{backend_name}"
           case = {"variant": variant, "seq_len": t, "batch": b, "mode": mode, "tokens": b * t,
@@ -300,11 +317,11 @@ def run_torch(args, shape, rec: Recorder) -> None:
                     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
                 return torch.autograd.grad(out, (q, k, v), kcot)
-              x = xs[i % 2]
+              x, layer = xs[i % 2], layers[part]
               if mode == "fwd":
                 with torch.no_grad():
                   return layer(x)
-              return torch.autograd.grad(layer(x), params + [x], lcot)
+              return torch.autograd.grad(layer(x), list(layer.parameters()) + [x], lcot)
 
           try:
             case["stats"] = time_calls(call, sync, samples=args.samples,
@@ -332,6 +349,7 @@ def derive(cases: list[dict], smoke: bool = False) -> dict:
   by_key = {(c["variant"], c["seq_len"], c["mode"]): c for c in cases if "stats" in c}
   pairs = {"mha_layer_vs_torch_layer_cudnn": ("mha", "torch_layer_cudnn"),
            "mha_norope_layer_vs_torch_layer_cudnn": ("mha_norope", "torch_layer_cudnn"),
+           "mha_layer_vs_torch_layer_rope_cudnn": ("mha", "torch_layer_rope_cudnn"),
            "mha_fused_qkv_norope_vs_torch_layer_cudnn": ("mha_fused_qkv_norope",
                                                          "torch_layer_cudnn"),
            "jax_kernel_cudnn_vs_torch_kernel_cudnn": ("kernel_cudnn", "torch_kernel_cudnn"),
@@ -384,6 +402,9 @@ def main() -> None:
                       help="stop growing T for a variant once one call takes longer")
   parser.add_argument("--budget_s", type=float, default=510.0, help="whole-run budget")
   parser.add_argument("--child_cap_s", type=float, default=100.0, help="one variant at most")
+  parser.add_argument("--xla_flags", default="",
+                      help="named XLA flag sets (arch_zoo/perf.py) for the JAX children, e.g. "
+                           "no_dot_merger")
   parser.add_argument("--torch_python", default=sys.executable,
                       help="interpreter for the torch side (the GPU image has one for both)")
   # Internal: run one variant in this process.
@@ -404,8 +425,9 @@ def main() -> None:
     return
 
   from benchmarks import common
-  from arch_zoo import attention
+  from arch_zoo import attention, perf
 
+  perf.xla_flags_for(args.xla_flags)  # an unknown name fails here, before any child starts
   start = time.time()
   variants = (args.variants.split(",") if args.variants else
               ["torch", "mha", *JAX_EXTRA, *[n for n in attention.names() if n != "mha"]])
@@ -415,7 +437,8 @@ def main() -> None:
             "flops_convention": "causal-halved: fwd 2*B*H*T^2*D, fwd+bwd 3.5 x fwd",
             "ratio_convention": "torch median time / JAX median time (>= 1: JAX faster)",
             "settings": {k: getattr(args, k) for k in ("samples", "target_sample_s", "case_cap_s",
-                                                       "budget_s", "child_cap_s", "smoke")},
+                                                       "budget_s", "child_cap_s", "smoke",
+                                                       "xla_flags")},
             "versions": common.versions("jax", "jaxlib", "flax"), "children": {}, "cases": []}
   for variant in variants:
     left = args.budget_s - (time.time() - start)
@@ -436,6 +459,8 @@ def main() -> None:
     child_start = time.time()
     # One child at a time owns the GPU: let JAX take more than its default 75% (long-T cases).
     env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9", **os.environ}
+    if variant != "torch":
+      record["jax_env_xla_flags"] = perf.apply_xla_flags(args.xla_flags, env)
     try:
       rc = subprocess.run(cmd, timeout=cap, env=env).returncode
       status = "ok" if rc == 0 else f"exit code {rc}"

@@ -150,6 +150,10 @@ def main() -> None:
   parser.add_argument("--budget_s", type=float, default=530.0)
   parser.add_argument("--peer", default="auto", help="auto (not in smoke) | yes | no")
   parser.add_argument("--peer_batch", type=int, default=32)
+  parser.add_argument("--plan", default="",
+                      help='JSON list of [flag_set, [setting, ...]] replacing the built-in plan, '
+                           'e.g. \'[["cublas", [{"fused_qkv": true, "remat": "none", '
+                           '"batch": 64}]]]\'')
   # Internal: one flag set in this process.
   parser.add_argument("--flag_set", default=None)
   parser.add_argument("--settings", default=None)
@@ -165,7 +169,7 @@ def main() -> None:
   from arch_zoo import perf
 
   start = time.time()
-  plan = SMOKE_PLAN if args.smoke else PLAN
+  plan = json.loads(args.plan) if args.plan else (SMOKE_PLAN if args.smoke else PLAN)
   peer = args.peer == "yes" or (args.peer == "auto" and not args.smoke)
   record = {"benchmark": "124M LM training step at T=%d: settings sweep" % args.seq_len,
             "mfu_formula": "tokens/s x train FLOPs/token / peak (989e12, and the bf16 8192^3 "

@@ -5,6 +5,8 @@ r"""Where a training step (or one attention layer) spends its GPU time: a jax.pr
         --out benchmarks/results/vit_s16_profile_h100.json
     python benchmarks/profile_step.py --model mha_layer --flag_set default \
         --out benchmarks/results/mha_layer_fwd_profile_h100.json
+    python benchmarks/profile_step.py --model mha_layer --no_rope --flag_set no_dot_merger \
+        --out benchmarks/results/mha_layer_fwd_norope_no_dot_merger_profile_h100.json
     python benchmarks/profile_step.py --smoke --out /tmp/lm_profile_smoke.json     # CPU check
 
 ``--model lm`` (default) runs the 124M LM's training step (``configs/lm.py:attn=mha,size=124M``,
@@ -12,8 +14,9 @@ fused QKV, 64 x 1024 tokens per step, ``--flag_set``, default ``cublas``); ``--m
 ``bench_vit.py``'s step (``configs/vit.py`` size ``--vit_size``, default ``S/16``, GAP, 1000
 classes, batch 256 images, fused QKV); ``--model mha_layer`` runs the forward of
 ``bench_attention.py``'s ``mha`` layer (registry defaults, d_model 768, 12 heads of 64, causal,
-32,768 tokens at ``--seq_len``). It traces ``--steps`` calls with ``jax.profiler`` (Perfetto JSON,
-readable without TensorBoard), sums the device events of the trace by kernel name and by kind
+32,768 tokens at ``--seq_len``; ``--no_rope`` drops RoPE). It traces ``--steps`` calls with
+``jax.profiler`` (Perfetto JSON, readable without TensorBoard), sums the device events of the
+trace by kernel name and by kind
 (GEMM, attention, fused elementwise/reduction, copies, other), and names the HLO fusion behind
 each top kernel. The raw trace stays in ``--trace_dir`` for a closer look in
 https://ui.perfetto.dev.
@@ -168,8 +171,9 @@ def profile_layer_forward(args) -> None:
   seq_len = 64 if args.smoke else args.seq_len
   batch = max(1, (512 if args.smoke else 32_768) // seq_len)
   dtype = jnp.bfloat16 if on_gpu else jnp.float32
+  options = {**attention.family("mha").defaults(), **({"rope": False} if args.no_rope else {})}
   layer = attention.build("mha", rngs=nnx.Rngs(0), d_model=768, num_heads=12, head_dim=64,
-                          dtype=dtype, num_layers=12, **attention.family("mha").defaults())
+                          dtype=dtype, num_layers=12, **options)
   graphdef, params = nnx.split(layer)
   x = jax.random.normal(jax.random.key(1), (batch, seq_len, 768), dtype)
 
@@ -188,7 +192,8 @@ def profile_layer_forward(args) -> None:
   record = {"benchmark": "mha layer forward, GPU time per kernel (jax.profiler trace)",
             "settings": {"model": "mha_layer", "seq_len": seq_len, "batch": batch,
                          "d_model": 768, "heads": 12, "head_dim": 64, "causal": True,
-                         "options": "registry defaults",
+                         "options": "registry defaults" + (
+                             ", rope=False" if args.no_rope else ""),
                          "xla_flags": "" if args.smoke else args.flag_set},
             "untraced_call": {"stats": stats}, **trace_and_summarize(run_block, args),
             "versions": common.versions("jax", "jaxlib", "flax")}
@@ -200,6 +205,7 @@ def main() -> None:
   parser.add_argument("--out", default="benchmarks/results/lm_profile.json")
   parser.add_argument("--model", default="lm", choices=("lm", "vit", "mha_layer"))
   parser.add_argument("--seq_len", type=int, default=1024, help="mha_layer: T (32,768 tokens)")
+  parser.add_argument("--no_rope", action="store_true", help="mha_layer: without RoPE")
   parser.add_argument("--vit_size", default="S/16", help="configs/vit.py size (--model vit)")
   parser.add_argument("--steps", type=int, default=5, help="traced steps")
   parser.add_argument("--batch", type=int, default=0, help="0: 64 sequences (lm), 256 images (vit)")
