@@ -247,8 +247,11 @@ class ImageClassificationData:
   def train_transform(self, image: np.ndarray, sample_index: int) -> np.ndarray:
     """Deterministic in (seed, global sample index)."""
     aug = self.cfg.augment
-    rng = np.random.default_rng([self.seed, AUGMENT_STREAM, sample_index])
     image = self._to_channels(image)
+    if aug.crop == "none" and not aug.flip:
+      return self.eval_transform(image)
+    # Seeding a generator costs more than the rest of a small image's transform: only when used.
+    rng = np.random.default_rng([self.seed, AUGMENT_STREAM, sample_index])
     if aug.crop == "random_resized":
       image = random_resized_crop(image, self.image_size, aug.crop_min_area, rng)
     else:
