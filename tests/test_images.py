@@ -100,6 +100,18 @@ def test_train_batches_are_pure_in_seed_and_sample_index(tiny_fashion):
   assert not np.array_equal(whole["targets"], other_seed["targets"])
 
 
+def test_augmentation_draws_are_uniform_and_pure_in_seed_and_sample_index():
+  draws = images.augmentation_draws(7, np.arange(1000, 3000))
+  assert draws.shape == (2000, images.NUM_DRAWS) and draws.dtype == np.float64
+  assert 0.0 <= draws.min() and draws.max() < 1.0
+  assert abs(draws.mean() - 0.5) < 0.005 and abs(draws.var() - 1 / 12) < 0.002
+  assert abs(np.corrcoef(draws[:, 0], draws[:, 1])[0, 1]) < 0.1  # draws of one sample
+  assert abs(np.corrcoef(draws[:-1, 0], draws[1:, 0])[0, 1]) < 0.1  # neighbouring samples
+  some = np.array([2999, 1000, 1500])  # any order, any batch: the same numbers per sample
+  np.testing.assert_array_equal(images.augmentation_draws(7, some), draws[some - 1000])
+  assert not np.allclose(images.augmentation_draws(8, some), draws[some - 1000])
+
+
 def test_augmentation_crops_and_flips_the_right_pixels(tiny_fashion):
   padding = 4
   config = data_config(tiny_fashion, crop="pad", crop_padding=padding, flip=True, mean=(0.0,),
@@ -152,7 +164,9 @@ def test_resize_paths_produce_the_model_size():
   image = rng.integers(0, 255, (50, 80, 3), dtype=np.uint8)
   assert images.center_crop(image, 32).shape == (32, 32, 3)
   assert images.center_crop(image, 32, crop_fraction=0.875).shape == (32, 32, 3)
-  assert images.random_resized_crop(image, 24, 0.08, rng).shape == (24, 24, 3)
+  draws = images.augmentation_draws(0, np.arange(3))[:, images.RESIZED_CROP_DRAWS]
+  for sample_draws in draws:
+    assert images.random_resized_crop(image, 24, 0.08, sample_draws).shape == (24, 24, 3)
   flat = np.full((40, 40, 1), 77, np.uint8)  # resizing a constant image keeps its value
   np.testing.assert_array_equal(images.center_crop(flat, 16), 77)
   # An image already at the model's size is left untouched by the evaluation transform.

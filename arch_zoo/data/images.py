@@ -41,6 +41,11 @@ CACHE_MODES = ("auto", "memory", "none")
 AUTO_CACHE_BYTES = 2 << 30
 # Seeds the augmentation stream apart from the sampler's epoch permutations.
 AUGMENT_STREAM = 0x617567
+# Uniform draws per training sample: a flip, a pad-crop offset pair, and 10 tries of the Inception
+# crop (area, aspect ratio, top, left) each.
+FLIP_DRAW, PAD_DRAWS, RESIZED_CROP_DRAWS = 0, slice(1, 3), slice(3, 43)
+NUM_DRAWS = 43
+RESIZED_CROP_TRIES = 10
 
 
 def dataset_name(name: str) -> str:
@@ -72,6 +77,32 @@ class EpochSampler:
     return out
 
 
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+  """SplitMix64's finaliser (Steele et al. 2014): a bijective mix of uint64 counters."""
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def augmentation_draws(seed: int, sample_indices: np.ndarray,
+                       count: int = NUM_DRAWS) -> np.ndarray:
+  """Uniform floats in [0, 1), ``[len(sample_indices), count]``: a pure function of the seed, the
+  global sample index and the draw's position, computed for a whole batch at once (counter-based,
+  like JAX's own random numbers). Seeding one ``np.random.Generator`` per image cost more than
+  the rest of a small image's augmentation."""
+  golden = np.uint64(0x9E3779B97F4A7C15)
+  key = _splitmix64(np.array([seed % (1 << 64)], np.uint64) * golden + np.uint64(AUGMENT_STREAM))
+  counters = (np.asarray(sample_indices, np.uint64)[:, None] * np.uint64(count)
+              + np.arange(count, dtype=np.uint64)[None, :])
+  bits = _splitmix64(_splitmix64(counters + key) ^ key)
+  return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53  # the top 53 bits
+
+
+def _offset(draw: float, choices: int) -> int:
+  """A uniform draw in [0, 1) -> an integer in [0, choices)."""
+  return min(int(draw * choices), choices - 1)
+
+
 # ---------------------------------------------------------------- per-image transforms (uint8 HWC)
 
 
@@ -98,26 +129,28 @@ def center_crop(image: np.ndarray, size: int, crop_fraction: float = 1.0) -> np.
   return image[top:top + size, left:left + size]
 
 
-def pad_and_random_crop(image: np.ndarray, padding: int, rng: np.random.Generator) -> np.ndarray:
-  """Zero-pads by ``padding`` pixels on each side and takes a random crop of the original size."""
-  h, w = image.shape[:2]
-  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-  top, left = rng.integers(0, 2 * padding + 1, size=2)
+def pad_and_random_crop(image: np.ndarray, padding: int, draws: np.ndarray) -> np.ndarray:
+  """Zero-pads by ``padding`` pixels on each side and takes a crop of the original size at the
+  offsets given by two uniform ``draws``."""
+  h, w, c = image.shape
+  padded = np.zeros((h + 2 * padding, w + 2 * padding, c), image.dtype)
+  padded[padding:padding + h, padding:padding + w] = image
+  top, left = (_offset(d, 2 * padding + 1) for d in draws[:2])
   return padded[top:top + h, left:left + w]
 
 
 def random_resized_crop(image: np.ndarray, size: int, min_area: float,
-                        rng: np.random.Generator) -> np.ndarray:
+                        draws: np.ndarray) -> np.ndarray:
   """The Inception crop (Szegedy et al. 2015): a random box of area fraction in [min_area, 1] and
-  aspect ratio in [3/4, 4/3] (log-uniform), resized to ``size``; after 10 misses, the centre."""
+  aspect ratio in [3/4, 4/3] (log-uniform), resized to ``size``; after 10 misses, the centre.
+  Each try uses four uniform ``draws``: area, ratio, top, left."""
   h, w = image.shape[:2]
-  for _ in range(10):
-    area = h * w * rng.uniform(min_area, 1.0)
-    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+  for area_u, ratio_u, top_u, left_u in draws[:4 * RESIZED_CROP_TRIES].reshape(-1, 4):
+    area = h * w * (min_area + (1.0 - min_area) * area_u)
+    ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * ratio_u)
     crop_w, crop_h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
     if 0 < crop_w <= w and 0 < crop_h <= h:
-      top = int(rng.integers(0, h - crop_h + 1))
-      left = int(rng.integers(0, w - crop_w + 1))
+      top, left = _offset(top_u, h - crop_h + 1), _offset(left_u, w - crop_w + 1)
       return resize(image[top:top + crop_h, left:left + crop_w], size, size)
   return center_crop(image, size)
 
@@ -244,21 +277,19 @@ class ImageClassificationData:
   def eval_transform(self, image: np.ndarray) -> np.ndarray:
     return center_crop(self._to_channels(image), self.image_size, self.cfg.eval_crop_fraction)
 
-  def train_transform(self, image: np.ndarray, sample_index: int) -> np.ndarray:
-    """Deterministic in (seed, global sample index)."""
+  def train_transform(self, image: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """``draws``: this sample's :func:`augmentation_draws`, so the result is a pure function of
+    (seed, global sample index)."""
     aug = self.cfg.augment
     image = self._to_channels(image)
-    if aug.crop == "none" and not aug.flip:
-      return self.eval_transform(image)
-    # Seeding a generator costs more than the rest of a small image's transform: only when used.
-    rng = np.random.default_rng([self.seed, AUGMENT_STREAM, sample_index])
     if aug.crop == "random_resized":
-      image = random_resized_crop(image, self.image_size, aug.crop_min_area, rng)
+      image = random_resized_crop(image, self.image_size, aug.crop_min_area,
+                                  draws[RESIZED_CROP_DRAWS])
     else:
       image = self.eval_transform(image)
       if aug.crop == "pad":
-        image = pad_and_random_crop(image, aug.crop_padding, rng)
-    if aug.flip and rng.random() < 0.5:
+        image = pad_and_random_crop(image, aug.crop_padding, draws[PAD_DRAWS])
+    if aug.flip and draws[FLIP_DRAW] < 0.5:
       image = image[:, ::-1]
     return image
 
@@ -275,7 +306,7 @@ class ImageClassificationData:
     """This process's rows of global samples ``[first_sample, first_sample + global_batch)``."""
     indices = np.arange(first_sample, first_sample + global_batch)[self.local_rows(global_batch)]
     images, labels = self.train.get(self.sampler.examples(indices))
-    images = self._map(self.train_transform, images, [int(i) for i in indices])
+    images = self._map(self.train_transform, images, augmentation_draws(self.seed, indices))
     return {"inputs": self.normalize(images), "targets": labels.astype(np.int32),
             "weights": np.ones(len(labels), np.float32)}
 
