@@ -100,6 +100,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       name="vit",
       image_size=size["image_size"],
       patch_size=size["patch_size"],
+      tokenizer=size.get("tokenizer", "patch"),  # patch | shifted_patch (SPT, Lee et al. 2021)
       num_channels=dataset["num_channels"],
       num_classes=dataset["num_classes"],
       pool=size["pool"],  # cls (class token) | gap (global average of the final tokens)

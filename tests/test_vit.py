@@ -16,6 +16,7 @@ from flax import nnx
 from arch_zoo import attention, models, optim, provenance, steps
 from arch_zoo.attention import base
 from arch_zoo.layers import PatchEmbed, sincos_2d_position_embedding
+from arch_zoo.layers.embeddings import shift_image
 from configs import vit
 
 BIDIRECTIONAL_NAMES = [n for n in attention.names() if attention.family(n).bidirectional is True]
@@ -218,6 +219,8 @@ def test_bad_choices_list_the_valid_ones():
     build(vit_config(pool="mean"))
   with pytest.raises(ValueError, match="learned, sincos2d, none"):
     build(vit_config(posemb="rope"))
+  with pytest.raises(ValueError, match="patch, shifted_patch"):
+    build(vit_config(tokenizer="spt"))
   with pytest.raises(ValueError, match="Ti/16"):
     vit.get_config("attn=mha,size=L/16")
   with pytest.raises(ValueError, match="not a multiple of model.patch_size"):
@@ -242,3 +245,25 @@ def test_label_smoothing_changes_the_objective_not_the_reported_nll():
                                    label_smoothing=0.1)(state, batch)[1]
   assert float(smoothed["train/nll"]) == float(plain["train/nll"])
   assert float(smoothed["train/loss"]) != float(plain["train/loss"])
+
+
+def test_shift_image_translates_and_zero_fills():
+  image = jnp.arange(1, 13, dtype=jnp.float32).reshape(1, 3, 4, 1)
+  down_right = np.asarray(shift_image(image, 1, 2))[0, ..., 0]
+  np.testing.assert_array_equal(down_right, [[0, 0, 0, 0], [0, 0, 1, 2], [0, 0, 5, 6]])
+  up_left = np.asarray(shift_image(image, -1, -1))[0, ..., 0]
+  np.testing.assert_array_equal(up_left, [[6, 7, 8, 0], [10, 11, 12, 0], [0, 0, 0, 0]])
+
+
+def test_shifted_patch_tokens_see_the_neighbouring_patches():
+  """Shifted Patch Tokenization: a patch's token changes when a pixel of the next patch, within
+  half a patch of the border, changes; with plain patches it does not. Same token count."""
+  images = jax.random.normal(jax.random.key(2), (1, 8, 8, 1))
+  changed = images.at[0, 0, 4, 0].add(5.0)  # first column of the second patch of the first row
+  for shifted, moves_first_token in ((False, False), (True, True)):
+    embed = PatchEmbed(4, 1, 16, rngs=nnx.Rngs(0), shifted=shifted)
+    before, after = embed(images), embed(changed)
+    assert before.shape == (1, 4, 16)
+    assert (not np.allclose(before[0, 0], after[0, 0])) == moves_first_token
+    np.testing.assert_allclose(before[0, 3], after[0, 3], atol=1e-6)  # far away: unchanged
+  assert embed.proj.kernel.shape == (5 * 4 * 4, 16) and embed.norm is not None

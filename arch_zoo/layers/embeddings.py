@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from arch_zoo.layers.linear import DEFAULT_STDDEV, Dense, float32_output_matmul
+from arch_zoo.layers.norms import LayerNorm
 
 
 class Embed(nnx.Module):
@@ -46,24 +47,49 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> ja
   return rotated.astype(x.dtype)
 
 
+# Shifted Patch Tokenization's four diagonal shifts, as (rows, columns) in units of half a patch.
+DIAGONAL_SHIFTS = ((-1, -1), (-1, 1), (1, -1), (1, 1))
+
+
+def shift_image(images: jax.Array, rows: int, cols: int) -> jax.Array:
+  """``images[B, H, W, C]`` translated by (rows, cols) pixels (positive: down, right), zero-filled
+  where the translation uncovers the border."""
+  h, w = images.shape[1:3]
+  pad_r, pad_c = abs(rows), abs(cols)
+  padded = jnp.pad(images, ((0, 0), (pad_r, pad_r), (pad_c, pad_c), (0, 0)))
+  return padded[:, pad_r - rows:pad_r - rows + h, pad_c - cols:pad_c - cols + w]
+
+
 class PatchEmbed(nnx.Module):
   """Cuts ``images[B, H, W, C]`` into non-overlapping ``p x p`` patches and projects each to
-  ``features``: a stride-``p`` convolution written as a reshape and one matmul (same result)."""
+  ``features``: a stride-``p`` convolution written as a reshape and one matmul (same result).
+
+  ``shifted=True`` is Shifted Patch Tokenization (Lee, Lee and Song 2021, "Vision Transformer for
+  Small-Size Datasets", Eq. 2): the image and four copies of it translated diagonally by half a
+  patch are concatenated along channels, cut into patches, flattened, layer-normed, then
+  projected. Each token then sees into its neighbours; the token count is unchanged.
+  """
 
   def __init__(self, patch_size: int, channels: int, features: int, *, rngs: nnx.Rngs,
-               dtype: Any = jnp.float32):
-    self.patch_size = patch_size
-    fan_in = patch_size * patch_size * channels
+               dtype: Any = jnp.float32, shifted: bool = False):
+    self.patch_size, self.shifted = patch_size, shifted
+    fan_in = patch_size * patch_size * channels * (1 + len(DIAGONAL_SHIFTS) * shifted)
+    self.norm = LayerNorm(fan_in, axis_name=None) if shifted else None
     # LeCun-normal, as the ViT's patch convolution: unit-variance pixels give unit-scale tokens.
     self.proj = Dense(fan_in, features, axes=(None, "embed"), rngs=rngs, use_bias=True,
                       stddev=fan_in ** -0.5, dtype=dtype)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """``[B, H, W, C]`` -> ``[B, (H/p) * (W/p), features]``, patches in row-major order."""
-    b, h, w, c = images.shape
     p = self.patch_size
+    if self.shifted:
+      half = p // 2
+      images = jnp.concatenate(
+          [images] + [shift_image(images, r * half, c * half) for r, c in DIAGONAL_SHIFTS], -1)
+    b, h, w, c = images.shape
     patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return self.proj(patches.reshape(b, (h // p) * (w // p), p * p * c))
+    patches = patches.reshape(b, (h // p) * (w // p), p * p * c)
+    return self.proj(patches if self.norm is None else self.norm(patches))
 
 
 def sincos_2d_position_embedding(grid_h: int, grid_w: int, features: int,

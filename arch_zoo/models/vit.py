@@ -2,8 +2,9 @@
 
 ``model(images[B, H, W, C] float32) -> (logits[B, num_classes] float32, aux)``.
 
-Patch embedding, then a class token (``pool="cls"``) or none (``pool="gap"``: the mean of the
-final tokens), learned or fixed 2-D sin-cos position embeddings (``posemb``), the pre-norm blocks of
+Patch embedding (``tokenizer``: plain patches, or Shifted Patch Tokenization), then a class
+token (``pool="cls"``) or none (``pool="gap"``: the mean of the final tokens), learned or fixed
+2-D sin-cos position embeddings (``posemb``), the pre-norm blocks of
 :mod:`arch_zoo.models.block` (the same code as the language model) with ``ctx.causal=False``, a
 final norm and a linear head. Choices follow big_vision's ViT: the class token joins after the
 position embedding (it has none), starts at zero, and the head starts at zero, so the first
@@ -25,6 +26,7 @@ from arch_zoo.registry import check_choice
 
 POOLS = ("cls", "gap")
 POSEMBS = ("learned", "sincos2d", "none")
+TOKENIZERS = ("patch", "shifted_patch")
 
 
 class VisionTransformer(nnx.Module):
@@ -33,6 +35,8 @@ class VisionTransformer(nnx.Module):
   def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
     check_choice("model.pool", cfg.pool, POOLS)
     check_choice("model.posemb", cfg.posemb, POSEMBS)
+    tokenizer = cfg.get("tokenizer", "patch")  # runs saved before the option have plain patches
+    check_choice("model.tokenizer", tokenizer, TOKENIZERS)
     for name in dict.fromkeys(layer_names(cfg)):  # hybrids: every family in the pattern
       attention.family(name).check_mode(causal=False)
     if cfg.image_size % cfg.patch_size:
@@ -43,7 +47,7 @@ class VisionTransformer(nnx.Module):
     self.grid = cfg.image_size // cfg.patch_size
     self.pool, self.posemb = cfg.pool, cfg.posemb
     self.patch_embed = PatchEmbed(cfg.patch_size, cfg.num_channels, cfg.d_model, rngs=rngs,
-                                  dtype=dtype)
+                                  dtype=dtype, shifted=tokenizer == "shifted_patch")
     # big_vision's init for learned position embeddings: normal with std 1/sqrt(d_model).
     self.pos_embed = nnx.Param(
         cfg.d_model ** -0.5 * jax.random.normal(rngs.params(), (1, self.grid ** 2, cfg.d_model)),
