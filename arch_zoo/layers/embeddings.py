@@ -66,8 +66,9 @@ class PatchEmbed(nnx.Module):
 
   ``shifted=True`` is Shifted Patch Tokenization (Lee, Lee and Song 2021, "Vision Transformer for
   Small-Size Datasets", Eq. 2): the image and four copies of it translated diagonally by half a
-  patch are concatenated along channels, cut into patches, flattened, layer-normed, then
-  projected. Each token then sees into its neighbours; the token count is unchanged.
+  patch are cut into patches, and each token is the five views of its patch, flattened and
+  concatenated, layer-normed, then projected. Each token then sees into its neighbours; the token
+  count is unchanged.
   """
 
   def __init__(self, patch_size: int, channels: int, features: int, *, rngs: nnx.Rngs,
@@ -81,15 +82,22 @@ class PatchEmbed(nnx.Module):
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """``[B, H, W, C]`` -> ``[B, (H/p) * (W/p), features]``, patches in row-major order."""
-    p = self.patch_size
-    if self.shifted:
-      half = p // 2
-      images = jnp.concatenate(
-          [images] + [shift_image(images, r * half, c * half) for r, c in DIAGONAL_SHIFTS], -1)
+    if not self.shifted:
+      return self.proj(self._patches(images))
+    half = self.patch_size // 2
+    views = [images] + [shift_image(images, r * half, c * half) for r, c in DIAGONAL_SHIFTS]
+    # Each view's patches side by side along the features, rather than the views stacked as
+    # channels first: the same tokens up to a fixed order of the projection's inputs, without a
+    # 5-channel image layout (slow on the CPU).
+    tokens = jnp.concatenate([self._patches(view) for view in views], axis=-1)
+    return self.proj(self.norm(tokens))
+
+  def _patches(self, images: jax.Array) -> jax.Array:
+    """``[B, H, W, C]`` -> ``[B, (H/p) * (W/p), p * p * C]``, each patch flattened (row, col, C)."""
     b, h, w, c = images.shape
+    p = self.patch_size
     patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    patches = patches.reshape(b, (h // p) * (w // p), p * p * c)
-    return self.proj(patches if self.norm is None else self.norm(patches))
+    return patches.reshape(b, (h // p) * (w // p), p * p * c)
 
 
 def sincos_2d_position_embedding(grid_h: int, grid_w: int, features: int,
