@@ -32,6 +32,20 @@ def gpu_name() -> str:
     return "unknown"
 
 
+def cpu_name() -> str:
+  """The model name in /proc/cpuinfo (Linux), else what the platform module knows."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+
+  return platform.processor() or platform.machine()
+
+
 def summarize(samples: list[float]) -> dict[str, float]:
   """Median and spread of per-step seconds."""
   samples = sorted(samples)
