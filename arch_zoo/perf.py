@@ -32,7 +32,7 @@ The sets (combine with commas, e.g. ``cublas,lhs``):
   0.466 ms call at T=1K (benchmarks/results/mha_layer_fwd_norope_profile_h100.json).
 * ``cpu2``: ``--xla_force_host_platform_device_count=2``: the CPU backend shows two devices, so the
   data-parallel mesh runs half of each batch on each, in parallel. On a 2-core machine this uses
-  both cores; one device's intra-op threads do not (measured for ViT size S, the 2-core demo:
+  both cores; one device's intra-op threads do not (measured for ViT size S's float32 recipe:
   ~1.0 ms of CPU per image on one device at batch 128, ~0.66 ms split over two, and the two halves
   run at once). No effect on GPU or TPU devices.
 """

@@ -58,7 +58,10 @@ def get_sweep():
       dict(name="vit", config="configs/vit.py", arg="size=S", variants=FAMILIES, seeds=SEEDS,
            # The sweep's own optimiser settings, not the 5000-step CPU demo recipe of size S, and
            # the position embedding of the runs in docs/results (size S's default was sincos2d).
+           # Also pinned: size S's model and input choices from before its recipe changed.
            overrides={"model.num_layers": 3, "model.posemb": "sincos2d",
+                      "model.dtype": "auto", "model.mlp": "gelu", "model.norm": "layernorm",
+                      "model.tokenizer": "patch", "data.augment.flip": False,
                       "optim.learning_rate": 2e-3,
                       "optim.warmup_steps": 100, "optim.min_lr_ratio": 0.1,
                       "train.xla_flags": "", **quiet(VIT_STEPS, 20)},
