@@ -56,9 +56,9 @@ def get_sweep():
                                 "routing": {"model.attention.local_window": 16}},
            suite="default"),
       dict(name="vit", config="configs/vit.py", arg="size=S", variants=FAMILIES, seeds=SEEDS,
-           # The sweep's own optimiser settings, not the 5000-step CPU demo recipe of size S, and
-           # the position embedding of the runs in docs/results (size S's default was sincos2d).
-           # Also pinned: size S's model and input choices from before its recipe changed.
+           # The sweep's own optimiser settings, not the CPU demo recipe of size S, and the model
+           # and input choices of the runs in docs/results (size S's defaults then: sin-cos
+           # position embedding, float32, GELU, layer norm, plain patches, no flips).
            overrides={"model.num_layers": 3, "model.posemb": "sincos2d",
                       "model.dtype": "auto", "model.mlp": "gelu", "model.norm": "layernorm",
                       "model.tokenizer": "patch", "data.augment.flip": False,
