@@ -33,18 +33,20 @@ ROWS = (
 )
 
 
-def parse_override(text: str) -> tuple[list[str], object]:
+def apply_override(config, text: str) -> None:
+  """``key=value``, the value read as the type the config already has there (as train.py's
+  ``--config.key=value`` flags are)."""
+  import compare
+
   key, value = text.split("=", 1)
-  parsed = {"True": True, "False": False}.get(value, value)
-  if isinstance(parsed, str):
-    try:
-      parsed = int(value)
-    except ValueError:
-      try:
-        parsed = float(value)
-      except ValueError:
-        pass
-  return key.split("."), parsed
+  old = config
+  for part in key.split("."):
+    old = old.get(part) if hasattr(old, "get") else None
+  if isinstance(old, bool):
+    value = {"True": True, "False": False}[value]
+  elif isinstance(old, (int, float)):
+    value = type(old)(value)
+  compare.set_dotted(config, key, value)  # names the key if the config has none such
 
 
 def run_row(args) -> None:
@@ -53,15 +55,8 @@ def run_row(args) -> None:
   from configs import vit
 
   config = vit.get_config("attn=mha,size=S")
-  with config.unlocked():
-    for text in args.row.split():
-      path, value = parse_override(text)
-      node = config
-      for part in path[:-1]:
-        node = node[part]
-      if path[-1] not in node:
-        raise SystemExit(f"Unknown config key {text.split('=')[0]!r}.")
-      node[path[-1]] = value
+  for text in args.row.split():
+    apply_override(config, text)
   perf.apply_xla_flags(config.train.xla_flags)
 
   from benchmarks import common
