@@ -11,7 +11,9 @@ jitted step with the state donated, device-resident random tokens). What varies 
 * ``model.scan_layers``: one stacked block run by ``lax.scan`` instead of 12 unrolled blocks;
 * ``train.batch_size``: 16, 32 or 64 sequences of 1024 tokens;
 * ``train.xla_flags``: named XLA flag sets (``arch_zoo/perf.py``), e.g. ``cublas`` (cuBLAS GEMMs
-  instead of Triton), ``cudnn_ln`` (cuDNN layer norms) or ``no_cmd_buffer``.
+  instead of Triton), ``cudnn_ln`` (cuDNN layer norms) or ``no_cmd_buffer``;
+* any other config key, named dotted in a ``--plan`` setting, e.g.
+  ``{"fused_qkv": true, "remat": "none", "batch": 64, "model.recompute_activation": "never"}``.
 
 Each row also records the training loss after its last timed step (``last_loss``): every row
 starts from the same weights and batch and runs the same number of steps, so a flag or setting
@@ -37,6 +39,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import compare  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 # (flag sets, settings) in priority order: the first group holds the baseline of bench_lm.py.
@@ -100,6 +103,9 @@ def run_flag_set(args) -> None:
       config.model.remat = setting["remat"]
       config.model.attention.fused_qkv = setting["fused_qkv"]
       config.model.scan_layers = setting["scan_layers"]
+      for key, value in setting.items():
+        if "." in key:
+          compare.set_dotted(config, key, value)  # names the key if the config has none such
     try:
       vocab = min(config.model.vocab_size, 50257)
       step = common.TrainStep(config,
@@ -117,8 +123,9 @@ def run_flag_set(args) -> None:
     row.update(stats=stats, tokens_per_s=tokens_per_s, flops_per_token=flops,
                mfu_vs_989=tokens_per_s * flops / common.H100_BF16_PEAK,
                mfu_vs_measured_matmul_peak=tokens_per_s * flops / result["matmul_peak_flops"])
+    extra = " ".join(f"{k}={v}" for k, v in setting.items() if "." in k)
     print(f"  {args.flag_set:>22} fused_qkv={setting['fused_qkv']!s:5} remat={setting['remat']:4} "
-          f"scan={setting['scan_layers']!s:5} batch={setting['batch']:3}: "
+          f"scan={setting['scan_layers']!s:5} batch={setting['batch']:3} {extra}: "
           f"{tokens_per_s:,.0f} tok/s, "
           f"MFU {row['mfu_vs_989']:.1%} of 989", flush=True)
     save()
@@ -225,8 +232,9 @@ def main() -> None:
     measured = [r for r in record["rows"] if "tokens_per_s" in r]
     if measured:
       best = max(measured, key=lambda r: r["tokens_per_s"])
-      record["best"] = {k: best[k] for k in ("flag_set", "fused_qkv", "remat", "scan_layers",
-                                             "batch", "tokens_per_s", "mfu_vs_989")}
+      record["best"] = {k: v for k, v in best.items()
+                        if k in ("flag_set", "fused_qkv", "remat", "scan_layers", "batch",
+                                 "tokens_per_s", "mfu_vs_989") or "." in k}
     record["elapsed_s"] = time.time() - start
     common.write(args.out, record)  # after every subprocess: a killed job keeps its results
   # Once more at the end: groups skipped for budget `continue` past the write above, and the file
@@ -239,9 +247,10 @@ def main() -> None:
   for r in record["rows"]:
     head = (f"{r['flag_set']:>22} {r['fused_qkv']!s:>5} {r['remat']:>5} "
             f"{r['scan_layers']!s:>5} {r['batch']:>5} ")
+    extra = " ".join(f"{k}={v}" for k, v in r.items() if "." in k)
     if "tokens_per_s" in r:
       print(head + f"{r['tokens_per_s']:>10,.0f} {r['mfu_vs_989']:>7.1%} "
-            f"{r.get('speedup_vs_peer', float('nan')):>6.2f}")
+            f"{r.get('speedup_vs_peer', float('nan')):>6.2f} {extra}")
     else:
       print(head + f"skipped: {r['skipped'][:60]}")
   if "peer" in record:

@@ -84,9 +84,18 @@ def device_events(trace: dict) -> tuple[list[dict], dict]:
 def summarize(events: list[dict], steps: int) -> dict:
   by_name = collections.Counter()
   count = collections.Counter()
+  hlo_ops = collections.defaultdict(collections.Counter)
+  sample_args = {}
   for event in events:
+    sample_args.setdefault(event["name"], {k: str(v)[:120] for k, v in
+                                           (event.get("args") or {}).items()})
     by_name[event["name"]] += float(event.get("dur", 0.0))
     count[event["name"]] += 1
+    # The trace names the HLO instruction behind each kernel; several instructions can launch
+    # the same kernel (a copy, a cuBLAS GEMM), and this tells which.
+    op = (event.get("args") or {}).get("hlo_op")
+    if op:
+      hlo_ops[event["name"]][op] += 1
   total = sum(by_name.values())
   by_kind = collections.Counter()
   for name, dur in by_name.items():
@@ -99,7 +108,9 @@ def summarize(events: list[dict], steps: int) -> dict:
       "by_kind_ms_per_step": {k: per_step(v) for k, v in by_kind.most_common()},
       "by_kind_fraction": {k: v / total for k, v in by_kind.most_common()} if total else {},
       "top_kernels": [{"name": name[:200], "kind": kind_of(name), "ms_per_step": per_step(dur),
-                       "fraction": dur / total, "calls_per_step": count[name] / steps}
+                       "fraction": dur / total, "calls_per_step": count[name] / steps,
+                       "hlo_ops": [op for op, _ in hlo_ops[name].most_common(6)],
+                       "sample_args": sample_args[name]}
                       for name, dur in by_name.most_common(40)],
   }
 
@@ -273,7 +284,12 @@ def main() -> None:
 
 def finish(record: dict, hlo_text: str, out: str) -> None:
   """Adds the top kernels' fusions, writes the record and prints a summary."""
-  record["fusion_hlo"] = fusion_hlo(hlo_text, [row["name"] for row in record["top_kernels"]])
+  names = [row["name"] for row in record["top_kernels"]]
+  # Kernels not named after their instruction (copies, library calls): the instructions that
+  # launched them, from the trace.
+  names += [op for row in record["top_kernels"] if row["kind"] == "copy / transpose"
+            for op in row["hlo_ops"]]
+  record["fusion_hlo"] = fusion_hlo(hlo_text, list(dict.fromkeys(names)))
   common.write(out, record)
   print(json.dumps({k: record.get(k) for k in ("device_busy_ms_per_step", "by_kind_ms_per_step")},
                    indent=1))

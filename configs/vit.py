@@ -120,6 +120,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
       # auto: bf16 matmuls on GPU/TPU, float32 on CPU; parameters are always float32
       dtype=size.get("dtype", "auto"),
       remat="none",  # none | full | dots
+      # auto: on GPU/TPU, off on CPU. Recompute the MLP activation in the backward pass
+      # instead of storing its intermediates (same values; less memory traffic).
+      recompute_activation="auto",  # auto | always | never
       scan_layers=False,  # True: one stacked block run by lax.scan (mha, dynamic_mask, masa)
       layer_pattern="",  # e.g. "lightning,lightning,lightning,mha" for hybrids
       # Patches carry their position in the position embedding, not RoPE over a raster order.

@@ -111,12 +111,18 @@ def test_every_xla_flag_is_known_to_the_pinned_jaxlib():
       assert flag in proc.stdout
 
 
-@pytest.mark.parametrize("remat", ["dots"])  # "full" is covered by tests/test_routing.py
-def test_remat_policies_give_the_loss_and_gradients_of_no_remat(remat):
+@pytest.mark.parametrize("overrides", [
+    dict(remat="dots"),  # remat "full" is covered by tests/test_routing.py
+    dict(recompute_activation="always"),
+    dict(recompute_activation="always", mlp="swiglu"),
+])
+def test_remat_settings_give_the_loss_and_gradients_of_no_remat(overrides):
   from flax import nnx
 
-  def loss_and_grads(policy):
-    model = build_lm(lm_config("mha", remat=policy, fused_qkv=True))
+  baseline = dict(remat="none", recompute_activation="never", mlp=overrides.get("mlp", "gelu"))
+
+  def loss_and_grads(settings):
+    model = build_lm(lm_config("mha", fused_qkv=True, **settings))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tokens = random_tokens(2, 16, 256, seed=5)
 
@@ -125,10 +131,45 @@ def test_remat_policies_give_the_loss_and_gradients_of_no_remat(remat):
       return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
     return jax.jit(jax.value_and_grad(loss))(params)
 
-  (want, want_grads), (got, got_grads) = loss_and_grads("none"), loss_and_grads(remat)
+  (want, want_grads), (got, got_grads) = loss_and_grads(baseline), loss_and_grads(overrides)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gelu", "relu", "relu2", "swiglu"])
+def test_recomputed_activation_stores_only_its_inputs_for_the_backward_pass(kind):
+  """Autodiff of tanh-GELU keeps hidden-sized intermediates for its backward pass; recomputing
+  keeps just the inputs (the hidden layer, and the gate for SwiGLU), with the same values and
+  gradients."""
+  from arch_zoo.layers.mlp import activation
+
+  h, gate, cotangent = (jax.random.normal(jax.random.key(i), (4, 64), jnp.bfloat16)
+                        for i in range(3))
+  inputs = (gate, h) if kind == "swiglu" else (h,)
+
+  def forward_and_saved(recompute):
+    y, pullback = jax.vjp(activation(kind, recompute=recompute), *inputs)
+    saved = [x for x in jax.tree.leaves(pullback) if getattr(x, "size", 0) > 1]
+    return y, pullback(cotangent), sum(x.size for x in saved)
+
+  y, grads, saved = forward_and_saved(recompute=True)
+  y_plain, grads_plain, saved_plain = forward_and_saved(recompute=False)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_plain, np.float32))
+  for g, want in zip(grads, grads_plain):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(want, np.float32))
+  assert saved == sum(x.size for x in inputs)
+  if kind == "gelu":
+    assert saved_plain >= 3 * h.size
+
+
+def test_recompute_activation_is_on_for_accelerators_and_checked():
+  from arch_zoo.models.block import recompute_activation
+
+  assert recompute_activation(lm_config("mha").model) is (jax.default_backend() != "cpu")
+  assert recompute_activation(lm_config("mha", recompute_activation="always").model) is True
+  with pytest.raises(ValueError, match="recompute_activation"):
+    recompute_activation(lm_config("mha", recompute_activation="sometimes").model)
 
 
 def train_two_steps(scan_layers: bool, remat: str, mesh_shape, rules):

@@ -19,14 +19,33 @@ ACTIVATIONS = {
 }
 
 
+def swiglu_gate(gate: jax.Array, h: jax.Array) -> jax.Array:
+  return jax.nn.silu(gate) * h
+
+
+def activation(kind: str, *, recompute: bool):
+  """The hidden layer's nonlinearity; ``swiglu`` takes ``(gate, h)``.
+
+  ``recompute=True`` saves only the activation's inputs for the backward pass and recomputes the
+  rest there (``jax.checkpoint`` around the activation alone). Autodiff of tanh-GELU otherwise
+  stores an intermediate as big as the hidden layer, so the forward writes two hidden-sized
+  tensors and the backward reads three; recomputing costs a few flops per element of a
+  memory-bound kernel. The values and gradients are those of the plain function.
+  """
+  fn = swiglu_gate if kind == "swiglu" else ACTIVATIONS[kind]
+  return jax.checkpoint(fn) if recompute else fn
+
+
 class MLP(nnx.Module):
   """``W2 act(W1 x)`` with ``act`` in gelu (GPT-2), relu, relu2 (squared ReLU);
-  ``swiglu``: ``W2 (silu(Wg x) * W1 x)`` (LLaMA)."""
+  ``swiglu``: ``W2 (silu(Wg x) * W1 x)`` (LLaMA). ``recompute_activation``: see ``activation``."""
 
   def __init__(self, d_model: int, hidden: int, *, kind: str = "gelu", rngs: nnx.Rngs,
-               out_stddev: float = DEFAULT_STDDEV, dtype: Any = jnp.float32):
+               out_stddev: float = DEFAULT_STDDEV, dtype: Any = jnp.float32,
+               recompute_activation: bool = False):
     check_choice("model.mlp", kind, MLP_KINDS)
     self.kind = kind
+    self.recompute_activation = recompute_activation
     self.up = Dense(d_model, hidden, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
     self.gate = (Dense(d_model, hidden, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
                  if kind == "swiglu" else None)
@@ -34,9 +53,7 @@ class MLP(nnx.Module):
                       dtype=dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    act = activation(self.kind, recompute=self.recompute_activation)
     h = self.up(x)
-    if self.gate is not None:
-      h = jax.nn.silu(self.gate(x)) * h
-    else:
-      h = ACTIVATIONS[self.kind](h)
+    h = act(self.gate(x), h) if self.gate is not None else act(h)
     return self.down(h)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -30,6 +31,28 @@ def compute_dtype(name: str):
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
   check_choice("model.dtype", name, ("auto", "float32", "bfloat16"))
   return jnp.dtype(name)
+
+
+RECOMPUTE_CHOICES = ("auto", "always", "never")
+
+
+def recompute_activation(cfg: ConfigDict) -> bool:
+  """``model.recompute_activation``: ``auto`` recomputes the MLP activation in the backward pass
+  on GPU/TPU (it saves memory traffic there) and not on the CPU (see ``layers.mlp.activation``)."""
+  return _recompute(cfg, "recompute_activation", accelerators=True)
+
+
+def recompute_norm(cfg: ConfigDict) -> bool:
+  """``model.recompute_norm`` (RMSNorm only): the blocks' norms save only their input."""
+  return _recompute(cfg, "recompute_norm", accelerators=False)
+
+
+def _recompute(cfg: ConfigDict, key: str, *, accelerators: bool) -> bool:
+  choice = cfg.get(key, "auto")
+  check_choice(f"model.{key}", choice, RECOMPUTE_CHOICES)
+  if choice == "auto":
+    return accelerators and jax.default_backend() != "cpu"
+  return choice == "always"
 
 
 def layer_names(cfg: ConfigDict) -> list[str]:
@@ -68,6 +91,8 @@ class Block(nnx.Module):
     dims = dims_for(cfg, layer_index)
     name = layer_names(cfg)[layer_index]
     norm = NORMS[cfg.norm]
+    if cfg.norm == "rmsnorm":
+      norm = functools.partial(norm, recompute=recompute_norm(cfg))
     self.layer_index = layer_index
     self.dropout_rate = cfg.dropout
     self.attn_norm = norm(cfg.d_model)
@@ -75,7 +100,8 @@ class Block(nnx.Module):
                                 **attention_options(cfg, name))
     self.mlp_norm = norm(cfg.d_model)
     self.mlp = MLP(cfg.d_model, cfg.d_ff or 4 * cfg.d_model, kind=cfg.mlp, rngs=rngs,
-                   out_stddev=DEFAULT_STDDEV / (2 * cfg.num_layers) ** 0.5, dtype=dims.dtype)
+                   out_stddev=DEFAULT_STDDEV / (2 * cfg.num_layers) ** 0.5, dtype=dims.dtype,
+                   recompute_activation=recompute_activation(cfg))
 
   def __call__(self, x: jax.Array, ctx: Context, layer_index: jax.Array | int | None = None):
     # Under scan_layers the index arrives as a scanned array (the stacked block's own attribute
