@@ -64,7 +64,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
       # auto: on GPU/TPU, off on CPU. Recompute the MLP activation in the backward pass
       # instead of storing its intermediates (same values; less memory traffic).
       recompute_activation="auto",  # auto | always | never
-      recompute_norm="auto",  # auto (never, for now) | always | never: the same for RMSNorm
       scan_layers=False,  # True: one stacked block run by lax.scan (mha, dynamic_mask, masa)
       layer_pattern="",  # e.g. "lightning,lightning,lightning,mha" for hybrids
       attention=common.attention_config(arg.attn, causal=True),

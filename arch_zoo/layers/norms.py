@@ -10,21 +10,14 @@ from flax import nnx
 class RMSNorm(nnx.Module):
   """``x / rms(x) * scale`` over the last axis."""
 
-  def __init__(self, features: int, *, eps: float = 1e-6, axis_name: str | None = "norm",
-               recompute: bool = False):
+  def __init__(self, features: int, *, eps: float = 1e-6, axis_name: str | None = "norm"):
     self.eps = eps
-    self.recompute = recompute
     self.scale = nnx.Param(jnp.ones((features,), jnp.float32), logical_axes=(axis_name,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    fn = jax.checkpoint(rms_norm, static_argnums=2) if self.recompute else rms_norm
-    return fn(x, self.scale[...], self.eps)
-
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-  x32 = x.astype(jnp.float32)
-  inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-  return (x32 * inv_rms * scale).astype(x.dtype)
+    x32 = x.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (x32 * inv_rms * self.scale[...]).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):

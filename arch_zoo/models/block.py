@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -33,25 +32,16 @@ def compute_dtype(name: str):
   return jnp.dtype(name)
 
 
-RECOMPUTE_CHOICES = ("auto", "always", "never")
+RECOMPUTE_ACTIVATION = ("auto", "always", "never")
 
 
 def recompute_activation(cfg: ConfigDict) -> bool:
   """``model.recompute_activation``: ``auto`` recomputes the MLP activation in the backward pass
   on GPU/TPU (it saves memory traffic there) and not on the CPU (see ``layers.mlp.activation``)."""
-  return _recompute(cfg, "recompute_activation", accelerators=True)
-
-
-def recompute_norm(cfg: ConfigDict) -> bool:
-  """``model.recompute_norm`` (RMSNorm only): the blocks' norms save only their input."""
-  return _recompute(cfg, "recompute_norm", accelerators=False)
-
-
-def _recompute(cfg: ConfigDict, key: str, *, accelerators: bool) -> bool:
-  choice = cfg.get(key, "auto")
-  check_choice(f"model.{key}", choice, RECOMPUTE_CHOICES)
+  choice = cfg.get("recompute_activation", "auto")
+  check_choice("model.recompute_activation", choice, RECOMPUTE_ACTIVATION)
   if choice == "auto":
-    return accelerators and jax.default_backend() != "cpu"
+    return jax.default_backend() != "cpu"
   return choice == "always"
 
 
@@ -91,8 +81,6 @@ class Block(nnx.Module):
     dims = dims_for(cfg, layer_index)
     name = layer_names(cfg)[layer_index]
     norm = NORMS[cfg.norm]
-    if cfg.norm == "rmsnorm":
-      norm = functools.partial(norm, recompute=recompute_norm(cfg))
     self.layer_index = layer_index
     self.dropout_rate = cfg.dropout
     self.attn_norm = norm(cfg.d_model)
