@@ -115,6 +115,7 @@ def test_every_xla_flag_is_known_to_the_pinned_jaxlib():
     dict(remat="dots"),  # remat "full" is covered by tests/test_routing.py
     dict(recompute_activation="always"),
     dict(recompute_activation="always", mlp="swiglu"),
+    dict(recompute_activation="always", remat="dots"),  # a checkpoint inside remat's
 ])
 def test_remat_settings_give_the_loss_and_gradients_of_no_remat(overrides):
   from flax import nnx
