@@ -87,12 +87,14 @@ def summarize(events: list[dict], steps: int) -> dict:
   hlo_ops = collections.defaultdict(collections.Counter)
   sample_args = {}
   for event in events:
+    # One event's arguments per kernel: launch shape, registers, occupancy.
     sample_args.setdefault(event["name"], {k: str(v)[:120] for k, v in
                                            (event.get("args") or {}).items()})
     by_name[event["name"]] += float(event.get("dur", 0.0))
     count[event["name"]] += 1
-    # The trace names the HLO instruction behind each kernel; several instructions can launch
-    # the same kernel (a copy, a cuBLAS GEMM), and this tells which.
+    # The HLO instruction that launched the kernel, which tells apart the several instructions
+    # behind one kernel name (a copy, a cuBLAS GEMM). Inside a CUDA graph the trace names only
+    # the graph ("command_buffer_1"); the no_cmd_buffer flag set shows each instruction.
     op = (event.get("args") or {}).get("hlo_op")
     if op:
       hlo_ops[event["name"]][op] += 1
