@@ -123,6 +123,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
       # auto: on GPU/TPU, off on CPU. Recompute the MLP activation in the backward pass
       # instead of storing its intermediates (same values; less memory traffic).
       recompute_activation="auto",  # auto | always | never
+      # auto: on a GPU, each residual add and the RMSNorm after it run as one Triton kernel.
+      norm_impl="auto",  # auto | xla | pallas
       scan_layers=False,  # True: one stacked block run by lax.scan (mha, dynamic_mask, masa)
       layer_pattern="",  # e.g. "lightning,lightning,lightning,mha" for hybrids
       # Patches carry their position in the position embedding, not RoPE over a raster order.

@@ -13,6 +13,7 @@ from ml_collections import ConfigDict
 from arch_zoo import attention, sharding
 from arch_zoo.attention.base import Context, Dims
 from arch_zoo.layers import MLP, LayerNorm, RMSNorm
+from arch_zoo.layers.norms import resolve_norm_impl
 from arch_zoo.layers.linear import DEFAULT_STDDEV
 from arch_zoo.registry import check_choice
 
@@ -75,31 +76,48 @@ def dropout(x: jax.Array, rate: float, ctx: Context, salt: int) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def make_norm(cfg: ConfigDict):
+  """The configured norm of width ``d_model``, with ``model.norm_impl`` for RMSNorm."""
+  if cfg.norm == "rmsnorm":
+    impl = resolve_norm_impl(cfg.get("norm_impl", "auto"), cfg.norm, cfg.d_model)
+    return RMSNorm(cfg.d_model, impl=impl)
+  resolve_norm_impl(cfg.get("norm_impl", "auto"), cfg.norm, cfg.d_model)  # checks the option
+  return NORMS[cfg.norm](cfg.d_model)
+
+
 class Block(nnx.Module):
-  """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+  """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+  Each residual add runs together with the norm that reads its result (``add_and_norm``, one
+  kernel on GPUs): the block takes the stream without the previous block's last branch
+  (``pending``, None for the first block) and returns its own MLP branch unadded.
+  """
 
   def __init__(self, cfg: ConfigDict, layer_index: int, *, rngs: nnx.Rngs):
     dims = dims_for(cfg, layer_index)
     name = layer_names(cfg)[layer_index]
-    norm = NORMS[cfg.norm]
     self.layer_index = layer_index
     self.dropout_rate = cfg.dropout
-    self.attn_norm = norm(cfg.d_model)
+    self.attn_norm = make_norm(cfg)
     self.attn = attention.build(name, rngs=rngs, **dataclasses.asdict(dims),
                                 **attention_options(cfg, name))
-    self.mlp_norm = norm(cfg.d_model)
+    self.mlp_norm = make_norm(cfg)
     self.mlp = MLP(cfg.d_model, cfg.d_ff or 4 * cfg.d_model, kind=cfg.mlp, rngs=rngs,
                    out_stddev=DEFAULT_STDDEV / (2 * cfg.num_layers) ** 0.5, dtype=dims.dtype,
                    recompute_activation=recompute_activation(cfg))
 
-  def __call__(self, x: jax.Array, ctx: Context, layer_index: jax.Array | int | None = None):
+  def __call__(self, x: jax.Array, pending: jax.Array | None, ctx: Context,
+               layer_index: jax.Array | int | None = None):
+    """``(x, branch, aux)``: the stream is ``x + branch`` (``x + pending`` on the way in)."""
     # Under scan_layers the index arrives as a scanned array (the stacked block's own attribute
     # is that of layer 0); it only salts dropout.
     index = self.layer_index if layer_index is None else layer_index
-    y, aux = self.attn(self.attn_norm(x), ctx)
-    x = x + dropout(y, self.dropout_rate, ctx, 2 * index)
-    x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, ctx, 2 * index + 1)
-    return sharding.constrain(x, ("act_batch", "act_length", "act_embed")), aux
+    x, h = self.attn_norm.add_and_norm(x, pending)
+    y, aux = self.attn(h, ctx)
+    x, h = self.mlp_norm.add_and_norm(x, dropout(y, self.dropout_rate, ctx, 2 * index))
+    branch = dropout(self.mlp(h), self.dropout_rate, ctx, 2 * index + 1)
+    axes = ("act_batch", "act_length", "act_embed")
+    return sharding.constrain(x, axes), sharding.constrain(branch, axes), aux
 
 
 # Families whose layers differ only in parameter values (no per-layer static attribute such as
@@ -150,25 +168,35 @@ class Stack(nnx.Module):
     else:
       self.blocks = nnx.List(blocks)
 
-  def __call__(self, x: jax.Array, ctx: Context):
+  def __call__(self, x: jax.Array, ctx: Context, final_norm=None):
+    """``(stream, aux)``; with ``final_norm``, the stream comes out normalised by it (the last
+    residual add fused with it, see ``Block``)."""
     ctx = ctx.replace(shared={name: module() for name, module in self.shared.items()})
     call = _block_call if self.remat == "none" else nnx.remat(
         _block_call, policy=REMAT_POLICIES[self.remat])
     if self.scan_layers:
       # One compiled block body applied L times (lax.scan); aux is stacked over layers and
-      # averaged as merge_aux does for the unrolled stack.
+      # averaged as merge_aux does for the unrolled stack. The carry needs a fixed structure,
+      # so the first block adds a zero branch.
       @nnx.scan(in_axes=(nnx.Carry, 0, 0, None), out_axes=(nnx.Carry, 0))
-      def body(x, block, index, ctx):
-        return call(block, x, ctx, index)
+      def body(carry, block, index, ctx):
+        x, pending, aux = call(block, *carry, ctx, index)
+        return (x, pending), aux
 
-      x, aux = body(x, self.blocks, jnp.arange(self.num_layers), ctx)
-      return x, {k: jnp.mean(jnp.asarray(v, jnp.float32), axis=0) for k, v in aux.items()}
-    per_layer = []
-    for block in self.blocks:
-      x, aux = call(block, x, ctx)
-      per_layer.append(aux)
-    return x, attention.merge_aux(per_layer)
+      (x, pending), aux = body((x, jnp.zeros_like(x)), self.blocks, jnp.arange(self.num_layers),
+                               ctx)
+      aux = {k: jnp.mean(jnp.asarray(v, jnp.float32), axis=0) for k, v in aux.items()}
+    else:
+      pending, per_layer = None, []
+      for block in self.blocks:
+        x, pending, aux = call(block, x, pending, ctx)
+        per_layer.append(aux)
+      aux = attention.merge_aux(per_layer)
+    if final_norm is not None:
+      return final_norm.add_and_norm(x, pending)[1], aux
+    return x + pending, aux
 
 
-def _block_call(block: Block, x: jax.Array, ctx: Context, layer_index=None):
-  return block(x, ctx, layer_index)
+def _block_call(block: Block, x: jax.Array, pending: jax.Array | None, ctx: Context,
+                layer_index=None):
+  return block(x, pending, ctx, layer_index)

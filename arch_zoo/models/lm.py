@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 from arch_zoo import sharding
 from arch_zoo.attention.base import Context
 from arch_zoo.layers import Dense, Embed
-from arch_zoo.models.block import NORMS, Stack, compute_dtype
+from arch_zoo.models.block import Stack, compute_dtype, make_norm
 
 
 class LanguageModel(nnx.Module):
@@ -24,7 +24,7 @@ class LanguageModel(nnx.Module):
     dtype = compute_dtype(cfg.dtype)
     self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=dtype)
     self.stack = Stack(cfg, rngs=rngs)
-    self.final_norm = NORMS[cfg.norm](cfg.d_model)
+    self.final_norm = make_norm(cfg)
     self.head = None if cfg.tie_embeddings else Dense(
         cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=dtype,
         out_dtype=jnp.float32)
@@ -38,7 +38,6 @@ class LanguageModel(nnx.Module):
     ctx = Context(positions=positions, segment_ids=segment_ids, rng=rng, causal=True,
                   deterministic=deterministic)
     x = sharding.constrain(self.embed(tokens), ("act_batch", "act_length", "act_embed"))
-    x, aux = self.stack(x, ctx)
-    x = self.final_norm(x)
+    x, aux = self.stack(x, ctx, final_norm=self.final_norm)
     logits = self.embed.attend(x) if self.head is None else self.head(x)
     return sharding.constrain(logits, ("act_batch", "act_length", "act_vocab")), aux

@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 from arch_zoo import attention, sharding
 from arch_zoo.attention.base import Context
 from arch_zoo.layers import Dense, PatchEmbed, sincos_2d_position_embedding
-from arch_zoo.models.block import NORMS, Stack, compute_dtype, layer_names
+from arch_zoo.models.block import Stack, compute_dtype, layer_names, make_norm
 from arch_zoo.registry import check_choice
 
 POOLS = ("cls", "gap")
@@ -55,7 +55,7 @@ class VisionTransformer(nnx.Module):
     self.cls_token = nnx.Param(jnp.zeros((1, 1, cfg.d_model), jnp.float32),
                                logical_axes=(None, None, "embed")) if cfg.pool == "cls" else None
     self.stack = Stack(cfg, rngs=rngs)
-    self.final_norm = NORMS[cfg.norm](cfg.d_model)
+    self.final_norm = make_norm(cfg)
     self.head = Dense(cfg.d_model, cfg.num_classes, axes=("embed", None), rngs=rngs,
                       use_bias=True, stddev=0.0, dtype=dtype, out_dtype=jnp.float32)
 
@@ -76,8 +76,7 @@ class VisionTransformer(nnx.Module):
       x = jnp.concatenate([cls, x], axis=1)
     ctx = Context.for_inputs(b, x.shape[1], rng=rng, causal=False, deterministic=deterministic)
     x = sharding.constrain(x, ("act_batch", "act_length", "act_embed"))
-    x, aux = self.stack(x, ctx)
-    x = self.final_norm(x)
+    x, aux = self.stack(x, ctx, final_norm=self.final_norm)
     pooled = x[:, 0] if self.cls_token is not None else jnp.mean(x.astype(jnp.float32), axis=1)
     logits = self.head(pooled)
     return sharding.constrain(logits, ("act_batch", None)), aux
