@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from arch_zoo import attention, metrics, models
@@ -48,3 +49,23 @@ def train_losses(workdir) -> dict[int, float]:
   """``{step: train/loss}`` of every logged step of a train.py run."""
   return {row["step"]: row["train/loss"] for row in metrics.read_metrics(str(workdir))
           if "train/loss" in row}
+
+
+def lm_loss_and_grads(attn: str = "mha", **model_overrides):
+  """The next-token loss of a fixed batch and its gradients for the ``test``-size LM, jitted: for
+  tests that a setting leaves the function unchanged."""
+  model = build_lm(lm_config(attn, **model_overrides))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tokens = random_tokens(2, 16, 256, seed=5)
+
+  def loss(params):
+    logits, _ = nnx.merge(graphdef, params, rest)(tokens[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def assert_same_loss_and_grads(got, want):
+  (got_loss, got_grads), (want_loss, want_grads) = got, want
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)

@@ -7,12 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from arch_zoo import sharding
 from arch_zoo.layers import norm_kernels
 from arch_zoo.layers.norms import RMSNorm, resolve_norm_impl
-from tests.helpers import build_lm, lm_config, random_tokens
+from tests.helpers import assert_same_loss_and_grads, lm_loss_and_grads
 
 
 def xla_add_rms_norm(residual, branch, scale, eps=1e-6):
@@ -98,20 +97,8 @@ def test_norm_impl_is_checked_and_auto_stays_on_xla_off_gpus():
 
 @pytest.mark.parametrize("settings", [{}, {"scan_layers": True}, {"remat": "dots"}])
 def test_lm_with_the_fused_kernel_has_the_loss_and_gradients_of_xla(settings):
-  def loss_and_grads(impl):
-    model = build_lm(lm_config("mha", norm_impl=impl, **settings))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tokens = random_tokens(2, 16, 256, seed=5)
-
-    def loss(params):
-      logits, _ = nnx.merge(graphdef, params, rest)(tokens[:, :-1])
-      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
-    return jax.jit(jax.value_and_grad(loss))(params)
-
-  (want, want_grads), (got, got_grads) = loss_and_grads("xla"), loss_and_grads("pallas")
-  np.testing.assert_allclose(got, want, rtol=1e-6)
-  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+  assert_same_loss_and_grads(lm_loss_and_grads(norm_impl="pallas", **settings),
+                             lm_loss_and_grads(norm_impl="xla", **settings))
 
 
 def test_sharded_batch_takes_the_xla_form(monkeypatch):

@@ -11,7 +11,8 @@ import pytest
 
 from arch_zoo import perf
 from arch_zoo.attention.base import Context
-from tests.helpers import build_lm, lm_config, random_tokens
+from tests.helpers import (assert_same_loss_and_grads, build_lm, lm_config, lm_loss_and_grads,
+                           random_tokens)
 
 
 @pytest.mark.parametrize("name,num_kv_heads", [("mha", 2), ("moh", 0)])
@@ -118,24 +119,9 @@ def test_every_xla_flag_is_known_to_the_pinned_jaxlib():
     dict(recompute_activation="always", remat="dots"),  # a checkpoint inside remat's
 ])
 def test_remat_settings_give_the_loss_and_gradients_of_no_remat(overrides):
-  from flax import nnx
-
   baseline = dict(remat="none", recompute_activation="never", mlp=overrides.get("mlp", "gelu"))
-
-  def loss_and_grads(settings):
-    model = build_lm(lm_config("mha", fused_qkv=True, **settings))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tokens = random_tokens(2, 16, 256, seed=5)
-
-    def loss(params):
-      logits, _ = nnx.merge(graphdef, params, rest)(tokens[:, :-1])
-      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
-    return jax.jit(jax.value_and_grad(loss))(params)
-
-  (want, want_grads), (got, got_grads) = loss_and_grads(baseline), loss_and_grads(overrides)
-  np.testing.assert_allclose(got, want, rtol=1e-6)
-  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+  assert_same_loss_and_grads(lm_loss_and_grads(fused_qkv=True, **overrides),
+                             lm_loss_and_grads(fused_qkv=True, **baseline))
 
 
 @pytest.mark.parametrize("kind", ["gelu", "relu", "relu2", "swiglu"])
