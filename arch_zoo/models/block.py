@@ -13,8 +13,8 @@ from ml_collections import ConfigDict
 from arch_zoo import attention, sharding
 from arch_zoo.attention.base import Context, Dims
 from arch_zoo.layers import MLP, LayerNorm, RMSNorm
-from arch_zoo.layers.norms import resolve_norm_impl
 from arch_zoo.layers.linear import DEFAULT_STDDEV
+from arch_zoo.layers.norms import resolve_norm_impl
 from arch_zoo.registry import check_choice
 
 NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
@@ -78,10 +78,9 @@ def dropout(x: jax.Array, rate: float, ctx: Context, salt: int) -> jax.Array:
 
 def make_norm(cfg: ConfigDict):
   """The configured norm of width ``d_model``, with ``model.norm_impl`` for RMSNorm."""
+  impl = resolve_norm_impl(cfg.get("norm_impl", "auto"), cfg.norm, cfg.d_model)
   if cfg.norm == "rmsnorm":
-    impl = resolve_norm_impl(cfg.get("norm_impl", "auto"), cfg.norm, cfg.d_model)
     return RMSNorm(cfg.d_model, impl=impl)
-  resolve_norm_impl(cfg.get("norm_impl", "auto"), cfg.norm, cfg.d_model)  # checks the option
   return NORMS[cfg.norm](cfg.d_model)
 
 
