@@ -87,9 +87,11 @@ def make_norm(cfg: ConfigDict):
 class Block(nnx.Module):
   """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
-  Each residual add runs together with the norm that reads its result (``add_and_norm``, one
-  kernel on GPUs): the block takes the stream without the previous block's last branch
-  (``pending``, None for the first block) and returns its own MLP branch unadded.
+  Each residual add runs together with the norm that reads its result (``add_and_norm``). With
+  the fused kernel (``defers_add``) the block returns its MLP branch unadded, for the next
+  block's first norm (or the model's final norm) to add: the block takes the stream without the
+  previous block's last branch (``pending``). Otherwise the stream leaves the block whole and
+  ``pending`` is None, exactly the computation of an unfused pre-norm block.
   """
 
   def __init__(self, cfg: ConfigDict, layer_index: int, *, rngs: nnx.Rngs):
@@ -101,13 +103,15 @@ class Block(nnx.Module):
     self.attn = attention.build(name, rngs=rngs, **dataclasses.asdict(dims),
                                 **attention_options(cfg, name))
     self.mlp_norm = make_norm(cfg)
+    self.defers_add = getattr(self.mlp_norm, "impl", "xla") == "pallas"
     self.mlp = MLP(cfg.d_model, cfg.d_ff or 4 * cfg.d_model, kind=cfg.mlp, rngs=rngs,
                    out_stddev=DEFAULT_STDDEV / (2 * cfg.num_layers) ** 0.5, dtype=dims.dtype,
                    recompute_activation=recompute_activation(cfg))
 
   def __call__(self, x: jax.Array, pending: jax.Array | None, ctx: Context,
                layer_index: jax.Array | int | None = None):
-    """``(x, branch, aux)``: the stream is ``x + branch`` (``x + pending`` on the way in)."""
+    """``(x, branch, aux)``: the stream is ``x + branch`` (``x + pending`` on the way in); the
+    branch is None unless ``defers_add``."""
     # Under scan_layers the index arrives as a scanned array (the stacked block's own attribute
     # is that of layer 0); it only salts dropout.
     index = self.layer_index if layer_index is None else layer_index
@@ -116,6 +120,8 @@ class Block(nnx.Module):
     x, h = self.mlp_norm.add_and_norm(x, dropout(y, self.dropout_rate, ctx, 2 * index))
     branch = dropout(self.mlp(h), self.dropout_rate, ctx, 2 * index + 1)
     axes = ("act_batch", "act_length", "act_embed")
+    if not self.defers_add:
+      return sharding.constrain(x + branch, axes), None, aux
     return sharding.constrain(x, axes), sharding.constrain(branch, axes), aux
 
 
@@ -176,14 +182,14 @@ class Stack(nnx.Module):
     if self.scan_layers:
       # One compiled block body applied L times (lax.scan); aux is stacked over layers and
       # averaged as merge_aux does for the unrolled stack. The carry needs a fixed structure,
-      # so the first block adds a zero branch.
+      # so with deferred adds the first block adds a zero branch.
       @nnx.scan(in_axes=(nnx.Carry, 0, 0, None), out_axes=(nnx.Carry, 0))
       def body(carry, block, index, ctx):
         x, pending, aux = call(block, *carry, ctx, index)
         return (x, pending), aux
 
-      (x, pending), aux = body((x, jnp.zeros_like(x)), self.blocks, jnp.arange(self.num_layers),
-                               ctx)
+      pending = jnp.zeros_like(x) if self.blocks.defers_add else None
+      (x, pending), aux = body((x, pending), self.blocks, jnp.arange(self.num_layers), ctx)
       aux = {k: jnp.mean(jnp.asarray(v, jnp.float32), axis=0) for k, v in aux.items()}
     else:
       pending, per_layer = None, []
@@ -193,7 +199,7 @@ class Stack(nnx.Module):
       aux = attention.merge_aux(per_layer)
     if final_norm is not None:
       return final_norm.add_and_norm(x, pending)[1], aux
-    return x + pending, aux
+    return (x if pending is None else x + pending), aux
 
 
 def _block_call(block: Block, x: jax.Array, pending: jax.Array | None, ctx: Context,
