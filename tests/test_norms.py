@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from arch_zoo import sharding
+from arch_zoo.attention.base import Context
 from arch_zoo.layers import norm_kernels
 from arch_zoo.layers.norms import RMSNorm, resolve_norm_impl
-from tests.helpers import assert_same_loss_and_grads, lm_loss_and_grads
+from tests.helpers import assert_same_loss_and_grads, build_lm, lm_config, lm_loss_and_grads
 
 
 def xla_add_rms_norm(residual, branch, scale, eps=1e-6):
@@ -128,3 +129,19 @@ def test_compiled_kernel_on_gpu_matches_the_xla_form():
   kernel = lambda r, b, s: norm_kernels.add_rms_norm(r, b, s, eps=1e-6)  # noqa: E731
   got, xla, exact = jax.jit(lambda *a: bf16_case(*a, cotangents, kernel))(residual, branch, scale)
   assert_no_worse_than_xla(got, xla, exact)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_blocks_defer_their_last_add_only_for_the_kernel(impl):
+  """Without the kernel a block hands on the whole stream, the computation of an unfused pre-norm
+  block; with it, the stream without its MLP branch, and the branch."""
+  block = build_lm(lm_config("mha", norm_impl=impl)).stack.blocks[0]
+  x = jax.random.normal(jax.random.key(0), (2, 8, block.attn_norm.scale.shape[0]))
+  stream, branch, _ = block(x, None, Context.for_inputs(2, 8, causal=True))
+  assert (branch is None) == (impl == "xla")
+  if branch is not None:
+    stream = stream + branch
+  whole, none, _ = build_lm(lm_config("mha", norm_impl="xla")).stack.blocks[0](
+      x, None, Context.for_inputs(2, 8, causal=True))
+  assert none is None
+  np.testing.assert_allclose(np.asarray(stream), np.asarray(whole), rtol=1e-5, atol=1e-6)
