@@ -36,13 +36,11 @@ def main() -> None:
   import jax
   import jax.numpy as jnp
 
-  from arch_zoo.layers import norm_kernels
+  from arch_zoo.layers import norm_kernels, norms
 
   def xla_form(residual, branch, scale):
     x = residual + branch
-    x32 = x.astype(jnp.float32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
-    return x, (x32 * inv_rms * scale).astype(x.dtype)
+    return x, norms.rms_norm(x, scale, 1e-6)
 
   def timed(fn, *a):
     jax.block_until_ready(fn(*a))

@@ -11,15 +11,14 @@ import pytest
 from arch_zoo import sharding
 from arch_zoo.attention.base import Context
 from arch_zoo.layers import norm_kernels
-from arch_zoo.layers.norms import RMSNorm, resolve_norm_impl
+from arch_zoo.layers.norms import RMSNorm, resolve_norm_impl, rms_norm
 from tests.helpers import assert_same_loss_and_grads, build_lm, lm_config, lm_loss_and_grads
 
 
 def xla_add_rms_norm(residual, branch, scale, eps=1e-6):
+  """What ``RMSNorm.add_and_norm`` computes without the kernel."""
   x = residual + branch
-  x32 = x.astype(jnp.float32)
-  inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return x, (x32 * inv_rms * scale).astype(x.dtype)
+  return x, rms_norm(x, scale, eps)
 
 
 def values_and_grads(fn, residual, branch, scale, cotangents):

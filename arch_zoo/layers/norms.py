@@ -34,6 +34,13 @@ def resolve_norm_impl(impl: str, norm: str, d_model: int) -> str:
   return impl
 
 
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """``x / rms(x) * scale`` over the last axis, statistics in float32, result in ``x``'s dtype."""
+  x32 = x.astype(jnp.float32)
+  inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return (x32 * inv_rms * scale).astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
   """``x / rms(x) * scale`` over the last axis."""
 
@@ -44,9 +51,7 @@ class RMSNorm(nnx.Module):
     self.scale = nnx.Param(jnp.ones((features,), jnp.float32), logical_axes=(axis_name,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (x32 * inv_rms * self.scale[...]).astype(x.dtype)
+    return rms_norm(x, self.scale[...], self.eps)
 
   def add_and_norm(self, residual: jax.Array, branch: jax.Array | None):
     """``(x, norm(x))`` with ``x = residual + branch`` (``branch=None``: ``x = residual``)."""
