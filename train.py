@@ -162,7 +162,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   # ---------------------------------------------------------------- compiled steps
   base_rng = jax.random.key(config.seed)
   train_step = jax.jit(steps.make_train_step(graphdef, tx, schedule, base_rng,
-                                             label_smoothing=config.train.label_smoothing),
+                                             label_smoothing=config.train.label_smoothing,
+                                             loss_impl=config.train.loss_impl),
                        in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
                        donate_argnums=(0,))
   eval_step = jax.jit(steps.make_eval_step(graphdef))

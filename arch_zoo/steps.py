@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from arch_zoo.losses import cross_entropy, uniform_cross_entropy_sum
+from arch_zoo import sharding
+from arch_zoo.losses import (cross_entropy, head_cross_entropy, mean_cross_entropy,
+                             resolve_loss_impl, uniform_cross_entropy_sum)
 
 MODEL_INPUT_KEYS = ("positions", "segment_ids")  # optional batch keys forwarded to the model
 
@@ -27,30 +29,70 @@ class TrainState:
   model_state: nnx.State  # non-parameter variables (may be empty)
 
 
-def forward(graphdef, params, model_state, batch, *, deterministic: bool, rng=None):
-  """Runs the model; returns logits, aux and the (possibly updated) non-parameter state."""
+def forward(graphdef, params, model_state, batch, *, deterministic: bool, rng=None,
+            fuse_head: str = "never"):
+  """Runs the model; returns logits, aux and the (possibly updated) non-parameter state.
+
+  ``fuse_head`` (``never`` | ``if_possible`` | ``required``): where the model's head can be fused
+  with the loss (``fuses_head``), the first result is instead the pair ``(features,
+  head_weight)`` whose product the logits are.
+  """
   # copy=True: fresh Variables at this trace level, which the model may update (the train step
   # runs it under jax.grad, a deeper trace than the jit that owns the incoming state).
   model = nnx.merge(graphdef, params, model_state, copy=True)
   extra = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
-  logits, aux = model(batch["inputs"], deterministic=deterministic, rng=rng, **extra)
+  if fuse_head != "never" and fuses_head(model, required=fuse_head == "required"):
+    features, aux = model.features(batch["inputs"], deterministic=deterministic, rng=rng, **extra)
+    out = (features, model.head_weight())
+  else:
+    out, aux = model(batch["inputs"], deterministic=deterministic, rng=rng, **extra)
   _, _, new_model_state = nnx.split(model, nnx.Param, ...)
-  return logits, aux, new_model_state
+  return out, aux, new_model_state
+
+
+def fuses_head(model, *, required: bool) -> bool:
+  """Whether ``losses.head_cross_entropy`` can run for ``model`` here: a model with a plain linear
+  head (``features``/``head_weight``: the LM), a vocabulary the kernel can chunk, one device (XLA
+  cannot partition a Pallas call). ``required`` (a forced ``pallas``): say why not, as an error."""
+  from arch_zoo import loss_kernels
+
+  active = sharding.active()
+  if active is not None and active[0].size > 1:
+    return False  # the logits' form computes the same function, sharded
+  if not hasattr(model, "head_weight"):
+    reason = f"{type(model).__name__} has no plain linear head (features, head_weight) to fuse"
+  elif loss_kernels.chunking(model.head_weight().shape[0]) is None:
+    reason = f"its kernel cannot chunk a vocabulary of {model.head_weight().shape[0]}"
+  else:
+    return True
+  if required:
+    raise ValueError(f"train.loss_impl=pallas: {reason}. Use train.loss_impl=auto or xla.")
+  return False
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    base_rng: jax.Array, *, label_smoothing: float = 0.0) -> Callable:
+                    base_rng: jax.Array, *, label_smoothing: float = 0.0,
+                    loss_impl: str = "xla") -> Callable:
   """``label_smoothing`` e trains against ``(1 - e) * one_hot + e / num_classes``; ``train/nll``
-  stays the plain negative log-likelihood (and evaluation never smooths)."""
+  stays the plain negative log-likelihood (and evaluation never smooths). ``loss_impl``
+  (``train.loss_impl``: auto | xla | pallas) picks the cross-entropy: XLA's on the logits
+  (``losses.mean_cross_entropy``) or the kernel fused with the head
+  (``losses.head_cross_entropy``)."""
   if not 0.0 <= label_smoothing < 1.0:
     raise ValueError(f"train.label_smoothing must be in [0, 1), got {label_smoothing}; "
                      "0 turns it off, 0.1 is the usual value.")
+  fuse_head = ("required" if loss_impl == "pallas" else
+               "if_possible" if resolve_loss_impl(loss_impl, label_smoothing=label_smoothing)
+               == "pallas" else "never")
 
   def loss_fn(params, model_state, batch, rng):
-    logits, aux, new_model_state = forward(graphdef, params, model_state, batch,
-                                           deterministic=False, rng=rng)
-    nll_sum, weight_sum, correct = cross_entropy(logits, batch["targets"], batch["weights"])
-    nll = nll_sum / jnp.maximum(weight_sum, 1.0)
+    out, aux, new_model_state = forward(graphdef, params, model_state, batch,
+                                        deterministic=False, rng=rng, fuse_head=fuse_head)
+    if isinstance(out, tuple):
+      nll, weight_sum, correct = head_cross_entropy(*out, batch["targets"], batch["weights"])
+    else:
+      logits = out
+      nll, weight_sum, correct = mean_cross_entropy(logits, batch["targets"], batch["weights"])
     objective = nll
     if label_smoothing:
       uniform = uniform_cross_entropy_sum(logits, batch["weights"]) / jnp.maximum(weight_sum, 1.0)

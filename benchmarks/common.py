@@ -115,7 +115,9 @@ class TrainStep:
     self.rules = sharding.rules_for(config.sharding)
     tx, schedule = optim.build(config.optim, 1000)
     self.graphdef, self.state, shardings = train_state.create(config, self.mesh, self.rules, tx)
-    self._step = jax.jit(steps.make_train_step(self.graphdef, tx, schedule, jax.random.key(0)),
+    self._step = jax.jit(steps.make_train_step(self.graphdef, tx, schedule, jax.random.key(0),
+                                               label_smoothing=config.train.label_smoothing,
+                                               loss_impl=config.train.loss_impl),
                          in_shardings=(shardings, None), out_shardings=(shardings, None),
                          donate_argnums=(0,))
     self.batch = batch

@@ -213,6 +213,27 @@ def profile_layer_forward(args) -> None:
   finish(record, forward.lower(params, x).compile().as_text(), args.out)
 
 
+def one_read_bound(logits, targets, weights, **_):
+  """A bound, not a loss: one read of the logits (their bf16 cast, handed to the backward as the
+  gradient), so the step costs what a kernel reading the logits once and writing a bf16 gradient
+  would at XLA's speed. Returns ``(logits[0, 0, 0], weight_sum, 0)``."""
+  import jax
+  import jax.numpy as jnp
+
+  @jax.custom_vjp
+  def stand_in(x):
+    return x[0, 0, 0]
+
+  def forward(x):
+    return x[0, 0, 0], x.astype(jnp.bfloat16)
+
+  def backward(cast, g):
+    return (cast.astype(jnp.float32) * g,)
+  stand_in.defvjp(forward, backward)
+  weights = weights.astype(jnp.float32)
+  return stand_in(logits.astype(jnp.float32)), jnp.sum(weights), jnp.zeros(())
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="benchmarks/results/lm_profile.json")
@@ -224,9 +245,13 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=0, help="0: 64 sequences (lm), 256 images (vit)")
   parser.add_argument("--flag_set", default="cublas")
   parser.add_argument("--trace_dir", default=os.path.join(tempfile.gettempdir(), "step_trace"))
-  parser.add_argument("--loss", default="one_pass", choices=("one_pass", "plain"),
-                      help="plain: the logsumexp/take_along_axis/argmax form the one-pass "
-                           "arch_zoo.losses.cross_entropy replaced (to profile the difference)")
+  parser.add_argument("--loss", default="auto", choices=("auto", "xla", "pallas", "plain",
+                                                         "one_read_bound"),
+                      help="auto/xla/pallas: train.loss_impl; plain: the logsumexp/"
+                           "take_along_axis/argmax form the one-pass arch_zoo.losses."
+                           "cross_entropy replaced; one_read_bound: NOT a loss, a stand-in that "
+                           "reads the logits once and hands their bf16 cast to the backward as "
+                           "the gradient (what any one-read loss kernel costs at best)")
   parser.add_argument("--smoke", action="store_true", help="test-size model on the CPU")
   args = parser.parse_args()
 
@@ -238,7 +263,9 @@ def main() -> None:
   from configs import lm, vit
 
   if args.loss == "plain":
-    steps.cross_entropy = losses.reference_cross_entropy  # read when the step is built
+    losses.cross_entropy = losses.reference_cross_entropy  # the XLA form calls it at trace time
+  if args.loss == "one_read_bound":
+    steps.mean_cross_entropy = one_read_bound  # read when the step is traced
 
   if args.model == "mha_layer":
     profile_layer_forward(args)
@@ -261,6 +288,10 @@ def main() -> None:
     tokens_per_example = counts["tokens"]
     flops = counts["train_flops_per_image"] / counts["tokens"]
   config.model.attention.fused_qkv = True
+  if args.loss in ("xla", "pallas"):
+    config.train.loss_impl = args.loss
+  elif args.loss in ("plain", "one_read_bound"):
+    config.train.loss_impl = "xla"  # both replace the XLA form
   trainer = common.TrainStep(config, batch)
   stats, compile_s = trainer.time(steps_per_sample=10 if not args.smoke else 2,
                                   samples=3 if not args.smoke else 1)

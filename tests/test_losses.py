@@ -66,6 +66,8 @@ def test_backward_is_scatter_free():
 
 
 def test_same_result_with_the_vocabulary_sharded_over_eight_devices():
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 devices (the CPU tests fake them)")
   logits, targets, weights = random_case((4, 8), 96, seed=3)
   mesh = jax.make_mesh((8,), ("tensor",), axis_types=(AxisType.Auto,))
   sharded = jax.device_put(logits, NamedSharding(mesh, PartitionSpec(None, None, "tensor")))

@@ -32,6 +32,23 @@ class LanguageModel(nnx.Module):
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, deterministic: bool = True,
                rng: jax.Array | None = None):
+    x, aux = self.features(tokens, positions=positions, segment_ids=segment_ids,
+                           deterministic=deterministic, rng=rng)
+    logits = self.embed.attend(x) if self.head is None else self.head(x)
+    return sharding.constrain(logits, ("act_batch", "act_length", "act_vocab")), aux
+
+  def head_weight(self) -> jax.Array:
+    """The head as ``[V, d_model]`` in the matmul dtype: the logits are ``features @ W.T`` with a
+    float32 result (what ``losses.head_cross_entropy`` takes to fuse the head with the loss)."""
+    if self.head is None:
+      return self.embed.embedding[...].astype(self.embed.dtype)
+    return self.head.kernel[...].astype(self.head.dtype).T
+
+  def features(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, deterministic: bool = True,
+               rng: jax.Array | None = None):
+    """``(x [B, T, d_model], aux)``: the final-normed hidden states the head reads, in the matmul
+    dtype."""
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -39,5 +56,5 @@ class LanguageModel(nnx.Module):
                   deterministic=deterministic)
     x = sharding.constrain(self.embed(tokens), ("act_batch", "act_length", "act_embed"))
     x, aux = self.stack(x, ctx, final_norm=self.final_norm)
-    logits = self.embed.attend(x) if self.head is None else self.head(x)
-    return sharding.constrain(logits, ("act_batch", "act_length", "act_vocab")), aux
+    dtype = self.embed.dtype if self.head is None else self.head.dtype
+    return x.astype(dtype), aux

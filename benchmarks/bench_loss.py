@@ -1,0 +1,120 @@
+r"""The LM head fused with the cross-entropy against XLA's head GEMM and loss fusions, and its tiles.
+
+    python benchmarks/bench_loss.py --out benchmarks/results/loss_h100.json   # ~2 min, GPU
+    python benchmarks/bench_loss.py --smoke --out /tmp/loss.json              # CPU (interpreter)
+
+At the 124M LM's shape (65,536 tokens of 768 bf16 features, a tied 50,304-row head) it times the
+training loss and its gradients with respect to the features and the head, as one jitted
+function: the XLA form (``float32_output_matmul`` then ``losses.mean_cross_entropy``: the head's
+GEMM, a reduction over the float32 logits forward, one elementwise pass writing their bf16
+gradient backward, two GEMMs) and ``losses.head_cross_entropy`` with several
+``loss_kernels.Tiles`` (the same GEMMs, one read of the logits, batched GEMMs over the chunks
+backward). Each case: best of 3 samples of 10 calls, the loss, and the largest gradient
+difference from the XLA form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+# (max_chunk, warps, rows): max_chunk 20,480, 8,192 and 3,200 cut 50,304 into 3, 8 and 16 chunks.
+TILES = [(20_480, 32, 1), (8192, 8, 1), (8192, 4, 1), (3200, 4, 1), (3200, 8, 2), (3200, 4, 2),
+         (3200, 8, 4), (3200, 2, 1), (8192, 8, 2)]
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="benchmarks/results/loss.json")
+  parser.add_argument("--smoke", action="store_true", help="tiny shapes, Pallas interpreter")
+  args = parser.parse_args()
+
+  import jax
+  import jax.numpy as jnp
+
+  from arch_zoo import loss_kernels, losses
+  from arch_zoo.layers.linear import float32_output_matmul
+
+  def timed(fn, *a):
+    jax.block_until_ready(fn(*a))
+    best = float("inf")
+    for _ in range(3):
+      start = time.perf_counter()
+      for _ in range(10):
+        out = fn(*a)
+      jax.block_until_ready(out)
+      best = min(best, (time.perf_counter() - start) / 10)
+    return best
+
+  n, d, vocab = (64, 32, 300) if args.smoke else (65_536, 768, 50_304)
+  dtype = jnp.float32 if args.smoke else jnp.bfloat16
+  keys = jax.random.split(jax.random.key(0), 3)
+  features = jax.random.normal(keys[0], (n, d), jnp.float32).astype(dtype)
+  head_weight = (0.02 * jax.random.normal(keys[1], (vocab, d), jnp.float32)).astype(dtype)
+  targets = jax.random.randint(keys[2], (n,), 0, vocab, jnp.int32)
+  weights = jnp.ones((n,), jnp.float32)
+
+  def xla_form(h, w):
+    return losses.mean_cross_entropy(float32_output_matmul(h, w.T), targets, weights)[0]
+
+  def fused(h, w):
+    return losses.head_cross_entropy(h, w, targets, weights)[0]
+
+  @jax.jit
+  def max_abs_diff(a, b):
+    return jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+
+  # The kernel alone on the float32 logits, next to XLA's cast of them to bf16: the same bytes
+  # (one read, one bf16 write), the yardstick for a one-read kernel.
+  logits = jnp.dot(features, head_weight.T, preferred_element_type=jnp.float32)
+  cast_ms = timed(jax.jit(lambda x: x.astype(jnp.bfloat16)), logits) * 1e3
+  print(f"{'XLA cast of the logits to bf16':48s} {cast_ms:.3f} ms", flush=True)
+
+  rows, reference = [], None
+  variants = [("xla", xla_form, None)] + [
+      (f"fused, {loss_kernels.chunking(vocab, t[0])[0]} chunks, warps {t[1]}, rows {t[2]}",
+       fused, t) for t in (TILES[:2] if args.smoke else TILES)]
+  for name, loss, tiles in variants:
+    row = {"variant": name, "tokens": n, "d_model": d, "vocab": vocab}
+    if tiles is not None:
+      loss_kernels.TILES = loss_kernels.Tiles(*tiles)  # read when the loss is traced
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    try:
+      value, grads = fn(features, head_weight)
+      row["ms"] = timed(fn, features, head_weight) * 1e3
+      if tiles is not None:
+        row["kernel_alone_ms"] = timed(functools.partial(
+            loss_kernels.chunk_statistics, targets=targets, tiles=loss_kernels.TILES,
+            interpret=args.smoke), logits) * 1e3
+    except Exception as e:  # noqa: BLE001  (a tile that does not compile is a result)
+      row["error"] = str(e).splitlines()[0][:300]
+      rows.append(row)
+      print(f"{name:48s} error: {row['error'][:100]}", flush=True)
+      continue
+    if reference is None:
+      reference = (float(value), grads)
+    row["loss"] = float(value)
+    row["d_features_max_abs_diff_vs_xla"] = float(max_abs_diff(grads[0], reference[1][0]))
+    row["d_head_max_abs_diff_vs_xla"] = float(max_abs_diff(grads[1], reference[1][1]))
+    row["d_features_max_abs"] = float(jnp.max(jnp.abs(reference[1][0].astype(jnp.float32))))
+    del value, grads
+    rows.append(row)
+    print(f"{name:48s} {row['ms']:.3f} ms (kernel {row.get('kernel_alone_ms', 0):.3f}) "
+          f"loss {row['loss']:.6f} "
+          f"d_features diff {row['d_features_max_abs_diff_vs_xla']:.2e}", flush=True)
+  common.write(args.out, {
+      "benchmark": "LM head + training cross-entropy, forward and backward: XLA vs the fused "
+                   "kernel's tiles",
+      "timing": "best of 3 samples of 10 calls", "xla_cast_to_bf16_ms": cast_ms, "rows": rows,
+      "versions": common.versions("jax", "jaxlib")})
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,189 @@
+"""The head fused with the cross-entropy (``losses.head_cross_entropy``, ``loss_kernels``): the
+loss, accuracy and gradients of the XLA form, ``mean_cross_entropy`` of the head's logits.
+
+The kernel runs in Pallas' interpreter on the CPU; the GPU test compiles it.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import AxisType
+
+from arch_zoo import loss_kernels, losses, sharding, steps
+from arch_zoo.layers.linear import float32_output_matmul
+from tests.helpers import build_lm, lm_config, random_tokens
+
+
+def head_case(tokens, d, vocab, seed=0, dtype=jnp.float32):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  features = jax.random.normal(keys[0], (*tokens, d), jnp.float32).astype(dtype)
+  head_weight = (0.5 * jax.random.normal(keys[1], (vocab, d), jnp.float32)).astype(dtype)
+  targets = jax.random.randint(keys[2], tokens, 0, vocab)
+  weights = (jax.random.uniform(keys[3], tokens) > 0.25).astype(jnp.float32)  # some padding
+  return features, head_weight, targets, weights
+
+
+def xla_form(features, head_weight, targets, weights):
+  return losses.mean_cross_entropy(float32_output_matmul(features, head_weight.T), targets,
+                                   weights)
+
+
+def values_and_grads(fn, features, head_weight, targets, weights):
+  def loss(h, w):
+    nll, weight_sum, correct = fn(h, w, targets, weights)
+    return nll, (weight_sum, correct)
+  (nll, (weight_sum, correct)), grads = jax.jit(jax.value_and_grad(
+      loss, argnums=(0, 1), has_aux=True))(features, head_weight)
+  return nll, weight_sum, correct, *grads
+
+
+@pytest.mark.parametrize("vocab", [16, 300, 50_304])
+def test_fused_head_loss_gives_the_values_and_gradients_of_the_xla_form(vocab):
+  case = head_case((3, 5), 32, vocab)
+  with jax.default_matmul_precision("float32"):  # not TF32 on a GPU: compare float32 sums
+    got = values_and_grads(losses.head_cross_entropy, *case)
+    want = values_and_grads(xla_form, *case)
+  # rtol: the two log-sum-exps add up 50,304 terms in different orders (see test_losses.py).
+  for name, g, w in zip(("nll", "weight_sum", "correct"), got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-4, err_msg=name)
+  # The features' gradient sums 50,304 products in a different order too, with cancellation: its
+  # small entries differ by float32 rounding of its largest ones.
+  for name, g, w in zip(("d_features", "d_head"), got[3:], want[3:]):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-4,
+                               atol=1e-4 * float(jnp.abs(w).max()), err_msg=name)
+
+
+def test_chunks_and_pieces():
+  assert loss_kernels.chunking(50_304) == (8, 6288)
+  assert loss_kernels.chunking(50_304, max_chunk=20_480) == (3, 16_768)
+  assert loss_kernels.pieces_of(6288) == ((0, 4096), (4096, 2048), (6144, 128), (6272, 16))
+  assert loss_kernels.chunking(300, max_chunk=64) == (5, 60)
+  assert loss_kernels.chunking(1000) == (1, 1000)
+  # 511 columns would be 9 power-of-two pieces (more than 8): 7 chunks of 73 = 64 + 8 + 1.
+  assert loss_kernels.chunking(511, max_chunk=1024) == (7, 73)
+  assert loss_kernels.chunking(509, max_chunk=256) is None  # a prime: only chunks of 1 column
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_statistics_over_many_chunks_with_ties_across_chunks(rows):
+  """Five chunks of 60 columns, ``rows`` rows a program (6 rows: 4 falls back to 2); tied maxima
+  in different chunks: the first column wins, as with ``jnp.argmax``."""
+  keys = jax.random.split(jax.random.key(2), 2)
+  logits = 3 * jax.random.normal(keys[0], (6, 300), jnp.float32)
+  logits = logits.at[0, 7].set(50.0).at[0, 250].set(50.0).at[1, 130].set(50.0)
+  logits = logits.at[1, 131].set(50.0)
+  targets = jax.random.randint(keys[1], (6,), 0, 300).at[2].set(299)
+  exp, chunk_max, chunk_sum, chunk_argmax, chunk_target = loss_kernels.chunk_statistics(
+      logits, targets, exp_dtype=jnp.float32, tiles=loss_kernels.Tiles(max_chunk=64, rows=rows),
+      interpret=True)
+  chunks = logits.reshape(6, 5, 60).transpose(1, 0, 2)
+  np.testing.assert_allclose(chunk_max, chunks.max(-1))
+  np.testing.assert_allclose(chunk_sum, jnp.exp(chunks - chunks.max(-1, keepdims=True)).sum(-1),
+                             rtol=1e-6)
+  np.testing.assert_allclose(exp, jnp.exp(chunks - chunks.max(-1, keepdims=True)), rtol=1e-6)
+  np.testing.assert_array_equal(chunk_argmax, chunks.argmax(-1) + 60 * jnp.arange(5)[:, None])
+  target_chunk = targets // 60
+  want_target = jnp.where(jnp.arange(5)[:, None] == target_chunk,
+                          jnp.take_along_axis(logits, targets[:, None], 1)[:, 0], 0.0)
+  np.testing.assert_allclose(chunk_target, want_target)
+  features = jnp.eye(6, 8)
+  nll, _, correct = losses.head_cross_entropy(features, jnp.zeros((300, 8)), targets,
+                                              jnp.ones(6))
+  assert np.isfinite(float(nll)) and float(correct) >= 0
+
+
+def test_accuracy_uses_the_first_of_tied_maxima():
+  """Row 0's logits tie at columns 7 and 250 (in different chunks): target 250 is not counted
+  correct, target 7 is."""
+  head_weight = jnp.zeros((300, 4)).at[7, 0].set(1.0).at[250, 0].set(1.0)
+  features = jnp.array([[5.0, 0, 0, 0]] * 2)
+  weights = jnp.ones(2)
+  for target, want in ((250, 0.0), (7, 1.0)):
+    targets = jnp.array([target, target])
+    with_tiles = losses.head_cross_entropy(features, head_weight, targets, weights)
+    assert float(with_tiles[2]) == 2 * want
+    assert float(xla_form(features, head_weight, targets, weights)[2]) == 2 * want
+
+
+def test_bf16_matches_the_xla_form_within_bf16_rounding():
+  case = head_case((4, 8), 64, 384, seed=1, dtype=jnp.bfloat16)
+  got = values_and_grads(losses.head_cross_entropy, *case)
+  want = values_and_grads(xla_form, *case)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for g, w in zip(got[3:], want[3:]):
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    assert np.abs(g - w).max() <= 2 ** -7 * np.abs(w).max(), (np.abs(g - w).max(), np.abs(w).max())
+
+
+def test_impl_is_checked_and_auto_resolves_per_backend_and_smoothing():
+  with pytest.raises(ValueError, match="train.loss_impl"):
+    losses.resolve_loss_impl("triton")
+  with pytest.raises(ValueError, match="label smoothing"):
+    losses.resolve_loss_impl("pallas", label_smoothing=0.1)
+  assert losses.resolve_loss_impl("auto") == ("pallas" if jax.default_backend() == "gpu"
+                                              else "xla")
+  assert losses.resolve_loss_impl("auto", label_smoothing=0.1) == "xla"
+
+
+def test_forced_pallas_names_what_it_cannot_fuse():
+  from configs import vit
+
+  from arch_zoo import models
+
+  config = vit.get_config("attn=mha,size=test")
+  model = models.build(config.model, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="no plain linear head"):
+    steps.fuses_head(model, required=True)
+  assert not steps.fuses_head(model, required=False)
+  assert steps.fuses_head(build_lm(lm_config("mha")), required=True)
+
+
+def test_a_multi_device_mesh_takes_the_logits_form():
+  """XLA cannot partition a Pallas call: under a mesh of 8 devices the step uses the logits."""
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 devices (the CPU tests fake them)")
+  model = build_lm(lm_config("mha"))
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+  with sharding.use(mesh, sharding.rules_for("fsdp")):
+    assert not steps.fuses_head(model, required=True)
+  assert steps.fuses_head(model, required=True)
+
+
+def test_train_step_with_the_fused_loss_matches_the_xla_loss():
+  """One step of the test LM (float32): same loss and metrics, and the same parameters after an
+  SGD step of rate 1 (the update is the gradient itself, which Adam's first step would not keep)."""
+  config = lm_config("mha", dtype="float32")  # float32 on every backend (a GPU would use bf16)
+  graphdef, params, model_state = nnx.split(build_lm(config), nnx.Param, ...)
+  tx = optax.sgd(1.0)
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=tx.init(params), model_state=model_state)
+  tokens = random_tokens(2, 17, config.model.vocab_size, seed=4)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "weights": jnp.ones((2, 16)).at[1, 10:].set(0.0)}
+  results = {}
+  for impl in ("xla", "pallas"):
+    step = jax.jit(steps.make_train_step(graphdef, tx, optax.constant_schedule(1.0),
+                                         jax.random.key(0), loss_impl=impl))
+    with jax.default_matmul_precision("float32"):  # not TF32 on a GPU
+      results[impl] = step(state, batch)
+  (xla_state, xla_metrics), (fused_state, fused_metrics) = results["xla"], results["pallas"]
+  for key in ("train/loss", "train/nll", "train/accuracy", "train/grad_norm"):
+    np.testing.assert_allclose(fused_metrics[key], xla_metrics[key], rtol=1e-5, err_msg=key)
+  for g, w in zip(jax.tree.leaves(fused_state.params), jax.tree.leaves(xla_state.params)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_compiled_kernel_on_gpu_matches_the_xla_form():
+  """The 124M LM's head (768 -> 50,304), bf16: the compiled kernel against the XLA form."""
+  case = head_case((512,), 768, 50_304, seed=5, dtype=jnp.bfloat16)
+  got = values_and_grads(losses.head_cross_entropy, *case)
+  want = values_and_grads(xla_form, *case)
+  for name, g, w in zip(("nll", "weight_sum", "correct"), got[:3], want[:3]):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, err_msg=name)
+  for g, w in zip(got[3:], want[3:]):
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    assert np.abs(g - w).max() <= 2 ** -7 * np.abs(w).max(), (np.abs(g - w).max(), np.abs(w).max())
