@@ -150,101 +150,107 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   start_step = int(state.step)
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  writer.truncate_after(start_step)
-  info = provenance.write_run_info(workdir, config, state.params, {"resumed_from": start_step})
-  if is_main:
-    params = info["parameters"]
-    print(f"{config.task} | attention {config.model.attention.name} | "
-          f"{params['total'] / 1e6:.2f}M params ({params['attention'] / 1e6:.2f}M attention) | "
-          f"{len(jax.devices())} {jax.default_backend()} device(s) | workdir {workdir}",
-          flush=True)
+  # Closed on the way out, also on an error: pending checkpoints are finished and no metric
+  # writer thread is left for the interpreter to stop.
+  try:
+    writer.truncate_after(start_step)
+    info = provenance.write_run_info(workdir, config, state.params, {"resumed_from": start_step})
+    if is_main:
+      params = info["parameters"]
+      print(f"{config.task} | attention {config.model.attention.name} | "
+            f"{params['total'] / 1e6:.2f}M params ({params['attention'] / 1e6:.2f}M attention) | "
+            f"{len(jax.devices())} {jax.default_backend()} device(s) | workdir {workdir}",
+            flush=True)
 
-  # ---------------------------------------------------------------- compiled steps
-  base_rng = jax.random.key(config.seed)
-  train_step = jax.jit(steps.make_train_step(graphdef, tx, schedule, base_rng,
-                                             label_smoothing=config.train.label_smoothing,
-                                             loss_impl=config.train.loss_impl),
-                       in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
-                       donate_argnums=(0,))
-  eval_step = jax.jit(steps.make_eval_step(graphdef))
+    # ---------------------------------------------------------------- compiled steps
+    base_rng = jax.random.key(config.seed)
+    train_step = jax.jit(steps.make_train_step(graphdef, tx, schedule, base_rng,
+                                               label_smoothing=config.train.label_smoothing,
+                                               loss_impl=config.train.loss_impl),
+                         in_shardings=(state_shardings, None),
+                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+    eval_step = jax.jit(steps.make_eval_step(graphdef))
 
-  def put(batch):
-    return sharding.global_batch_from_local(batch, mesh)
+    def put(batch):
+      return sharding.global_batch_from_local(batch, mesh)
 
-  def validate(max_batches: int | None) -> dict[str, float]:
-    return evaluator.evaluate(eval_step, state, data, config.eval.batch_size, max_batches, put)
+    def validate(max_batches: int | None) -> dict[str, float]:
+      return evaluator.evaluate(eval_step, state, data, config.eval.batch_size, max_batches, put)
 
-  def save(step: int) -> None:
-    ckpt.save(step, state, {"samples_seen": samples_seen, "seed": config.seed})
+    def save(step: int) -> None:
+      ckpt.save(step, state, {"samples_seen": samples_seen, "seed": config.seed})
 
-  # ---------------------------------------------------------------- loop
-  progress = metrics_lib.Progress(total_steps, start_step, batch_size * data.units_per_example,
-                                  data.unit, enabled=is_main and config.train.progress)
-  preemption = Preemption()
-  pending: list[dict[str, Any]] = []
-  stop_at = config.train.stop_at_step or total_steps
-  step = start_step
+    # ---------------------------------------------------------------- loop
+    progress = metrics_lib.Progress(total_steps, start_step, batch_size * data.units_per_example,
+                                    data.unit, enabled=is_main and config.train.progress)
+    preemption = Preemption()
+    pending: list[dict[str, Any]] = []
+    stop_at = config.train.stop_at_step or total_steps
+    step = start_step
 
-  def flush(step: int) -> None:
-    """Fetches the metrics of the steps since the last flush, checks them, logs their mean."""
-    if not pending:
-      return
-    window = (step - len(pending), step)
-    logged = mean_metrics(pending)
-    pending.clear()
-    if not math.isfinite(logged["train/loss"]):
-      raise NonFiniteLossError(
-          f"The training loss became {logged['train/loss']} in steps ({window[0]}, {window[1]}]. "
-          f"No checkpoint was written after it; the last good one is step {ckpt.latest_step()} in "
-          f"{ckpt.directory}. Lower optim.learning_rate or raise optim.warmup_steps, then resume.")
-    progress.update(step, logged["train/loss"])  # first: the rate then includes this window
-    logged["train/throughput"] = progress.rate
-    writer.write(step, logged)
+    def flush(step: int) -> None:
+      """Fetches the metrics of the steps since the last flush, checks them, logs their mean."""
+      if not pending:
+        return
+      window = (step - len(pending), step)
+      logged = mean_metrics(pending)
+      pending.clear()
+      if not math.isfinite(logged["train/loss"]):
+        raise NonFiniteLossError(
+            f"The training loss became {logged['train/loss']} in steps ({window[0]}, {window[1]}]. "
+            f"No checkpoint was written after it; the last good one is step "
+            f"{ckpt.latest_step()} in {ckpt.directory}. Lower optim.learning_rate or raise "
+            "optim.warmup_steps, then resume.")
+      progress.update(step, logged["train/loss"])  # first: the rate then includes this window
+      logged["train/throughput"] = progress.rate
+      writer.write(step, logged)
 
-  last_step = min(total_steps, stop_at)
-  with sharding.use(mesh, rules):
-    batch = put(data.train_batch(samples_seen, batch_size)) if step < last_step else None
-    while step < last_step:
-      samples_seen += batch_size
-      state, step_metrics = train_step(state, batch)
-      # The next batch is a function of samples_seen alone, so it can be made while this step
-      # runs: on a CPU mesh, which must wait for each step, the ViT demo then trained 8-20% faster.
-      if step + 1 < last_step:
-        batch = put(data.train_batch(samples_seen, batch_size))
-      state, step_metrics = sharding.wait_if_cpu_mesh((state, step_metrics))
-      pending.append(step_metrics)
-      step += 1
-      if step == start_step + 1:
-        jax.block_until_ready(state)  # compilation is over: time from here
-        progress.restart_clock(step)
-      last = step == last_step or preemption.requested
-      if step % config.train.log_every == 0 or last:
-        flush(step)
-      if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
-        flush(step)
-        val = validate(config.train.eval_batches)
-        writer.write(step, {f"val/{k}": v for k, v in val.items()})
-        progress.restart_clock(step)
-      if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) or last:
-        flush(step)  # never checkpoint a state whose loss was not checked
-        save(step)
-      if preemption.requested:
-        print(f"SIGTERM: checkpointed step {step}; exiting.", flush=True)
-        break
+    last_step = min(total_steps, stop_at)
+    with sharding.use(mesh, rules):
+      batch = put(data.train_batch(samples_seen, batch_size)) if step < last_step else None
+      while step < last_step:
+        samples_seen += batch_size
+        state, step_metrics = train_step(state, batch)
+        # The next batch is a function of samples_seen alone, so it can be made while this step
+        # runs: on a CPU mesh, which must wait for each step, the ViT demo then trained 8-20%
+        # faster.
+        if step + 1 < last_step:
+          batch = put(data.train_batch(samples_seen, batch_size))
+        state, step_metrics = sharding.wait_if_cpu_mesh((state, step_metrics))
+        pending.append(step_metrics)
+        step += 1
+        if step == start_step + 1:
+          jax.block_until_ready(state)  # compilation is over: time from here
+          progress.restart_clock(step)
+        last = step == last_step or preemption.requested
+        if step % config.train.log_every == 0 or last:
+          flush(step)
+        if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
+          flush(step)
+          val = validate(config.train.eval_batches)
+          writer.write(step, {f"val/{k}": v for k, v in val.items()})
+          progress.restart_clock(step)
+        if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) or last:
+          flush(step)  # never checkpoint a state whose loss was not checked
+          save(step)
+        if preemption.requested:
+          print(f"SIGTERM: checkpointed step {step}; exiting.", flush=True)
+          break
 
-    final: dict[str, Any] = {"step": step}
-    if step >= total_steps:
-      start = time.perf_counter()
-      final.update(validate(None))  # the whole validation split
-      final["eval_seconds"] = time.perf_counter() - start
-      final["train_throughput"] = progress.rate
-      writer.write(step, {f"final/{k}": v for k, v in final.items() if k != "step"})
-      if is_main:
-        with open(os.path.join(workdir, FINAL_METRICS_FILE), "w") as f:
-          json.dump(final, f, indent=2)
-  ckpt.close()
-  writer.close()
-  return final
+      final: dict[str, Any] = {"step": step}
+      if step >= total_steps:
+        start = time.perf_counter()
+        final.update(validate(None))  # the whole validation split
+        final["eval_seconds"] = time.perf_counter() - start
+        final["train_throughput"] = progress.rate
+        writer.write(step, {f"final/{k}": v for k, v in final.items() if k != "step"})
+        if is_main:
+          with open(os.path.join(workdir, FINAL_METRICS_FILE), "w") as f:
+            json.dump(final, f, indent=2)
+    return final
+  finally:
+    ckpt.close()
+    writer.close()
 
 
 def format_final(final: dict[str, Any]) -> str:
