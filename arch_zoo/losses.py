@@ -96,9 +96,8 @@ LOSS_IMPLS = ("auto", "xla", "pallas")
 
 def resolve_loss_impl(impl: str, *, label_smoothing: float = 0.0) -> str:
   """``auto``: the fused head-and-loss kernel on a GPU without label smoothing, else ``xla``
-  (``steps`` also keeps ``auto`` on XLA for models without a plain linear head, for vocabularies
-  the kernel cannot chunk and under a mesh of several devices). A forced ``pallas`` that cannot
-  run fails with the reason."""
+  (``steps`` also keeps ``auto`` on XLA for models without a plain linear head and under a mesh of
+  several devices). A forced ``pallas`` that cannot run fails with the reason."""
   from arch_zoo.registry import check_choice
 
   check_choice("train.loss_impl", impl, LOSS_IMPLS)
@@ -122,12 +121,14 @@ def head_cross_entropy(features: jax.Array, head_weight: jax.Array, targets: jax
   """``mean_cross_entropy`` of the float32 logits ``features @ head_weight.T``, fused with the head.
 
   ``features [..., d]`` and ``head_weight [V, d]`` in the matmul dtype. The head's GEMM writes
-  the float32 logits and ``loss_kernels.chunk_statistics`` reads them once, keeping their
-  exponentials (in the matmul dtype, bf16 on a GPU, as the XLA form rounds the logits' gradient)
-  for the backward pass, which multiplies them into the head's gradient GEMMs with one scale per
-  row and chunk: the logits are read once instead of twice and their gradient is never written
-  (benchmarks/results/lm_profile_loss_pallas_h100.json). Only ``nll_mean`` carries a gradient, to
-  ``features`` and ``head_weight``; ``tests/test_loss_kernels.py`` holds it to the XLA form.
+  the float32 logits and ``loss_kernels.row_statistics`` reads them once, writing their
+  exponentials relative to the target's logit (in the matmul dtype, bf16 on a GPU, as the XLA
+  form rounds the logits' gradient) and per-row sums. The logits' gradient is those
+  exponentials times one scale per row, minus the one-hot: the backward folds the scale into the
+  head's two gradient GEMMs and scatters the one-hot, so the logits are read once instead of
+  twice and their gradient is never written (benchmarks/results/lm_profile_loss_pallas_h100.json).
+  Only ``nll_mean`` carries a gradient, to ``features`` and ``head_weight``;
+  ``tests/test_loss_kernels.py`` holds it to the XLA form.
   """
   weights = weights.astype(jnp.float32)
   nll_mean, correct = _fused_head_loss(features, head_weight, targets, weights,
@@ -146,41 +147,33 @@ def _fused_forward(features, head_weight, targets, weights, interpret):
   h = features.reshape(-1, features.shape[-1])
   t, w = targets.reshape(-1), weights.reshape(-1)
   logits = jnp.dot(h, head_weight.T, preferred_element_type=jnp.float32)
-  exp, chunk_max, chunk_sum, chunk_argmax, chunk_target = loss_kernels.chunk_statistics(
-      logits, t, exp_dtype=h.dtype, tiles=loss_kernels.TILES, interpret=interpret)
-  row_max = jnp.max(chunk_max, axis=0)
-  log_z = row_max + jnp.log(jnp.sum(chunk_sum * jnp.exp(chunk_max - row_max), axis=0))
-  nll = log_z - jnp.sum(chunk_target, axis=0)
-  # The first chunk with the row's maximum holds the first argmax.
-  argmax = jnp.take_along_axis(chunk_argmax, jnp.argmax(chunk_max, axis=0)[None], axis=0)[0]
+  # The target's logit, from its row of the head: no larger than the row's maximum and, short of
+  # a very confident mistake, close to it, so exp(logits - it) neither overflows nor vanishes.
+  reference = jnp.einsum("nd,nd->n", h, jnp.take(head_weight, t, axis=0),
+                         preferred_element_type=jnp.float32)
+  exp, used, row_sum, _, argmax, target_logit = loss_kernels.row_statistics(
+      logits, t, reference, exp_dtype=h.dtype, tiles=loss_kernels.TILES, interpret=interpret)
+  log_z = used + jnp.log(row_sum)
   row_scale = w / jnp.maximum(jnp.sum(w), 1.0)  # d(nll_mean) / d(nll) per row
-  nll_mean = jnp.sum(nll * row_scale)
+  nll_mean = jnp.sum((log_z - target_logit) * row_scale)
   correct = jnp.sum((argmax == t).astype(jnp.float32) * w)
-  # d(nll_mean)/d(logits) = exp * chunk_scale - one_hot * row_scale, chunk by chunk.
-  chunk_scale = jnp.exp(chunk_max - log_z) * row_scale
-  return (nll_mean, correct), (features, head_weight, t, exp, chunk_scale, row_scale)
+  # d(nll_mean)/d(logits) = exp * row_factor - one_hot * row_scale.
+  row_factor = jnp.exp(used - log_z) * row_scale
+  return (nll_mean, correct), (features, head_weight, t, exp, row_factor, row_scale)
 
 
 def _fused_backward(interpret, residuals, cotangents):
-  features, head_weight, t, exp, chunk_scale, row_scale = residuals
+  features, head_weight, t, exp, row_factor, row_scale = residuals
   g, _ = cotangents  # the count of correct predictions is piecewise constant
-  chunk_scale, row_scale = chunk_scale * g, row_scale * g
-  chunks, _, width = exp.shape
   h = features.reshape(-1, features.shape[-1])
-  d = h.shape[-1]
-  batch_dims = ((0,), (0,))
-  # d(features) = sum_c chunk_scale_c * (exp_c @ W_c) - row_scale * W[target]: one batched GEMM
-  # over the chunks, the scales applied to its small [C, N, d] result.
-  per_chunk = lax.dot_general(exp, head_weight.reshape(chunks, width, d), (((2,), (1,)), batch_dims),
-                              preferred_element_type=jnp.float32)
-  d_h = (jnp.sum(per_chunk * chunk_scale[..., None], axis=0)
-         - row_scale[:, None] * jnp.take(head_weight, t, axis=0).astype(jnp.float32))
-  # d(W_c) = exp_c^T @ (chunk_scale_c * h), and the one-hot part adds -row_scale * h to the
-  # targets' rows.
-  scaled_h = (chunk_scale[..., None] * h.astype(jnp.float32)).astype(h.dtype)
-  d_w = lax.dot_general(exp, scaled_h, (((1,), (1,)), batch_dims),
-                        preferred_element_type=jnp.float32).reshape(chunks * width, d)
-  d_w = d_w.at[t].add(-row_scale[:, None] * h.astype(jnp.float32))
+  factor, scale = row_factor * g, row_scale * g
+  # d(features) = factor * (exp @ W) - scale * W[target]
+  d_h = (factor[:, None] * jnp.dot(exp, head_weight, preferred_element_type=jnp.float32)
+         - scale[:, None] * jnp.take(head_weight, t, axis=0).astype(jnp.float32))
+  # d(W) = exp^T @ (factor * h), and the one-hot part adds -scale * h to the targets' rows.
+  scaled_h = (factor[:, None] * h.astype(jnp.float32)).astype(h.dtype)
+  d_w = jnp.dot(exp.T, scaled_h, preferred_element_type=jnp.float32)
+  d_w = d_w.at[t].add(-scale[:, None] * h.astype(jnp.float32))
   return (d_h.astype(features.dtype).reshape(features.shape), d_w.astype(head_weight.dtype),
           None, None)
 

@@ -52,21 +52,17 @@ def forward(graphdef, params, model_state, batch, *, deterministic: bool, rng=No
 
 def fuses_head(model, *, required: bool) -> bool:
   """Whether ``losses.head_cross_entropy`` can run for ``model`` here: a model with a plain linear
-  head (``features``/``head_weight``: the LM), a vocabulary the kernel can chunk, one device (XLA
-  cannot partition a Pallas call). ``required`` (a forced ``pallas``): say why not, as an error."""
-  from arch_zoo import loss_kernels
-
+  head (``features``/``head_weight``: the LM) on one device (XLA cannot partition a Pallas call).
+  ``required`` (a forced ``pallas``): say why not, as an error."""
   active = sharding.active()
   if active is not None and active[0].size > 1:
     return False  # the logits' form computes the same function, sharded
-  if not hasattr(model, "head_weight"):
-    reason = f"{type(model).__name__} has no plain linear head (features, head_weight) to fuse"
-  elif loss_kernels.chunking(model.head_weight().shape[0]) is None:
-    reason = f"its kernel cannot chunk a vocabulary of {model.head_weight().shape[0]}"
-  else:
+  if hasattr(model, "head_weight"):
     return True
   if required:
-    raise ValueError(f"train.loss_impl=pallas: {reason}. Use train.loss_impl=auto or xla.")
+    raise ValueError(f"train.loss_impl=pallas: {type(model).__name__} has no plain linear head "
+                     "(features, head_weight) to fuse the loss with. Use train.loss_impl=auto or "
+                     "xla.")
   return False
 
 

@@ -56,43 +56,71 @@ def test_fused_head_loss_gives_the_values_and_gradients_of_the_xla_form(vocab):
                                atol=1e-4 * float(jnp.abs(w).max()), err_msg=name)
 
 
-def test_chunks_and_pieces():
-  assert loss_kernels.chunking(50_304) == (8, 6288)
-  assert loss_kernels.chunking(50_304, max_chunk=20_480) == (3, 16_768)
-  assert loss_kernels.pieces_of(6288) == ((0, 4096), (4096, 2048), (6144, 128), (6272, 16))
-  assert loss_kernels.chunking(300, max_chunk=64) == (5, 60)
-  assert loss_kernels.chunking(1000) == (1, 1000)
-  # 511 columns would be 9 power-of-two pieces (more than 8): 7 chunks of 73 = 64 + 8 + 1.
-  assert loss_kernels.chunking(511, max_chunk=1024) == (7, 73)
-  assert loss_kernels.chunking(509, max_chunk=256) is None  # a prime: only chunks of 1 column
+def test_pieces():
+  assert loss_kernels.pieces_of(50_304, 4096) == tuple(
+      [(4096 * i, 4096) for i in range(12)] + [(49_152, 1024), (50_176, 128)])
+  assert loss_kernels.pieces_of(75, 16) == ((0, 16), (16, 16), (32, 16), (48, 16), (64, 8),
+                                            (72, 2), (74, 1))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 4])
-def test_statistics_over_many_chunks_with_ties_across_chunks(rows):
-  """Five chunks of 60 columns, ``rows`` rows a program (6 rows: 4 falls back to 2); tied maxima
-  in different chunks: the first column wins, as with ``jnp.argmax``."""
-  keys = jax.random.split(jax.random.key(2), 2)
+def test_row_statistics_over_many_pieces_with_ties():
+  """Rows of 300 logits in pieces of at most 16: tied maxima in different pieces (the first column
+  wins, as with ``jnp.argmax``), and the exponentials taken from the reference."""
+  keys = jax.random.split(jax.random.key(2), 3)
   logits = 3 * jax.random.normal(keys[0], (6, 300), jnp.float32)
   logits = logits.at[0, 7].set(50.0).at[0, 250].set(50.0).at[1, 130].set(50.0)
   logits = logits.at[1, 131].set(50.0)
   targets = jax.random.randint(keys[1], (6,), 0, 300).at[2].set(299)
-  exp, chunk_max, chunk_sum, chunk_argmax, chunk_target = loss_kernels.chunk_statistics(
-      logits, targets, exp_dtype=jnp.float32, tiles=loss_kernels.Tiles(max_chunk=64, rows=rows),
+  reference = jnp.take_along_axis(logits, targets[:, None], 1)[:, 0] + jax.random.normal(
+      keys[2], (6,))
+  exp, used, row_sum, row_max, argmax, target_logit = loss_kernels.row_statistics(
+      logits, targets, reference, exp_dtype=jnp.float32, tiles=loss_kernels.Tiles(piece=16),
       interpret=True)
-  chunks = logits.reshape(6, 5, 60).transpose(1, 0, 2)
-  np.testing.assert_allclose(chunk_max, chunks.max(-1))
-  np.testing.assert_allclose(chunk_sum, jnp.exp(chunks - chunks.max(-1, keepdims=True)).sum(-1),
-                             rtol=1e-6)
-  np.testing.assert_allclose(exp, jnp.exp(chunks - chunks.max(-1, keepdims=True)), rtol=1e-6)
-  np.testing.assert_array_equal(chunk_argmax, chunks.argmax(-1) + 60 * jnp.arange(5)[:, None])
-  target_chunk = targets // 60
-  want_target = jnp.where(jnp.arange(5)[:, None] == target_chunk,
-                          jnp.take_along_axis(logits, targets[:, None], 1)[:, 0], 0.0)
-  np.testing.assert_allclose(chunk_target, want_target)
-  features = jnp.eye(6, 8)
-  nll, _, correct = losses.head_cross_entropy(features, jnp.zeros((300, 8)), targets,
-                                              jnp.ones(6))
-  assert np.isfinite(float(nll)) and float(correct) >= 0
+  np.testing.assert_array_equal(used, reference)
+  np.testing.assert_allclose(exp, jnp.exp(logits - reference[:, None]), rtol=1e-6)
+  np.testing.assert_allclose(row_sum, jnp.exp(logits - reference[:, None]).sum(-1), rtol=1e-6)
+  np.testing.assert_allclose(row_max, logits.max(-1))
+  np.testing.assert_array_equal(argmax, jnp.argmax(logits, -1))
+  assert int(argmax[0]) == 7 and int(argmax[1]) == 130
+  np.testing.assert_allclose(target_logit, jnp.take_along_axis(logits, targets[:, None], 1)[:, 0])
+
+
+def test_a_maximum_far_above_the_reference_becomes_the_reference():
+  """Row 1's maximum is 90 above its reference (> MAX_EXPONENT): its exponentials are taken from
+  the maximum instead, without overflow; the other rows keep their reference."""
+  logits = jax.random.normal(jax.random.key(3), (4, 40), jnp.float32).at[1, 33].set(90.0)
+  targets = jnp.array([0, 5, 9, 39])
+  reference = jnp.take_along_axis(logits, targets[:, None], 1)[:, 0]
+  exp, used, row_sum, *_ = loss_kernels.row_statistics(
+      logits, targets, reference, exp_dtype=jnp.float32, tiles=loss_kernels.Tiles(piece=8),
+      interpret=True)
+  want_used = reference.at[1].set(90.0)
+  np.testing.assert_array_equal(used, want_used)
+  np.testing.assert_allclose(exp, jnp.exp(logits - want_used[:, None]), rtol=1e-6)
+  np.testing.assert_allclose(row_sum, jnp.exp(logits - want_used[:, None]).sum(-1), rtol=1e-6)
+
+
+def test_a_confident_mistake_gives_the_xla_form():
+  """Row 1's largest logit beats its target's by more than MAX_EXPONENT: the kernel takes that
+  row's exponentials from its maximum, and loss and gradients are still the XLA form's."""
+  features, head_weight, targets, weights = head_case((4,), 8, 40, seed=6)
+  features = features.at[1].multiply(30.0)
+  targets = targets.at[1].set(jnp.argmin(features[1] @ head_weight.T))  # the least likely class
+  logits = features @ head_weight.T
+  assert float(logits[1].max() - logits[1, targets[1]]) > 60
+  weights = jnp.ones(4)
+  with jax.default_matmul_precision("float32"):  # not TF32 on a GPU
+    got = values_and_grads(losses.head_cross_entropy, features, head_weight, targets, weights)
+    want = values_and_grads(xla_form, features, head_weight, targets, weights)
+  for name, g, w in zip(("nll", "weight_sum", "correct", "d_features", "d_head"), got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=1e-6, err_msg=name)
+  # With that row's weight at 0, it adds nothing.
+  weights = weights.at[1].set(0.0)
+  with jax.default_matmul_precision("float32"):
+    got = values_and_grads(losses.head_cross_entropy, features, head_weight, targets, weights)
+    want = values_and_grads(xla_form, features, head_weight, targets, weights)
+  for name, g, w in zip(("nll", "weight_sum", "correct", "d_features", "d_head"), got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=1e-6, err_msg=name)
 
 
 def test_accuracy_uses_the_first_of_tied_maxima():
