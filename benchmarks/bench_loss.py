@@ -9,8 +9,9 @@ function: the XLA form (``float32_output_matmul`` then ``losses.mean_cross_entro
 GEMM, a reduction over the float32 logits forward, one elementwise pass writing their bf16
 gradient backward, two GEMMs) and ``losses.head_cross_entropy`` with several
 ``loss_kernels.Tiles`` (the same GEMMs, one read of the logits writing their exponentials,
-the one-hot scattered backward). Each case: best of 3 samples of 10 calls, the loss, and the largest gradient
-difference from the XLA form.
+the one-hot scattered backward). Each case: best of 3 samples of 10 calls, the loss, and the
+largest gradient difference from the XLA form; the kernel alone too, next to XLA's cast of the
+logits to bf16 (the same bytes).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import argparse
 import functools
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,17 +40,6 @@ def main() -> None:
 
   from arch_zoo import loss_kernels, losses
   from arch_zoo.layers.linear import float32_output_matmul
-
-  def timed(fn, *a):
-    jax.block_until_ready(fn(*a))
-    best = float("inf")
-    for _ in range(3):
-      start = time.perf_counter()
-      for _ in range(10):
-        out = fn(*a)
-      jax.block_until_ready(out)
-      best = min(best, (time.perf_counter() - start) / 10)
-    return best
 
   n, d, vocab = (64, 32, 300) if args.smoke else (65_536, 768, 50_304)
   dtype = jnp.float32 if args.smoke else jnp.bfloat16
@@ -74,7 +63,8 @@ def main() -> None:
   # (one read, one bf16 write), the yardstick for a one-read kernel.
   logits = jnp.dot(features, head_weight.T, preferred_element_type=jnp.float32)
   target_logits = jnp.take_along_axis(logits, targets[:, None], axis=1)[:, 0]
-  cast_ms = timed(jax.jit(lambda x: x.astype(jnp.bfloat16)), logits) * 1e3
+  cast_ms = common.best_call_seconds(jax.jit(lambda x: x.astype(jnp.bfloat16)), logits,
+                                     calls=10) * 1e3
   print(f"{'XLA cast of the logits to bf16':48s} {cast_ms:.3f} ms", flush=True)
 
   rows, reference = [], None
@@ -88,11 +78,11 @@ def main() -> None:
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     try:
       value, grads = fn(features, head_weight)
-      row["ms"] = timed(fn, features, head_weight) * 1e3
+      row["ms"] = common.best_call_seconds(fn, features, head_weight, calls=10) * 1e3
       if tiles is not None:
-        row["kernel_alone_ms"] = timed(functools.partial(
+        row["kernel_alone_ms"] = common.best_call_seconds(functools.partial(
             loss_kernels.row_statistics, targets=targets, reference=target_logits,
-            tiles=loss_kernels.TILES, interpret=args.smoke), logits) * 1e3
+            tiles=loss_kernels.TILES, interpret=args.smoke), logits, calls=10) * 1e3
     except Exception as e:  # noqa: BLE001  (a tile that does not compile is a result)
       row["error"] = str(e).splitlines()[0][:300]
       rows.append(row)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,17 +40,6 @@ def main() -> None:
   def xla_form(residual, branch, scale):
     x = residual + branch
     return x, norms.rms_norm(x, scale, 1e-6)
-
-  def timed(fn, *a):
-    jax.block_until_ready(fn(*a))
-    best = float("inf")
-    for _ in range(3):
-      start = time.perf_counter()
-      for _ in range(20):
-        out = fn(*a)
-      jax.block_until_ready(out)
-      best = min(best, (time.perf_counter() - start) / 20)
-    return best
 
   shapes = {"124M LM": (64 * 1024, 768), "512x197,384": (512 * 197, 384)}
   if args.smoke:
@@ -78,8 +66,9 @@ def main() -> None:
       forward, forward_backward = both(fn)
       row = {"shape": label, "tokens": n, "d_model": d, "variant": name}
       try:
-        row["forward_ms"] = timed(forward, residual, branch, scale) * 1e3
-        row["forward_backward_ms"] = timed(forward_backward, residual, branch, scale) * 1e3
+        row["forward_ms"] = common.best_call_seconds(forward, residual, branch, scale) * 1e3
+        row["forward_backward_ms"] = common.best_call_seconds(
+            forward_backward, residual, branch, scale) * 1e3
       except Exception as e:  # noqa: BLE001  (a tile that does not compile is a result)
         row["error"] = str(e).splitlines()[0][:300]
         rows.append(row)

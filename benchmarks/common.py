@@ -67,6 +67,22 @@ def time_steps(run_block: Callable[[int], None], *, steps_per_sample: int, sampl
   return summarize(per_step)
 
 
+def best_call_seconds(fn: Callable, *args, calls: int = 20, samples: int = 3) -> float:
+  """Seconds per call of ``fn(*args)`` (a jitted JAX function): the best of ``samples`` runs of
+  ``calls`` back-to-back calls, after one call that compiles and warms up."""
+  import jax
+
+  jax.block_until_ready(fn(*args))
+  best = float("inf")
+  for _ in range(samples):
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    best = min(best, (time.perf_counter() - start) / calls)
+  return best
+
+
 def write(path: str, record: dict[str, Any]) -> None:
   record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": gpu_name(), **record}

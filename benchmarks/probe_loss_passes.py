@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,17 +43,6 @@ def main() -> None:
   logits = jax.random.normal(jax.random.key(0), (rows, vocab), jnp.float32) * 3
   targets = jax.random.randint(jax.random.key(1), (rows,), 0, vocab)
   weights = jnp.ones((rows,), jnp.float32)
-
-  def time_call(fn, x):
-    jax.block_until_ready(fn(x))
-    best = float("inf")
-    for _ in range(3):
-      start = time.perf_counter()
-      for _ in range(10):
-        out = fn(x)
-      jax.block_until_ready(out)
-      best = min(best, (time.perf_counter() - start) / 10)
-    return best
 
   def kernels(fn, x):
     text = fn.lower(x).compile().as_text()
@@ -80,7 +68,8 @@ def main() -> None:
   results = []
   for name, fn in cases:
     jitted = jax.jit(fn)
-    row = {"case": name, "ms": time_call(jitted, logits) * 1e3, "kernels": kernels(jitted, logits)}
+    row = {"case": name, "ms": common.best_call_seconds(jitted, logits, calls=10) * 1e3,
+           "kernels": kernels(jitted, logits)}
     results.append(row)
     print(f"{row['ms']:8.3f} ms {row['kernels']:3d} kernels  {name}", flush=True)
   common.write(args.out, {
