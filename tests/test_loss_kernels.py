@@ -124,15 +124,14 @@ def test_a_confident_mistake_gives_the_xla_form():
 
 
 def test_accuracy_uses_the_first_of_tied_maxima():
-  """Row 0's logits tie at columns 7 and 250 (in different chunks): target 250 is not counted
-  correct, target 7 is."""
+  """The logits tie at columns 7 and 250: target 250 is not counted correct, target 7 is."""
   head_weight = jnp.zeros((300, 4)).at[7, 0].set(1.0).at[250, 0].set(1.0)
   features = jnp.array([[5.0, 0, 0, 0]] * 2)
   weights = jnp.ones(2)
   for target, want in ((250, 0.0), (7, 1.0)):
     targets = jnp.array([target, target])
-    with_tiles = losses.head_cross_entropy(features, head_weight, targets, weights)
-    assert float(with_tiles[2]) == 2 * want
+    fused = losses.head_cross_entropy(features, head_weight, targets, weights)
+    assert float(fused[2]) == 2 * want
     assert float(xla_form(features, head_weight, targets, weights)[2]) == 2 * want
 
 
