@@ -135,6 +135,13 @@ def active() -> tuple[Mesh, Mapping[str, Any]] | None:
   return _ACTIVE.get()
 
 
+def one_device() -> bool:
+  """Whether the computation runs on one device (no active mesh, or a mesh of one): where a
+  Pallas call, which XLA cannot partition, can run as it is."""
+  active = _ACTIVE.get()
+  return active is None or active[0].size == 1
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   """Sharding hint for an activation; a no-op outside ``use`` (unit tests, single device)."""
   active = _ACTIVE.get()

@@ -54,8 +54,7 @@ def fuses_head(model, *, required: bool) -> bool:
   """Whether ``losses.head_cross_entropy`` can run for ``model`` here: a model with a plain linear
   head (``features``/``head_weight``: the LM) on one device (XLA cannot partition a Pallas call).
   ``required`` (a forced ``pallas``): say why not, as an error."""
-  active = sharding.active()
-  if active is not None and active[0].size > 1:
+  if not sharding.one_device():
     return False  # the logits' form computes the same function, sharded
   if hasattr(model, "head_weight"):
     return True

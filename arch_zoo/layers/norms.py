@@ -57,15 +57,13 @@ class RMSNorm(nnx.Module):
     """``(x, norm(x))`` with ``x = residual + branch`` (``branch=None``: ``x = residual``)."""
     if branch is None:
       return residual, self(residual)
-    if self.impl == "pallas" and branch.dtype == residual.dtype:
-      active = sharding.active()
-      if active is None or active[0].size == 1:
-        from arch_zoo.layers import norm_kernels  # GPU kernel; imported only when asked for
+    # XLA cannot partition a Pallas call (it would gather the batch onto every device); under
+    # several devices the unfused form, the same function, runs.
+    if self.impl == "pallas" and branch.dtype == residual.dtype and sharding.one_device():
+      from arch_zoo.layers import norm_kernels  # GPU kernel; imported only when asked for
 
-        return norm_kernels.add_rms_norm(residual, branch, self.scale[...], eps=self.eps,
-                                         interpret=jax.default_backend() != "gpu")
-      # XLA cannot partition a Pallas call (it would gather the batch onto every device); the
-      # unfused form is the same function.
+      return norm_kernels.add_rms_norm(residual, branch, self.scale[...], eps=self.eps,
+                                       interpret=jax.default_backend() != "gpu")
     x = residual + branch
     return x, self(x)
 
