@@ -95,9 +95,10 @@ LOSS_IMPLS = ("auto", "xla", "pallas")
 
 
 def resolve_loss_impl(impl: str, *, label_smoothing: float = 0.0) -> str:
-  """``auto``: the fused head-and-loss kernel on a GPU without label smoothing, else ``xla``
-  (``steps`` also keeps ``auto`` on XLA for models without a plain linear head and under a mesh of
-  several devices). A forced ``pallas`` that cannot run fails with the reason."""
+  """``auto``: the fused head-and-loss kernels on a Hopper GPU without label smoothing, else
+  ``xla`` (``steps`` also keeps ``auto`` on XLA for models without a plain linear head and under
+  a mesh of several devices, and ``head_cross_entropy`` for features in float32). A forced
+  ``pallas`` that cannot run fails with the reason."""
   from arch_zoo.registry import check_choice
 
   check_choice("train.loss_impl", impl, LOSS_IMPLS)
@@ -105,7 +106,10 @@ def resolve_loss_impl(impl: str, *, label_smoothing: float = 0.0) -> str:
     raise ValueError("train.loss_impl=pallas does not do label smoothing (its extra term needs "
                      "the logits); use train.loss_impl=auto or xla.")
   if impl == "auto":
-    return "pallas" if jax.default_backend() == "gpu" and not label_smoothing else "xla"
+    from arch_zoo import loss_kernels
+
+    on_hopper = loss_kernels.unsupported_reason(jnp.bfloat16, interpret=False) is None
+    return "pallas" if on_hopper and not label_smoothing else "xla"
   return impl
 
 
@@ -117,22 +121,32 @@ def mean_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
 
 
 def head_cross_entropy(features: jax.Array, head_weight: jax.Array, targets: jax.Array,
-                       weights: jax.Array):
+                       weights: jax.Array, *, required: bool = False):
   """``mean_cross_entropy`` of the float32 logits ``features @ head_weight.T``, fused with the head.
 
-  ``features [..., d]`` and ``head_weight [V, d]`` in the matmul dtype. The head's GEMM writes
-  the float32 logits and ``loss_kernels.row_statistics`` reads them once, writing their
-  exponentials relative to the target's logit (in the matmul dtype, bf16 on a GPU, as the XLA
-  form rounds the logits' gradient) and per-row sums. The logits' gradient is those
-  exponentials times one scale per row, minus the one-hot: the backward folds the scale into the
-  head's two gradient GEMMs and scatters the one-hot, so the logits are read once instead of
-  twice and their gradient is never written (benchmarks/results/lm_profile_loss_pallas_h100.json).
-  Only ``nll_mean`` carries a gradient, to ``features`` and ``head_weight``;
-  ``tests/test_loss_kernels.py`` holds it to the XLA form.
+  ``features [..., d]`` and ``head_weight [V, d]`` in the matmul dtype. ``loss_kernels.
+  head_statistics`` computes the head's GEMM with the loss statistics in its epilogue: the
+  float32 logits never reach HBM; their exponentials relative to the target's logit (in the
+  matmul dtype, bf16 on a GPU, as the XLA form rounds the logits' gradient) and per-row sums do.
+  The logits' gradient is those exponentials times one scale per row, minus the one-hot: the
+  backward folds the scale into the head's two gradient GEMMs and scatters the one-hot, so it
+  is never written either. Only ``nll_mean`` carries a gradient, to ``features`` and
+  ``head_weight``; ``tests/test_loss_kernels.py`` holds it to the XLA form. Where the kernels
+  cannot run (``loss_kernels.unsupported_reason``), the XLA form, the same function; with
+  ``required`` (a forced ``train.loss_impl=pallas``) an error that says why.
   """
+  from arch_zoo import loss_kernels  # GPU kernels; imported only when asked for
+
+  interpret = jax.default_backend() != "gpu"
+  if (reason := loss_kernels.unsupported_reason(features.dtype, interpret=interpret)) is not None:
+    if required:
+      raise ValueError(f"train.loss_impl=pallas: the fused loss cannot run here: {reason}. Use "
+                       "train.loss_impl=auto or xla.")
+    from arch_zoo.layers.linear import float32_output_matmul
+
+    return mean_cross_entropy(float32_output_matmul(features, head_weight.T), targets, weights)
   weights = weights.astype(jnp.float32)
-  nll_mean, correct = _fused_head_loss(features, head_weight, targets, weights,
-                                       jax.default_backend() != "gpu")
+  nll_mean, correct = _fused_head_loss(features, head_weight, targets, weights, interpret)
   return nll_mean, jnp.sum(weights), correct
 
 
@@ -142,17 +156,16 @@ def _fused_head_loss(features, head_weight, targets, weights, interpret):
 
 
 def _fused_forward(features, head_weight, targets, weights, interpret):
-  from arch_zoo import loss_kernels  # GPU kernel; imported only when asked for
+  from arch_zoo import loss_kernels
 
   h = features.reshape(-1, features.shape[-1])
   t, w = targets.reshape(-1), weights.reshape(-1)
-  logits = jnp.dot(h, head_weight.T, preferred_element_type=jnp.float32)
   # The target's logit, from its row of the head: no larger than the row's maximum and, short of
   # a very confident mistake, close to it, so exp(logits - it) neither overflows nor vanishes.
-  reference = jnp.einsum("nd,nd->n", h, jnp.take(head_weight, t, axis=0),
-                         preferred_element_type=jnp.float32)
-  exp, used, row_sum, _, argmax, target_logit = loss_kernels.row_statistics(
-      logits, t, reference, exp_dtype=h.dtype, tiles=loss_kernels.TILES, interpret=interpret)
+  target_logit = jnp.einsum("nd,nd->n", h, jnp.take(head_weight, t, axis=0),
+                            preferred_element_type=jnp.float32)
+  exp, used, row_sum, argmax = loss_kernels.head_statistics(
+      h, head_weight, target_logit, tiles=loss_kernels.TILES, interpret=interpret)
   log_z = used + jnp.log(row_sum)
   row_scale = w / jnp.maximum(jnp.sum(w), 1.0)  # d(nll_mean) / d(nll) per row
   nll_mean = jnp.sum((log_z - target_logit) * row_scale)

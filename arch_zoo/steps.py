@@ -84,7 +84,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     out, aux, new_model_state = forward(graphdef, params, model_state, batch,
                                         deterministic=False, rng=rng, fuse_head=fuse_head)
     if isinstance(out, tuple):
-      nll, weight_sum, correct = head_cross_entropy(*out, batch["targets"], batch["weights"])
+      nll, weight_sum, correct = head_cross_entropy(*out, batch["targets"], batch["weights"],
+                                                    required=fuse_head == "required")
     else:
       logits = out
       nll, weight_sum, correct = mean_cross_entropy(logits, batch["targets"], batch["weights"])

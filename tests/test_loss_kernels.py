@@ -1,7 +1,7 @@
 """The head fused with the cross-entropy (``losses.head_cross_entropy``, ``loss_kernels``): the
 loss, accuracy and gradients of the XLA form, ``mean_cross_entropy`` of the head's logits.
 
-The kernel runs in Pallas' interpreter on the CPU; the GPU test compiles it.
+The kernels run in Pallas' interpreters on the CPU; the GPU tests compile them (Hopper).
 """
 
 import jax
@@ -56,48 +56,49 @@ def test_fused_head_loss_gives_the_values_and_gradients_of_the_xla_form(vocab):
                                atol=1e-4 * float(jnp.abs(w).max()), err_msg=name)
 
 
-def test_pieces():
-  assert loss_kernels.pieces_of(50_304, 4096) == tuple(
-      [(4096 * i, 4096) for i in range(12)] + [(49_152, 1024), (50_176, 128)])
-  assert loss_kernels.pieces_of(75, 16) == ((0, 16), (16, 16), (32, 16), (48, 16), (64, 8),
-                                            (72, 2), (74, 1))
-
-
-def test_row_statistics_over_many_pieces_with_ties():
-  """Rows of 300 logits in pieces of at most 16: tied maxima in different pieces (the first column
-  wins, as with ``jnp.argmax``), and the exponentials taken from the reference."""
+def test_head_statistics_with_ties_across_tiles():
+  """300 classes in column tiles of 128: tied maxima in different tiles (the first column wins,
+  as with ``jnp.argmax``) and in one tile; exponentials and sums relative to the reference."""
   keys = jax.random.split(jax.random.key(2), 3)
-  logits = 3 * jax.random.normal(keys[0], (6, 300), jnp.float32)
-  logits = logits.at[0, 7].set(50.0).at[0, 250].set(50.0).at[1, 130].set(50.0)
-  logits = logits.at[1, 131].set(50.0)
-  targets = jax.random.randint(keys[1], (6,), 0, 300).at[2].set(299)
-  reference = jnp.take_along_axis(logits, targets[:, None], 1)[:, 0] + jax.random.normal(
-      keys[2], (6,))
-  exp, used, row_sum, row_max, argmax, target_logit = loss_kernels.row_statistics(
-      logits, targets, reference, exp_dtype=jnp.float32, tiles=loss_kernels.Tiles(piece=16),
-      interpret=True)
+  h = jax.random.normal(keys[0], (6, 16), jnp.float32)
+  w = 0.3 * jax.random.normal(keys[1], (300, 16), jnp.float32)
+  w = w.at[7].set(3 * h[0]).at[250].set(3 * h[0]).at[130].set(3 * h[1]).at[131].set(3 * h[1])
+  logits = h @ w.T
+  reference = logits[jnp.arange(6), jax.random.randint(keys[2], (6,), 0, 300)]
+  with jax.default_matmul_precision("float32"):
+    exp, used, row_sum, argmax = loss_kernels.head_statistics(h, w, reference, interpret=True)
   np.testing.assert_array_equal(used, reference)
-  np.testing.assert_allclose(exp, jnp.exp(logits - reference[:, None]), rtol=1e-6)
-  np.testing.assert_allclose(row_sum, jnp.exp(logits - reference[:, None]).sum(-1), rtol=1e-6)
-  np.testing.assert_allclose(row_max, logits.max(-1))
+  np.testing.assert_allclose(exp, jnp.exp(logits - reference[:, None]), rtol=1e-5)
+  np.testing.assert_allclose(row_sum, jnp.exp(logits - reference[:, None]).sum(-1), rtol=1e-5)
   np.testing.assert_array_equal(argmax, jnp.argmax(logits, -1))
   assert int(argmax[0]) == 7 and int(argmax[1]) == 130
-  np.testing.assert_allclose(target_logit, jnp.take_along_axis(logits, targets[:, None], 1)[:, 0])
 
 
-def test_a_maximum_far_above_the_reference_becomes_the_reference():
-  """Row 1's maximum is 90 above its reference (> MAX_EXPONENT): its exponentials are taken from
-  the maximum instead, without overflow; the other rows keep their reference."""
-  logits = jax.random.normal(jax.random.key(3), (4, 40), jnp.float32).at[1, 33].set(90.0)
-  targets = jnp.array([0, 5, 9, 39])
-  reference = jnp.take_along_axis(logits, targets[:, None], 1)[:, 0]
-  exp, used, row_sum, *_ = loss_kernels.row_statistics(
-      logits, targets, reference, exp_dtype=jnp.float32, tiles=loss_kernels.Tiles(piece=8),
-      interpret=True)
-  want_used = reference.at[1].set(90.0)
-  np.testing.assert_array_equal(used, want_used)
-  np.testing.assert_allclose(exp, jnp.exp(logits - want_used[:, None]), rtol=1e-6)
-  np.testing.assert_allclose(row_sum, jnp.exp(logits - want_used[:, None]).sum(-1), rtol=1e-6)
+def test_rows_far_above_their_reference_are_recomputed_from_their_maximum():
+  """Rows 1 and 4 have maxima 90 and 61 above their references (> MAX_EXPONENT, so the GEMM's
+  epilogue clamped them): they are recomputed relative to their maxima; the others keep their
+  reference."""
+  keys = jax.random.split(jax.random.key(3), 2)
+  h = jax.random.normal(keys[0], (300, 64), jnp.float32)
+  w = 0.2 * jax.random.normal(keys[1], (520, 64), jnp.float32)
+  logits = h @ w.T
+  reference = logits[:, 5].at[1].set(logits[1].max() - 90).at[4].set(logits[4].max() - 61)
+  with jax.default_matmul_precision("float32"):
+    exp, used, row_sum, argmax = loss_kernels.head_statistics(h, w, reference, interpret=True)
+  want_used = reference.at[1].set(logits[1].max()).at[4].set(logits[4].max())
+  np.testing.assert_allclose(used, want_used, rtol=1e-6)
+  np.testing.assert_allclose(exp, jnp.exp(logits - want_used[:, None]), rtol=1e-5, atol=1e-30)
+  np.testing.assert_allclose(row_sum, jnp.exp(logits - want_used[:, None]).sum(-1), rtol=1e-5)
+  np.testing.assert_array_equal(argmax, jnp.argmax(logits, -1))
+
+
+def test_the_tiles_need_no_padding_at_the_124m_shapes():
+  """65,536 rows, 768 features and 50,304 classes are multiples of the tiles: no copy of the
+  head, the features or the exponentials."""
+  tiles = loss_kernels.TILES
+  assert 65_536 % (2 * tiles.tile_m) == 0 and 50_304 % tiles.tile_n == 0
+  assert 768 % (loss_kernels.SWIZZLE_BYTES // 2) == 0
+  assert 65_536 % loss_kernels.RECOMPUTE_ROWS == 0 and 50_304 % loss_kernels.RECOMPUTE_PIECE == 0
 
 
 def test_a_confident_mistake_gives_the_xla_form():
@@ -150,9 +151,23 @@ def test_impl_is_checked_and_auto_resolves_per_backend_and_smoothing():
     losses.resolve_loss_impl("triton")
   with pytest.raises(ValueError, match="label smoothing"):
     losses.resolve_loss_impl("pallas", label_smoothing=0.1)
-  assert losses.resolve_loss_impl("auto") == ("pallas" if jax.default_backend() == "gpu"
-                                              else "xla")
+  on_hopper = loss_kernels.unsupported_reason(jnp.bfloat16, interpret=False) is None
+  assert on_hopper == (jax.default_backend() == "gpu"
+                       and jax.devices()[0].compute_capability == "9.0")
+  assert losses.resolve_loss_impl("auto") == ("pallas" if on_hopper else "xla")
   assert losses.resolve_loss_impl("auto", label_smoothing=0.1) == "xla"
+
+
+def test_where_the_kernels_cannot_run_auto_takes_the_xla_form_and_forced_says_why(monkeypatch):
+  case = head_case((4,), 8, 40, seed=7)
+  want = xla_form(*case)
+  monkeypatch.setattr(loss_kernels, "unsupported_reason",
+                      lambda dtype, interpret: "its GEMM is written for Hopper GPUs")
+  got = losses.head_cross_entropy(*case)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  with pytest.raises(ValueError, match="cannot run here: its GEMM is written for Hopper"):
+    losses.head_cross_entropy(*case, required=True)
 
 
 def test_forced_pallas_names_what_it_cannot_fuse():
@@ -214,3 +229,24 @@ def test_compiled_kernel_on_gpu_matches_the_xla_form():
   for g, w in zip(got[3:], want[3:]):
     g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
     assert np.abs(g - w).max() <= 2 ** -7 * np.abs(w).max(), (np.abs(g - w).max(), np.abs(w).max())
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_on_gpu_recompute_rows_far_above_their_reference():
+  """The 124M LM's head in bf16, logits of spread ~14: every row whose maximum is more than
+  MAX_EXPONENT above its target's logit (rows 3 and 300 are made so; random targets give more)
+  is recomputed by the compiled Triton kernel; all rows match float32 exponentials."""
+  h, w, targets, _ = head_case((512,), 768, 50_304, seed=8, dtype=jnp.bfloat16)
+  logits = jnp.dot(h, w.T, preferred_element_type=jnp.float32)
+  row_max = logits.max(-1)
+  reference = logits[jnp.arange(512), targets]
+  reference = reference.at[3].set(row_max[3] - 70).at[300].set(row_max[300] - 70)
+  exp, used, row_sum, argmax = loss_kernels.head_statistics(h, w, reference)
+  far = row_max - reference > loss_kernels.MAX_EXPONENT
+  assert bool(far[3]) and bool(far[300]) and int(far.sum()) < 512
+  want_used = jnp.where(far, row_max, reference)
+  np.testing.assert_allclose(used, want_used, rtol=1e-6)
+  want_exp = jnp.exp(logits - want_used[:, None])
+  np.testing.assert_allclose(np.asarray(exp, np.float32), want_exp, rtol=2 ** -7, atol=1e-30)
+  np.testing.assert_allclose(row_sum, want_exp.sum(-1), rtol=1e-4)
+  np.testing.assert_array_equal(argmax, jnp.argmax(logits, -1))
