@@ -70,9 +70,10 @@ def train_config(**overrides: Any) -> ConfigDict:
       # Trains against (1 - e) * one_hot + e / num_classes; 0: off. Validation and eval.py always
       # report the plain negative log-likelihood.
       label_smoothing=0.0,
-      # The cross-entropy: auto | xla | pallas. pallas fuses the loss with the LM's head (a Triton
-      # kernel reads the float32 logits once, arch_zoo/loss_kernels.py); auto = pallas on one GPU
-      # for models with a plain linear head and no label smoothing, else XLA's form.
+      # The cross-entropy: auto | xla | pallas. pallas computes the loss in the epilogue of the LM
+      # head's GEMM, never writing the float32 logits (arch_zoo/loss_kernels.py); auto = pallas on
+      # one Hopper GPU for models with a plain linear head, bf16 features and no label smoothing,
+      # else XLA's form (the same function).
       loss_impl="auto",
       # Named XLA flag sets, comma separated (arch_zoo/perf.py), e.g. "cublas": cuBLAS GEMMs
       # instead of Triton. Applied by train.py before JAX starts; "" adds nothing.

@@ -250,3 +250,30 @@ def test_compiled_kernels_on_gpu_recompute_rows_far_above_their_reference():
   np.testing.assert_allclose(np.asarray(exp, np.float32), want_exp, rtol=2 ** -7, atol=1e-30)
   np.testing.assert_allclose(row_sum, want_exp.sum(-1), rtol=1e-4)
   np.testing.assert_array_equal(argmax, jnp.argmax(logits, -1))
+
+
+@pytest.mark.gpu
+def test_compiled_recompute_reaches_the_last_rows_of_the_124m_step():
+  """The 124M step's whole shape (65,536 rows, 6.6 GB of exponentials, past 2^31 elements):
+  rows near the start, middle and end recomputed in place are right, and every other row is left
+  exactly as the GEMM's epilogue wrote it."""
+  n, d, vocab = 65_536, 768, 50_304
+  keys = jax.random.split(jax.random.key(9), 3)
+  h = jax.random.normal(keys[0], (n, d), jnp.float32).astype(jnp.bfloat16)
+  w = (0.02 * jax.random.normal(keys[1], (vocab, d), jnp.float32)).astype(jnp.bfloat16)
+  targets = jax.random.randint(keys[2], (n,), 0, vocab)
+  reference = jnp.einsum("nd,nd->n", h, jnp.take(w, targets, axis=0),
+                         preferred_element_type=jnp.float32)
+  redo_rows = jnp.array([5, 40_000, n - 1])
+  logits = jnp.dot(h[redo_rows], w.T, preferred_element_type=jnp.float32)
+  far_reference = reference.at[redo_rows].set(logits.max(-1) - 70)
+  plain = loss_kernels.head_statistics(h, w, reference)
+  redone = loss_kernels.head_statistics(h, w, far_reference)
+  keep = jnp.ones((n,), bool).at[redo_rows].set(False)
+  assert bool(jnp.all(jnp.where(keep[:, None], plain[0] == redone[0], True)))
+  np.testing.assert_array_equal(jnp.where(keep, plain[2], 0), jnp.where(keep, redone[2], 0))
+  np.testing.assert_allclose(redone[1][redo_rows], logits.max(-1), rtol=1e-6)
+  want_exp = jnp.exp(logits - logits.max(-1, keepdims=True))
+  np.testing.assert_allclose(np.asarray(redone[0][redo_rows], np.float32), want_exp,
+                             rtol=2 ** -7, atol=1e-30)
+  np.testing.assert_allclose(redone[2][redo_rows], want_exp.sum(-1), rtol=1e-4)
