@@ -7,7 +7,7 @@ passes the target's logit), ``head_statistics`` returns, without ever writing th
     exp [N, V] = exp(x - used)  (in h's dtype)     sum [N] = sum(exp)     argmax [N] (first)
 
 with ``used`` the reference, or the row's maximum where that is more than ``MAX_EXPONENT`` above
-it. So ``lse = used + log(sum)``, and the logits' gradient is ``exp`` times one number per row
+it (``exp`` comes padded to the tiles; see ``head_statistics``). So ``lse = used + log(sum)``, and the logits' gradient is ``exp`` times one number per row
 minus the one-hot: the backward folds that number into the head's two gradient GEMMs, and the
 logits' gradient is never written either.
 
@@ -267,9 +267,11 @@ def recompute_rows(h, w, row_max, redo, exp, row_sum, *, vocab: int, interpret: 
 
 def head_statistics(h: jax.Array, w: jax.Array, reference: jax.Array, *, tiles: Tiles = TILES,
                     interpret: bool = False):
-  """``(exp [N, V], used [N], sum [N], argmax [N] int32)`` for ``h [N, d]``, ``w [V, d]`` and
-  ``reference [N]``; see the module's docstring. Pads N, V and d to the kernels' tiles (no copy
-  at the 124M LM's shapes)."""
+  """``(exp [N', V'], used [N], sum [N], argmax [N] int32)`` for ``h [N, d]``, ``w [V, d]`` and
+  ``reference [N]``; see the module's docstring. N, V and d are padded to the kernels' tiles (no
+  copy at the 124M LM's shapes), and ``exp`` is returned padded (``N' >= N`` rows, ``V' >= V``
+  columns), so that cutting it costs no copy of all of it: its extra columns are 0, its extra
+  rows are not the caller's (multiply them by 0)."""
   n, d = h.shape
   vocab = w.shape[0]
   itemsize = jnp.dtype(h.dtype).itemsize
@@ -288,6 +290,4 @@ def head_statistics(h: jax.Array, w: jax.Array, reference: jax.Array, *, tiles: 
   exp, row_sum = recompute_rows(h_padded, w_padded, row_max, redo, exp, jnp.sum(tile_sum, axis=0),
                                 vocab=vocab, interpret=interpret)
   used = jnp.where(redo, row_max, reference)
-  if (padded_n, padded_vocab) != (n, vocab):
-    exp = exp[:n, :vocab]
   return exp, used[:n], row_sum[:n], argmax[:n]

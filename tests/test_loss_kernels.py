@@ -66,7 +66,11 @@ def test_head_statistics_with_ties_across_tiles():
   logits = h @ w.T
   reference = logits[jnp.arange(6), jax.random.randint(keys[2], (6,), 0, 300)]
   with jax.default_matmul_precision("float32"):
-    exp, used, row_sum, argmax = loss_kernels.head_statistics(h, w, reference, interpret=True)
+    padded_exp, used, row_sum, argmax = loss_kernels.head_statistics(h, w, reference,
+                                                                     interpret=True)
+  assert padded_exp.shape == (256, 384)  # padded to the tiles: 2 x 128 rows, 3 x 128 classes
+  np.testing.assert_array_equal(padded_exp[:6, 300:], 0.0)  # no classes, no probability
+  exp = padded_exp[:6, :300]
   np.testing.assert_array_equal(used, reference)
   np.testing.assert_allclose(exp, jnp.exp(logits - reference[:, None]), rtol=1e-5)
   np.testing.assert_allclose(row_sum, jnp.exp(logits - reference[:, None]).sum(-1), rtol=1e-5)
@@ -85,6 +89,7 @@ def test_rows_far_above_their_reference_are_recomputed_from_their_maximum():
   reference = logits[:, 5].at[1].set(logits[1].max() - 90).at[4].set(logits[4].max() - 61)
   with jax.default_matmul_precision("float32"):
     exp, used, row_sum, argmax = loss_kernels.head_statistics(h, w, reference, interpret=True)
+  exp = exp[:300, :520]
   want_used = reference.at[1].set(logits[1].max()).at[4].set(logits[4].max())
   np.testing.assert_allclose(used, want_used, rtol=1e-6)
   np.testing.assert_allclose(exp, jnp.exp(logits - want_used[:, None]), rtol=1e-5, atol=1e-30)
