@@ -7,9 +7,10 @@ passes the target's logit), ``head_statistics`` returns, without ever writing th
     exp [N, V] = exp(x - used)  (in h's dtype)     sum [N] = sum(exp)     argmax [N] (first)
 
 with ``used`` the reference, or the row's maximum where that is more than ``MAX_EXPONENT`` above
-it (``exp`` comes padded to the tiles; see ``head_statistics``). So ``lse = used + log(sum)``, and the logits' gradient is ``exp`` times one number per row
-minus the one-hot: the backward folds that number into the head's two gradient GEMMs, and the
-logits' gradient is never written either.
+it (``exp`` comes padded to the tiles; see ``head_statistics``). So ``lse = used + log(sum)``,
+and the logits' gradient is ``exp`` times one number per row minus the one-hot: the backward
+folds that number into the head's two gradient GEMMs, and the logits' gradient is never written
+either.
 
 Two kernels:
 
@@ -89,10 +90,6 @@ def unsupported_reason(dtype, *, interpret: bool) -> str | None:
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"its GEMM takes bf16 or f16 features, not {jnp.dtype(dtype).name}"
   return None
-
-
-def _round_up(value: int, multiple: int) -> int:
-  return -(-value // multiple) * multiple
 
 
 def _head_kernel(h_gmem, w_gmem, reference_gmem, exp_gmem, sum_gmem, max_gmem, argmax_gmem, *,
@@ -277,9 +274,10 @@ def head_statistics(h: jax.Array, w: jax.Array, reference: jax.Array, *, tiles: 
   n, d = h.shape
   vocab = w.shape[0]
   itemsize = jnp.dtype(h.dtype).itemsize
-  padded_n = _round_up(n, max(2 * tiles.tile_m, RECOMPUTE_ROWS))
-  padded_vocab = _round_up(vocab, max(tiles.tile_n, RECOMPUTE_PIECE))
-  padded_d = _round_up(d, max(SWIZZLE_BYTES // itemsize, RECOMPUTE_DEPTH))
+  round_up = lambda size, multiple: pl.cdiv(size, multiple) * multiple  # noqa: E731
+  padded_n = round_up(n, max(2 * tiles.tile_m, RECOMPUTE_ROWS))
+  padded_vocab = round_up(vocab, max(tiles.tile_n, RECOMPUTE_PIECE))
+  padded_d = round_up(d, max(SWIZZLE_BYTES // itemsize, RECOMPUTE_DEPTH))
   h_padded = jnp.pad(h, ((0, padded_n - n), (0, padded_d - d)))
   w_padded = jnp.pad(w.astype(h.dtype), ((0, padded_vocab - vocab), (0, padded_d - d)))
   reference = jnp.pad(reference.astype(F32), (0, padded_n - n))

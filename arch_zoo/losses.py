@@ -184,15 +184,14 @@ def _fused_backward(interpret, residuals, cotangents):
   # exp comes padded to the kernels' tiles; the padding meets zeros here (extra rows of factor
   # and h, extra rows of the head) and is cut from the small results.
   padded_n, padded_vocab = exp.shape
-  padded_factor = jnp.pad(factor, (0, padded_n - n))
   padded_w = jnp.pad(head_weight, ((0, padded_vocab - vocab), (0, 0)))
   # d(features) = factor * (exp @ W) - scale * W[target]
   exp_w = jnp.dot(exp, padded_w, preferred_element_type=jnp.float32)[:n]
   d_h = factor[:, None] * exp_w - scale[:, None] * jnp.take(head_weight, t, axis=0).astype(
       jnp.float32)
   # d(W) = exp^T @ (factor * h), and the one-hot part adds -scale * h to the targets' rows.
-  scaled_h = (padded_factor[:, None] * jnp.pad(h, ((0, padded_n - n), (0, 0))).astype(
-      jnp.float32)).astype(h.dtype)
+  scaled_h = jnp.pad((factor[:, None] * h.astype(jnp.float32)).astype(h.dtype),
+                     ((0, padded_n - n), (0, 0)))
   d_w = jnp.dot(exp.T, scaled_h, preferred_element_type=jnp.float32)[:vocab]
   d_w = d_w.at[t].add(-scale[:, None] * h.astype(jnp.float32))
   return (d_h.astype(features.dtype).reshape(features.shape), d_w.astype(head_weight.dtype),
