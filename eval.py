@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from typing import Any, Callable
 
 import jax
@@ -43,7 +42,8 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from arch_zoo import checkpoint, data as data_lib, evaluators, optim, perf, sharding, steps
-from arch_zoo import train_state
+from arch_zoo import train_state, workdir as workdir_lib
+from arch_zoo.errors import UserError, fail, message_of, run_cli
 from arch_zoo.evaluators import classification, passkey, perplexity, recall
 
 FLAGS = flags.FLAGS
@@ -66,11 +66,19 @@ RESULTS_FILE = "eval_results.json"
 
 
 def load_config(workdir: str) -> ConfigDict:
-  path = os.path.join(workdir, "config.json")
+  path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: is {workdir} a train.py workdir?")
-  with open(path) as f:
-    return ConfigDict(json.load(f))
+    raise FileNotFoundError(f"{path} does not exist: is {workdir} a train.py workdir (one whose "
+                            "training has started)?")
+  return ConfigDict(workdir_lib.read_json(path))
+
+
+class ResultsNotSaved(UserError):
+  """The evaluation ran but its results could not be written; ``record`` holds them."""
+
+  def __init__(self, message: str, record: dict):
+    super().__init__(message)
+    self.record = record
 
 
 @dataclasses.dataclass
@@ -175,7 +183,8 @@ def restore(workdir: str, config: ConfigDict, step: int | None, mesh, rules):
   shardings = train_state.shardings_of(config, mesh, rules, tx)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   if ckpt.latest_step() is None:
-    raise checkpoint.CheckpointError(f"No checkpoint in {ckpt.directory}; train first.")
+    raise checkpoint.CheckpointError(f"no checkpoint in {ckpt.directory}; train first (or wait "
+                                     "for the run's first checkpoint).")
   state, _ = ckpt.restore(train_state.abstract_state(config, tx, shardings), step)
   ckpt.close()
   return state
@@ -197,15 +206,18 @@ def upgrade(saved: dict) -> dict:
 def save_results(workdir: str, record: dict) -> dict:
   """Merges ``record`` into the workdir's results of the same step (see the module docstring)."""
   path = os.path.join(workdir, RESULTS_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = upgrade(json.load(f))
-    if saved.get("step") == record["step"]:
-      record = {**record, "results": {**saved["results"], **record["results"]}}
-    else:
-      os.replace(path, os.path.join(workdir, f"eval_results_step{saved.get('step')}.json"))
-  with open(path, "w") as f:
-    json.dump(record, f, indent=2)
+  try:
+    if os.path.exists(path):
+      saved = upgrade(workdir_lib.read_json(path))
+      if saved.get("step") == record["step"]:
+        record = {**record, "results": {**saved["results"], **record["results"]}}
+      else:
+        os.replace(path, os.path.join(workdir, f"eval_results_step{saved.get('step')}.json"))
+    workdir_lib.write_json(path, record)
+  except OSError as e:
+    raise ResultsNotSaved(f"could not write {path}: {e.strerror or e}. The results are printed "
+                          "above; make the workdir writable and run eval.py again to save them.",
+                          record) from e
   return record
 
 
@@ -262,30 +274,43 @@ def summary(record: dict) -> list[str]:
   return lines
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if FLAGS.workdir is None:
-    raise app.UsageError("--workdir is required.")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  options = {"lengths": FLAGS.passkey_lengths, "depths": FLAGS.passkey_depths,
-             "trials": FLAGS.passkey_trials}
+def parse_flags(argv: list[str]) -> list[str]:
   try:
-    # The run's XLA flag sets (e.g. cpu2: two CPU devices), before JAX starts a backend.
-    perf.apply_xla_flags(load_config(FLAGS.workdir).train.get("xla_flags", ""))
-    record = evaluate_run(FLAGS.workdir, FLAGS.step, FLAGS.max_batches, FLAGS.suite,
-                          passkey_options=options)
-  except (checkpoint.CheckpointError, data_lib.DatasetMissingError, FileNotFoundError,
-          ValueError) as e:
+    return FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 -- a bad flag value: one line, not absl's usage text
     if os.environ.get("ARCH_ZOO_DEBUG"):
       raise
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  print("\n".join(summary(record)))
-  print(json.dumps(record))
+    fail(message_of(e), code=2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; see python eval.py --help.", code=2)
+  if FLAGS.workdir is None:
+    fail("--workdir is required: the directory of a train.py run, e.g. python eval.py "
+         "--workdir runs/lm_mha_S", code=2)
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+    checkpoint.quiet_orbax_errors()
+  options = {"lengths": FLAGS.passkey_lengths, "depths": FLAGS.passkey_depths,
+             "trials": FLAGS.passkey_trials}
+
+  def work():
+    # The run's XLA flag sets (e.g. cpu2: two CPU devices), before JAX starts a backend.
+    perf.apply_xla_flags(load_config(FLAGS.workdir).train.get("xla_flags", ""))
+    try:
+      record = evaluate_run(FLAGS.workdir, FLAGS.step, FLAGS.max_batches, FLAGS.suite,
+                            passkey_options=options)
+    except ResultsNotSaved as e:  # print what was computed before saying it was not saved
+      print("\n".join(summary(e.record)))
+      print(json.dumps(e.record))
+      raise
+    print("\n".join(summary(record)))
+    print(json.dumps(record))
+
+  run_cli(work)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

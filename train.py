@@ -15,10 +15,9 @@ model with loss only on the answers (the batch weights) and validates with its a
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -28,8 +27,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from arch_zoo import checkpoint, data as data_lib, metrics as metrics_lib, optim, perf, provenance
-from arch_zoo import evaluators, sharding, steps, train_state
+from arch_zoo import checkpoint, config_checks, data as data_lib, interrupts as interrupts_lib
+from arch_zoo import evaluators, metrics as metrics_lib, optim, perf, provenance
+from arch_zoo import sharding, steps, train_state, workdir as workdir_lib
+from arch_zoo.errors import UserError, fail, run_cli
 
 FLAGS = flags.FLAGS
 
@@ -41,41 +42,16 @@ def define_flags() -> None:
                                    lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, run info.")
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = workdir_lib.CONFIG_FILE
 FINAL_METRICS_FILE = "final_metrics.json"
-# Config keys that define the run; a workdir holding a run with different values is refused.
-IDENTITY_KEYS = ("task", "seed", "model", "data.name", "data.seq_len", "data.tokenizer",
-                 "data.seed", "data.vocab_size", "data.train_slices", "data.random_non_queries")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   pass
 
 
-def _lookup(cfg: ConfigDict, dotted: str):
-  for part in dotted.split("."):
-    if part not in cfg:
-      return None  # a key of another task (e.g. data.seq_len for a ViT)
-    cfg = cfg[part]
-  return cfg
-
-
-def check_workdir(config: ConfigDict, workdir: str) -> None:
-  """Refuses to resume a run whose model, data or seed differ from this config."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    saved = ConfigDict(json.load(f))
-  current = ConfigDict(json.loads(config.to_json_best_effort()))
-  for key in IDENTITY_KEYS:
-    old, new = _lookup(saved, key), _lookup(current, key)
-    old = old.to_dict() if isinstance(old, ConfigDict) else old
-    new = new.to_dict() if isinstance(new, ConfigDict) else new
-    if old != new:
-      raise ValueError(
-          f"{workdir} holds a run with a different {key!r} ({old} vs now {new}). "
-          "Its checkpoints are kept as they are; use a new --workdir for this config.")
+class Aborted(UserError):
+  """A second SIGINT while the run was saving its last step."""
 
 
 def maybe_initialize_distributed() -> None:
@@ -84,38 +60,52 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-class Preemption:
-  """SIGTERM (cluster preemption) -> checkpoint at the next step and exit cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    try:
-      signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. a test runner thread)
-      pass
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-
 def mean_metrics(pending: list[dict[str, Any]]) -> dict[str, float]:
   fetched = jax.device_get(pending)
   return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
+def describe_changes(saved: dict[str, Any], config: ConfigDict, changed: dict[str, tuple],
+                     step: int) -> list[str]:
+  """What a resume with other settings changes, in words: the settings and, when the schedule
+  moved, the learning rate of the next step under the old and the new one."""
+  if not changed:
+    return []
+  lines = ["Changed since the run was last started: " + "; ".join(
+      f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())]
+  if any(key == "train.steps" or key.startswith("optim.") for key in changed):
+    old_steps = saved["train"]["steps"]
+    _, old_schedule = optim.build(ConfigDict(saved["optim"]), old_steps)
+    _, new_schedule = optim.build(config.optim, config.train.steps)
+    lines.append(
+        f"The learning-rate schedule is re-derived for {config.train.steps} steps (it was for "
+        f"{old_steps}): at step {step + 1} the learning rate is {float(new_schedule(step)):.4g} "
+        f"(the old schedule gave {float(old_schedule(step)):.4g}).")
+  return lines
+
+
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the run in ``workdir``; returns the final validation metrics."""
-  # ---------------------------------------------------------------- setup
+  """Trains (or resumes) the run in ``workdir``; returns the final validation metrics, or
+  ``{"step": N}`` (plus ``"interrupted": SIGNAL`` after a signal) when it stopped early."""
   if config.train.get("xla_flags"):
     perf.apply_xla_flags(config.train.xla_flags)  # before anything starts a JAX backend
   maybe_initialize_distributed()
+  config_checks.check(config)
   os.makedirs(workdir, exist_ok=True)
-  check_workdir(config, workdir)
   is_main = jax.process_index() == 0
-  if is_main:
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  lock = workdir_lib.RunLock(workdir) if is_main else contextlib.nullcontext()
+  with lock, interrupts_lib.Interrupts() as interrupts:
+    return _train(config, workdir, interrupts, is_main)
+
+
+def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrupts,
+           is_main: bool) -> dict[str, Any]:
+  # ---------------------------------------------------------------- checks before any training
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 keep=config.train.keep_checkpoints,
+                                 async_save=config.train.async_checkpoint)
+  saved = workdir_lib.saved_config(workdir, has_checkpoints=ckpt.latest_step() is not None)
+  changed = workdir_lib.check_identity(saved, config, workdir)
 
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_for(config.sharding)
@@ -134,34 +124,26 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   # ---------------------------------------------------------------- model, optimizer, restore
   total_steps = config.train.steps
   tx, schedule = optim.build(config.optim, total_steps)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 keep=config.train.keep_checkpoints,
-                                 async_save=config.train.async_checkpoint)
   samples_seen = 0
-  if ckpt.latest_step() is None:
+  restored_from = ckpt.latest_step()
+  if restored_from is None:
     graphdef, state, state_shardings = train_state.create(config, mesh, rules, tx)
   else:  # restored straight into its shardings: no weights are initialised only to be replaced
     graphdef = train_state.graphdef_of(config.model)
     state_shardings = train_state.shardings_of(config, mesh, rules, tx)
     state, data_state = ckpt.restore(train_state.abstract_state(config, tx, state_shardings))
     samples_seen = int(data_state["samples_seen"])
-    if is_main:
-      print(f"Resuming from step {int(state.step)} ({samples_seen} samples seen).", flush=True)
   start_step = int(state.step)
+  ckpt.check_writable()
+  if is_main:
+    if restored_from is not None:
+      print(f"Resuming from step {start_step} ({samples_seen} samples seen).", flush=True)
+    for line in describe_changes(saved, config, changed, start_step):
+      print(line, flush=True)
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  # Closed on the way out, also on an error: pending checkpoints are finished and no metric
-  # writer thread is left for the interpreter to stop.
+  failed = aborting = False
   try:
-    writer.truncate_after(start_step)
-    info = provenance.write_run_info(workdir, config, state.params, {"resumed_from": start_step})
-    if is_main:
-      params = info["parameters"]
-      print(f"{config.task} | attention {config.model.attention.name} | "
-            f"{params['total'] / 1e6:.2f}M params ({params['attention'] / 1e6:.2f}M attention) | "
-            f"{len(jax.devices())} {jax.default_backend()} device(s) | workdir {workdir}",
-            flush=True)
-
     # ---------------------------------------------------------------- compiled steps
     base_rng = jax.random.key(config.seed)
     train_step = jax.jit(steps.make_train_step(graphdef, tx, schedule, base_rng,
@@ -174,41 +156,62 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     def put(batch):
       return sharding.global_batch_from_local(batch, mesh)
 
+    last_step = min(total_steps, config.train.stop_at_step or total_steps)
+    batch = None
+    if start_step < last_step:
+      batch = put(data.train_batch(samples_seen, batch_size))
+      with sharding.use(mesh, rules):
+        jax.eval_shape(train_step, state, batch)  # traced, not compiled: shape errors show here
+    # Config, data and model are checked: only now does the workdir hold a run.
+    if is_main:
+      workdir_lib.write_json(os.path.join(workdir, CONFIG_FILE), workdir_lib.config_dict(config))
+    writer.truncate_after(start_step, drop_final_at=start_step >= total_steps)
+    info = provenance.write_run_info(
+        workdir, config, state.params,
+        {"resumed_from": start_step, "starts": workdir_lib.record_start(workdir, start_step,
+                                                                        changed)})
+    if is_main:
+      params = info["parameters"]
+      print(f"{config.task} | attention {config.model.attention.name} | "
+            f"{params['total'] / 1e6:.2f}M params ({params['attention'] / 1e6:.2f}M attention) | "
+            f"{len(jax.devices())} {jax.default_backend()} device(s) | workdir {workdir}",
+            flush=True)
+
     def validate(max_batches: int | None) -> dict[str, float]:
+      interrupts.test_point("validation", step)
       return evaluator.evaluate(eval_step, state, data, config.eval.batch_size, max_batches, put)
 
     def save(step: int) -> None:
       ckpt.save(step, state, {"samples_seen": samples_seen, "seed": config.seed})
+      interrupts.test_point("save", step)
 
     # ---------------------------------------------------------------- loop
     progress = metrics_lib.Progress(total_steps, start_step, batch_size * data.units_per_example,
                                     data.unit, enabled=is_main and config.train.progress)
-    preemption = Preemption()
     pending: list[dict[str, Any]] = []
-    stop_at = config.train.stop_at_step or total_steps
     step = start_step
+    finite_since_restore = False  # a finite loss was seen from the restored state onwards
 
-    def flush(step: int) -> None:
+    def flush(step: int, show: bool = True) -> None:
       """Fetches the metrics of the steps since the last flush, checks them, logs their mean."""
+      nonlocal finite_since_restore
       if not pending:
         return
       window = (step - len(pending), step)
       logged = mean_metrics(pending)
       pending.clear()
+      interrupts.test_point("flush", step)
       if not math.isfinite(logged["train/loss"]):
-        raise NonFiniteLossError(
-            f"The training loss became {logged['train/loss']} in steps ({window[0]}, {window[1]}]. "
-            f"No checkpoint was written after it; the last good one is step "
-            f"{ckpt.latest_step()} in {ckpt.directory}. Lower optim.learning_rate or raise "
-            "optim.warmup_steps, then resume.")
-      progress.update(step, logged["train/loss"])  # first: the rate then includes this window
+        raise NonFiniteLossError(nonfinite_message(logged["train/loss"], window, ckpt,
+                                                   restored_from, finite_since_restore))
+      finite_since_restore = True
+      if show:
+        progress.update(step, logged["train/loss"])  # first: the rate then includes this window
       logged["train/throughput"] = progress.rate
       writer.write(step, logged)
 
-    last_step = min(total_steps, stop_at)
     with sharding.use(mesh, rules):
-      batch = put(data.train_batch(samples_seen, batch_size)) if step < last_step else None
-      while step < last_step:
+      while step < last_step and not interrupts.requested:
         samples_seen += batch_size
         state, step_metrics = train_step(state, batch)
         # The next batch is a function of samples_seen alone, so it can be made while this step
@@ -219,23 +222,33 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
         state, step_metrics = sharding.wait_if_cpu_mesh((state, step_metrics))
         pending.append(step_metrics)
         step += 1
+        interrupts.test_point("step", step)
+        ckpt.check()  # a save that failed in the background stops the run here
         if step == start_step + 1:
           jax.block_until_ready(state)  # compilation is over: time from here
           progress.restart_clock(step)
-        last = step == last_step or preemption.requested
-        if step % config.train.log_every == 0 or last:
+        if step % config.train.log_every == 0 or step == last_step:
           flush(step)
-        if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
+        if (config.train.eval_every and step % config.train.eval_every == 0
+            and step < total_steps and not interrupts.requested):
           flush(step)
           val = validate(config.train.eval_batches)
           writer.write(step, {f"val/{k}": v for k, v in val.items()})
           progress.restart_clock(step)
-        if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) or last:
+        if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) or \
+            step == last_step:
           flush(step)  # never checkpoint a state whose loss was not checked
           save(step)
-        if preemption.requested:
-          print(f"SIGTERM: checkpointed step {step}; exiting.", flush=True)
-          break
+
+      if interrupts.requested:
+        flush(step, show=False)
+        save(step)  # nothing happens if this step is saved already
+        interrupts.test_point("stop_save", step)
+        ckpt.wait()
+        interrupts.disarm()
+        if is_main:
+          print(f"{interrupts.requested}: checkpointed step {step}; exiting.", flush=True)
+        return {"step": step, "interrupted": interrupts.requested}
 
       final: dict[str, Any] = {"step": step}
       if step >= total_steps:
@@ -245,12 +258,55 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
         final["train_throughput"] = progress.rate
         writer.write(step, {f"final/{k}": v for k, v in final.items() if k != "step"})
         if is_main:
-          with open(os.path.join(workdir, FINAL_METRICS_FILE), "w") as f:
-            json.dump(final, f, indent=2)
+          workdir_lib.write_json(os.path.join(workdir, FINAL_METRICS_FILE), final)
+      if interrupts.requested:  # it came during the final validation: the step is saved
+        ckpt.wait()
+        if is_main:
+          print(f"{interrupts.requested}: checkpointed step {step}; exiting.", flush=True)
+        final["interrupted"] = interrupts.requested
+    interrupts.disarm()
     return final
+  except interrupts_lib.AbortRequested:
+    aborting = True
+    last = ckpt.last_complete_step()
+    if last == step:
+      saved_now = f"the checkpoint of step {step} is complete"
+    else:
+      saved_now = (f"stopped without waiting for the checkpoint of step {step}; " +
+                   (f"the last complete checkpoint is step {last}" if last is not None else
+                    "no checkpoint is complete"))
+    raise Aborted(f"a second SIGINT: {saved_now} in {ckpt.directory}.") from None
+  except BaseException:
+    failed = True
+    raise
   finally:
-    ckpt.close()
-    writer.close()
+    # Pending saves are finished (not when aborting) and no writer thread is left behind; a
+    # failed save is the error to report unless another one is on its way already.
+    if not aborting:
+      interrupts.disarm()  # from here on a second Ctrl-C has nothing left to abort
+      try:
+        ckpt.close()
+      except checkpoint.SaveError:
+        if not failed:
+          raise
+      finally:
+        writer.close()
+
+
+def nonfinite_message(loss: float, window: tuple[int, int], ckpt: checkpoint.Checkpointer,
+                      restored_from: int | None, finite_since_restore: bool) -> str:
+  latest = ckpt.latest_step()
+  if latest is None:
+    where = "No checkpoint was written before it"
+  elif latest == restored_from and not finite_since_restore:
+    where = (f"It came right after resuming from step {latest}, whose own loss was never checked "
+             f"in this run: that checkpoint may be bad; to go back further, move it aside (mv "
+             f"{ckpt.step_dir(latest)} {ckpt.directory}/bad_{latest})")
+  else:
+    where = (f"No checkpoint was written after it; the latest, step {latest} in "
+             f"{ckpt.directory}, was saved after a finite loss")
+  return (f"The training loss became {loss} in steps ({window[0]}, {window[1]}]. {where}. Lower "
+          "optim.learning_rate or raise optim.warmup_steps, then resume.")
 
 
 def format_final(final: dict[str, Any]) -> str:
@@ -261,21 +317,39 @@ def format_final(final: dict[str, Any]) -> str:
   return " | ".join(fmt.format(final[k]) for k, fmt in keys if k in final)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if FLAGS.config is None or FLAGS.workdir is None:
-    raise app.UsageError("Both --config and --workdir are required.")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every mistake in the flags reported as one ``error:`` line."""
   try:
-    final = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (NonFiniteLossError, checkpoint.CheckpointError, data_lib.DatasetMissingError,
-          ValueError) as e:
+    return FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 -- a bad flag, config file, name or key
     if os.environ.get("ARCH_ZOO_DEBUG"):
       raise
-    print(f"error: {e}\n(set ARCH_ZOO_DEBUG=1 for the traceback)", file=sys.stderr)
-    sys.exit(1)
+    fail(config_checks.explain_flag_error(argv, e), code=2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; flags are --config and --workdir (and "
+         "--config.KEY=VALUE overrides).", code=2)
+  if FLAGS.config is None or FLAGS.workdir is None:
+    fail("both --config and --workdir are required, e.g. python train.py --config "
+         "configs/lm.py:attn=mha,size=S --workdir runs/lm_mha_S", code=2)
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
+    checkpoint.quiet_orbax_errors()  # a failed save is reported once, as an error: line
+  def work():
+    try:
+      return train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except Aborted as e:  # exit now: waiting for orbax's threads is what the user refused
+      if os.environ.get("ARCH_ZOO_DEBUG"):
+        raise
+      sys.stdout.flush()
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      os._exit(130)
+
+  final = run_cli(work)
+  if isinstance(final, dict) and final.get("interrupted"):
+    sys.exit(interrupts_lib.EXIT_CODES[final["interrupted"]])
   if "loss" in final:
     print(f"step {final['step']}: {format_final(final)}", flush=True)
   else:
@@ -284,4 +358,8 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  try:
+    app.run(main, flags_parser=parse_flags)
+  except KeyboardInterrupt:  # Ctrl-C before training started: there is nothing to save
+    print("SIGINT before training started; nothing was saved.", file=sys.stderr, flush=True)
+    sys.exit(130)

@@ -34,15 +34,18 @@ class MetricWriter:
       except ImportError:  # GPU images without tensorboardX still get the JSONL file
         self._tb = None
 
-  def truncate_after(self, step: int) -> None:
+  def truncate_after(self, step: int, *, drop_final_at: bool = False) -> None:
     """On resume: rows past the restored step are recomputed identically, so drop the stale ones
-    rather than leave duplicate steps in the file."""
+    rather than leave duplicate steps in the file. ``drop_final_at``: also drop the ``final/*``
+    rows of ``step`` itself (a finished run evaluated again writes them anew)."""
     if not (self.enabled and os.path.exists(self.path)):
       return
-    with open(self.path) as f:
-      rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(self.path, "w") as f:
-      f.writelines(rows)
+    rows = [row for row in read_rows(self.path) if row.get("step", 0) <= step and not (
+        drop_final_at and row.get("step") == step and any(k.startswith("final/") for k in row))]
+    partial = self.path + ".partial"  # replaced in one step: a kill here loses no row
+    with open(partial, "w") as f:
+      f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(partial, self.path)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -60,12 +63,30 @@ class MetricWriter:
       self._tb.close()
 
 
+def read_rows(path: str) -> list[dict[str, Any]]:
+  """The rows of a metrics file. A last line cut short (the disk filled up, the process was
+  killed mid-write) is dropped with a warning; damage anywhere else is an error naming the line."""
+  with open(path) as f:
+    lines = f.readlines()
+  rows = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number == len(lines):
+        print(f"warning: {path}: dropped its last line, cut short ({line.strip()[:60]!r}).",
+              file=sys.stderr, flush=True)
+        continue
+      raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg}). Remove or repair that "
+                       "line, then run again.") from None
+  return rows
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return read_rows(path) if os.path.exists(path) else []
 
 
 def format_duration(seconds: float) -> str:

@@ -55,11 +55,33 @@ def _read_prepared_texts(name: str, split: str, data_dir: str, text_key: str) ->
   return tuple(texts)
 
 
+# Text whose bytes are mostly not UTF-8 is not text (a binary file caught by a glob, a wrong
+# encoding): above this share of undecodable characters the file is refused.
+MAX_INVALID_UTF8 = 0.01
+
+
+def read_text_file(path: str) -> str:
+  with open(path, "rb") as f:
+    raw = f.read()
+  text = raw.decode("utf-8", errors="replace")
+  invalid = (text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd"))
+  if text and invalid > MAX_INVALID_UTF8 * len(text):
+    raise ValueError(f"{path}: {invalid / len(text):.1%} of its characters are not valid UTF-8 "
+                     f"(at most {MAX_INVALID_UTF8:.0%} allowed); data=text:GLOB reads UTF-8 text "
+                     "files. Convert it to UTF-8 or narrow the glob.")
+  return text
+
+
 def read_text_files(pattern: str, val_fraction: float) -> tuple[list[str], list[str]]:
-  paths = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                 if os.path.isfile(p))
   if not paths:
-    raise FileNotFoundError(f"data=text:{pattern} matches no files.")
-  text = "\n".join(open(p, encoding="utf-8", errors="replace").read() for p in paths)
+    raise FileNotFoundError(f"data=text:{pattern} matches no files (the glob is expanded from "
+                            f"{os.getcwd()}; ** matches across directories).")
+  if not 0.0 < val_fraction < 1.0:
+    raise ValueError(f"data.val_fraction={val_fraction} must be between 0 and 1 (the share of "
+                     "the text held out for validation).")
+  text = "\n".join(read_text_file(p) for p in paths)
   cut = int(len(text) * (1.0 - val_fraction))
   return [text[:cut]], [text[cut:]]
 
