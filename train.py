@@ -331,7 +331,15 @@ def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; flags are --config and --workdir (and "
          "--config.KEY=VALUE overrides).", code=2)
-  if FLAGS.config is None or FLAGS.workdir is None:
+  try:
+    config = FLAGS.config
+    if config is not None:
+      config.keys()  # a config file that failed to load raises on first use, not while parsing
+  except Exception as e:  # noqa: BLE001
+    if os.environ.get("ARCH_ZOO_DEBUG"):
+      raise
+    fail(config_checks.explain_flag_error(sys.argv, e), code=2)
+  if config is None or FLAGS.workdir is None:
     fail("both --config and --workdir are required, e.g. python train.py --config "
          "configs/lm.py:attn=mha,size=S --workdir runs/lm_mha_S", code=2)
   if not FLAGS["verbosity"].present:
@@ -339,7 +347,7 @@ def main(argv):
     checkpoint.quiet_orbax_errors()  # a failed save is reported once, as an error: line
   def work():
     try:
-      return train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      return train_and_evaluate(config, FLAGS.workdir)
     except Aborted as e:  # exit now: waiting for orbax's threads is what the user refused
       if os.environ.get("ARCH_ZOO_DEBUG"):
         raise

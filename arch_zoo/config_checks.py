@@ -87,8 +87,8 @@ def load_config_file(spec: str) -> ConfigDict:
   """``configs/lm.py:attn=mha,size=S`` -> the config, as ``--config`` loads it (no overrides)."""
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
-    raise UserError(f"the config file {path!r} does not exist (--config={spec}); the configs are "
-                    "configs/lm.py, configs/vit.py and configs/recall.py.")
+    raise UserError(f"the config file {path!r} does not exist; the configs are configs/lm.py, "
+                    "configs/vit.py and configs/recall.py.")
   module_spec = importlib.util.spec_from_file_location("_config_file", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
