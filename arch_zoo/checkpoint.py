@@ -73,16 +73,21 @@ def data_checksum(data: dict[str, Any]) -> str:
 
 
 class _OrbaxErrorFilter:
-  """Drops orbax's own error logs (tracebacks of a failed background save, one per thread): the
-  failure reaches the caller as one :class:`SaveError`."""
+  """Drops orbax's own error logs (the traceback of a failed save or read, once per thread, and
+  asyncio's report of the same task): the failure reaches the caller as one error instead."""
 
   def filter(self, record) -> bool:
-    return not ("/orbax/" in record.pathname and record.levelno <= 40)
+    from_orbax = "/orbax/" in record.pathname or record.name == "asyncio"
+    return not (from_orbax and record.levelno <= 40)
 
 
 def quiet_orbax_errors() -> None:
   import logging
-  logging.getLogger("absl").addFilter(_OrbaxErrorFilter())
+  quiet = _OrbaxErrorFilter()
+  for logger in (logging.getLogger(), logging.getLogger("absl")):
+    logger.addFilter(quiet)
+    for handler in logger.handlers:
+      handler.addFilter(quiet)
 
 
 class Checkpointer:
