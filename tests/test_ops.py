@@ -12,7 +12,8 @@ from arch_zoo.attention import ops
 from arch_zoo.attention.ops import dynamic_mask, linear, routing, softmax
 from tests.helpers import build_lm, lm_config, random_tokens
 from tests.test_mha import naive_attention
-from tests.test_routing import balanced_routing_reference, causal_routing_reference, masked_attention
+from tests.test_routing import (balanced_routing_reference, causal_routing_reference,
+                                masked_attention)
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 OPS = {"softmax": softmax, "linear": linear, "dynamic_mask": dynamic_mask, "routing": routing}
@@ -69,6 +70,36 @@ def test_a_forced_impl_that_cannot_run_says_why_and_what_can():
   score = normal(1, 1, 8, 2)
   with pytest.raises(ValueError, match="impl='cudnn' cannot run here: the mask is active"):
     dynamic_mask.apply(q, q, q, score, score, causal=True, keep_window=4, impl="cudnn")
+
+
+def auto_choice(op, *args, **kwargs) -> str:
+  name = op.__name__.rsplit(".", 1)[-1]
+  return ops.resolve(name, "auto", op.IMPLS, lambda impl: op.supports(impl, *args, **kwargs))
+
+
+def test_auto_on_a_gpu_picks_the_kernels_of_the_table(monkeypatch):
+  """The choices docs/attention/kernels.md promises, with the backend reported as a GPU (only
+  the resolution runs here; the kernels themselves are the gpu-marked tests)."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+  q, k = bf16(2, 256, 8, 64), bf16(2, 256, 2, 64)
+  segments = jnp.zeros((2, 256), jnp.int32)
+  assert auto_choice(softmax, q, k) == "cudnn"
+  assert auto_choice(softmax, bf16(2, 197, 8, 64), bf16(2, 197, 2, 64)) == "xla"  # odd length
+  assert auto_choice(softmax, q, k, segment_ids=segments) == "xla"
+  assert auto_choice(softmax, q.update(dtype=jnp.float32), k) == "xla"
+  for causal, form, want in ((True, "no_decay", "pallas"), (False, "no_decay", "xla"),
+                             (False, "symmetric_decay", "pallas")):
+    assert auto_choice(linear, q, q, q, causal=causal, bidirectional_form=form) == want
+  assert auto_choice(linear, bf16(2, 256, 8, 48), bf16(2, 256, 8, 48), bf16(2, 256, 8, 48),
+                     causal=True) == "xla"  # head_dim 48: no Triton tile
+  for causal, window, segment_ids, want in ((True, 256, None, "cudnn"), (True, 128, None, "xla"),
+                                            (False, 128, None, "cudnn"),
+                                            (True, 256, segments, "xla"),
+                                            (True, 128, segments, "reference")):
+    assert auto_choice(dynamic_mask, q, k, causal=causal, keep_window=window,
+                       segment_ids=segment_ids) == want, (causal, window, segment_ids)
+  assert auto_choice(routing, q, q, routing.Local(4), causal=True) == "xla"
 
 
 # ------------------------------------------------------------------------------ softmax
