@@ -264,22 +264,17 @@ def test_resolutions_are_recorded_once_per_trace_with_the_reason():
 
 
 def test_summary_has_one_entry_per_layer_and_collapses_repeated_traces():
-  records = [
-      {"layer": 1, "family": "mha", "op": "softmax", "requested": "auto", "resolved": "xla",
-       "reason": "cudnn: odd length"},
-      {"layer": 0, "family": "lightning", "op": "linear", "requested": "auto", "resolved": "xla",
-       "reason": "pallas: cpu"},
-      {"layer": 1, "family": "mha", "op": "softmax", "requested": "auto", "resolved": "xla",
-       "reason": "cudnn: odd length"},
-      {"layer": 2, "family": "mha", "op": "softmax", "requested": "auto", "resolved": "cudnn",
-       "reason": ""},
-      {"layer": 2, "family": "mha", "op": "softmax", "requested": "auto", "resolved": "xla",
-       "reason": "cudnn: odd length"},
-      {"layer": 3, "family": "mha", "op": "softmax", "requested": "auto", "resolved": "cudnn",
-       "reason": ""},
-      {"layer": 4, "family": "mha", "op": "softmax", "requested": "auto", "resolved": "cudnn",
-       "reason": ""},
-  ]
+  def record(layer, family, op, resolved, reason=""):
+    return {"layer": layer, "family": family, "op": op, "requested": "auto", "resolved": resolved,
+            "reason": reason}
+
+  records = [record(1, "mha", "softmax", "xla", "cudnn: odd length"),
+             record(0, "lightning", "linear", "xla", "pallas: cpu"),
+             record(1, "mha", "softmax", "xla", "cudnn: odd length"),
+             record(2, "mha", "softmax", "cudnn"),
+             record(2, "mha", "softmax", "xla", "cudnn: odd length"),
+             record(3, "mha", "softmax", "cudnn"),
+             record(4, "mha", "softmax", "cudnn")]
   summary = ops.summarize(records)
   assert [e["layer"] for e in summary] == [0, 1, 2, 3, 4]
   assert summary[1] == {"layer": 1, "family": "mha", "requested": {"softmax": "auto"},

@@ -105,20 +105,19 @@ def summarize(records: Sequence[dict]) -> list[dict]:
   differently in two traces (say, two sequence lengths) lists both, comma separated. Under
   ``model.scan_layers`` every layer runs the body traced for layer 0, so only layer 0 appears.
   """
+  fields = {"requested": "requested", "kernels": "resolved", "reasons": "reason"}
   layers: dict[tuple, dict] = {}
   for r in records:
     entry = layers.setdefault((r["layer"], r["family"]), {
-        "layer": r["layer"], "family": r["family"], "requested": {}, "kernels": {},
-        "reasons": {}})
-    for key, field in (("requested", "requested"), ("kernels", "resolved"), ("reasons", "reason")):
-      seen = entry[key].setdefault(r["op"], [])
-      if r[field] and r[field] not in seen:
-        seen.append(r[field])
+        "layer": r["layer"], "family": r["family"], **{key: {} for key in fields}})
+    for key, field in fields.items():
+      values = entry[key].setdefault(r["op"], [])
+      if r[field] and r[field] not in values:
+        values.append(r[field])
   for entry in layers.values():
-    for key in ("requested", "kernels", "reasons"):
+    for key in fields:
       separator = "; " if key == "reasons" else ", "
-      entry[key] = {op: separator.join(values) for op, values in entry[key].items()
-                    if values or key != "reasons"}
+      entry[key] = {op: separator.join(values) for op, values in entry[key].items() if values}
   return sorted(layers.values(), key=lambda e: (e["layer"] is None, e["layer"] or 0))
 
 
