@@ -1,4 +1,4 @@
-r"""GPU parity of softmax-attention kernels: ``impl=cudnn`` against the ``xla`` reference.
+r"""GPU parity of softmax-attention kernels: ``impl=cudnn`` against the float32 ``reference``.
 
     python benchmarks/attention_parity.py --out benchmarks/results/attention_parity_h100.json
 
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from arch_zoo.attention import kernels  # noqa: E402
+from arch_zoo.attention.ops import softmax  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 TOLERANCE = 2e-2
@@ -40,16 +40,16 @@ def case(b, t, h, kv, d, causal, seed=0):
 
   def loss(impl, dtype):
     def f(q, k, v):
-      out = kernels.attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), causal=causal,
-                              impl=impl)
+      out = softmax.apply(q.astype(dtype), k.astype(dtype), v.astype(dtype), causal=causal,
+                          impl=impl)
       return jnp.sum(out.astype(jnp.float32) * cot)
     return f
 
-  ref_out = kernels.attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                              causal=causal, impl="xla")
-  out = jax.jit(lambda q, k, v: kernels.attention(q, k, v, causal=causal, impl="cudnn"))(q, k, v)
-  xla_out = jax.jit(lambda q, k, v: kernels.attention(q, k, v, causal=causal, impl="xla"))(q, k, v)
-  ref_grads = jax.grad(loss("xla", jnp.float32), argnums=(0, 1, 2))(q, k, v)
+  ref_out = softmax.apply(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                          causal=causal, impl="reference")
+  out = jax.jit(lambda q, k, v: softmax.apply(q, k, v, causal=causal, impl="cudnn"))(q, k, v)
+  xla_out = jax.jit(lambda q, k, v: softmax.apply(q, k, v, causal=causal, impl="xla"))(q, k, v)
+  ref_grads = jax.grad(loss("reference", jnp.float32), argnums=(0, 1, 2))(q, k, v)
   grads = jax.jit(jax.grad(loss("cudnn", jnp.bfloat16), argnums=(0, 1, 2)))(q, k, v)
   xla_grads = jax.jit(jax.grad(loss("xla", jnp.bfloat16), argnums=(0, 1, 2)))(q, k, v)
   errors = {"out": rel_err(out, ref_out)}

@@ -124,8 +124,8 @@ def rel_err(a, b) -> float:
 
 
 def run_parity(args) -> dict:
-  """The bf16 kernel and XLA's bf16 reference, both against the float32 reference, on the same
-  inputs and weights; gradients w.r.t. the input and every parameter."""
+  """The bf16 kernel and the bf16 model with the reference attention, both against the float32
+  reference, on the same inputs and weights; gradients w.r.t. the input and every parameter."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -140,9 +140,11 @@ def run_parity(args) -> dict:
     cotangent = jax.random.normal(keys[1], (1, t, args.d_model), jnp.float32)
     ctx = Context.for_inputs(1, t)
     runs = {}
+    # The floor: the float32 reference attention on the bf16 model (bf16 projections), the error
+    # no bf16 kernel avoids. (Before the kernel layer it was the materialised mask in bf16.)
     for run, (dtype, impl) in {"kernel": (compute_dtype(args), "auto"),
-                               "xla_bf16": (compute_dtype(args), "xla"),
-                               "reference_f32": (jnp.float32, "xla")}.items():
+                               "reference_bf16": (compute_dtype(args), "reference"),
+                               "reference_f32": (jnp.float32, "reference")}.items():
       graphdef, params = build_layer("dynamic_mask", args, dtype, impl=impl)
 
       def loss(params, x):
@@ -156,10 +158,10 @@ def run_parity(args) -> dict:
       runs[run] = {"out": y, "dx": d_x, **named}
     ref = runs["reference_f32"]
     kernel = {k: rel_err(v, ref[k]) for k, v in runs["kernel"].items()}
-    floor = {k: rel_err(v, ref[k]) for k, v in runs["xla_bf16"].items()}
+    floor = {k: rel_err(v, ref[k]) for k, v in runs["reference_bf16"].items()}
     ok = all(e <= max(PARITY_TOLERANCE, 2 * floor[k]) for k, e in kernel.items())
-    cases.append({"case": label, "seq_len": t, "kernel_error": kernel, "xla_bf16_error": floor,
-                  "pass": ok})
+    cases.append({"case": label, "seq_len": t, "kernel_error": kernel,
+                  "reference_bf16_error": floor, "pass": ok})
     print(label, "PASS" if ok else "FAIL", {k: f"{v:.1e}" for k, v in kernel.items()},
           flush=True)
   return {"cases": cases, "all_pass": all(c["pass"] for c in cases),

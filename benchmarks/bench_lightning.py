@@ -9,7 +9,7 @@ of its forward and backward (output, then dQ, dK, dV for a fixed dO), as tokens/
 side runs in its own subprocess, one T after another, and the JSON is rewritten after every
 measurement:
 
-* ``ours``: :mod:`arch_zoo.attention.linear_pallas` (Triton through Pallas), once per kernel
+* ``ours``: :mod:`arch_zoo.attention.ops.linear_pallas` (Triton through Pallas), once per kernel
   config in ``--configs``;
 * ``fla``: fla-core's ``chunk_lightning_attn`` (PyTorch, autotuned Triton), the peer. Install its
   wheels with ``--wheels DIR`` (fla_core, einops); its autotuning results are cached by Triton in
@@ -83,7 +83,8 @@ def jax_op(side: str, config: dict, heads: int):
   import jax
   import jax.numpy as jnp
 
-  from arch_zoo.attention import kernels, lightning, linear_kernels, linear_pallas
+  from arch_zoo.attention import lightning
+  from arch_zoo.attention.ops import linear, linear_pallas, softmax
 
   slopes = jnp.asarray(lightning.decay_slopes("paper_linear", heads, 0, 12), jnp.float32)
   if side == "ours":
@@ -94,11 +95,11 @@ def jax_op(side: str, config: dict, heads: int):
     return lambda q, k, v: linear_pallas.lightning_attention(q, k, v, slopes,
                                                              chunk_size=cfg.chunk_size, config=cfg)
   if side == "xla":
-    return lambda q, k, v: linear_kernels.causal_blockwise(q, k, v, slopes, block_size=64)
+    return lambda q, k, v: linear.causal_blockwise(q, k, v, slopes, block_size=64)
   if side == "mha":
     if jax.default_backend() != "gpu":
       raise RuntimeError("cuDNN attention needs a GPU")
-    return lambda q, k, v: kernels.attention(q, k, v, causal=True, impl="cudnn")
+    return lambda q, k, v: softmax.apply(q, k, v, causal=True, impl="cudnn")
   raise ValueError(side)
 
 
@@ -119,7 +120,8 @@ def run_jax_side(args, emit) -> None:
   import jax.numpy as jnp
   import numpy as np
 
-  from arch_zoo.attention import lightning, linear_kernels
+  from arch_zoo.attention import lightning
+  from arch_zoo.attention.ops import linear
 
   versions = common.versions("jax", "jaxlib")
   configs = parse_configs(args.configs) if args.side == "ours" else [{}]
@@ -129,7 +131,7 @@ def run_jax_side(args, emit) -> None:
     q, k, v, d_out = (jnp.asarray(x) for x in numpy_inputs(b, t, args.heads, args.head_dim))
     slopes = jnp.asarray(lightning.decay_slopes("paper_linear", args.heads, 0, 12), jnp.float32)
     reference = jax.jit(lambda *a: jax.vjp(
-        lambda q, k, v: linear_kernels.causal_reference(q, k, v, slopes), *a[:3]))
+        lambda q, k, v: linear.causal_reference(q, k, v, slopes), *a[:3]))
     out, vjp = reference(q, k, v, d_out)
     results = {"reference": (out, *vjp(d_out))}
     bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v, d_out)]

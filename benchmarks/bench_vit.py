@@ -21,7 +21,7 @@ needs, and the JSON file is rewritten after every measurement (a killed job keep
 Both train on the same batch of random images and labels that stay on the device: only the
 training step is timed. ``--pool gap`` (default) gives 196 tokens on both sides (timm:
 ``class_token=False, global_pool="avg"``); with ``--pool cls`` (197 tokens) cuDNN refuses the odd
-length and our attention falls back to XLA's (``kernels.cudnn_supports``), while PyTorch's SDPA
+length and our attention falls back to XLA's (``ops.softmax.supports("cudnn", ...)``), while PyTorch's SDPA
 accepts it: the row records which kernel our side used. Known differences of the models: timm
 has biases in QKV, the attention output and the MLP (ours: none), a learned position embedding
 (ours with gap: fixed 2-D sin-cos), and with ``avg`` pooling normalises after pooling (ours
@@ -74,7 +74,7 @@ def run_ours(args) -> dict:
   import jax.numpy as jnp
 
   from arch_zoo import provenance
-  from arch_zoo.attention import kernels
+  from arch_zoo.attention.ops import softmax
   from benchmarks.bench_lm import jax_matmul_peak
 
   config = our_config(args)
@@ -86,7 +86,7 @@ def run_ours(args) -> dict:
   flops = provenance.vit_flops_per_image(m)
   dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
   probe = jnp.zeros((1, flops["tokens"], m.num_heads, m.d_model // m.num_heads), dtype)
-  refusal = kernels.cudnn_supports(probe, probe)
+  refusal = softmax.supports("cudnn", probe, probe)
   return {"stats": stats, "compile_s": compile_s, "tokens": flops["tokens"],
           "flops_per_image": flops["train_flops_per_image"],
           "attention_kernel": "cudnn" if refusal is None else f"xla ({refusal})",

@@ -71,7 +71,7 @@ def dump_kernels(config: dict, head_dim: int, out_dir: str) -> list[tuple[str, s
   import jax.numpy as jnp
   from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
-  from arch_zoo.attention import linear_pallas
+  from arch_zoo.attention.ops import linear_pallas
 
   cfg = linear_pallas.KernelConfig(**config)
   shape = jax.ShapeDtypeStruct((2, 4 * cfg.segment_len, 16, head_dim), jnp.bfloat16)
@@ -115,7 +115,7 @@ def main() -> None:
   args = parser.parse_args()
   from benchmarks.bench_lightning import parse_configs
 
-  from arch_zoo.attention import linear_pallas
+  from arch_zoo.attention.ops import linear_pallas
 
   with tempfile.TemporaryDirectory() as tmp:
     script = os.path.join(tmp, "compile.py")

@@ -17,7 +17,8 @@ import pytest
 from flax import nnx
 
 from arch_zoo import attention, sharding
-from arch_zoo.attention import lightning, linear_kernels as lk, linear_pallas
+from arch_zoo.attention import lightning
+from arch_zoo.attention.ops import linear as lk, linear_pallas
 from arch_zoo.attention.base import Context
 
 # The backbone and train.py need ml_collections, which the GPU image lacks: imported inside the
@@ -30,7 +31,7 @@ SLOPES = jnp.array([0.0, 0.01, 0.3, 2.0])
 reference = jax.jit(lk.causal_reference)
 blockwise = jax.jit(lk.causal_blockwise, static_argnames=("block_size", "return_state"))
 recurrent = jax.jit(lk.causal_recurrent)
-dispatch = jax.jit(lk.lightning_attention,
+dispatch = jax.jit(lk.apply,
                    static_argnames=("causal", "impl", "block_size", "bidirectional_form"))
 
 
@@ -134,7 +135,7 @@ def test_blockwise_gradients_equal_naive_gradients():
 
 
 @pytest.mark.parametrize("fn", [lambda *a: blockwise(*a, block_size=8), recurrent, reference],
-                         ids=["blockwise", "recurrent", "naive"])
+                         ids=["blockwise", "recurrent", "reference"])
 def test_kernels_are_causal(fn):
   q, k, v = qkv(t=40)
   t = 21
@@ -154,11 +155,11 @@ def test_no_decay_bidirectional_equals_left_product():
   q, k, v = qkv(t=33)
   dense = jnp.einsum("bthd,buhd,buhe->bthe", q, k, v)
   assert_close(lk.bidirectional_no_decay(q, k, v), dense)
-  for impl in ("xla", "naive"):
+  for impl in ("xla", "reference"):
     assert_close(dispatch(q, k, v, SLOPES, causal=False, impl=impl), dense)
 
 
-@pytest.mark.parametrize("impl", ["xla", "naive"])
+@pytest.mark.parametrize("impl", ["xla", "reference"])
 def test_symmetric_decay_equals_dense(impl):
   """Causal + anti-causal - diagonal == ((Q K^T) * lam^|t-u|) V, built here from scratch."""
   q, k, v = qkv(t=41)
@@ -256,7 +257,7 @@ def test_auto_segment_plan_splits_only_until_the_grid_is_full():
 def test_pallas_impl_refuses_cpu_with_reason():
   q, k, v = qkv()
   with pytest.raises(ValueError, match="impl='pallas' cannot run here"):
-    lk.lightning_attention(q, k, v, SLOPES, causal=True, impl="pallas")
+    lk.apply(q, k, v, SLOPES, causal=True, impl="pallas")
 
 
 @pytest.mark.gpu
@@ -275,14 +276,14 @@ def test_pallas_kernel_on_gpu_matches_reference(dtype):
 
   expected = value_and_grads(lk.causal_reference, f32)
   pallas = jax.jit(lambda *a: value_and_grads(
-      lambda q, k, v, s: lk.lightning_attention(q, k, v, s, causal=True, impl="pallas"), a))(
+      lambda q, k, v, s: lk.apply(q, k, v, s, causal=True, impl="pallas"), a))(
           q, k, v)
   if dtype == jnp.float32:
     for got, want in zip(pallas, expected):
       assert_close(got, want, 1e-4)
     return
   xla = jax.jit(lambda *a: value_and_grads(
-      lambda q, k, v, s: lk.lightning_attention(q, k, v, s, causal=True, impl="xla"), a))(q, k, v)
+      lambda q, k, v, s: lk.apply(q, k, v, s, causal=True, impl="xla"), a))(q, k, v)
   for got, base, want in zip(pallas, xla, expected):
     want = np.asarray(want, np.float64)
     err = np.abs(np.asarray(got, np.float64) - want).max()
@@ -339,12 +340,12 @@ def test_module_impls_agree(causal, schedule):
   x = jax.random.normal(jax.random.key(1), (2, 30, 32))
   ctx = Context.for_inputs(2, 30, causal=causal)
   outputs = {}
-  for impl in ("xla", "naive"):
+  for impl in ("xla", "reference"):
     attn = build(impl=impl, block_size=8, decay_schedule=schedule,
                  bidirectional_form="symmetric_decay")
     outputs[impl] = attn(x, ctx)[0]
   assert outputs["xla"].shape == x.shape
-  np.testing.assert_allclose(outputs["xla"], outputs["naive"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(outputs["xla"], outputs["reference"], rtol=1e-4, atol=1e-5)
 
 
 def test_module_prefill_then_decode_equals_forward():
@@ -373,7 +374,7 @@ def test_feature_maps_and_gate_options_run(feature_map):
     ("decay_schedule", "alibi", "official_alibi, paper_linear, none"),
     ("feature_map", "gelu", "swish, elu1, relu, identity"),
     ("bidirectional_form", "lightnet", "no_decay, symmetric_decay"),
-    ("impl", "triton", "auto, xla, naive, pallas"),
+    ("impl", "triton", "auto, reference, xla, pallas"),
 ])
 def test_bad_option_values_list_the_choices(option, value, valid):
   with pytest.raises(ValueError, match=f"Valid: {valid}"):

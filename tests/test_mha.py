@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from arch_zoo import attention
-from arch_zoo.attention import kernels
+from arch_zoo.attention.ops import softmax
 from arch_zoo.attention.base import Context
 
 
@@ -44,14 +44,14 @@ def qkv(b=2, t=7, h=4, kv=2, d=8, seed=0):
 @pytest.mark.parametrize("causal", [True, False])
 def test_kernel_matches_naive_reference(kv_heads, causal):
   q, k, v = qkv(kv=kv_heads)
-  out = kernels.attention(q, k, v, causal=causal, impl="xla")
+  out = softmax.apply(q, k, v, causal=causal, impl="xla")
   np.testing.assert_allclose(out, naive_attention(q, k, v, causal), atol=1e-5, rtol=1e-5)
 
 
 def test_segment_ids_match_naive_reference():
   q, k, v = qkv(kv=4)
   segments = jnp.array([[0, 0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 2]], jnp.int32)
-  out = kernels.attention(q, k, v, causal=True, impl="xla", segment_ids=segments)
+  out = softmax.apply(q, k, v, causal=True, impl="xla", segment_ids=segments)
   np.testing.assert_allclose(out, naive_attention(q, k, v, True, np.asarray(segments)),
                              atol=1e-5, rtol=1e-5)
 
@@ -130,14 +130,14 @@ def test_packed_segments_equal_separate_sequences():
 def test_cudnn_impl_refuses_cpu_with_reason():
   q, k, v = qkv()
   with pytest.raises(ValueError, match="impl='cudnn' cannot run here"):
-    kernels.attention(q, k, v, causal=True, impl="cudnn")
+    softmax.apply(q, k, v, causal=True, impl="cudnn")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv_heads", [8, 2])
 def test_cudnn_matches_xla_in_bf16(kv_heads):
   q, k, v = (a.astype(jnp.bfloat16) for a in qkv(b=2, t=512, h=8, kv=kv_heads, d=64))
-  ref = kernels.attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                          causal=True, impl="xla")
-  out = kernels.attention(q, k, v, causal=True, impl="cudnn")
+  ref = softmax.apply(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                      causal=True, impl="reference")
+  out = softmax.apply(q, k, v, causal=True, impl="cudnn")
   np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=2e-2)

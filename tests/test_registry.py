@@ -29,7 +29,7 @@ def test_unknown_option_lists_valid_options():
 
 
 def test_bad_option_value_lists_choices():
-  with pytest.raises(ValueError, match="Valid: auto, xla, cudnn"):
+  with pytest.raises(ValueError, match="Valid: auto, reference, xla, cudnn"):
     attention.build("mha", d_model=32, num_heads=2, impl="flash")
 
 

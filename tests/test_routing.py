@@ -12,6 +12,7 @@ import train
 from arch_zoo import attention, checkpoint, optim, sharding, steps, train_state
 from arch_zoo.attention import routing
 from arch_zoo.attention.base import Context
+from arch_zoo.attention.ops import routing as routing_ops
 from arch_zoo.layers import apply_rope
 from arch_zoo.models.block import Stack
 from configs import lm
@@ -215,7 +216,7 @@ def test_balanced_routing_matches_the_definition():
 def test_balanced_windows_are_balanced_sorted_and_the_best_scoring():
   t, num_clusters, window = 24, 4, 6
   scores = jax.random.normal(jax.random.key(5), (t, num_clusters))
-  members = np.asarray(routing.balanced_windows(scores, window))
+  members = np.asarray(routing_ops.balanced_windows(scores, window))
   assert members.shape == (num_clusters, window)  # every cluster exactly w tokens
   assert (np.diff(members, axis=1) > 0).all()  # distinct, increasing positions
   counts = np.bincount(members.ravel(), minlength=t)

@@ -15,9 +15,11 @@ The bias depends on the key only, so it is shared by a group's query heads and, 
 every query keeps the same keys (a per-head global token selection), which is well defined: the
 family runs causally and bidirectionally.
 
-``impl`` picks the kernel (``dynamic_mask_kernels.py``): ``xla`` materialises the
-``[B, H_kv, T, S]`` mask (the reference, small T); ``sparse`` never builds a ``[T, S]`` tensor;
-``auto`` takes the dense cuDNN path in the dense limit and ``sparse`` beyond it.
+``impl`` picks the kernel (:mod:`arch_zoo.attention.ops.dynamic_mask`): ``reference``
+materialises the ``[B, H_kv, T, S]`` mask (the oracle, small T); ``xla`` never builds a
+``[T, S]`` tensor (dense with a per-key bias while every key is kept, the sparse forms beyond);
+``cudnn`` folds the bias into cuDNN's flash attention where no per-query mask is needed; ``auto``
+takes the first that can run (docs/attention/kernels.md).
 """
 
 from __future__ import annotations
@@ -28,15 +30,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from arch_zoo.attention import dynamic_mask_kernels as dmk
-from arch_zoo.attention import kernels
+from arch_zoo.attention import ops
 from arch_zoo.attention.base import Context, Dims, check_choice, register
-from arch_zoo.attention.mha import QKVProjection, kv_heads, output_projection
+from arch_zoo.attention.parts import QKVProjection, kv_heads, output_projection
 from arch_zoo.layers import Dense
 
 BIAS_FORMS = ("exp", "log")
 TIE_BREAKS = ("recent", "earliest")
-IMPLS = ("auto", "xla", "sparse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,77 +50,17 @@ class DynamicMaskOptions:
   qk_norm: bool = True  # Doge QK-norms queries and keys
   rope: bool = True
   rope_base: float = 10_000.0
-  impl: str = "auto"  # auto | xla | sparse
+  impl: str = "auto"  # auto | reference | xla | cudnn (docs/attention/kernels.md)
   chunk_size: int = 512  # query chunk of the causal sparse kernel
 
   def __post_init__(self):
     check_choice("attention.bias_form", self.bias_form, BIAS_FORMS)
     check_choice("attention.tie_break", self.tie_break, TIE_BREAKS)
-    check_choice("attention.impl", self.impl, IMPLS)
+    ops.check_impl(self.impl, ops.dynamic_mask.IMPLS)
     for name in ("keep_window_size", "chunk_size"):
       value = getattr(self, name)
       if value < 1:
         raise ValueError(f"attention.{name} must be a positive integer, got {value}.")
-
-
-def selection_mask(score, keep_window: int, *, causal: bool, segment_ids=None,
-                   tie_break: str = "recent"):
-  """The published mask, materialised: boolean ``[B, G, T, S]``, or None when all allowed keys
-  are kept (``S <= w``).
-
-  Row ``i`` keeps the ``w`` best keys among the allowed ones (causal, same segment), by
-  ``score[b, j, g]``; rows with fewer allowed keys keep all of them.
-  """
-  score = dmk.selection_score(score)
-  t = s = score.shape[1]
-  if s <= keep_window:
-    return None
-  allowed = kernels.allowed_mask(t, s, causal=causal, q_segment_ids=segment_ids,
-                                 kv_segment_ids=segment_ids)
-  rows = jnp.broadcast_to(score.transpose(0, 2, 1)[:, :, None, :],
-                          (score.shape[0], score.shape[2], t, s))
-  if allowed is not None:
-    rows = jnp.where(allowed, rows, -jnp.inf)  # disallowed keys lose every comparison
-  _, index = dmk.top_keys(rows, keep_window, tie_break)
-  kept = jnp.put_along_axis(jnp.zeros(rows.shape, bool), index, True, axis=-1, inplace=False)
-  return kept if allowed is None else kept & allowed  # drop disallowed keys picked to fill w
-
-
-def reference(q, k, v, bias, score, *, causal: bool, keep_window: int, segment_ids=None,
-              tie_break: str = "recent"):
-  """Dense DMA with the ``[B, G, T, S]`` mask built explicitly; float32 softmax."""
-  mask = selection_mask(score, keep_window, causal=causal, segment_ids=segment_ids,
-                        tie_break=tie_break)
-  if mask is not None:
-    mask = jnp.repeat(mask, q.shape[2] // k.shape[2], axis=1)
-  return kernels.attention(q, k, v, causal=causal, impl="xla", segment_ids=segment_ids,
-                           bias=dmk.group_bias(bias, q.shape[2]), mask=mask)
-
-
-def dynamic_mask_attention(q, k, v, bias, score, *, causal: bool, keep_window: int,
-                           impl: str = "auto", segment_ids=None, tie_break: str = "recent",
-                           chunk_size: int = 512):
-  """DMA on per-head tensors: ``q [B, T, H, D]``, ``k, v [B, S, G, D]``, ``bias, score
-  [B, S, G]``. Dispatches to the kernel named by ``impl`` (see the module docstring)."""
-  check_choice("attention.impl", impl, IMPLS)
-  score = dmk.selection_score(score)
-  if impl == "xla":
-    return reference(q, k, v, bias, score, causal=causal, keep_window=keep_window,
-                     segment_ids=segment_ids, tie_break=tie_break)
-  if impl == "auto" and k.shape[1] <= keep_window:
-    return dmk.key_bias_attention(q, k, v, bias, causal=causal, segment_ids=segment_ids)
-  if segment_ids is not None:
-    if impl == "sparse":
-      raise ValueError("dynamic_mask impl='sparse' does not support segment_ids (packed "
-                       "sequences) yet. Use impl='auto' (which then materialises the mask) or "
-                       "impl='xla', or feed unpacked sequences.")
-    return reference(q, k, v, bias, score, causal=causal, keep_window=keep_window,
-                     segment_ids=segment_ids, tie_break=tie_break)
-  if causal:
-    return dmk.chunked_causal_attention(q, k, v, bias, score, keep_window=keep_window,
-                                        chunk_size=chunk_size, tie_break=tie_break)
-  return dmk.shared_topk_attention(q, k, v, bias, score, keep_window=keep_window,
-                                   tie_break=tie_break)
 
 
 @register("dynamic_mask", options=DynamicMaskOptions, bidirectional=True)
@@ -129,6 +69,7 @@ class DynamicMaskAttention(nnx.Module):
 
   def __init__(self, dims: Dims, options: DynamicMaskOptions, *, rngs: nnx.Rngs):
     self.options = options
+    self.site = ops.Site("dynamic_mask", dims.layer_index)
     self.qkv = QKVProjection(dims, num_kv_heads=options.num_kv_heads, qk_norm=options.qk_norm,
                              rope=options.rope, rope_base=options.rope_base, rngs=rngs)
     g, d = self.qkv.num_kv_heads, dims.head_dim
@@ -151,10 +92,10 @@ class DynamicMaskAttention(nnx.Module):
     b, t, _ = x.shape
     q, k, v = self.qkv(x, ctx)
     bias, score = self.key_scores(v)
-    o = dynamic_mask_attention(q, k, v, bias, score, causal=ctx.causal,
+    o = ops.dynamic_mask.apply(q, k, v, bias, score, causal=ctx.causal,
                                keep_window=self.options.keep_window_size, impl=self.options.impl,
                                segment_ids=ctx.segment_ids, tie_break=self.options.tie_break,
-                               chunk_size=self.options.chunk_size)
+                               chunk_size=self.options.chunk_size, site=self.site)
     return self.out(o.reshape(b, t, -1)), {}
 
   @staticmethod

@@ -25,8 +25,9 @@ Bidirectional (ViT) form: ``no_decay`` (default) is ``O = Q (K^T V)``, exact in 
 TransNormer used for encoders (the ViT adds its own position embeddings); ``symmetric_decay``
 weights pairs by ``lam^|t-s|`` (a causal plus an anti-causal pass). See docs/attention/lightning.md.
 
-``impl`` picks the kernel of :mod:`arch_zoo.attention.linear_kernels`: ``xla`` (block-wise
-``lax.scan``), ``naive`` (O(T^2) reference), ``pallas`` (Triton kernel, GPU), ``auto``.
+``impl`` picks the kernel of :mod:`arch_zoo.attention.ops.linear`: ``xla`` (block-wise
+``lax.scan``), ``reference`` (the dense O(T^2) definition), ``pallas`` (Triton kernel, GPU),
+``auto`` (see docs/attention/kernels.md).
 """
 
 from __future__ import annotations
@@ -38,10 +39,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from arch_zoo.attention import linear_kernels
+from arch_zoo.attention import ops
 from arch_zoo.attention.base import Context, Dims, StateSize, check_choice, register
-from arch_zoo.attention.mha import output_projection
-from arch_zoo.layers import Dense
+from arch_zoo.attention.parts import head_projection, output_projection
 
 DECAY_SCHEDULES = ("official_alibi", "paper_linear", "none")
 FEATURE_MAPS = {
@@ -59,14 +59,14 @@ class LightningOptions:
   output_gate: bool = True  # TNL's u gate (paper ablation: PPL 4.770 with, 4.820 without)
   bidirectional_form: str = "no_decay"  # ViT: no_decay | symmetric_decay
   block_size: int = 64  # tokens per block of the block-wise forms (official kernel: 64)
-  impl: str = "auto"  # auto | xla | naive | pallas
+  impl: str = "auto"  # auto | reference | xla | pallas (docs/attention/kernels.md)
 
   def __post_init__(self):
     check_choice("attention.decay_schedule", self.decay_schedule, DECAY_SCHEDULES)
     check_choice("attention.feature_map", self.feature_map, list(FEATURE_MAPS))
     check_choice("attention.bidirectional_form", self.bidirectional_form,
-                 linear_kernels.BIDIRECTIONAL_FORMS)
-    check_choice("attention.impl", self.impl, linear_kernels.IMPLS)
+                 ops.linear.BIDIRECTIONAL_FORMS)
+    ops.check_impl(self.impl, ops.linear.IMPLS)
     if self.block_size < 1:
       raise ValueError(f"attention.block_size must be positive, got {self.block_size}.")
 
@@ -113,16 +113,13 @@ class LightningAttention(nnx.Module):
   def __init__(self, dims: Dims, options: LightningOptions, *, rngs: nnx.Rngs):
     self.num_heads, self.head_dim, self.dtype = dims.num_heads, dims.head_dim, dims.dtype
     self.options = options
+    self.site = ops.Site("lightning", dims.layer_index)
     # Static Python floats: part of the graph definition, never trained or checkpointed.
     self.slopes = decay_slopes(options.decay_schedule, dims.num_heads, dims.layer_index,
                                dims.num_layers)
-    width = dims.num_heads * dims.head_dim
-
-    def projection():
-      return Dense(dims.d_model, width, axes=("embed", "heads"), rngs=rngs, dtype=dims.dtype)
-
-    self.query, self.key, self.value = projection(), projection(), projection()
-    self.gate = projection() if options.output_gate else None
+    self.query, self.key, self.value = (head_projection(dims, dims.num_heads, rngs)
+                                        for _ in range(3))
+    self.gate = head_projection(dims, dims.num_heads, rngs) if options.output_gate else None
     self.out = output_projection(dims, rngs)
 
   def _heads(self, x: jax.Array) -> jax.Array:
@@ -148,10 +145,10 @@ class LightningAttention(nnx.Module):
           "lightning does not support segment_ids (packed sequences): the decayed state would "
           "carry one document into the next. Feed one sequence per row, or use attention 'mha'.")
     q, k, v = self._qkv(x)
-    o = linear_kernels.lightning_attention(
+    o = ops.linear.apply(
         q, k, v, self.slopes_array(), causal=ctx.causal, impl=self.options.impl,
         block_size=self.options.block_size,
-        bidirectional_form=self.options.bidirectional_form)
+        bidirectional_form=self.options.bidirectional_form, site=self.site)
     return self._output(x, o), {}
 
   # Decoding: the causal operator as a recurrence over a [B, H, D, D] float32 state.
@@ -162,7 +159,7 @@ class LightningAttention(nnx.Module):
   def prefill(self, x: jax.Array, state: jax.Array | None = None):
     """Causal outputs for ``x [B, T, d]`` and the state after its last token (block-wise form)."""
     q, k, v = self._qkv(x)
-    o, state = linear_kernels.causal_blockwise(
+    o, state = ops.linear.causal_blockwise(
         q, k, v, self.slopes_array(), block_size=self.options.block_size, initial_state=state,
         return_state=True)
     return self._output(x, o), state
@@ -170,7 +167,7 @@ class LightningAttention(nnx.Module):
   def decode_step(self, x: jax.Array, state: jax.Array):
     """One token ``x [B, 1, d]``: O(D^2) per head whatever the position."""
     q, k, v = (a[:, 0] for a in self._qkv(x))
-    o, state = linear_kernels.recurrent_step(state, q, k, v, self.slopes_array())
+    o, state = ops.linear.recurrent_step(state, q, k, v, self.slopes_array())
     return self._output(x, o[:, None]), state
 
   @staticmethod

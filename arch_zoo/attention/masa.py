@@ -5,7 +5,8 @@ of matrix atoms shared by all layers.
 For each shared projection type P (query, key, value and, in MASA-QKVO, the output), the backbone
 owns a dictionary ``D^P`` of S matrix atoms ``[S, d_in, d_out]``; layer l owns only its coefficients
 ``c^P_l`` (``[S]``) and uses the weight ``W^P_l = sum_s c^P_{l,s} D^P_s``. Everything after the
-projections is :mod:`~arch_zoo.attention.mha`'s attention (GQA, QK-norm, RoPE and its kernels:
+projections is :mod:`~arch_zoo.attention.mha`'s attention (GQA, QK-norm, RoPE from
+:mod:`~arch_zoo.attention.parts` and the softmax kernels of :mod:`~arch_zoo.attention.ops`:
 cuDNN flash on GPUs). Attention parameters per type fall from ``L d_in d_out`` to
 ``S d_in d_out + L S``; the paper's default S = L/3 removes two thirds of them.
 
@@ -29,10 +30,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from arch_zoo.attention import kernels
+from arch_zoo.attention import ops
 from arch_zoo.attention.base import Context, Dims, check_choice, register
-from arch_zoo.attention.mha import MultiHeadAttention, kv_heads, output_projection
-from arch_zoo.layers import RMSNorm, apply_rope
+from arch_zoo.attention.mha import MultiHeadAttention
+from arch_zoo.attention.parts import kv_heads, norm_and_rope, output_projection, qk_norms
 from arch_zoo.layers.linear import DEFAULT_STDDEV
 
 NAME = "masa"
@@ -50,12 +51,12 @@ class MASAOptions:
   qk_norm: bool = False
   rope: bool = True
   rope_base: float = 10_000.0
-  impl: str = "auto"  # auto | xla | cudnn
+  impl: str = "auto"  # auto | reference | xla | cudnn (docs/attention/kernels.md)
 
   def __post_init__(self):
     check_choice("attention.shared", self.shared, list(SHARED))
     check_choice("attention.coefficient_init", self.coefficient_init, COEFFICIENT_INITS)
-    check_choice("attention.impl", self.impl, kernels.IMPLS)
+    ops.check_impl(self.impl, ops.softmax.IMPLS)
     if self.num_atoms < 0:
       raise ValueError(f"attention.num_atoms must be >= 1, or 0 for num_layers // 3; "
                        f"got {self.num_atoms}.")
@@ -124,15 +125,15 @@ class SharedDictionaryAttention(nnx.Module):
 
   def __init__(self, dims: Dims, options: MASAOptions, *, rngs: nnx.Rngs):
     self.impl, self.dtype = options.impl, dims.dtype
+    self.site = ops.Site(NAME, dims.layer_index)
     self.num_heads, self.head_dim = dims.num_heads, dims.head_dim
     self.num_kv_heads = kv_heads(dims, options.num_kv_heads)
-    self.rope, self.rope_base = options.rope, options.rope_base
+    self.rope_base = options.rope_base if options.rope else None
     # Each projection type has its own coefficients, even where they start equal (one_hot).
     self.coefficients = nnx.Dict({
         name: nnx.Param(initial_coefficients(dims, options, rngs), logical_axes=("atoms",))
         for name in projection_shapes(dims, options)})
-    self.query_norm = RMSNorm(self.head_dim, axis_name=None) if options.qk_norm else None
-    self.key_norm = RMSNorm(self.head_dim, axis_name=None) if options.qk_norm else None
+    self.query_norm, self.key_norm = qk_norms(self.head_dim, options.qk_norm)
     self.out = None if "out" in self.coefficients else output_projection(dims, rngs)
 
   def weights(self, ctx: Context) -> dict[str, jax.Array]:
@@ -157,12 +158,10 @@ class SharedDictionaryAttention(nnx.Module):
     q = self.project(x, w["query"]).reshape(b, t, self.num_heads, self.head_dim)
     k = self.project(x, w["key"]).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.project(x, w["value"]).reshape(b, t, self.num_kv_heads, self.head_dim)
-    if self.query_norm is not None:
-      q, k = self.query_norm(q), self.key_norm(k)
-    if self.rope:
-      q = apply_rope(q, ctx.positions, self.rope_base)
-      k = apply_rope(k, ctx.positions, self.rope_base)
-    o = kernels.attention(q, k, v, causal=ctx.causal, impl=self.impl, segment_ids=ctx.segment_ids)
+    q, k = norm_and_rope(q, k, ctx.positions, query_norm=self.query_norm, key_norm=self.key_norm,
+                         rope_base=self.rope_base)
+    o = ops.softmax.apply(q, k, v, causal=ctx.causal, impl=self.impl, segment_ids=ctx.segment_ids,
+                          site=self.site)
     o = o.reshape(b, t, -1)
     return (self.out(o) if self.out is not None else self.project(o, w["out"])), {}
 

@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from arch_zoo.attention import kernels
+from arch_zoo.attention import ops
 from arch_zoo.attention.base import Context, Dims, check_choice, register
-from arch_zoo.attention.mha import MHAOptions, QKVProjection, kv_heads, output_projection
+from arch_zoo.attention.mha import MHAOptions
+from arch_zoo.attention.parts import QKVProjection, kv_heads, output_projection
 from arch_zoo.layers import Dense
 
 NORMALIZATIONS = ("code", "paper")
@@ -181,6 +182,7 @@ class MixtureOfHeadAttention(nnx.Module):
   def __init__(self, dims: Dims, options: MoHOptions, *, rngs: nnx.Rngs):
     num_shared, top_k = head_split(dims.num_heads, options)
     self.impl = options.impl
+    self.site = ops.Site("moh", dims.layer_index)
     self.normalization = options.normalization
     self.balance_loss_coef = options.balance_loss_coef
     self.layer_index = dims.layer_index
@@ -194,7 +196,8 @@ class MixtureOfHeadAttention(nnx.Module):
   def __call__(self, x: jax.Array, ctx: Context):
     b, t, _ = x.shape
     q, k, v = self.qkv(x, ctx)
-    o = kernels.attention(q, k, v, causal=ctx.causal, impl=self.impl, segment_ids=ctx.segment_ids)
+    o = ops.softmax.apply(q, k, v, causal=ctx.causal, impl=self.impl, segment_ids=ctx.segment_ids,
+                          site=self.site)
     # Every head was computed; the gates weight them and zero the unselected routed heads. Routing
     # is per query token, so position t's gates depend on x_t alone and causality is untouched.
     routing = self.router(x)

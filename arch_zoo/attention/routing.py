@@ -20,6 +20,9 @@ The centroids are non-parameter state (:class:`ClusterState`): the training forw
 (``ctx.deterministic=False``) routes with the centroids as they were before the batch and then
 writes the official EMA update (counts and sums with decay 0.999, Laplace-smoothed), so the update
 happens inside the jitted train step, never in evaluation, and is checkpointed with the model.
+
+The attention within blocks and clusters is the kernel layer's :mod:`arch_zoo.attention.ops.routing`
+(``impl``: ``xla``, gathered blocks and windows, or ``reference``, dense masks).
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from arch_zoo.attention import kernels
+from arch_zoo.attention import ops
 from arch_zoo.attention.base import Context, Dims, register
-from arch_zoo.attention.mha import output_projection
-from arch_zoo.layers import Dense, apply_rope
+from arch_zoo.attention.parts import head_projection, output_projection, rope
+from arch_zoo.layers import apply_rope
 
 # Laplace smoothing of the cluster counts (official ``online_kmeans`` epsilon).
 COUNT_SMOOTHING = 1e-5
@@ -52,8 +55,10 @@ class RoutingOptions:
   commitment: float = 1e-4  # beta, weight of the commitment loss (official `beta`)
   rope: bool = True  # rotary positions in both kinds of heads; the ViT turns this off
   rope_base: float = 10_000.0
+  impl: str = "auto"  # auto | reference | xla (docs/attention/kernels.md)
 
   def __post_init__(self):
+    ops.check_impl(self.impl, ops.routing.IMPLS)
     if self.local_heads < -1:
       raise ValueError(f"attention.local_heads must be -1 (half the heads) or a head count >= 0, "
                        f"got {self.local_heads}.")
@@ -81,131 +86,6 @@ def unit_layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 # The array functions below are jitted (shape arguments static) so that eager calls, as in tests
 # and notebooks, compile once instead of dispatching op by op; inside the train step they inline.
-
-# ------------------------------------------------------------------------------ local heads
-
-
-@functools.partial(jax.jit, static_argnames=("block", "causal"))
-def block_local_attention(q, k, v, *, block: int, causal: bool, segment_ids=None):
-  """The official local heads: each query block of ``block`` positions attends to its own block
-  and the previous one (causal: only to positions up to its own), plus the next one when
-  bidirectional. ``q, k, v: [B, T, H, D]``; O(T * block) per head."""
-  b, t, h, d = q.shape
-  block = min(block, t)
-  num_blocks = -(-t // block)
-  before, after = 1, 0 if causal else 1
-  span = before + 1 + after
-
-  def blocked(x, fill=0):  # [B, T, ...] -> [B, before + num_blocks + after, block, ...]
-    pad = [(0, 0), (before * block, num_blocks * block - t + after * block)]
-    x = jnp.pad(x, pad + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    return x.reshape(b, before + num_blocks + after, block, *x.shape[2:])
-
-  def key_blocks(x):  # -> [B, num_blocks, span * block, ...]
-    return jnp.concatenate([x[:, i:i + num_blocks] for i in range(span)], axis=2)
-
-  position = blocked(jnp.broadcast_to(jnp.arange(t), (b, t)), fill=-1)
-  segment = blocked(jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids)
-  query_pos, key_pos = position[:, before:before + num_blocks], key_blocks(position)
-  allowed = (key_pos[:, :, None, :] >= 0) & (
-      segment[:, before:before + num_blocks, :, None] == key_blocks(segment)[:, :, None, :])
-  if causal:
-    allowed &= key_pos[:, :, None, :] <= query_pos[:, :, :, None]
-
-  def fold(x):  # blocks become batch rows of the dense kernel
-    return x.reshape(b * num_blocks, x.shape[2], h, d)
-
-  out = kernels.reference_attention(
-      fold(blocked(q)[:, before:before + num_blocks]), fold(key_blocks(blocked(k))),
-      fold(key_blocks(blocked(v))), causal=False, scale=d ** -0.5,
-      mask=allowed.reshape(b * num_blocks, 1, block, span * block))
-  return out.reshape(b, num_blocks * block, h, d)[:, :t]
-
-
-# ------------------------------------------------------------------------------ routing heads
-
-
-def per_sequence_and_head(fn):
-  """Maps ``fn`` over batch (axis 0) and heads (axis 2 of ``[B, T, H, ...]`` arrays); the last
-  argument (segment ids ``[B, T]``) is shared by the heads."""
-  over_heads = jax.vmap(fn, in_axes=(1, 1, 1, None), out_axes=1)
-  return jax.vmap(over_heads, in_axes=(0, 0, 0, 0), out_axes=0)
-
-
-def balanced_windows(scores: jax.Array, window: int) -> jax.Array:
-  """``scores[T, C]`` -> ``[C, window]``: for each cluster, the positions of its ``window`` best
-  scoring tokens, in increasing order (the paper's balanced routing)."""
-  _, members = jax.lax.top_k(scores.T, window)
-  return jnp.sort(members, axis=-1)
-
-
-@functools.partial(jax.jit, static_argnames=("window",))
-def balanced_cluster_attention(qk, v, scores, *, window: int, segment_ids):
-  """Bidirectional routing heads. ``qk, v: [B, T, H, D]``, ``scores: [B, T, H, C]``,
-  ``segment_ids: [B, T]``. Attention within each balanced window; a token's output is the mean of
-  its windows' outputs, zero if no window holds it."""
-
-  def one_head(qk, v, scores, segment):  # [T, D], [T, D], [T, C], [T]
-    t, d = v.shape
-    members = balanced_windows(scores, window)  # [C, w]
-    allowed = segment[members][:, :, None] == segment[members][:, None, :]
-    out = kernels.reference_attention(qk[members][:, :, None], qk[members][:, :, None],
-                                      v[members][:, :, None], causal=False, scale=d ** -0.5,
-                                      mask=allowed[:, None])[:, :, 0]
-    flat = members.reshape(-1)
-    total = jnp.zeros((t, d), jnp.float32).at[flat].add(out.reshape(-1, d).astype(jnp.float32))
-    count = jnp.zeros((t,), jnp.float32).at[flat].add(1.0)
-    # An exact mean over the windows (the official code divides by count + 0.01).
-    return (total / jnp.maximum(count, 1.0)[:, None]).astype(v.dtype)
-
-  return per_sequence_and_head(one_head)(qk, v, scores, segment_ids)
-
-
-@functools.partial(jax.jit, static_argnames=("num_clusters", "window"))
-def causal_cluster_attention(qk, v, assignment, *, num_clusters: int, window: int, segment_ids):
-  """Causal routing heads. ``qk, v: [B, T, H, D]``, ``assignment: [B, T, H]`` (nearest centroid),
-  ``segment_ids: [B, T]``.
-
-  Token t attends to the tokens s <= t of its own cluster whose rank among the cluster's tokens
-  (in position order) lies in t's block of ``window`` ranks or the previous block. Everything
-  that decides this set (cluster ids and ranks up to t) depends on tokens <= t only.
-
-  Clusters are laid out one after another, each padded to whole blocks, so that a block never
-  mixes clusters: with ``T + C * (w - 1)`` slots at most, this is ``ceil(T / w) + C - 1`` blocks.
-  Where a cluster starts depends on the sizes of the clusters before it (and so on later tokens),
-  but a query's row of keys is the same whatever that start: slot ``j`` of the row holds the
-  cluster-mate of rank ``(block - 1) * w + j``, and every later one is masked to an exact zero.
-  """
-
-  def one_head(qk, v, cluster, segment):  # [T, D], [T, D], [T], [T]
-    t, d = v.shape
-    member = jax.nn.one_hot(cluster, num_clusters, dtype=jnp.int32)  # [T, C]
-    rank = jnp.sum((jnp.cumsum(member, axis=0) - member) * member, axis=1)  # earlier cluster-mates
-    blocks = -(-jnp.sum(member, axis=0) // window)  # blocks per cluster
-    slot = (jnp.cumsum(blocks) - blocks)[cluster] * window + rank
-    num_blocks = -(-t // window) + num_clusters - 1
-    # token[i] = the position held by slot i, or t (an empty slot); one leading empty block gives
-    # block 0 a previous block.
-    token = jnp.full(((num_blocks + 1) * window,), t, jnp.int32)
-    token = token.at[slot + window].set(jnp.arange(t, dtype=jnp.int32)).reshape(-1, window)
-    queries = token[1:]  # [num_blocks, w]
-    keys = jnp.concatenate([token[:-1], token[1:]], axis=1)  # [num_blocks, 2w]
-
-    def with_empty(x, fill):  # row t stands for an empty slot
-      return jnp.concatenate([x, jnp.full((1,) + x.shape[1:], fill, x.dtype)])
-
-    cluster, segment = with_empty(cluster, -1), with_empty(segment, -1)
-    allowed = ((keys[:, None, :] <= queries[:, :, None])  # also masks empty key slots (= t)
-               & (cluster[keys][:, None, :] == cluster[queries][:, :, None])
-               & (segment[keys][:, None, :] == segment[queries][:, :, None]))
-    qk, v = with_empty(qk, 0), with_empty(v, 0)
-    out = kernels.reference_attention(qk[queries][:, :, None], qk[keys][:, :, None],
-                                      v[keys][:, :, None], causal=False, scale=d ** -0.5,
-                                      mask=allowed[:, None])
-    return out.reshape(-1, d)[slot]
-
-  return per_sequence_and_head(one_head)(qk, v, assignment, segment_ids)
-
 
 # ------------------------------------------------------------------------------ k-means
 
@@ -252,16 +132,16 @@ class RoutingAttention(nnx.Module):
       raise ValueError(f"attention.local_heads={self.local_heads} exceeds num_heads={h}; "
                        f"use 0..{h} (or -1 for half).")
     self.routing_heads = h - self.local_heads
+    self.impl, self.site = options.impl, ops.Site("routing", dims.layer_index)
     self.num_heads, self.head_dim = h, d
     self.num_clusters, self.window, self.local_window = (options.num_clusters, options.window,
                                                          options.local_window)
     self.decay, self.commitment = options.decay, options.commitment
     self.rope, self.rope_base = options.rope, options.rope_base
-    self.query = Dense(dims.d_model, h * d, axes=("embed", "heads"), rngs=rngs, dtype=dims.dtype)
+    self.query = head_projection(dims, h, rngs)
     # Routing heads use their queries as keys; only the local heads have a key projection.
-    self.key = Dense(dims.d_model, self.local_heads * d, axes=("embed", "heads"), rngs=rngs,
-                     dtype=dims.dtype) if self.local_heads else None
-    self.value = Dense(dims.d_model, h * d, axes=("embed", "heads"), rngs=rngs, dtype=dims.dtype)
+    self.key = head_projection(dims, self.local_heads, rngs) if self.local_heads else None
+    self.value = head_projection(dims, h, rngs)
     self.out = output_projection(dims, rngs)
     if self.routing_heads:
       # Official init: layer-normed N(0, 1) centroids; the EMA sums start at them, counts at 0.
@@ -285,11 +165,10 @@ class RoutingAttention(nnx.Module):
       q_local = q[:, :, :local]
       k_local = self.key(x).reshape(b, t, local, self.head_dim)
       if self.rope:
-        q_local = apply_rope(q_local, ctx.positions, self.rope_base)
-        k_local = apply_rope(k_local, ctx.positions, self.rope_base)
-      heads.append(block_local_attention(q_local, k_local, v[:, :, :local],
-                                         block=self.local_window, causal=ctx.causal,
-                                         segment_ids=ctx.segment_ids))
+        q_local, k_local = rope(q_local, k_local, ctx.positions, self.rope_base)
+      heads.append(ops.routing.apply(q_local, k_local, v[:, :, :local],
+                                     ops.routing.Local(self.local_window), causal=ctx.causal,
+                                     impl=self.impl, segment_ids=ctx.segment_ids, site=self.site))
     if self.routing_heads:
       routed, aux = self._routing(q[:, :, local:], v[:, :, local:], ctx)
       heads.append(routed)
@@ -307,13 +186,9 @@ class RoutingAttention(nnx.Module):
     qk = shared.astype(q.dtype)
     if self.rope:  # after clustering: routing is by content, attention also sees offsets
       qk = apply_rope(qk, ctx.positions, self.rope_base)
-    segments = ctx.segment_ids if ctx.segment_ids is not None else jnp.zeros((b, t), jnp.int32)
-    window = self.window_for(t)
-    if ctx.causal:
-      out = causal_cluster_attention(qk, v, nearest, num_clusters=self.num_clusters,
-                                     window=window, segment_ids=segments)
-    else:
-      out = balanced_cluster_attention(qk, v, scores, window=window, segment_ids=segments)
+    clusters = ops.routing.Clusters(scores, nearest, self.window_for(t))
+    out = ops.routing.apply(qk, qk, v, clusters, causal=ctx.causal, impl=self.impl,
+                            segment_ids=ctx.segment_ids, site=self.site)
 
     assigned = centroids[jnp.arange(self.routing_heads), nearest]  # [B, T, Hr, D]
     commitment = jnp.mean(jnp.square(shared - jax.lax.stop_gradient(assigned)))
@@ -362,6 +237,5 @@ def block_local_keys(length: int, block: int, causal: bool) -> float:
   return total / length
 
 
-__all__ = ["ClusterState", "RoutingAttention", "RoutingOptions", "balanced_cluster_attention",
-           "balanced_windows", "block_local_attention", "causal_cluster_attention",
-           "cluster_occupancy", "ema_update", "unit_layer_norm"]
+__all__ = ["ClusterState", "RoutingAttention", "RoutingOptions", "cluster_occupancy",
+           "ema_update", "unit_layer_norm"]

@@ -1,10 +1,15 @@
-"""Softmax-attention kernels, kept apart from the mathematics of each family.
-
-``attention.impl`` picks the kernel; ``attention.name`` picks the family. Every impl is tested
-against ``xla``, the dense float32-softmax reference written here in plain einsums.
+"""Softmax attention, ``softmax(q k^T * scale + bias, masked) v``, with grouped key/value heads.
 
 Layout is ``[B, T, H, D]`` for queries and ``[B, S, K, D]`` for keys/values with ``H % K == 0``
 (grouped-query attention: query head ``h`` reads key/value head ``h // (H // K)``).
+
+Implementations, in the order ``auto`` tries them:
+
+* ``cudnn``: cuDNN's fused flash attention through ``jax.nn.dot_product_attention`` with
+  ``is_causal`` (no ``[T, S]`` mask is built); GPU, bf16/fp16.
+* ``xla``: :func:`dense`, the einsum form in the compute dtype (bf16 matmuls on accelerators)
+  with float32 logits and softmax.
+* ``reference``: :func:`reference`, the same dense form with every input in float32: the oracle.
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from arch_zoo.registry import check_choice
+from arch_zoo.attention.ops import base
 
-IMPLS = ("auto", "xla", "cudnn")
+IMPLS = ("cudnn", "xla", "reference")
 # A large finite negative instead of -inf: a fully masked row gives a uniform softmax, not NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -32,8 +37,7 @@ def allowed_mask(t: int, s: int, *, causal: bool, q_segment_ids=None, kv_segment
   return mask
 
 
-def reference_attention(q, k, v, *, causal: bool, scale: float, segment_ids=None, bias=None,
-                        mask=None):
+def dense(q, k, v, *, causal: bool, scale: float, segment_ids=None, bias=None, mask=None):
   """Dense attention with float32 logits and softmax. ``bias``/``mask`` broadcast to [B,H,T,S].
 
   Grouped K/V heads are repeated to the query heads: this is the definition of GQA, and plain
@@ -56,8 +60,26 @@ def reference_attention(q, k, v, *, causal: bool, scale: float, segment_ids=None
   return out.astype(q.dtype)
 
 
-def cudnn_supports(q, k, *, segment_ids=None, mask=None) -> str | None:
-  """None if cuDNN fused attention can run this call, else the reason it cannot."""
+def reference(q, k, v, *, causal: bool, scale: float | None = None, segment_ids=None, bias=None,
+              mask=None):
+  """The float32 oracle: :func:`dense` on float32 inputs (its result cast back to ``q.dtype``)."""
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  return dense(*f32, causal=causal, scale=scale, segment_ids=segment_ids, bias=bias,
+               mask=mask).astype(q.dtype)
+
+
+def cudnn(q, k, v, *, causal: bool, scale: float, bias=None):
+  """cuDNN's flash attention; ``is_causal`` lets it skip the masked blocks."""
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=causal,
+                                      implementation="cudnn")
+
+
+def supports(impl: str, q, k, *, segment_ids=None, mask=None) -> str | None:
+  """None if ``impl`` can run this call (``q``, ``k``: arrays or shape-dtype structs), else the
+  reason it cannot."""
+  if impl != "cudnn":
+    return None
   if jax.default_backend() != "gpu":
     return f"the backend is {jax.default_backend()!r}, not 'gpu'"
   if q.dtype not in (jnp.bfloat16, jnp.float16):
@@ -74,19 +96,14 @@ def cudnn_supports(q, k, *, segment_ids=None, mask=None) -> str | None:
   return None
 
 
-def attention(q, k, v, *, causal: bool, impl: str = "auto", scale: float | None = None,
-              segment_ids=None, bias=None, mask=None):
-  """Dispatches to the kernel named by ``impl``; ``auto`` takes cuDNN where it can run."""
-  check_choice("attention.impl", impl, IMPLS)
+def apply(q, k, v, *, causal: bool, impl: str = "auto", scale: float | None = None,
+          segment_ids=None, bias=None, mask=None, site: base.Site | None = None):
+  """Softmax attention on the implementation named by ``impl`` (``auto``: cuDNN where it can
+  run, else ``xla``); ``site`` names the layer for :func:`base.recording`."""
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  if impl == "auto":
-    impl = "cudnn" if cudnn_supports(q, k, segment_ids=segment_ids, mask=mask) is None else "xla"
+  impl = base.resolve("softmax", impl, IMPLS,
+                      lambda name: supports(name, q, k, segment_ids=segment_ids, mask=mask), site)
   if impl == "cudnn":
-    reason = cudnn_supports(q, k, segment_ids=segment_ids, mask=mask)
-    if reason is not None:
-      raise ValueError(f"attention.impl='cudnn' cannot run here: {reason}. Use impl='auto' or 'xla'.")
-    # is_causal lets cuDNN skip the masked blocks; no [T, S] mask is ever built.
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=causal,
-                                        implementation="cudnn")
-  return reference_attention(q, k, v, causal=causal, scale=scale, segment_ids=segment_ids,
-                             bias=bias, mask=mask)
+    return cudnn(q, k, v, causal=causal, scale=scale, bias=bias)
+  kernel = dense if impl == "xla" else reference
+  return kernel(q, k, v, causal=causal, scale=scale, segment_ids=segment_ids, bias=bias, mask=mask)

@@ -1,17 +1,22 @@
-"""Kernels for Dynamic Mask Attention, kept apart from its mathematics (``dynamic_mask.py``).
+"""Dynamic Mask Attention's operator (the mathematics is in ``attention/dynamic_mask.py``):
+softmax attention where query ``i`` of KV group ``g`` sees only its ``w`` best-scoring allowed
+keys (causal, same segment; all of them when the key length ``S <= w``), and every key ``j``
+adds its own bias ``bias[b, j, g]`` to the logits.
 
-All three compute the same function as the dense reference (``dynamic_mask.reference``): softmax
-attention where query ``i`` of KV group ``g`` sees only its ``w`` best-scoring allowed keys, and
-every key ``j`` adds its own bias ``bias[b, j, g]`` to the logits.
+Implementations, in the order ``auto`` tries them:
 
-* :func:`key_bias_attention`, the dense limit (every allowed key kept, ``S <= w``): the per-key bias
-  rides inside the dot product, so cuDNN's flash kernel runs it without a ``[T, S]`` bias tensor.
-* :func:`chunked_causal_attention`: causal, ``S > w``. Query chunks attend to a bounded candidate
-  set (the ``w`` best keys before the chunk plus the chunk itself); memory O(chunk x (w + chunk)).
-* :func:`shared_topk_attention`: bidirectional, ``S > w``. Every query keeps the same ``w`` keys,
-  which are gathered once.
+* ``cudnn``: while every allowed key is kept (``S <= w``), or bidirectionally (every query keeps
+  the same ``w`` keys, gathered once), the per-key bias rides inside the dot product
+  (:func:`fold_key_bias`) and cuDNN's flash kernel runs it without a ``[T, S]`` tensor. GPU.
+* ``xla``: the same dense form on XLA while ``S <= w``; beyond, the sparse forms, which never
+  build a ``[T, S]`` tensor: :func:`chunked_causal_attention` (query chunks attend to the ``w``
+  best keys before the chunk plus the chunk itself; memory O(chunk x (w + chunk))) and
+  :func:`shared_topk_attention` (bidirectional). Packed sequences (segment ids) with ``S > w``
+  are not supported yet.
+* ``reference``: :func:`reference`, the ``[B, G, T, S]`` mask materialised by
+  :func:`selection_mask` and float32 softmax attention under it: the oracle (small T).
 
-Layout as in :mod:`arch_zoo.attention.kernels`: queries ``[B, T, H, D]``, keys and values
+Layout as in :mod:`arch_zoo.attention.ops.softmax`: queries ``[B, T, H, D]``, keys and values
 ``[B, S, G, D]`` with ``H % G == 0``; ``bias`` and ``score`` are ``[B, S, G]`` float32.
 """
 
@@ -21,8 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from arch_zoo.attention import kernels
+from arch_zoo.attention.ops import base, softmax
 
+IMPLS = ("cudnn", "xla", "reference")
 # Width of the features appended by fold_key_bias: one carries the bias, the rest pad the head
 # dimension to the multiple of 8 that cuDNN needs.
 FOLD_WIDTH = 8
@@ -55,7 +61,7 @@ def top_keys(score, width: int, tie_break: str):
 
 
 def group_bias(bias, num_heads: int):
-  """``[B, S, G]`` per-key bias -> ``[B, H, 1, S]``, the layout of ``kernels.reference_attention``
+  """``[B, S, G]`` per-key bias -> ``[B, H, 1, S]``, the layout of ``softmax.dense``
   (query head ``h`` reads group ``h // (H // G)``)."""
   return jnp.repeat(bias.transpose(0, 2, 1), num_heads // bias.shape[-1], axis=1)[:, :, None, :]
 
@@ -84,26 +90,22 @@ def cudnn_max_head_dim() -> int:
   return 256 if capability is not None and float(capability) >= 9.0 else 128
 
 
-def key_bias_attention(q, k, v, bias, *, causal: bool, segment_ids=None, impl: str = "auto"):
+def key_bias_attention(q, k, v, bias, *, causal: bool, impl: str, segment_ids=None):
   """Dense attention over every allowed key, plus a per-key bias (DMA's dense limit).
 
-  ``impl='auto'`` folds the bias into the dot product and calls cuDNN where cuDNN can run the
-  folded shapes (GPU, bf16, head_dim + 8 within cuDNN's limit, no segment ids); otherwise, and for
-  ``impl='xla'``, the float32 reference with a broadcast ``[B, H, 1, S]`` bias.
+  ``impl='cudnn'`` folds the bias into the dot product (the caller checked that cuDNN can run
+  the folded shapes); ``impl='xla'`` is the dense form with a broadcast ``[B, H, 1, S]`` bias.
   """
   d = q.shape[-1]
-  folded = jax.ShapeDtypeStruct(q.shape[:-1] + (d + FOLD_WIDTH,), q.dtype)
-  if (impl == "auto" and kernels.cudnn_supports(folded, k, segment_ids=segment_ids) is None
-      and d + FOLD_WIDTH <= cudnn_max_head_dim()):
+  if impl == "cudnn":
     q2, k2, v2 = fold_key_bias(q, k, v, bias)
-    out = kernels.attention(q2, k2, v2, causal=causal, impl="cudnn", scale=d ** -0.5)
-    return out[..., :d]
-  return kernels.attention(q, k, v, causal=causal, impl="xla", segment_ids=segment_ids,
-                           bias=group_bias(bias, q.shape[2]))
+    return softmax.cudnn(q2, k2, v2, causal=causal, scale=d ** -0.5)[..., :d]
+  return softmax.dense(q, k, v, causal=causal, scale=d ** -0.5, segment_ids=segment_ids,
+                       bias=group_bias(bias, q.shape[2]))
 
 
 def shared_topk_attention(q, k, v, bias, score, *, keep_window: int, tie_break: str,
-                          impl: str = "auto"):
+                          impl: str = "xla"):
   """Bidirectional DMA for ``S > w``: the score depends on the key only, so all queries keep the
   same ``w`` keys of each group. Gather them once and attend densely: memory O(T x w)."""
   _, index = top_keys(score.transpose(0, 2, 1), keep_window, tie_break)  # [B, G, w]
@@ -231,7 +233,7 @@ def chunked_causal_attention(q, k, v, bias, score, *, keep_window: int, chunk_si
     bias_c = candidates(bias)
     logits = jnp.einsum("bcgrd,bkgd->bgrck", q_c, k_c, preferred_element_type=jnp.float32)
     logits = logits * scale + bias_c.transpose(0, 2, 1)[:, :, None, None, :]
-    logits = jnp.where(keep[:, :, None], logits, kernels.MASK_VALUE)
+    logits = jnp.where(keep[:, :, None], logits, softmax.MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bgrck,bkgd->bcgrd", probs.astype(v_c.dtype), v_c,
                      preferred_element_type=jnp.float32)
@@ -240,3 +242,85 @@ def chunked_causal_attention(q, k, v, bias, score, *, keep_window: int, chunk_si
   starts = jnp.arange(0, t_pad, chunk, dtype=jnp.int32)
   out = lax.map(jax.checkpoint(one_chunk), (q_chunks, starts, carry_score, carry_index))
   return out.swapaxes(0, 1).reshape(b, t_pad, h, d)[:, :t]
+
+
+# ------------------------------------------------------------------------------ the reference
+
+
+def selection_mask(score, keep_window: int, *, causal: bool, segment_ids=None,
+                   tie_break: str = "recent"):
+  """The published mask, materialised: boolean ``[B, G, T, S]``, or None when all allowed keys
+  are kept (``S <= w``).
+
+  Row ``i`` keeps the ``w`` best keys among the allowed ones (causal, same segment), by
+  ``score[b, j, g]``; rows with fewer allowed keys keep all of them.
+  """
+  score = selection_score(score)
+  t = s = score.shape[1]
+  if s <= keep_window:
+    return None
+  allowed = softmax.allowed_mask(t, s, causal=causal, q_segment_ids=segment_ids,
+                                 kv_segment_ids=segment_ids)
+  rows = jnp.broadcast_to(score.transpose(0, 2, 1)[:, :, None, :],
+                          (score.shape[0], score.shape[2], t, s))
+  if allowed is not None:
+    rows = jnp.where(allowed, rows, -jnp.inf)  # disallowed keys lose every comparison
+  _, index = top_keys(rows, keep_window, tie_break)
+  kept = jnp.put_along_axis(jnp.zeros(rows.shape, bool), index, True, axis=-1, inplace=False)
+  return kept if allowed is None else kept & allowed  # drop disallowed keys picked to fill w
+
+
+def reference(q, k, v, bias, score, *, causal: bool, keep_window: int, segment_ids=None,
+              tie_break: str = "recent"):
+  """The float32 oracle: the ``[B, G, T, S]`` mask built explicitly, dense softmax attention."""
+  mask = selection_mask(score, keep_window, causal=causal, segment_ids=segment_ids,
+                        tie_break=tie_break)
+  if mask is not None:
+    mask = jnp.repeat(mask, q.shape[2] // k.shape[2], axis=1)
+  return softmax.reference(q, k, v, causal=causal, segment_ids=segment_ids,
+                           bias=group_bias(bias, q.shape[2]), mask=mask)
+
+
+# ------------------------------------------------------------------------------ dispatch
+
+
+def supports(impl: str, q, k, *, causal: bool, keep_window: int, segment_ids=None) -> str | None:
+  """None if ``impl`` can run this call, else the reason it cannot."""
+  masked = k.shape[1] > keep_window  # some allowed keys are dropped
+  if impl == "xla" and masked and segment_ids is not None:
+    return ("its sparse form (key length > keep_window_size) does not support segment_ids "
+            "(packed sequences) yet; feed unpacked sequences")
+  if impl != "cudnn":
+    return None
+  if masked and causal:
+    return ("the mask is active (key length > keep_window_size) and differs per query: cuDNN "
+            "takes no runtime mask")
+  d = q.shape[-1]
+  # What cuDNN would see: the folded head dimension, and the kept keys.
+  folded = jax.ShapeDtypeStruct(q.shape[:-1] + (d + FOLD_WIDTH,), q.dtype)
+  kept = jax.ShapeDtypeStruct((k.shape[0], min(k.shape[1], keep_window), *k.shape[2:]), k.dtype)
+  reason = softmax.supports("cudnn", folded, kept, segment_ids=segment_ids)
+  if reason is None and d + FOLD_WIDTH > cudnn_max_head_dim():
+    reason = (f"head_dim {d} plus the {FOLD_WIDTH} features of the folded bias exceeds cuDNN's "
+              f"{cudnn_max_head_dim()} on this GPU")
+  return reason
+
+
+def apply(q, k, v, bias, score, *, causal: bool, keep_window: int, impl: str = "auto",
+          segment_ids=None, tie_break: str = "recent", chunk_size: int = 512,
+          site: base.Site | None = None):
+  """DMA on per-head tensors: ``q [B, T, H, D]``, ``k, v [B, S, G, D]``, ``bias, score
+  [B, S, G]``, on the implementation named by ``impl`` (see the module docstring)."""
+  score = selection_score(score)
+  impl = base.resolve("dynamic_mask", impl, IMPLS, lambda name: supports(
+      name, q, k, causal=causal, keep_window=keep_window, segment_ids=segment_ids), site)
+  if impl == "reference":
+    return reference(q, k, v, bias, score, causal=causal, keep_window=keep_window,
+                     segment_ids=segment_ids, tie_break=tie_break)
+  if k.shape[1] <= keep_window:
+    return key_bias_attention(q, k, v, bias, causal=causal, impl=impl, segment_ids=segment_ids)
+  if causal:
+    return chunked_causal_attention(q, k, v, bias, score, keep_window=keep_window,
+                                    chunk_size=chunk_size, tie_break=tie_break)
+  return shared_topk_attention(q, k, v, bias, score, keep_window=keep_window,
+                               tie_break=tie_break, impl=impl)

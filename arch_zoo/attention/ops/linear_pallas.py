@@ -1,6 +1,6 @@
 """A Triton kernel (Pallas GPU) for causal linear attention with per-head decay.
 
-Same operator as :func:`arch_zoo.attention.linear_kernels.causal_reference`,
+Same operator as :func:`arch_zoo.attention.ops.linear.causal_reference`,
 
     o_t = sum_{u <= t} lam^(t - u) (q_t . k_u) v_u,     lam = exp(-s) per head,
 

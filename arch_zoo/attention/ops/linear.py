@@ -1,4 +1,4 @@
-"""Kernels of linear attention with per-head exponential decay (Lightning Attention / TNL).
+"""Linear attention with per-head exponential decay (Lightning Attention / TNL).
 
 For one head with decay ``lam = exp(-s)``, ``s >= 0``, the causal operator is
 
@@ -19,10 +19,16 @@ Forms of the causal operator, all tested against each other:
   its own step, so the returned state is exact for decoding.
 * :func:`causal_recurrent` / :func:`recurrent_step`: ``S_t = lam S_{t-1} + k_t v_t^T``,
   ``o_t = S_t^T q_t``; the decoding step.
-* ``impl="pallas"``: the Triton kernel of :mod:`arch_zoo.attention.linear_pallas` (GPU).
+* the Triton kernel of :mod:`arch_zoo.attention.ops.linear_pallas` (GPU).
 
 Bidirectional forms (ViT): ``no_decay``, ``O = Q (K^T V)``, and ``symmetric_decay``,
 ``lam^|t-u|`` built from a causal and an anti-causal pass.
+
+Implementations, in the order ``auto`` tries them:
+
+* ``pallas``: the Triton kernel (causal, and the two passes of ``symmetric_decay``); GPU.
+* ``xla``: the block-wise ``lax.scan`` (causal, ``symmetric_decay``), ``Q (K^T V)`` (``no_decay``).
+* ``reference``: :func:`reference`, the dense float32 definitions: the oracle.
 
 Only non-positive numbers are ever exponentiated (``lam^n`` with ``n >= 0``): the "inverse decay"
 form ``lam^(-t)`` overflows at long T (TransNormerLLM, robust inference).
@@ -37,9 +43,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from arch_zoo import sharding
+from arch_zoo.attention.ops import base
 from arch_zoo.registry import check_choice
 
-IMPLS = ("auto", "xla", "naive", "pallas")
+IMPLS = ("pallas", "xla", "reference")
 BIDIRECTIONAL_FORMS = ("no_decay", "symmetric_decay")
 F32 = jnp.float32
 # Sums over the sequence are float32 by design: never let a GPU run them in TF32.
@@ -197,13 +204,18 @@ def bidirectional_symmetric_decay(q, k, v, slopes, *, causal_fn):
 # --------------------------------------------------------------------------------------------
 
 
+def reference(q, k, v, slopes, *, causal: bool, bidirectional_form: str = "no_decay"):
+  """The float32 oracle: :func:`causal_reference`, or :func:`bidirectional_reference`."""
+  if causal:
+    return causal_reference(q, k, v, slopes)
+  return bidirectional_reference(q, k, v, slopes, decay=bidirectional_form == "symmetric_decay")
+
+
 def causal_fn_for(impl: str, *, block_size: int):
-  """The causal operator ``(q, k, v, slopes) -> o`` of a concrete impl."""
-  if impl == "naive":
-    return causal_reference
+  """The causal operator ``(q, k, v, slopes) -> o`` of ``xla`` or ``pallas``."""
   if impl == "xla":
     return functools.partial(causal_blockwise, block_size=block_size)
-  from arch_zoo.attention import linear_pallas  # GPU kernel; imported only when asked for
+  from arch_zoo.attention.ops import linear_pallas  # GPU kernel; imported only when asked for
 
   return per_shard(functools.partial(linear_pallas.lightning_attention, chunk_size=block_size))
 
@@ -229,30 +241,31 @@ def per_shard(causal_fn):
   return run
 
 
-def resolve_impl(impl: str, q, k, v, *, block_size: int) -> str:
-  """``auto`` becomes ``pallas`` where the Triton kernel runs, else ``xla``; a forced ``pallas``
-  that cannot run fails with the reason."""
-  check_choice("attention.impl", impl, IMPLS)
-  if impl not in ("auto", "pallas"):
-    return impl
-  from arch_zoo.attention import linear_pallas
+def supports(impl: str, q, k, v, *, causal: bool, block_size: int = 64,
+             bidirectional_form: str = "no_decay") -> str | None:
+  """None if ``impl`` can run this call, else the reason it cannot."""
+  if impl != "pallas":
+    return None
+  if not causal and bidirectional_form == "no_decay":
+    return ("the bidirectional no_decay form is one exact product Q (K^T V) with no scan to "
+            "write a kernel for")
+  from arch_zoo.attention.ops import linear_pallas
 
-  reason = linear_pallas.unsupported_reason(q, k, v, chunk_size=block_size)
-  if impl == "pallas" and reason is not None:
-    raise ValueError(f"attention.impl='pallas' cannot run here: {reason}. "
-                     "Use impl='auto' or 'xla'.")
-  return "pallas" if reason is None else "xla"
+  return linear_pallas.unsupported_reason(q, k, v, chunk_size=block_size)
 
 
-def lightning_attention(q, k, v, slopes, *, causal: bool, impl: str = "auto",
-                        block_size: int = 64, bidirectional_form: str = "no_decay"):
-  """Linear attention with per-head decay; ``impl`` picks the kernel, never the mathematics."""
+def apply(q, k, v, slopes, *, causal: bool, impl: str = "auto", block_size: int = 64,
+          bidirectional_form: str = "no_decay", site: base.Site | None = None):
+  """Linear attention with per-head decay; ``impl`` picks the kernel, never the mathematics
+  (``auto``: the Triton kernel where it can run, else ``xla``)."""
   check_choice("attention.bidirectional_form", bidirectional_form, BIDIRECTIONAL_FORMS)
-  impl = resolve_impl(impl, q, k, v, block_size=block_size)
+  impl = base.resolve("linear", impl, IMPLS, lambda name: supports(
+      name, q, k, v, causal=causal, block_size=block_size,
+      bidirectional_form=bidirectional_form), site)
+  if impl == "reference":
+    return reference(q, k, v, slopes, causal=causal, bidirectional_form=bidirectional_form)
   if causal:
     return causal_fn_for(impl, block_size=block_size)(q, k, v, slopes)
-  if impl == "naive":
-    return bidirectional_reference(q, k, v, slopes, decay=bidirectional_form == "symmetric_decay")
   if bidirectional_form == "no_decay":
     return bidirectional_no_decay(q, k, v)
   return bidirectional_symmetric_decay(q, k, v, slopes,

@@ -1,0 +1,92 @@
+"""Parts the attention families are built from: head projections, the output projection, the
+number of key/value heads, QK-norm and RoPE. One definition each, so that two families that
+mean the same projection compute it the same way.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from arch_zoo.attention.base import Context, Dims
+from arch_zoo.layers import Dense, RMSNorm, apply_rope
+from arch_zoo.layers.linear import DEFAULT_STDDEV
+
+
+def kv_heads(dims: Dims, num_kv_heads: int) -> int:
+  """Key/value heads: ``num_kv_heads`` (0 means ``num_heads``), which must divide the heads."""
+  n = num_kv_heads or dims.num_heads
+  if dims.num_heads % n:
+    raise ValueError(f"num_heads={dims.num_heads} must be a multiple of num_kv_heads={n}.")
+  return n
+
+
+def head_projection(dims: Dims, num_heads: int, rngs: nnx.Rngs, *,
+                    axes: tuple = ("embed", "heads")) -> Dense:
+  """``d_model -> num_heads * head_dim``, the input projection of queries, keys, values, gates."""
+  return Dense(dims.d_model, num_heads * dims.head_dim, axes=axes, rngs=rngs, dtype=dims.dtype)
+
+
+def output_projection(dims: Dims, rngs: nnx.Rngs) -> Dense:
+  # GPT-2's scaled init of residual-branch outputs: std 0.02 / sqrt(2 L).
+  return Dense(dims.num_heads * dims.head_dim, dims.d_model, axes=("heads", "embed"), rngs=rngs,
+               stddev=DEFAULT_STDDEV / (2 * dims.num_layers) ** 0.5, dtype=dims.dtype)
+
+
+def qk_norms(head_dim: int, enabled: bool) -> tuple[RMSNorm | None, RMSNorm | None]:
+  """``(query_norm, key_norm)``: an RMSNorm over each head (OLMo/Qwen3), or ``(None, None)``."""
+  if not enabled:
+    return None, None
+  return RMSNorm(head_dim, axis_name=None), RMSNorm(head_dim, axis_name=None)
+
+
+def rope(q: jax.Array, k: jax.Array, positions: jax.Array, base: float):
+  """Rotary position embedding of queries and keys ``[B, T, heads, D]``."""
+  return apply_rope(q, positions, base), apply_rope(k, positions, base)
+
+
+def norm_and_rope(q: jax.Array, k: jax.Array, positions: jax.Array, *, query_norm: RMSNorm | None,
+                  key_norm: RMSNorm | None, rope_base: float | None):
+  """QK-norm (when the norms exist), then RoPE (when ``rope_base`` is not None): the order of
+  OLMo/Qwen3, so that the rotation acts on normalised heads."""
+  if query_norm is not None:
+    q, k = query_norm(q), key_norm(k)
+  if rope_base is not None:
+    q, k = rope(q, k, positions, rope_base)
+  return q, k
+
+
+class QKVProjection(nnx.Module):
+  """Projects ``x`` to per-head queries, keys and values, with optional QK-norm and RoPE.
+
+  Shared by the softmax families (MHA, MoH, DMA) so the mathematics stays in one place.
+  """
+
+  def __init__(self, dims: Dims, *, num_kv_heads: int, qk_norm: bool, rope: bool,
+               rope_base: float, rngs: nnx.Rngs, fused: bool = False):
+    self.num_heads, self.head_dim = dims.num_heads, dims.head_dim
+    self.num_kv_heads = kv_heads(dims, num_kv_heads)
+    self.rope_base = rope_base if rope else None
+    if fused:  # columns [queries | keys | values], each head-major as in the separate kernels
+      self.fused = head_projection(dims, self.num_heads + 2 * self.num_kv_heads, rngs)
+      self.query = self.key = self.value = None
+    else:
+      self.fused = None
+      self.query = head_projection(dims, self.num_heads, rngs)
+      self.key = head_projection(dims, self.num_kv_heads, rngs, axes=("embed", "kv_heads"))
+      self.value = head_projection(dims, self.num_kv_heads, rngs, axes=("embed", "kv_heads"))
+    self.query_norm, self.key_norm = qk_norms(self.head_dim, qk_norm)
+
+  def __call__(self, x: jax.Array, ctx: Context):
+    b, t, _ = x.shape
+    if self.fused is not None:
+      heads = self.fused(x).reshape(b, t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+      q, k, v = jnp.split(heads, [self.num_heads, self.num_heads + self.num_kv_heads], axis=2)
+    else:
+      q = self.query(x).reshape(b, t, self.num_heads, self.head_dim)
+      k = self.key(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+      v = self.value(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q, k = norm_and_rope(q, k, ctx.positions, query_norm=self.query_norm, key_norm=self.key_norm,
+                         rope_base=self.rope_base)
+    return q, k, v
