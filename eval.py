@@ -43,6 +43,7 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from arch_zoo import checkpoint, data as data_lib, evaluators, optim, perf, sharding, steps
+from arch_zoo import plugins
 from arch_zoo import train_state
 from arch_zoo.evaluators import classification, passkey, perplexity, recall
 
@@ -70,7 +71,9 @@ def load_config(workdir: str) -> ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: is {workdir} a train.py workdir?")
   with open(path) as f:
-    return ConfigDict(json.load(f))
+    config = ConfigDict(json.load(f))
+  plugins.load(config.get("plugins", ""))  # the families the run's config imported
+  return config
 
 
 @dataclasses.dataclass

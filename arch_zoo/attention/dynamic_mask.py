@@ -30,7 +30,7 @@ from flax import nnx
 
 from arch_zoo.attention import dynamic_mask_kernels as dmk
 from arch_zoo.attention import kernels
-from arch_zoo.attention.base import Context, Dims, check_choice, register
+from arch_zoo.attention.base import Context, Dims, check_choice, kv_cache_state_size, register
 from arch_zoo.attention.mha import QKVProjection, kv_heads, output_projection
 from arch_zoo.layers import Dense
 
@@ -123,7 +123,8 @@ def dynamic_mask_attention(q, k, v, bias, score, *, causal: bool, keep_window: i
                                    tie_break=tie_break)
 
 
-@register("dynamic_mask", options=DynamicMaskOptions, bidirectional=True)
+@register("dynamic_mask", options=DynamicMaskOptions, bidirectional=True, scannable=True,
+          state_size=kv_cache_state_size, impls=IMPLS)
 class DynamicMaskAttention(nnx.Module):
   """Dynamic Mask Attention: each query keeps its top-w keys by a value-derived score (+ bias)."""
 

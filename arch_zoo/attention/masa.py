@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from arch_zoo.attention import kernels
-from arch_zoo.attention.base import Context, Dims, check_choice, register
+from arch_zoo.attention.base import Context, Dims, check_choice, kv_cache_state_size, register
 from arch_zoo.attention.mha import MultiHeadAttention, kv_heads, output_projection
 from arch_zoo.layers import RMSNorm, apply_rope
 from arch_zoo.layers.linear import DEFAULT_STDDEV
@@ -117,7 +117,8 @@ def initial_coefficients(dims: Dims, options: MASAOptions, rngs: nnx.Rngs) -> ja
   return direction / jnp.linalg.norm(direction)
 
 
-@register(NAME, options=MASAOptions, bidirectional=True,
+@register(NAME, options=MASAOptions, bidirectional=True, scannable=True,
+          state_size=kv_cache_state_size, impls=kernels.IMPLS,
           shared_factory=lambda dims, options, rngs: Dictionaries(dims, options, rngs=rngs))
 class SharedDictionaryAttention(nnx.Module):
   """MASA: Q/K/V/O weights as learned combinations of matrix atoms shared across layers."""

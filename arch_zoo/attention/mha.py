@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from arch_zoo.attention import kernels
-from arch_zoo.attention.base import Context, Dims, check_choice, register
+from arch_zoo.attention.base import Context, Dims, check_choice, kv_cache_state_size, register
 from arch_zoo.layers import Dense, RMSNorm, apply_rope
 from arch_zoo.layers.linear import DEFAULT_STDDEV
 
@@ -95,7 +95,8 @@ def output_projection(dims: Dims, rngs: nnx.Rngs) -> Dense:
                stddev=DEFAULT_STDDEV / (2 * dims.num_layers) ** 0.5, dtype=dims.dtype)
 
 
-@register("mha", options=MHAOptions, bidirectional=True)
+@register("mha", options=MHAOptions, bidirectional=True, scannable=True,
+          state_size=kv_cache_state_size, impls=kernels.IMPLS)
 class MultiHeadAttention(nnx.Module):
   """Multi-head softmax attention (MHA/GQA/MQA), RoPE, optional QK-norm; cuDNN flash on GPU."""
 
