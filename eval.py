@@ -42,7 +42,7 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from arch_zoo import checkpoint, data as data_lib, evaluators, optim, perf, sharding, steps
-from arch_zoo import train_state, workdir as workdir_lib
+from arch_zoo import plugins, train_state, workdir as workdir_lib
 from arch_zoo.errors import UserError, fail, message_of, run_cli
 from arch_zoo.evaluators import classification, passkey, perplexity, recall
 
@@ -70,7 +70,9 @@ def load_config(workdir: str) -> ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: is {workdir} a train.py workdir (one whose "
                             "training has started)?")
-  return ConfigDict(workdir_lib.read_json(path))
+  config = ConfigDict(workdir_lib.read_json(path))
+  plugins.load(config.get("plugins", ""))  # the families the run's config imported
+  return config
 
 
 class ResultsNotSaved(UserError):

@@ -84,7 +84,7 @@ def layer_flops_per_token(model_cfg: ConfigDict, seq_len: int, causal: bool) -> 
   for i, name in enumerate(layer_names(model_cfg)):
     fam = attention.family(name)
     options = attention.make_options(name, **attention_options(model_cfg, name))
-    total += fam.module.flops_per_token(dims_for(model_cfg, i), options, seq_len, causal)
+    total += fam.flops_per_token(dims_for(model_cfg, i), options, seq_len, causal)
     total += 2 * mlp_matrices * model_cfg.d_model * d_ff
   return total
 
@@ -151,7 +151,7 @@ def state_elements(config: ConfigDict) -> dict[str, Any]:
   """Decode-time state ("state size") of the attention layers, in elements per sequence.
 
   Softmax families keep a KV cache: ``per_token`` elements for every token of context; lightning
-  keeps a ``fixed`` recurrent state whatever the context (``attention.state_size`` per family).
+  keeps a ``fixed`` recurrent state whatever the context (each family's ``state_size``).
   ``per_layer_*`` are means over the layers (equal to every layer's value unless
   ``layer_pattern`` mixes families); ``at_seq_len`` is the whole stack's state at the training
   sequence length (``seq_len``)."""
@@ -161,7 +161,7 @@ def state_elements(config: ConfigDict) -> dict[str, Any]:
   names = layer_names(model_cfg)
   for i, name in enumerate(names):
     options = attention.make_options(name, **attention_options(model_cfg, name))
-    size = attention.state_size(name, dims_for(model_cfg, i), options)
+    size = attention.family(name).state_size(dims_for(model_cfg, i), options)
     per_token += size.per_token
     fixed += size.fixed
   return {"per_layer_per_token": per_token / len(names), "per_layer_fixed": fixed / len(names),

@@ -1,12 +1,14 @@
-r"""Zoology's MQAR headline at small scale: six attention families, one width, one budget.
+r"""Zoology's MQAR headline at small scale: every causal attention family, one width, one budget.
 
     python benchmarks/mqar_headline.py --out benchmarks/results/mqar_headline_h100.json  # 1 GPU
     python benchmarks/mqar_headline.py --smoke --out /tmp/mqar_smoke.json              # CPU
 
-Each family (``mha`` first) trains a 2-layer LM of ``d_model`` 128 (2 heads, vocabulary 8192) on
-MQAR at (seq 256, 16 kv pairs) through ``train.train_and_evaluate`` -- the code ``train.py``
-runs -- and is scored by ``eval.evaluate_run(suite="recall")``: accuracy per (length, kv pairs)
-slice on 3,000 fresh test examples each, at the training slice and at longer ones.
+Each registered family that runs causally (``mha`` first; ``--families`` picks some,
+``--plugins`` loads families of your own as the configs' ``plugins=`` does) trains a 2-layer LM of
+``d_model`` 128 (2 heads, vocabulary 8192) on MQAR at (seq 256, 16 kv pairs) through
+``train.train_and_evaluate`` -- the code ``train.py`` runs -- and is scored by
+``eval.evaluate_run(suite="recall")``: accuracy per (length, kv pairs) slice on 3,000 fresh test
+examples each, at the training slice and at longer ones.
 
 Recipe, as far as it fits one ~8-minute command (Zoology, ICLR'24 Figure 2,
 ``zoology/experiments/paper_configs/iclr24_zoology_figure2/configs.py``: one run per sequence
@@ -47,7 +49,6 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-FAMILIES = ("mha", "moh", "lightning", "routing", "dynamic_mask", "masa")
 TRAIN_SLICE = "256:16"
 TEST_SLICES = "64:4,128:8,256:16,512:32,1024:64"
 SMOKE = dict(size="test", train_slices="64:4", test_slices="64:4,128:8", steps=12,
@@ -58,7 +59,8 @@ SMOKE = dict(size="test", train_slices="64:4", test_slices="64:4,128:8", steps=1
 def make_config(args, family: str):
   from configs import recall
 
-  config = recall.get_config(f"attn={family},size={args.size},task=mqar")
+  plugins = f",plugins={args.plugins}" if args.plugins else ""
+  config = recall.get_config(f"attn={family},size={args.size},task=mqar{plugins}")
   config.data.update(train_slices=args.train_slices, test_slices=args.test_slices,
                      train_examples=args.train_examples, test_examples=args.test_examples)
   config.data.random_non_queries = bool(args.random_non_queries)
@@ -131,7 +133,10 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True, help="JSON file to write.")
   parser.add_argument("--smoke", action="store_true", help="Tiny shapes and steps (CPU).")
-  parser.add_argument("--families", default=",".join(FAMILIES))
+  parser.add_argument("--families", default="",
+                      help="Comma-separated attention names (default: every causal family).")
+  parser.add_argument("--plugins", default="", help="Files or modules that register families "
+                      "(arch_zoo.plugins), '+'-separated.")
   parser.add_argument("--size", default="d128", help="configs/recall.py size (d64..d512).")
   parser.add_argument("--train_slices", default=TRAIN_SLICE)
   parser.add_argument("--test_slices", default=TEST_SLICES)
@@ -159,7 +164,10 @@ def main() -> None:
 
   from benchmarks import common
 
-  families = [f for f in args.families.split(",") if f]
+  from arch_zoo import attention, plugins
+  plugins.load(args.plugins)
+  families = ([f for f in args.families.split(",") if f]
+              or sorted(attention.names_supporting(causal=True), key=lambda name: name != "mha"))
   root = args.workdir or tempfile.mkdtemp(prefix="mqar_headline_")
   # Each train_and_evaluate call jits its step afresh; the persistent cache turns the second
   # call's compilation (after calibration) into a cache hit.

@@ -11,12 +11,17 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from arch_zoo import attention
+from arch_zoo import attention, plugins
 from arch_zoo.registry import check_choice
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
-  """``"attn=moh,size=S"`` -> ConfigDict(attn="moh", size="S"); unknown keys are errors."""
+  """``"attn=moh,size=S"`` -> ConfigDict(attn="moh", size="S"); unknown keys are errors.
+
+  Every config also takes ``plugins=FILE_OR_MODULE[+...]`` (:mod:`arch_zoo.plugins`): imported
+  here, before the config is built, so ``attn`` may name a family they register. A config records
+  them as ``config.plugins`` for ``eval.py``."""
+  defaults = {**defaults, "plugins": ""}
   out = dict(defaults)
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
@@ -25,6 +30,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
     if key not in defaults:
       raise ValueError(f"Unknown config argument {key!r}; valid: {', '.join(defaults)}.")
     out[key] = value
+  plugins.load(out["plugins"])
   return ConfigDict(out)
 
 

@@ -46,6 +46,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config = ConfigDict()
   config.task = "mqar"
   config.seed = 0
+  config.plugins = arg.plugins  # eval.py imports them again before rebuilding the model
   config.model = ConfigDict(dict(
       name="lm",
       vocab_size=size["vocab_size"],

@@ -100,6 +100,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config = ConfigDict()
   config.task = "classification"
   config.seed = 0
+  config.plugins = arg.plugins  # eval.py imports them again before rebuilding the model
   config.model = ConfigDict(dict(
       name="vit",
       image_size=size["image_size"],

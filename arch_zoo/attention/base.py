@@ -9,15 +9,19 @@ Every family is an NNX module called as ``y, aux = attn(x, ctx)``:
   the training objective by the backbone (already multiplied by their coefficient), ``metric/...``
   entries are only logged.
 
-A family registers itself with :func:`register`, giving an options dataclass whose fields are its
-config keys and defaults. The model config's ``attention`` sub-config is filled from those defaults,
-so a misspelled option fails loudly, and :func:`build` rejects unknown options with the valid list.
+A family registers itself with :func:`register`. Its record (:class:`Family`) is everything the rest
+of the code knows about it: the options dataclass whose fields are its config keys and defaults, the
+modes it supports, its cost (``flops_per_token``), its decode-time state (``state_size``), whether
+its layers can be scanned, its cross-layer tensors, its kernel implementations and its decode
+hooks. :func:`register` refuses a family that lacks any of them, naming what is missing. The model
+config's ``attention`` sub-config is filled from the option defaults, so a misspelled option fails
+loudly, and :func:`build` rejects unknown options with the valid list.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,18 +72,53 @@ AUX_PREFIXES = ("loss/", "metric/")
 
 
 @dataclasses.dataclass(frozen=True)
+class StateSize:
+  """What one layer must keep in memory to produce the next token (the decode-time state), in
+  elements per sequence: ``per_token`` elements for every token of context (a KV cache) plus
+  ``fixed`` elements that do not grow with the context (a recurrent state, a rolling window). For
+  a context of T tokens the layer holds ``per_token * T + fixed`` elements."""
+
+  per_token: float
+  fixed: float = 0.0
+
+  def at(self, length: int) -> float:
+    return self.per_token * length + self.fixed
+
+
+def kv_cache_state_size(dims: Dims, options) -> StateSize:
+  """The state of softmax attention that keeps every key and value: ``2 * kv_heads * head_dim``
+  elements per token of context (``options.num_kv_heads`` when the family has that option, 0
+  meaning ``num_heads``). A family whose decode state is this passes
+  ``state_size=kv_cache_state_size`` to :func:`register`."""
+  kv = getattr(options, "num_kv_heads", 0) or dims.num_heads
+  return StateSize(per_token=2 * kv * dims.head_dim)
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
-  """What the registry knows about one attention family."""
+  """What the registry knows about one attention family: the whole contract with the rest of the
+  code (backbones, configs, provenance, sweeps). :func:`register` fills and checks it."""
 
   name: str
   module: type  # an nnx.Module subclass: module(dims, options, rngs=...)
-  options: type  # frozen dataclass of config options with defaults
+  options: type  # frozen dataclass of config options, every field with a default
   bidirectional: bool | str  # True, or the reason the family cannot run without a causal mask
   causal: bool | str = True  # True, or the reason it cannot run causally
+  # (dims, options, seq_len, causal) -> forward matmul FLOPs per token of one layer.
+  flops_per_token: Callable[[Dims, Any, int, bool], float] | None = None
+  # (dims, options) -> StateSize: what one layer keeps to produce the next token.
+  state_size: Callable[[Dims, Any], StateSize] | None = None
+  # True when its layers differ only in parameter values, so one stacked block can stand for all
+  # of them under ``model.scan_layers``; else the reason they cannot be stacked.
+  scannable: bool | str | None = None
+  # The values its ``impl`` option accepts (the kernels it offers); () when it has no such option.
+  impls: tuple[str, ...] = ()
   # Cross-layer tensors the backbone must own (MASA's dictionaries): a function
   # (dims, options, rngs) -> nnx.Module whose call returns the arrays put in ctx.shared[name].
   shared_factory: Callable[..., nnx.Module] | None = None
-  summary: str = ""
+  # Incremental decoding hooks (the inference issue defines their shape); None: not provided.
+  decode: Any = None
+  summary: str = ""  # the first line of the module's docstring
 
   def defaults(self) -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(self.options)}
@@ -94,20 +133,86 @@ class Family:
           f"Attention {self.name!r} cannot be used {mode}: {reason}. "
           f"Pick another attention name; families that can: {', '.join(names_supporting(causal))}.")
 
+  def problems(self) -> list[str]:
+    """What is missing or malformed in this record, each with what to do; [] when complete."""
+    out = []
+    if not (dataclasses.is_dataclass(self.options) and isinstance(self.options, type)):
+      out.append("options: a frozen dataclass whose fields are the config keys with defaults")
+    else:
+      # Plain defaults only: they become the config's values (a default_factory would not).
+      undefaulted = [f.name for f in dataclasses.fields(self.options)
+                     if f.default is dataclasses.MISSING]
+      if undefaulted:
+        out.append(f"options: give every field a plain default (none: {', '.join(undefaulted)})")
+      else:
+        try:
+          self.options()
+        except Exception as e:  # noqa: BLE001  any failure means the defaults are not a config
+          out.append(f"options: the defaults must be valid, but {self.options.__name__}() "
+                     f"raised {type(e).__name__}: {e}")
+    for mode in ("causal", "bidirectional"):
+      value = getattr(self, mode)
+      if value is not True and not (isinstance(value, str) and value):
+        out.append(f"{mode}: True, or a string saying why the family cannot run that way")
+    if not callable(self.flops_per_token):
+      out.append("flops_per_token: a static method flops_per_token(dims, options, seq_len, "
+                 "causal) -> forward matmul FLOPs per token of one layer (or "
+                 "register(..., flops_per_token=fn))")
+    if not callable(self.state_size):
+      out.append("state_size: a static method state_size(dims, options) -> StateSize (or "
+                 "register(..., state_size=kv_cache_state_size) for a full KV cache)")
+    if self.scannable is not True and not (isinstance(self.scannable, str) and self.scannable):
+      out.append("scannable: True if its layers differ only in parameter values (model."
+                 "scan_layers can stack them), else a string saying why not")
+    has_impl = (dataclasses.is_dataclass(self.options)
+                and any(f.name == "impl" for f in dataclasses.fields(self.options)))
+    if has_impl and not self.impls:
+      out.append("impls: the values its impl option accepts, e.g. impls=(\"auto\", \"xla\")")
+    elif has_impl and self.defaults()["impl"] not in self.impls:
+      out.append(f"impls: {self.impls} lacks the default impl {self.defaults()['impl']!r}")
+    elif not has_impl and self.impls:
+      out.append(f"impls={self.impls} given, but the options have no impl field to choose them")
+    if self.shared_factory is not None and not callable(self.shared_factory):
+      out.append("shared_factory: a function (dims, options, rngs) -> nnx.Module, or None")
+    if not self.summary:
+      out.append("summary: a class docstring whose first line says what the family is")
+    return out
+
 
 _FAMILIES: Registry[Family] = Registry("attention name")
 DIM_FIELDS = tuple(f.name for f in dataclasses.fields(Dims))
 
 
 def register(name: str, *, options: type, bidirectional: bool | str, causal: bool | str = True,
-             shared_factory: Callable[..., nnx.Module] | None = None):
-  """Class decorator: ``@register("mha", options=MHAOptions, bidirectional=True)``."""
+             scannable: bool | str | None = None, flops_per_token: Callable | None = None,
+             state_size: Callable | None = None, impls: Sequence[str] = (),
+             shared_factory: Callable[..., nnx.Module] | None = None, decode: Any = None):
+  """Class decorator that registers an attention family; the arguments are its :class:`Family`
+  record. ``flops_per_token`` and ``state_size`` may instead be static methods of the class.
+
+      @register("mha", options=MHAOptions, bidirectional=True, scannable=True,
+                state_size=kv_cache_state_size, impls=("auto", "xla", "cudnn"))
+
+  Raises ValueError, naming every missing or malformed fact, when the record is incomplete."""
 
   def wrap(module_cls):
-    summary = (module_cls.__doc__ or "").strip().splitlines()[0] if module_cls.__doc__ else ""
-    _FAMILIES.add(name, Family(name=name, module=module_cls, options=options,
-                               bidirectional=bidirectional, causal=causal,
-                               shared_factory=shared_factory, summary=summary))
+    facts = {"flops_per_token": flops_per_token, "state_size": state_size}
+    for fact, given in facts.items():
+      defined = getattr(module_cls, fact, None)
+      if given is not None and defined is not None:
+        raise ValueError(f"Attention family {name!r}: {fact} is both a method of "
+                         f"{module_cls.__qualname__} and an argument of register(); keep one.")
+      facts[fact] = given if given is not None else defined
+    doc = (module_cls.__doc__ or "").strip()
+    fam = Family(name=name, module=module_cls, options=options, bidirectional=bidirectional,
+                 causal=causal, scannable=scannable, impls=tuple(impls),
+                 shared_factory=shared_factory, decode=decode,
+                 summary=doc.splitlines()[0] if doc else "", **facts)
+    problems = fam.problems()
+    if problems:
+      raise ValueError(f"Attention family {name!r} ({module_cls.__qualname__}) is incomplete; "
+                       "register() needs:\n  - " + "\n  - ".join(problems))
+    _FAMILIES.add(name, fam)
     return module_cls
 
   return wrap
@@ -125,6 +230,10 @@ def family(name: str) -> Family:
 def names_supporting(causal: bool) -> list[str]:
   return [n for n in _FAMILIES.names() if (_FAMILIES.get(n).causal if causal
                                            else _FAMILIES.get(n).bidirectional) is True]
+
+
+def names_scannable() -> list[str]:
+  return [n for n in _FAMILIES.names() if _FAMILIES.get(n).scannable is True]
 
 
 def make_options(name: str, **options):
@@ -146,32 +255,6 @@ def build(name: str, *, rngs: nnx.Rngs | None = None, **options) -> nnx.Module:
   dims = Dims(**{k: options.pop(k) for k in DIM_FIELDS if k in options})
   opts = make_options(name, **options)
   return fam.module(dims, opts, rngs=rngs if rngs is not None else nnx.Rngs(0))
-
-
-@dataclasses.dataclass(frozen=True)
-class StateSize:
-  """What one layer must keep in memory to produce the next token (the decode-time state), in
-  elements per sequence: ``per_token`` elements for every token of context (a KV cache) plus
-  ``fixed`` elements that do not grow with the context (a recurrent state). For a context of T
-  tokens the layer holds ``per_token * T + fixed`` elements."""
-
-  per_token: float
-  fixed: float = 0.0
-
-  def at(self, length: int) -> float:
-    return self.per_token * length + self.fixed
-
-
-def state_size(name: str, dims: Dims, options) -> StateSize:
-  """The decode-time state of one layer of family ``name``. A family defines a static
-  ``state_size(dims, options)`` when it differs from the default: softmax attention with a full
-  KV cache, ``2 * kv_heads * head_dim`` elements per token (``options.num_kv_heads`` when the
-  family has it, 0 meaning ``num_heads``)."""
-  module = family(name).module
-  if hasattr(module, "state_size"):
-    return module.state_size(dims, options)
-  kv = getattr(options, "num_kv_heads", 0) or dims.num_heads
-  return StateSize(per_token=2 * kv * dims.head_dim)
 
 
 def merge_aux(per_layer: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from arch_zoo.attention import ops
-from arch_zoo.attention.base import Context, Dims, check_choice, register
+from arch_zoo.attention.base import Context, Dims, check_choice, kv_cache_state_size, register
 from arch_zoo.attention.parts import QKVProjection, kv_heads, output_projection
 from arch_zoo.layers import Dense
 
@@ -63,7 +63,8 @@ class DynamicMaskOptions:
         raise ValueError(f"attention.{name} must be a positive integer, got {value}.")
 
 
-@register("dynamic_mask", options=DynamicMaskOptions, bidirectional=True)
+@register("dynamic_mask", options=DynamicMaskOptions, bidirectional=True, scannable=True,
+          state_size=kv_cache_state_size, impls=ops.dynamic_mask.IMPLS)
 class DynamicMaskAttention(nnx.Module):
   """Dynamic Mask Attention: each query keeps its top-w keys by a value-derived score (+ bias)."""
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from arch_zoo.attention import ops
-from arch_zoo.attention.base import Context, Dims, check_choice, register
+from arch_zoo.attention.base import Context, Dims, check_choice, kv_cache_state_size, register
 from arch_zoo.attention.mha import MultiHeadAttention
 from arch_zoo.attention.parts import kv_heads, norm_and_rope, output_projection, qk_norms
 from arch_zoo.layers.linear import DEFAULT_STDDEV
@@ -118,7 +118,8 @@ def initial_coefficients(dims: Dims, options: MASAOptions, rngs: nnx.Rngs) -> ja
   return direction / jnp.linalg.norm(direction)
 
 
-@register(NAME, options=MASAOptions, bidirectional=True,
+@register(NAME, options=MASAOptions, bidirectional=True, scannable=True,
+          state_size=kv_cache_state_size, impls=ops.softmax.IMPLS,
           shared_factory=lambda dims, options, rngs: Dictionaries(dims, options, rngs=rngs))
 class SharedDictionaryAttention(nnx.Module):
   """MASA: Q/K/V/O weights as learned combinations of matrix atoms shared across layers."""

@@ -14,7 +14,7 @@ import jax
 from flax import nnx
 
 from arch_zoo.attention import ops
-from arch_zoo.attention.base import Context, Dims, register
+from arch_zoo.attention.base import Context, Dims, kv_cache_state_size, register
 from arch_zoo.attention.parts import QKVProjection, kv_heads, output_projection
 
 
@@ -35,7 +35,8 @@ class MHAOptions:
     ops.check_impl(self.impl, ops.softmax.IMPLS)
 
 
-@register("mha", options=MHAOptions, bidirectional=True)
+@register("mha", options=MHAOptions, bidirectional=True, scannable=True,
+          state_size=kv_cache_state_size, impls=ops.softmax.IMPLS)
 class MultiHeadAttention(nnx.Module):
   """Multi-head softmax attention (MHA/GQA/MQA), RoPE, optional QK-norm; cuDNN flash on GPU."""
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from arch_zoo.attention import ops
-from arch_zoo.attention.base import Context, Dims, check_choice, register
+from arch_zoo.attention.base import Context, Dims, check_choice, kv_cache_state_size, register
 from arch_zoo.attention.mha import MHAOptions
 from arch_zoo.attention.parts import QKVProjection, kv_heads, output_projection
 from arch_zoo.layers import Dense
@@ -175,7 +175,9 @@ def balance_loss(routed_probs: jax.Array, routed_mask: jax.Array, normalization:
   return num_routed * loss if normalization == "code" else loss
 
 
-@register("moh", options=MoHOptions, bidirectional=True)
+@register("moh", options=MoHOptions, bidirectional=True, state_size=kv_cache_state_size,
+          impls=ops.softmax.IMPLS,
+          scannable="its usage metrics are named after the layer index (a static attribute)")
 class MixtureOfHeadAttention(nnx.Module):
   """Mixture-of-Head attention: shared + top-k routed heads, two-stage gates, balance loss."""
 

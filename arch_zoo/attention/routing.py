@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from arch_zoo.attention import ops
-from arch_zoo.attention.base import Context, Dims, register
+from arch_zoo.attention.base import Context, Dims, kv_cache_state_size, register
 from arch_zoo.attention.parts import head_projection, output_projection, rope
 from arch_zoo.layers import apply_rope
 
@@ -121,7 +121,9 @@ def ema_update(counts, sums, centroids, xhat, assignment, decay: float):
 # ------------------------------------------------------------------------------ the layer
 
 
-@register("routing", options=RoutingOptions, bidirectional=True)
+@register("routing", options=RoutingOptions, bidirectional=True, state_size=kv_cache_state_size,
+          impls=ops.routing.IMPLS,
+          scannable="its training forward writes the k-means centroid state of each layer")
 class RoutingAttention(nnx.Module):
   """Routing Transformer attention: block-local heads + k-means routing heads (shared QK)."""
 

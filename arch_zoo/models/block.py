@@ -125,12 +125,6 @@ class Block(nnx.Module):
     return sharding.constrain(x, axes), sharding.constrain(branch, axes), aux
 
 
-# Families whose layers differ only in parameter values (no per-layer static attribute such as
-# lightning's decay slopes, MoH's per-layer metric names or routing's centroid state), so one
-# stacked block can stand for all of them under scan_layers.
-SCANNABLE = ("mha", "dynamic_mask", "masa")
-
-
 def stack_blocks(blocks: list[Block]) -> Block:
   """One Block whose parameters carry a leading ``layers`` axis, from L blocks built as usual
   (so a scanned model starts from exactly the weights of the unrolled one)."""
@@ -163,11 +157,14 @@ class Stack(nnx.Module):
     self.scan_layers = bool(cfg.get("scan_layers", False))
     blocks = [Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)]
     if self.scan_layers:
-      odd = sorted(set(names) - set(SCANNABLE))
-      if odd:
-        raise ValueError(f"model.scan_layers=True cannot stack {', '.join(odd)} layers (their "
-                         f"layers differ in more than weights); it supports "
-                         f"{', '.join(SCANNABLE)}. Set model.scan_layers=False.")
+      # One stacked block stands for all layers: only families whose layers differ in parameter
+      # values alone (the registry's `scannable`) can be stacked.
+      for name in dict.fromkeys(names):
+        reason = attention.family(name).scannable
+        if reason is not True:
+          raise ValueError(f"model.scan_layers=True cannot stack {name} layers: {reason}. It "
+                           f"supports {', '.join(attention.names_scannable())}. Set "
+                           "model.scan_layers=False.")
       self.num_layers = cfg.num_layers
       self.blocks = stack_blocks(blocks)
     else:

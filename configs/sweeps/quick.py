@@ -1,6 +1,9 @@
-r"""The default offline comparison for the 2-core CPU machine: all six attention families on the
-small LM (Jane Austen, bytes), on MQAR and on the small ViT (Fashion-MNIST), 2 seeds each
-(36 runs), plus the paper claims it can check at this scale.
+r"""The default offline comparison for the 2-core CPU machine: every registered attention family
+(the six built-in ones: 36 runs) on the small LM (Jane Austen, bytes), on MQAR and on the small ViT
+(Fashion-MNIST), 2 seeds each, plus the paper claims it can check at this scale. Families come
+from the registry (``mha`` first, the baseline), so a family added to arch_zoo joins the sweep; one
+loaded as a plugin before this file (``arch_zoo.plugins``) joins too, its ``plugins=`` in every
+member's config argument.
 
     python compare.py --sweep configs/sweeps/quick.py --workdir runs/quick --out docs/results
 
@@ -26,11 +29,23 @@ Shared choices, identical for every family of a group:
   size instead. ``configs/sweeps/lm_iso_params.py`` is the same LM comparison at matched parameters.
 """
 
+from arch_zoo import attention, plugins
+
 LM_STEPS = 300
 MQAR_STEPS = 400
 VIT_STEPS = 200
-FAMILIES = ["mha", "moh", "lightning", "routing", "dynamic_mask", "masa"]
 SEEDS = [0, 1]
+
+
+def families(causal: bool) -> list[str]:
+  """Every registered family that runs in this mode, the baseline ``mha`` first."""
+  return sorted(attention.names_supporting(causal), key=lambda name: name != "mha")
+
+
+def config_arg(arg: str) -> str:
+  """``arg`` plus the plugins this process loaded, for members run as subprocesses."""
+  loaded = plugins.loaded()
+  return f"{arg},plugins={loaded}" if loaded else arg
 
 
 def quiet(steps: int, log_every: int) -> dict:
@@ -42,20 +57,23 @@ def quiet(steps: int, log_every: int) -> dict:
 
 def get_sweep():
   return [
-      dict(name="lm", config="configs/lm.py", arg="size=S", variants=FAMILIES, seeds=SEEDS,
+      dict(name="lm", config="configs/lm.py", arg=config_arg("size=S"), variants=families(True),
+           seeds=SEEDS,
            overrides={"model.num_layers": 3, **quiet(LM_STEPS, 20)},
            attention_overrides={"dynamic_mask": {"model.attention.keep_window_size": 32},
                                 "routing": {"model.attention.local_window": 32}},
            # eval.py's default suite on an LM is the perplexity train.py already measured over
            # the whole validation split at the last step: skip the duplicate.
            suite=None),
-      dict(name="mqar", config="configs/recall.py", arg="size=S,task=mqar", variants=FAMILIES,
+      dict(name="mqar", config="configs/recall.py", arg=config_arg("size=S,task=mqar"),
+           variants=families(True),
            # Batch 32 instead of the size's 64: MQAR steps cost 4x an LM step's tokens.
            seeds=SEEDS, overrides={"train.batch_size": 32, **quiet(MQAR_STEPS, 20)},
            attention_overrides={"dynamic_mask": {"model.attention.keep_window_size": 16},
                                 "routing": {"model.attention.local_window": 16}},
            suite="default"),
-      dict(name="vit", config="configs/vit.py", arg="size=S", variants=FAMILIES, seeds=SEEDS,
+      dict(name="vit", config="configs/vit.py", arg=config_arg("size=S"), variants=families(False),
+           seeds=SEEDS,
            # The sweep's own optimiser settings, not the CPU demo recipe of size S, and the model
            # and input choices of the runs in docs/results (size S's defaults then: sin-cos
            # position embedding, float32, GELU, layer norm, plain patches, no flips).
