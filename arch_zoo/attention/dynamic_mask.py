@@ -64,7 +64,7 @@ class DynamicMaskOptions:
 
 
 @register("dynamic_mask", options=DynamicMaskOptions, bidirectional=True, scannable=True,
-          state_size=kv_cache_state_size, impls=ops.dynamic_mask.IMPLS)
+          state_size=kv_cache_state_size, impls=("auto", *ops.dynamic_mask.IMPLS))
 class DynamicMaskAttention(nnx.Module):
   """Dynamic Mask Attention: each query keeps its top-w keys by a value-derived score (+ bias)."""
 

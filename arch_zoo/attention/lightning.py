@@ -106,7 +106,8 @@ def srms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
-@register("lightning", options=LightningOptions, bidirectional=True, impls=ops.linear.IMPLS,
+@register("lightning", options=LightningOptions, bidirectional=True,
+          impls=("auto", *ops.linear.IMPLS),
           scannable="its decay slopes depend on the layer index (static attributes)")
 class LightningAttention(nnx.Module):
   """TNL gated linear attention with per-head decay (Lightning); block-wise XLA or Triton."""

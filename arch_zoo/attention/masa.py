@@ -119,7 +119,7 @@ def initial_coefficients(dims: Dims, options: MASAOptions, rngs: nnx.Rngs) -> ja
 
 
 @register(NAME, options=MASAOptions, bidirectional=True, scannable=True,
-          state_size=kv_cache_state_size, impls=ops.softmax.IMPLS,
+          state_size=kv_cache_state_size, impls=("auto", *ops.softmax.IMPLS),
           shared_factory=lambda dims, options, rngs: Dictionaries(dims, options, rngs=rngs))
 class SharedDictionaryAttention(nnx.Module):
   """MASA: Q/K/V/O weights as learned combinations of matrix atoms shared across layers."""

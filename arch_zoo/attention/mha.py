@@ -36,7 +36,7 @@ class MHAOptions:
 
 
 @register("mha", options=MHAOptions, bidirectional=True, scannable=True,
-          state_size=kv_cache_state_size, impls=ops.softmax.IMPLS)
+          state_size=kv_cache_state_size, impls=("auto", *ops.softmax.IMPLS))
 class MultiHeadAttention(nnx.Module):
   """Multi-head softmax attention (MHA/GQA/MQA), RoPE, optional QK-norm; cuDNN flash on GPU."""
 

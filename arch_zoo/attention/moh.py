@@ -176,7 +176,7 @@ def balance_loss(routed_probs: jax.Array, routed_mask: jax.Array, normalization:
 
 
 @register("moh", options=MoHOptions, bidirectional=True, state_size=kv_cache_state_size,
-          impls=ops.softmax.IMPLS,
+          impls=("auto", *ops.softmax.IMPLS),
           scannable="its usage metrics are named after the layer index (a static attribute)")
 class MixtureOfHeadAttention(nnx.Module):
   """Mixture-of-Head attention: shared + top-k routed heads, two-stage gates, balance loss."""

@@ -122,7 +122,7 @@ def ema_update(counts, sums, centroids, xhat, assignment, decay: float):
 
 
 @register("routing", options=RoutingOptions, bidirectional=True, state_size=kv_cache_state_size,
-          impls=ops.routing.IMPLS,
+          impls=("auto", *ops.routing.IMPLS),
           scannable="its training forward writes the k-means centroid state of each layer")
 class RoutingAttention(nnx.Module):
   """Routing Transformer attention: block-local heads + k-means routing heads (shared QK)."""
