@@ -29,7 +29,7 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from arch_zoo import checkpoint, data as data_lib, metrics as metrics_lib, optim, perf, provenance
-from arch_zoo import evaluators, sharding, steps, train_state
+from arch_zoo import models, sharding, steps, tasks, train_state
 
 FLAGS = flags.FLAGS
 
@@ -72,6 +72,8 @@ def check_workdir(config: ConfigDict, workdir: str) -> None:
     old, new = _lookup(saved, key), _lookup(current, key)
     old = old.to_dict() if isinstance(old, ConfigDict) else old
     new = new.to_dict() if isinstance(new, ConfigDict) else new
+    if key == "model":  # the options of families that no layer uses do not define the run
+      old, new = models.used_config(old), models.used_config(new)
     if old != new:
       raise ValueError(
           f"{workdir} holds a run with a different {key!r} ({old} vs now {new}). "
@@ -126,10 +128,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
                      "data-parallel devices (mesh data x fsdp).")
 
   data = data_lib.build(config, jax.process_index(), jax.process_count())
-  evaluator = evaluators.for_task(config.task)
-  if config.task in ("lm", "mqar") and config.model.vocab_size < data.vocab_size:
-    raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
-                     f"tokenizer's {data.vocab_size}.")
+  task = tasks.get(config.task)
+  evaluator = task.validator
+  task.check_data(config, data)
 
   # ---------------------------------------------------------------- model, optimizer, restore
   total_steps = config.train.steps
@@ -138,12 +139,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
                                  keep=config.train.keep_checkpoints,
                                  async_save=config.train.async_checkpoint)
   samples_seen = 0
+  blueprint = train_state.trace(config, mesh, rules, tx)  # the one build of the model
+  graphdef, state_shardings = blueprint.graphdef, blueprint.shardings
   if ckpt.latest_step() is None:
-    graphdef, state, state_shardings = train_state.create(config, mesh, rules, tx)
+    state = blueprint.initialize()
   else:  # restored straight into its shardings: no weights are initialised only to be replaced
-    graphdef = train_state.graphdef_of(config.model)
-    state_shardings = train_state.shardings_of(config, mesh, rules, tx)
-    state, data_state = ckpt.restore(train_state.abstract_state(config, tx, state_shardings))
+    state, data_state = ckpt.restore(blueprint.abstract)
     samples_seen = int(data_state["samples_seen"])
     if is_main:
       print(f"Resuming from step {int(state.step)} ({samples_seen} samples seen).", flush=True)
@@ -253,14 +254,6 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     writer.close()
 
 
-def format_final(final: dict[str, Any]) -> str:
-  if "answers" in final:  # MQAR: accuracy over the answers of the training slices' test sets
-    return f"validation loss {final['loss']:.4f} | MQAR accuracy {final['accuracy']:.4f}"
-  keys = [("loss", "validation loss {:.4f}"), ("perplexity", "perplexity {:.3f}"),
-          ("bits_per_byte", "bits/byte {:.4f}"), ("accuracy", "top-1 {:.4f}")]
-  return " | ".join(fmt.format(final[k]) for k, fmt in keys if k in final)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -277,7 +270,7 @@ def main(argv):
     print(f"error: {e}\n(set ARCH_ZOO_DEBUG=1 for the traceback)", file=sys.stderr)
     sys.exit(1)
   if "loss" in final:
-    print(f"step {final['step']}: {format_final(final)}", flush=True)
+    print(f"step {final['step']}: {tasks.get(FLAGS.config.task).format_final(final)}", flush=True)
   else:
     print(f"stopped at step {final['step']}; run the same command again to continue.", flush=True)
 
