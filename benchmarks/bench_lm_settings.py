@@ -39,7 +39,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import compare  # noqa: E402
+from arch_zoo import config_files  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 # (flag sets, settings) in priority order: the first group holds the baseline of bench_lm.py.
@@ -105,7 +105,7 @@ def run_flag_set(args) -> None:
       config.model.scan_layers = setting["scan_layers"]
       for key, value in setting.items():
         if "." in key:
-          compare.set_dotted(config, key, value)  # names the key if the config has none such
+          config_files.set_dotted(config, key, value)  # names the key if the config has none such
     try:
       vocab = min(config.model.vocab_size, 50257)
       step = common.TrainStep(config,
