@@ -8,6 +8,7 @@ loaded, as big_vision's are. They import ``configs.common``, so the repository r
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 from types import ModuleType
@@ -42,16 +43,21 @@ def load_module(path: str, prefix: str = "_config_") -> ModuleType:
 
 
 def set_dotted(config: ConfigDict, key: str, value: Any) -> None:
-  """``config.a.b = value`` for ``key="a.b"``; a KeyError names a key the config lacks."""
-  *parents, leaf = key.split(".")
+  """``config.a.b = value`` for ``key="a.b"``; a key the config lacks is a KeyError that names it,
+  the closest existing key and the valid ones."""
+  parts = key.split(".")
   node = config
-  for part in parents:
-    if part not in node:
-      raise KeyError(f"Override {key!r} names no config key ({part!r} is not in the config).")
-    node = node[part]
-  if leaf not in node:
-    raise KeyError(f"Override {key!r} names no config key.")
-  node[leaf] = value
+  for depth, part in enumerate(parts):
+    if not isinstance(node, ConfigDict) or part not in node:
+      valid = sorted(node) if isinstance(node, ConfigDict) else []
+      close = difflib.get_close_matches(part, valid, n=1)
+      raise KeyError(f"Override {key!r} names no config key: "
+                     f"{'.'.join(parts[:depth]) or 'the config'} has no {part!r}."
+                     + (f" Did you mean {close[0]!r}?" if close else "")
+                     + (f" Its keys: {', '.join(valid)}." if valid else ""))
+    if depth < len(parts) - 1:
+      node = node[part]
+  node[parts[-1]] = value
 
 
 def build(config_file: str, arg: str, overrides: dict[str, Any]) -> ConfigDict:
