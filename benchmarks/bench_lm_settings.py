@@ -76,7 +76,7 @@ def matmul_peak(n: int) -> float:
 
 def run_flag_set(args) -> None:
   """Child: XLA_FLAGS is already set by the parent; runs every setting of one flag set."""
-  from arch_zoo import provenance
+  from arch_zoo import models
   from configs import lm
 
   result = {"flag_set": args.flag_set, "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -118,7 +118,7 @@ def run_flag_set(args) -> None:
       row["skipped"] = "error: " + str(e).splitlines()[0][:300]
       save()
       continue
-    flops = provenance.lm_flops_per_token(config.model, args.seq_len)["train_flops_per_token"]
+    flops = models.lm.flops_per_token(config.model, args.seq_len)["train_flops_per_token"]
     tokens_per_s = setting["batch"] * args.seq_len / stats["median_s"]
     row.update(stats=stats, tokens_per_s=tokens_per_s, flops_per_token=flops,
                mfu_vs_989=tokens_per_s * flops / common.H100_BF16_PEAK,
@@ -181,7 +181,7 @@ def main() -> None:
   record = {"benchmark": "124M LM training step at T=%d: settings sweep" % args.seq_len,
             "mfu_formula": "tokens/s x train FLOPs/token / peak (989e12, and the bf16 8192^3 "
                            "matmul peak measured under the same XLA flags); FLOPs from "
-                           "arch_zoo/provenance.py, causal attention counted at half",
+                           "arch_zoo/models/lm.py, causal attention counted at half",
             "seq_len": args.seq_len, "steps_per_sample": args.steps, "samples": args.samples,
             "budget_s": args.budget_s, "flag_sets": {}, "rows": []}
   jobs = [("ours", plan[0])] + ([("peer", None)] if peer else []) + [("ours", g) for g in plan[1:]]
