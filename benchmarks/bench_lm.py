@@ -11,8 +11,8 @@ Runs each side in its own subprocess (neither framework then holds GPU memory th
 
 Both are fed device-resident random tokens, so only the training step is timed. MFU uses model
 FLOPs per token from :func:`arch_zoo.models.lm.flops_per_token` (matmuls only, training = 3 x
-forward, causal attention counted as half of QK^T and AV), against 989 TFLOP/s and against the bf16 matmul peak
-measured in the same run (8192^3 GEMM).
+forward, causal attention counted as half of QK^T and AV), against 989 TFLOP/s and against the
+bf16 matmul peak measured in the same run (8192^3 GEMM).
 """
 
 from __future__ import annotations

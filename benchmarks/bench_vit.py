@@ -28,8 +28,8 @@ has biases in QKV, the attention output and the MLP (ours: none), a learned posi
 before); together well under 1% of parameters and FLOPs.
 
 MFU uses model FLOPs per image from :func:`arch_zoo.models.vit.flops_per_image` (matmuls only,
-training = 3 x forward, bidirectional attention over all token pairs), against 989 TFLOP/s and against the bf16
-matmul peak measured in the same run (8192^3 GEMM).
+training = 3 x forward, bidirectional attention over all token pairs), against 989 TFLOP/s and
+against the bf16 matmul peak measured in the same run (8192^3 GEMM).
 """
 
 from __future__ import annotations
