@@ -1,6 +1,6 @@
-"""Running a sweep's members. Each is an ordinary ``train.py`` run followed by ``eval.py`` in its own
-workdir, ``ROOT/GROUP/VARIANT/seedS``, either in this process (no interpreter start-up per member)
-or as subprocesses (each member isolated).
+"""Running a sweep's members. Each is an ordinary ``train.py`` run followed by ``eval.py`` in its
+own workdir, ``ROOT/GROUP/VARIANT/seedS``, either in this process (no interpreter start-up per
+member) or as subprocesses (each member isolated).
 
 A member is finished when ``final_metrics.json`` exists and its evaluation (``eval_results.json``
 of the final step and the group's suite) is written; finished members are skipped, part-done ones
