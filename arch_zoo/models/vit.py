@@ -14,12 +14,12 @@ cost model.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
-
-from typing import Any
 
 from arch_zoo import attention, sharding
 from arch_zoo.attention.base import Context
