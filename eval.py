@@ -6,7 +6,8 @@ r"""Restores a run's checkpoint and runs a suite of evaluators on it; no trainin
     python eval.py --workdir runs/lm_mha_S --suite recall --passkey_lengths=128,256,512 \
         --passkey_depths=0,0.5,1 --passkey_trials=50
 
-Suites (``arch_zoo.evaluators.SUITES``) name evaluators that fit the run's task:
+Suites (``arch_zoo.tasks``: each task lists its evaluators per suite) name evaluators that fit the
+run's task:
 
 * ``default``: the task's own metric -- ``perplexity`` for language models (the whole validation
   split: loss, perplexity, bits per byte, accuracy, tokens), ``classification`` for ViTs
@@ -42,7 +43,7 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from arch_zoo import checkpoint, data as data_lib, evaluators, optim, perf, sharding, steps
-from arch_zoo import plugins, train_state, workdir as workdir_lib
+from arch_zoo import plugins, tasks, train_state, workdir as workdir_lib
 from arch_zoo.errors import UserError, fail, message_of, run_cli
 from arch_zoo.evaluators import classification, passkey, perplexity, recall
 
@@ -54,7 +55,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
   flags.DEFINE_integer("max_batches", None,
                        "Evaluate only this many batches (per MQAR slice; default: all).")
-  flags.DEFINE_enum("suite", "default", list(evaluators.SUITES),
+  flags.DEFINE_enum("suite", "default", list(tasks.SUITES),
                     "Evaluators to run: default (the task's metric), recall, all.")
   flags.DEFINE_list("passkey_lengths", None, "Passkey context lengths in tokens (default: "
                     "eval.passkey.lengths of the config, else 1/4, 1/2 and 1 x data.seq_len).")
@@ -94,6 +95,7 @@ class Run:
   mesh: Any
   eval_step: Callable
   max_batches: int | None
+  graphdef: Any  # the model's structure
 
   def put(self, batch):
     return sharding.global_batch_from_local(batch, self.mesh)
@@ -148,7 +150,7 @@ def run_passkey(run: Run, options: dict) -> dict:
   data, mesh = run.data, run.mesh
   tokenizer = data.tokenizer
   settings = passkey_settings(run.config, tokenizer.encode, options)
-  graphdef = train_state.graphdef_of(run.config.model)
+  graphdef = run.graphdef
 
   @jax.jit
   def argmax_at(params, model_state, batch, index):
@@ -181,15 +183,16 @@ EVALUATORS = {"perplexity": run_perplexity, "classification": run_classification
 
 
 def restore(workdir: str, config: ConfigDict, step: int | None, mesh, rules):
+  """``(state, graphdef)`` of checkpoint ``step`` (default: the latest)."""
   tx, _ = optim.build(config.optim, config.train.steps)
-  shardings = train_state.shardings_of(config, mesh, rules, tx)
+  blueprint = train_state.trace(config, mesh, rules, tx)  # the one build of the model
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   if ckpt.latest_step() is None:
     raise checkpoint.CheckpointError(f"no checkpoint in {ckpt.directory}; train first (or wait "
                                      "for the run's first checkpoint).")
-  state, _ = ckpt.restore(train_state.abstract_state(config, tx, shardings), step)
+  state, _ = ckpt.restore(blueprint.abstract, step)
   ckpt.close()
-  return state
+  return state, blueprint.graphdef
 
 
 def upgrade(saved: dict) -> dict:
@@ -230,13 +233,13 @@ def evaluate_run(workdir: str, step: int | None = None, max_batches: int | None 
   writes ``{"step", "task", "attention", "suite", "results": {EVALUATOR: metrics}}`` (merged with
   the saved results of the same step). ``passkey_options``: ``lengths``, ``depths``, ``trials``."""
   config = load_config(workdir)
-  names = evaluators.suite_for(suite, config.task)  # fail before restoring anything
+  names = tasks.get(config.task).suite(suite)  # fail before restoring anything
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_for(config.sharding)
-  state = restore(workdir, config, step, mesh, rules)
+  state, graphdef = restore(workdir, config, step, mesh, rules)
   data = data_lib.build(config, jax.process_index(), jax.process_count())
-  eval_step = jax.jit(steps.make_eval_step(train_state.graphdef_of(config.model)))
-  run = Run(workdir, config, state, data, mesh, eval_step, max_batches)
+  eval_step = jax.jit(steps.make_eval_step(graphdef))
+  run = Run(workdir, config, state, data, mesh, eval_step, max_batches, graphdef)
   results = {}
   with sharding.use(mesh, rules):
     for name in names:
@@ -251,28 +254,8 @@ def evaluate_run(workdir: str, step: int | None = None, max_batches: int | None 
 def summary(record: dict) -> list[str]:
   """One line per evaluator."""
   lines = [f"step {record['step']} | {record['task']} | attention {record['attention']}"]
-  for name, m in record["results"].items():
-    if name == "perplexity":
-      lines.append(f"  perplexity: validation loss {m['loss']:.4f} | perplexity "
-                   f"{m['perplexity']:.3f} | bits/byte {m['bits_per_byte']:.4f} "
-                   f"({m['tokens']} tokens)")
-    elif name == "classification":
-      lines.append(f"  classification: test loss {m['loss']:.4f} | top-1 {m['accuracy']:.4f} "
-                   f"({m['examples']} images of {m['split']})")
-    elif name == "mqar":
-      lines.append(f"  mqar: accuracy {m['accuracy']:.4f} (training slices)"
-                   + (f" | longer {m['accuracy_longer']:.4f}" if "accuracy_longer" in m else ""))
-      for s in m["slices"]:
-        lines.append(f"    T={s['seq_len']:<5d} kv={s['num_kv_pairs']:<4d} accuracy "
-                     f"{s['accuracy']:.4f} ({s['examples']} examples"
-                     + (", trained" if s["trained"] else "") + ")")
-    elif name == "passkey":
-      lines.append(f"  passkey: exact {m['accuracy']:.4f} | digits {m['digit_accuracy']:.4f} "
-                   f"({m['trials']} trials per cell; heat map {m.get('heatmap')})")
-      matrix = passkey.accuracy_matrix(m)
-      lines.append("    length \\ depth " + " ".join(f"{d:>5.0%}" for d in m["depths"]))
-      for length, row in zip(m["lengths"], matrix):
-        lines.append(f"    {length:>14d} " + " ".join(f"{v:5.2f}" for v in row))
+  for name, metrics in record["results"].items():
+    lines += evaluators.summary(name, metrics)
   return lines
 
 

@@ -28,8 +28,8 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from arch_zoo import checkpoint, config_checks, data as data_lib, interrupts as interrupts_lib
-from arch_zoo import evaluators, metrics as metrics_lib, optim, perf, provenance
-from arch_zoo import sharding, steps, train_state, workdir as workdir_lib
+from arch_zoo import metrics as metrics_lib, optim, perf, provenance, sharding, steps, tasks
+from arch_zoo import train_state, workdir as workdir_lib
 from arch_zoo.errors import UserError, fail, run_cli
 
 FLAGS = flags.FLAGS
@@ -116,22 +116,21 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
                      "data-parallel devices (mesh data x fsdp).")
 
   data = data_lib.build(config, jax.process_index(), jax.process_count())
-  evaluator = evaluators.for_task(config.task)
-  if config.task in ("lm", "mqar") and config.model.vocab_size < data.vocab_size:
-    raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
-                     f"tokenizer's {data.vocab_size}.")
+  task = tasks.get(config.task)
+  evaluator = task.validator
+  task.check_data(config, data)
 
   # ---------------------------------------------------------------- model, optimizer, restore
   total_steps = config.train.steps
   tx, schedule = optim.build(config.optim, total_steps)
   samples_seen = 0
+  blueprint = train_state.trace(config, mesh, rules, tx)  # the one build of the model
+  graphdef, state_shardings = blueprint.graphdef, blueprint.shardings
   restored_from = ckpt.latest_step()
   if restored_from is None:
-    graphdef, state, state_shardings = train_state.create(config, mesh, rules, tx)
+    state = blueprint.initialize()
   else:  # restored straight into its shardings: no weights are initialised only to be replaced
-    graphdef = train_state.graphdef_of(config.model)
-    state_shardings = train_state.shardings_of(config, mesh, rules, tx)
-    state, data_state = ckpt.restore(train_state.abstract_state(config, tx, state_shardings))
+    state, data_state = ckpt.restore(blueprint.abstract)
     samples_seen = int(data_state["samples_seen"])
   start_step = int(state.step)
   ckpt.check_writable()
@@ -309,14 +308,6 @@ def nonfinite_message(loss: float, window: tuple[int, int], ckpt: checkpoint.Che
           "optim.learning_rate or raise optim.warmup_steps, then resume.")
 
 
-def format_final(final: dict[str, Any]) -> str:
-  if "answers" in final:  # MQAR: accuracy over the answers of the training slices' test sets
-    return f"validation loss {final['loss']:.4f} | MQAR accuracy {final['accuracy']:.4f}"
-  keys = [("loss", "validation loss {:.4f}"), ("perplexity", "perplexity {:.3f}"),
-          ("bits_per_byte", "bits/byte {:.4f}"), ("accuracy", "top-1 {:.4f}")]
-  return " | ".join(fmt.format(final[k]) for k, fmt in keys if k in final)
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with every mistake in the flags reported as one ``error:`` line."""
   try:
@@ -359,7 +350,7 @@ def main(argv):
   if isinstance(final, dict) and final.get("interrupted"):
     sys.exit(interrupts_lib.EXIT_CODES[final["interrupted"]])
   if "loss" in final:
-    print(f"step {final['step']}: {format_final(final)}", flush=True)
+    print(f"step {final['step']}: {tasks.get(config.task).format_final(final)}", flush=True)
   else:
     print(f"stopped at step {final['step']}; run the same command again to continue.", flush=True)
 

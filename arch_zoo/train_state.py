@@ -1,11 +1,21 @@
-"""Builds the model and the train state directly in their sharded layout."""
+"""The train state's blueprint, from one build of the model, and the state in its sharded layout.
+
+``trace`` builds the model once, abstractly (``jax.make_jaxpr`` of the initialiser): that one build
+gives the model's structure (``graphdef``), every array's shape and logical axes, hence its
+sharding and the target of a checkpoint restore, and the recorded initialiser, which ``initialize``
+then runs under ``jit`` straight into the shardings without building the model again.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
@@ -13,31 +23,27 @@ from arch_zoo import models, sharding
 from arch_zoo.steps import TrainState
 
 
-def split_model(model_cfg: ConfigDict, seed: int):
-  """``(graphdef, params, model_state)`` of a freshly initialised model."""
-  model = models.build(model_cfg, rngs=nnx.Rngs(seed))
-  return nnx.split(model, nnx.Param, ...)
+@dataclasses.dataclass(frozen=True)
+class Blueprint:
+  """The model, built once: what the rest of a run needs to know about its train state."""
 
+  graphdef: Any  # the model's static structure (steps merge it with the params)
+  shardings: TrainState  # the sharding of every array, from the parameters' logical axes
+  abstract: TrainState  # shape/dtype/sharding structs: the target of a checkpoint restore
+  initializer: ClosedJaxpr  # the recorded initialiser of the train state
+  placement: str  # where ``initialize`` creates the weights (``init_placement``)
 
-def graphdef_of(model_cfg: ConfigDict):
-  """The static structure of the model, without allocating any weights."""
-  model = nnx.eval_shape(lambda: models.build(model_cfg, rngs=nnx.Rngs(0)))
-  return nnx.split(model, nnx.Param, ...)[0]
+  def initialize(self) -> TrainState:
+    """A freshly initialised train state, every array in its sharding."""
+    tree = jax.tree.structure(self.abstract)
 
+    def init():
+      return jax.tree.unflatten(tree, jaxpr_as_fun(self.initializer)())
 
-def _initializer(config: ConfigDict, tx: optax.GradientTransformation):
-
-  def init() -> TrainState:
-    _, params, model_state = split_model(config.model, config.seed)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      model_state=model_state)
-
-  return init
-
-
-def shardings_of(config: ConfigDict, mesh: Mesh, rules, tx: optax.GradientTransformation):
-  """The sharding of every array of the train state, from the parameters' logical axes."""
-  return sharding.tree_shardings(jax.eval_shape(_initializer(config, tx)), mesh, rules)
+    if self.placement == "host":
+      with jax.default_device(jax.devices("cpu")[0]):
+        return jax.device_put(jax.jit(init)(), self.shardings)
+    return jax.jit(init, out_shardings=self.shardings)()
 
 
 def init_placement(config: ConfigDict) -> str:
@@ -55,21 +61,27 @@ def init_placement(config: ConfigDict) -> str:
   return choice
 
 
+def trace(config: ConfigDict, mesh: Mesh, rules, tx: optax.GradientTransformation) -> Blueprint:
+  """Builds the model once (abstractly) and derives the train state's blueprint from it."""
+  placement = init_placement(config)
+  graphdefs = []
+
+  def init() -> TrainState:
+    model = models.build(config.model, rngs=nnx.Rngs(config.seed))
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    graphdefs.append(graphdef)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      model_state=model_state)
+
+  with sharding.use(mesh, rules):
+    initializer, shapes = jax.make_jaxpr(init, return_shape=True)()
+  shardings = sharding.tree_shardings(shapes, mesh, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          shapes, shardings)
+  return Blueprint(graphdefs[0], shardings, abstract, initializer, placement)
+
+
 def create(config: ConfigDict, mesh: Mesh, rules, tx: optax.GradientTransformation):
   """Returns ``(graphdef, state, state_shardings)`` with every array in its sharding."""
-  shardings = shardings_of(config, mesh, rules, tx)
-  init = _initializer(config, tx)
-  with sharding.use(mesh, rules):
-    if init_placement(config) == "host":
-      with jax.default_device(jax.devices("cpu")[0]):
-        state = jax.device_put(jax.jit(init)(), shardings)
-    else:
-      state = jax.jit(init, out_shardings=shardings)()
-  return graphdef_of(config.model), state, shardings
-
-
-def abstract_state(config: ConfigDict, tx: optax.GradientTransformation, shardings) -> TrainState:
-  """Shape/dtype/sharding structs of the train state: the target of a checkpoint restore."""
-  abstract = jax.eval_shape(_initializer(config, tx))
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  blueprint = trace(config, mesh, rules, tx)
+  return blueprint.graphdef, blueprint.initialize(), blueprint.shardings

@@ -110,7 +110,11 @@ def check_identity(saved: dict[str, Any] | None, config: ConfigDict, workdir: st
   other settings that changed (``{key: (saved, current)}``)."""
   if saved is None:
     return {}
-  changed = differences(saved, config_dict(config))
+  from arch_zoo import models  # the options of families that no layer uses do not define a run
+  current = config_dict(config)
+  saved = {**saved, "model": models.used_config(saved.get("model"))}
+  current = {**current, "model": models.used_config(current.get("model"))}
+  changed = differences(saved, current)
   identity = {k: v for k, v in changed.items() if is_identity_key(k)}
   if identity:
     shown = "; ".join(f"{k}: {old!r} in the run, {new!r} now"

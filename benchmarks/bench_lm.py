@@ -10,9 +10,9 @@ Runs each side in its own subprocess (neither framework then holds GPU memory th
   ``torch.compile``, bf16 autocast, fused AdamW, at the same tokens per step.
 
 Both are fed device-resident random tokens, so only the training step is timed. MFU uses model
-FLOPs per token from :mod:`arch_zoo.provenance` (matmuls only, training = 3 x forward, causal
-attention counted as half of QK^T and AV), against 989 TFLOP/s and against the bf16 matmul peak
-measured in the same run (8192^3 GEMM).
+FLOPs per token from :func:`arch_zoo.models.lm.flops_per_token` (matmuls only, training = 3 x
+forward, causal attention counted as half of QK^T and AV), against 989 TFLOP/s and against the
+bf16 matmul peak measured in the same run (8192^3 GEMM).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def jax_matmul_peak() -> float:
 
 
 def run_ours(args) -> dict:
-  from arch_zoo import provenance
+  from arch_zoo import models
   from configs import lm
 
   config = lm.get_config(f"attn={args.attn},size=124M")
@@ -53,7 +53,7 @@ def run_ours(args) -> dict:
   step = common.TrainStep(config, common.random_lm_batch(args.batch, args.seq_len, 50257))
   stats, compile_s = step.time(steps_per_sample=args.steps, samples=args.samples)
   print(f"ours compiled in {compile_s:.0f}s", flush=True)
-  flops = provenance.lm_flops_per_token(config.model, args.seq_len)
+  flops = models.lm.flops_per_token(config.model, args.seq_len)
   return {"stats": stats, "flops_per_token": flops["train_flops_per_token"],
           "flops_per_token_noncausal": flops["train_flops_per_token_noncausal"],
           "matmul_peak_flops": jax_matmul_peak(),
@@ -133,7 +133,7 @@ def main() -> None:
   header = {"benchmark": "LM training step, GPT-2 124M shape",
             "mfu_formula": "tokens/s x train FLOPs/token / peak; train FLOPs/token = 3 x forward "
                            "matmul FLOPs (QKV, out-proj, MLP, LM head; causal attention QK^T and "
-                           "AV counted at half), see arch_zoo/provenance.py",
+                           "AV counted at half), see arch_zoo/models/lm.py",
             "attention": args.attn, "remat": args.remat, "rows": rows}
   for seq_len in map(int, args.seq_lens.split(",")):
     batch = args.tokens_per_step // seq_len

@@ -39,7 +39,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import compare  # noqa: E402
+from arch_zoo import config_files  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 # (flag sets, settings) in priority order: the first group holds the baseline of bench_lm.py.
@@ -76,7 +76,7 @@ def matmul_peak(n: int) -> float:
 
 def run_flag_set(args) -> None:
   """Child: XLA_FLAGS is already set by the parent; runs every setting of one flag set."""
-  from arch_zoo import provenance
+  from arch_zoo import models
   from configs import lm
 
   result = {"flag_set": args.flag_set, "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -105,7 +105,7 @@ def run_flag_set(args) -> None:
       config.model.scan_layers = setting["scan_layers"]
       for key, value in setting.items():
         if "." in key:
-          compare.set_dotted(config, key, value)  # names the key if the config has none such
+          config_files.set_dotted(config, key, value)  # names the key if the config has none such
     try:
       vocab = min(config.model.vocab_size, 50257)
       step = common.TrainStep(config,
@@ -118,7 +118,7 @@ def run_flag_set(args) -> None:
       row["skipped"] = "error: " + str(e).splitlines()[0][:300]
       save()
       continue
-    flops = provenance.lm_flops_per_token(config.model, args.seq_len)["train_flops_per_token"]
+    flops = models.lm.flops_per_token(config.model, args.seq_len)["train_flops_per_token"]
     tokens_per_s = setting["batch"] * args.seq_len / stats["median_s"]
     row.update(stats=stats, tokens_per_s=tokens_per_s, flops_per_token=flops,
                mfu_vs_989=tokens_per_s * flops / common.H100_BF16_PEAK,
@@ -181,7 +181,7 @@ def main() -> None:
   record = {"benchmark": "124M LM training step at T=%d: settings sweep" % args.seq_len,
             "mfu_formula": "tokens/s x train FLOPs/token / peak (989e12, and the bf16 8192^3 "
                            "matmul peak measured under the same XLA flags); FLOPs from "
-                           "arch_zoo/provenance.py, causal attention counted at half",
+                           "arch_zoo/models/lm.py, causal attention counted at half",
             "seq_len": args.seq_len, "steps_per_sample": args.steps, "samples": args.samples,
             "budget_s": args.budget_s, "flag_sets": {}, "rows": []}
   jobs = [("ours", plan[0])] + ([("peer", None)] if peer else []) + [("ours", g) for g in plan[1:]]

@@ -41,7 +41,7 @@ def run_variant(variant: str, size: str, seq_len: int, batch: int, steps_per_sam
                 samples: int) -> dict:
   import jax
 
-  from arch_zoo import provenance
+  from arch_zoo import models, provenance
   from configs import lm
 
   attn, options = VARIANTS[variant]
@@ -54,7 +54,7 @@ def run_variant(variant: str, size: str, seq_len: int, batch: int, steps_per_sam
   stats, compile_s = step.time(steps_per_sample=steps_per_sample, samples=samples)
   print(f"{variant}: compiled in {compile_s:.0f}s", flush=True)
   params = provenance.parameter_counts(step.state.params)
-  flops = provenance.lm_flops_per_token(config.model, seq_len)
+  flops = models.lm.flops_per_token(config.model, seq_len)
   return {"attention_config": {k: v for k, v in config.model.attention.items()},
           "parameters": params, "stats": stats, "compile_s": compile_s,
           "tokens_per_s": batch * seq_len / stats["median_s"],

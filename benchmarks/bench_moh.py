@@ -114,7 +114,7 @@ def time_train_and_inference(config, batch: dict, items_per_step: int, rate_key:
 
 
 def run_lm(args, shape) -> dict:
-  from arch_zoo import provenance
+  from arch_zoo import models
   from configs import lm
 
   config = lm.get_config(f"attn={args.attn},size={shape['size']}")
@@ -124,13 +124,13 @@ def run_lm(args, shape) -> dict:
   b, t = shape["batch"], shape["seq_len"]
   batch = common.random_lm_batch(b, t, min(config.model.vocab_size, 50257))
   result = {"shape": {**shape, "tokens_per_step": b * t}, **time_train_and_inference(config, batch, b * t, "tokens_per_s", args)}
-  flops = provenance.lm_flops_per_token(config.model, t)
+  flops = models.lm.flops_per_token(config.model, t)
   result["model_train_flops_per_token"] = flops["train_flops_per_token"]
   return result
 
 
 def run_vit(args, shape) -> dict:
-  from arch_zoo import provenance
+  from arch_zoo import models
   from configs import vit
 
   # data=tfds:imagenet2012 only sets the classes (1000) and channels (3); nothing is read.
@@ -138,7 +138,7 @@ def run_vit(args, shape) -> dict:
   config.train.batch_size = shape["batch"]
   m, b = config.model, shape["batch"]
   batch = common.random_image_batch(b, m)
-  flops = provenance.vit_flops_per_image(m)
+  flops = models.vit.flops_per_image(m)
   return {"shape": {**shape, "image_size": m.image_size, "patch_size": m.patch_size,
                     "tokens": flops["tokens"], "pool": m.pool},
           **time_train_and_inference(config, batch, b, "images_per_s", args),

@@ -21,15 +21,15 @@ needs, and the JSON file is rewritten after every measurement (a killed job keep
 Both train on the same batch of random images and labels that stay on the device: only the
 training step is timed. ``--pool gap`` (default) gives 196 tokens on both sides (timm:
 ``class_token=False, global_pool="avg"``); with ``--pool cls`` (197 tokens) cuDNN refuses the odd
-length and our attention falls back to XLA's (``ops.softmax.supports("cudnn", ...)``), while PyTorch's SDPA
-accepts it: the row records which kernel our side used. Known differences of the models: timm
+length and our attention falls back to XLA's (``ops.softmax.supports("cudnn", ...)``), while
+PyTorch's SDPA accepts it: the row records which kernel our side used. Known differences of the models: timm
 has biases in QKV, the attention output and the MLP (ours: none), a learned position embedding
 (ours with gap: fixed 2-D sin-cos), and with ``avg`` pooling normalises after pooling (ours
 before); together well under 1% of parameters and FLOPs.
 
-MFU uses model FLOPs per image from :mod:`arch_zoo.provenance` (matmuls only, training = 3 x
-forward, bidirectional attention over all token pairs), against 989 TFLOP/s and against the bf16
-matmul peak measured in the same run (8192^3 GEMM).
+MFU uses model FLOPs per image from :func:`arch_zoo.models.vit.flops_per_image` (matmuls only,
+training = 3 x forward, bidirectional attention over all token pairs), against 989 TFLOP/s and
+against the bf16 matmul peak measured in the same run (8192^3 GEMM).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def run_ours(args) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from arch_zoo import provenance
+  from arch_zoo import models
   from arch_zoo.attention.ops import softmax
   from benchmarks.bench_lm import jax_matmul_peak
 
@@ -83,7 +83,7 @@ def run_ours(args) -> dict:
   trainer = common.TrainStep(config, batch)
   stats, compile_s = trainer.time(steps_per_sample=args.steps, samples=args.samples)
   print(f"ours compiled in {compile_s:.0f}s", flush=True)
-  flops = provenance.vit_flops_per_image(m)
+  flops = models.vit.flops_per_image(m)
   dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
   probe = jnp.zeros((1, flops["tokens"], m.num_heads, m.d_model // m.num_heads), dtype)
   refusal = softmax.supports("cudnn", probe, probe)
@@ -206,7 +206,7 @@ def main() -> None:
             "mfu_formula": "images/s x train FLOPs/image / peak; train FLOPs/image = 3 x forward "
                            "matmul FLOPs (patch embedding, QKV, out-proj, MLP, head; "
                            "bidirectional attention QK^T and AV over all token pairs), see "
-                           "arch_zoo/provenance.py",
+                           "arch_zoo/models/vit.py",
             "attention": args.attn, "pool": args.pool, "remat": args.remat,
             "fused_qkv": args.fused_qkv, "xla_flag_sets": args.xla_flags, "smoke": args.smoke,
             "rows": rows}

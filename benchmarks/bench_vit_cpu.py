@@ -36,7 +36,7 @@ ROWS = (
 def apply_override(config, text: str) -> None:
   """``key=value``, the value read as the type the config already has there (as train.py's
   ``--config.key=value`` flags are)."""
-  import compare
+  from arch_zoo import config_files
 
   key, value = text.split("=", 1)
   old = config
@@ -46,7 +46,7 @@ def apply_override(config, text: str) -> None:
     value = {"True": True, "False": False}[value]
   elif isinstance(old, (int, float)):
     value = type(old)(value)
-  compare.set_dotted(config, key, value)  # names the key if the config has none such
+  config_files.set_dotted(config, key, value)  # names the key if the config has none such
 
 
 def run_row(args) -> None:

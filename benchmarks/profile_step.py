@@ -259,7 +259,7 @@ def main() -> None:
 
   if not args.smoke:
     perf.apply_xla_flags(args.flag_set)
-  from arch_zoo import losses, provenance, sharding, steps
+  from arch_zoo import losses, models, sharding, steps
   from configs import lm, vit
 
   if args.loss == "plain":
@@ -277,14 +277,14 @@ def main() -> None:
     batch = common.random_lm_batch(config.train.batch_size, seq_len,
                                    min(config.model.vocab_size, 50257))
     tokens_per_example = seq_len
-    flops = provenance.lm_flops_per_token(config.model, seq_len)["train_flops_per_token"]
+    flops = models.lm.flops_per_token(config.model, seq_len)["train_flops_per_token"]
   else:
     size = "test" if args.smoke else args.vit_size
     config = vit.get_config(f"attn=mha,size={size},data=tfds:imagenet2012")
     config.model.pool = "gap"
     config.train.batch_size = 8 if args.smoke else args.batch or 256
     batch = common.random_image_batch(config.train.batch_size, config.model)
-    counts = provenance.vit_flops_per_image(config.model)
+    counts = models.vit.flops_per_image(config.model)
     tokens_per_example = counts["tokens"]
     flops = counts["train_flops_per_image"] / counts["tokens"]
   config.model.attention.fused_qkv = True

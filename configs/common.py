@@ -1,8 +1,11 @@
-"""Pieces shared by every config: the argument parser, attention sub-configs and training defaults.
+"""Pieces shared by every config: the argument parser, the size tables' reader, the backbone block
+(the residual stack and its attention), the optimizer and training defaults.
 
 A config file exposes ``get_config(arg)``, where ``arg`` is ``"attn=NAME,size=SIZE,..."``. The
 attention sub-config is rebuilt from the registry's defaults for NAME, so switching families never
 leaves stale keys and a misspelled ``--config.model.attention.x`` fails loudly (configs are locked).
+The other registered families get their options in ``model.attention_options.NAME``: the layers
+of a hybrid (``model.layer_pattern``) that are not of family NAME read theirs from there.
 """
 
 from __future__ import annotations
@@ -34,18 +37,76 @@ def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
   return ConfigDict(out)
 
 
-def attention_config(name: str, *, causal: bool, **overrides: Any) -> ConfigDict:
-  """The registry's defaults for ``name``, checked for the causal/bidirectional mode."""
-  fam = attention.family(name)
-  fam.check_mode(causal)
-  cfg = ConfigDict({"name": name, **fam.defaults()})
+def size_row(sizes: dict[str, dict[str, Any]], size: str, what: str) -> dict[str, Any]:
+  """The row ``size`` of a config's size table; an unknown size lists the valid ones."""
+  if size not in sizes:
+    raise ValueError(f"Unknown {what} size {size!r}; valid: {', '.join(sizes)}.")
+  return sizes[size]
+
+
+def family_options(name: str, **overrides: Any) -> ConfigDict:
+  """The registry's defaults for family ``name``, with the backbone's ``overrides`` applied where
+  the family has the option (e.g. the ViT's ``rope=False``; lightning has no RoPE)."""
+  cfg = ConfigDict(attention.family(name).defaults())
   for key, value in overrides.items():
-    if key in cfg:  # options that only some families have (e.g. rope) are skipped for the rest
+    if key in cfg:
       cfg[key] = value
   return cfg
 
 
-def optim_config(**overrides: Any) -> ConfigDict:
+def attention_config(name: str, *, causal: bool, **overrides: Any) -> ConfigDict:
+  """``model.attention``: ``name`` and its options, checked for the causal/bidirectional mode."""
+  attention.family(name).check_mode(causal)
+  return ConfigDict({"name": name, **family_options(name, **overrides)})
+
+
+# The backbone block's defaults; a size row (a config's SIZES) may set any of them.
+STACK_DEFAULTS = dict(head_dim=0, d_ff=0, mlp="gelu", norm="rmsnorm", dtype="auto")
+
+
+def backbone_config(size: dict[str, Any], attn: str, *, causal: bool,
+                    attention_overrides: dict[str, Any] | None = None,
+                    **own: Any) -> ConfigDict:
+  """``config.model``: the backbone's ``own`` keys (its ``name`` first), then the block every
+  backbone shares: the residual stack's shape (``d_model``, ``num_layers``, ``num_heads`` and the
+  optional ``STACK_DEFAULTS`` keys, from the ``size`` row), its numerics and memory settings, the
+  layer pattern, and the attention of every family (``attention_overrides``: the backbone's
+  settings for every family that has the option, e.g. the ViT's ``rope=False``)."""
+  stack = {key: size.get(key, default) for key, default in STACK_DEFAULTS.items()}
+  overrides = attention_overrides or {}
+  return ConfigDict(dict(
+      **own,
+      d_model=size["d_model"],
+      num_layers=size["num_layers"],
+      num_heads=size["num_heads"],
+      head_dim=stack["head_dim"],  # 0: d_model // num_heads
+      d_ff=stack["d_ff"],  # 0: 4 * d_model
+      mlp=stack["mlp"],  # gelu (GPT-2) | relu | relu2 | swiglu
+      norm=stack["norm"],  # rmsnorm | layernorm
+      dropout=0.0,
+      # auto: bf16 matmuls on GPU/TPU, float32 on CPU; parameters are always float32
+      dtype=stack["dtype"],
+      remat="none",  # none | full | dots
+      # auto: on GPU/TPU, off on CPU. Recompute the MLP activation in the backward pass
+      # instead of storing its intermediates (same values; less memory traffic).
+      recompute_activation="auto",  # auto | always | never
+      # auto: on a GPU, each residual add and the RMSNorm after it run as one Triton kernel.
+      norm_impl="auto",  # auto | xla | pallas
+      scan_layers=False,  # True: one stacked block run by lax.scan (mha, dynamic_mask, masa)
+      # Hybrids, e.g. "lightning,lightning,lightning,mha": the attention name of each layer,
+      # repeated over the depth ("": attention.name everywhere).
+      layer_pattern="",
+      attention=attention_config(attn, causal=causal, **overrides),
+      # The options of every other registered family, for the layers of layer_pattern that are
+      # not attention.name: --config.model.attention_options.routing.num_clusters=8.
+      attention_options={name: family_options(name, **overrides)
+                         for name in attention.names() if name != attn},
+  ))
+
+
+def optim_config(size: dict[str, Any], **overrides: Any) -> ConfigDict:
+  """AdamW with warm-up and cosine decay; the size row sets ``learning_rate``, ``warmup_steps``
+  and optionally ``min_lr_ratio``."""
   cfg = ConfigDict(dict(
       learning_rate=3e-4,
       warmup_steps=100,
@@ -56,11 +117,16 @@ def optim_config(**overrides: Any) -> ConfigDict:
       weight_decay=0.1,  # applied to matrices only (not norms, biases or scalars)
       grad_clip=1.0,  # global-norm clipping; 0 disables
   ))
+  cfg.update(learning_rate=size["learning_rate"], warmup_steps=size["warmup_steps"])
+  if "min_lr_ratio" in size:
+    cfg.min_lr_ratio = size["min_lr_ratio"]
   cfg.update(overrides)
   return cfg
 
 
-def train_config(**overrides: Any) -> ConfigDict:
+def train_config(size: dict[str, Any], **overrides: Any) -> ConfigDict:
+  """The loop's settings; the size row sets ``steps``, ``batch_size`` and optionally
+  ``xla_flags``."""
   cfg = ConfigDict(dict(
       steps=1000,
       batch_size=32,  # global batch, split over the data-parallel devices
@@ -85,6 +151,8 @@ def train_config(**overrides: Any) -> ConfigDict:
       # instead of Triton. Applied by train.py before JAX starts; "" adds nothing.
       xla_flags="",
   ))
+  cfg.update(steps=size["steps"], batch_size=size["batch_size"],
+             xla_flags=size.get("xla_flags", ""))
   cfg.update(overrides)
   return cfg
 

@@ -40,37 +40,14 @@ SIZES = {
 
 def get_config(arg: str | None = None) -> ConfigDict:
   arg = common.parse_arg(arg, attn="mha", size="S", data="austen")
-  if arg.size not in SIZES:
-    raise ValueError(f"Unknown LM size {arg.size!r}; valid: {', '.join(SIZES)}.")
-  size = SIZES[arg.size]
+  size = common.size_row(SIZES, arg.size, "LM")
 
   config = ConfigDict()
   config.task = "lm"
   config.seed = 0
   config.plugins = arg.plugins  # eval.py imports them again before rebuilding the model
-  config.model = ConfigDict(dict(
-      name="lm",
-      vocab_size=size["vocab_size"],
-      d_model=size["d_model"],
-      num_layers=size["num_layers"],
-      num_heads=size["num_heads"],
-      head_dim=0,  # 0: d_model // num_heads
-      d_ff=0,  # 0: 4 * d_model
-      mlp=size.get("mlp", "gelu"),  # gelu (GPT-2) | relu | relu2 | swiglu
-      norm="rmsnorm",
-      tie_embeddings=True,
-      dropout=0.0,
-      dtype="auto",  # auto: bf16 matmuls on GPU/TPU, float32 on CPU; params are always float32
-      remat="none",  # none | full | dots
-      # auto: on GPU/TPU, off on CPU. Recompute the MLP activation in the backward pass
-      # instead of storing its intermediates (same values; less memory traffic).
-      recompute_activation="auto",  # auto | always | never
-      # auto: on a GPU, each residual add and the RMSNorm after it run as one Triton kernel.
-      norm_impl="auto",  # auto | xla | pallas
-      scan_layers=False,  # True: one stacked block run by lax.scan (mha, dynamic_mask, masa)
-      layer_pattern="",  # e.g. "lightning,lightning,lightning,mha" for hybrids
-      attention=common.attention_config(arg.attn, causal=True),
-  ))
+  config.model = common.backbone_config(size, arg.attn, causal=True, name="lm",
+                                        vocab_size=size["vocab_size"], tie_embeddings=True)
   config.data = ConfigDict(dict(
       name=arg.data,
       data_dir="",  # "": $TFDS_DATA_DIR or ~/tensorflow_datasets
@@ -81,9 +58,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
       eval_split="validation",
       val_fraction=0.05,  # text:GLOB only
   ))
-  config.optim = common.optim_config(learning_rate=size["learning_rate"],
-                                     warmup_steps=size["warmup_steps"])
-  config.train = common.train_config(steps=size["steps"], batch_size=size["batch_size"])
+  config.optim = common.optim_config(size)
+  config.train = common.train_config(size)
   config.eval = ConfigDict(dict(
       batch_size=size["batch_size"] * 4,
       # `eval.py --suite recall|all`: passkey retrieval in validation-corpus filler. Lengths

@@ -21,13 +21,13 @@ ZOOLOGY_TEST = "64:4,128:8,256:16,512:32,1024:64"
 SIZES = {
     # Unit tests. In 150 steps a 2-layer mha learns to answer with a value from its context
     # (~4x the 1/32 chance); matching the key takes thousands of steps (see docs/recall.md).
-    "test": dict(d_model=32, num_heads=2, vocab_size=64, train_slices="32:4",
+    "test": dict(d_model=32, num_layers=2, num_heads=2, vocab_size=64, train_slices="32:4",
                  test_slices="32:4,64:8", train_examples=4096, test_examples=64, batch_size=32,
                  steps=150, learning_rate=1e-2, warmup_steps=5),
-    "S": dict(d_model=64, num_heads=2, vocab_size=512, train_slices="64:4",
+    "S": dict(d_model=64, num_layers=2, num_heads=2, vocab_size=512, train_slices="64:4",
               test_slices="64:4,128:8", train_examples=20_000, test_examples=500, batch_size=64,
               steps=1500, learning_rate=3e-3, warmup_steps=100),
-    **{f"d{width}": dict(d_model=width, num_heads=2, vocab_size=8192,
+    **{f"d{width}": dict(d_model=width, num_layers=2, num_heads=2, vocab_size=8192,
                          train_slices=ZOOLOGY_TRAIN, test_slices=ZOOLOGY_TEST,
                          train_examples=100_000, test_examples=3_000, batch_size=256,
                          steps=6000, learning_rate=1e-3, warmup_steps=300)
@@ -39,31 +39,14 @@ def get_config(arg: str | None = None) -> ConfigDict:
   arg = common.parse_arg(arg, attn="mha", size="d128", task="mqar")
   if arg.task != "mqar":
     raise ValueError(f"Unknown recall task {arg.task!r}; valid: mqar.")
-  if arg.size not in SIZES:
-    raise ValueError(f"Unknown recall size {arg.size!r}; valid: {', '.join(SIZES)}.")
-  size = SIZES[arg.size]
+  size = common.size_row(SIZES, arg.size, "recall")
 
   config = ConfigDict()
   config.task = "mqar"
   config.seed = 0
   config.plugins = arg.plugins  # eval.py imports them again before rebuilding the model
-  config.model = ConfigDict(dict(
-      name="lm",
-      vocab_size=size["vocab_size"],
-      d_model=size["d_model"],
-      num_layers=2,
-      num_heads=size["num_heads"],
-      head_dim=0,
-      d_ff=0,
-      mlp="gelu",
-      norm="rmsnorm",
-      tie_embeddings=True,
-      dropout=0.0,
-      dtype="auto",
-      remat="none",
-      layer_pattern="",
-      attention=common.attention_config(arg.attn, causal=True),
-  ))
+  config.model = common.backbone_config(size, arg.attn, causal=True, name="lm",
+                                        vocab_size=size["vocab_size"], tie_embeddings=True)
   config.data = ConfigDict(dict(
       name="mqar",
       seed=0,  # the datasets are pure functions of this seed (the model seed is config.seed)
@@ -75,10 +58,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
       power_a=0.01,  # Zoology's power law over query distances
       random_non_queries=True,  # random tokens between queries (Zoology's default); False: 0s
   ))
-  config.optim = common.optim_config(learning_rate=size["learning_rate"],
-                                     warmup_steps=size["warmup_steps"])
-  config.train = common.train_config(steps=size["steps"], batch_size=size["batch_size"],
-                                     log_every=50, eval_every=1000, eval_batches=4,
+  config.optim = common.optim_config(size)
+  config.train = common.train_config(size, log_every=50, eval_every=1000, eval_batches=4,
                                      checkpoint_every=1000)
   config.eval = ConfigDict(dict(batch_size=size["batch_size"]))
   config.mesh, config.sharding = common.mesh_config("dp")

@@ -60,13 +60,14 @@ UNKNOWN_DATASET = dict(num_classes=0, num_channels=3, mean=(0.5,), std=(0.5,),
 
 # The /16 sizes: ViT paper Table 1 (B), DeiT Table 1 (Ti, S).
 _STANDARD = dict(image_size=224, patch_size=16, num_layers=12, pool="gap", posemb="sincos2d",
+                 norm="layernorm",
                  batch_size=1024, steps=112_590,  # 90 epochs of ImageNet-1k's 1,281,167 images
                  learning_rate=1e-3, warmup_steps=10_000, crop="random_resized", flip=True,
                  data="tfds:imagenet2012")
 SIZES = {
     "test": dict(image_size=28, patch_size=7, d_model=32, num_layers=2, num_heads=2, d_ff=64,
-                 pool="gap", posemb="learned", mlp="gelu", batch_size=32, steps=20,
-                 learning_rate=1e-2, warmup_steps=2, crop="pad", flip=True,
+                 pool="gap", posemb="learned", mlp="gelu", norm="layernorm", batch_size=32,
+                 steps=20, learning_rate=1e-2, warmup_steps=2, crop="pad", flip=True,
                  data="fashion_mnist_debian"),
     # The 2-core CPU demo. cpu2 (arch_zoo/perf.py) splits the CPU into two devices so each core
     # trains half of every batch; one device uses about one core however many threads it has.
@@ -88,9 +89,7 @@ SIZES = {
 
 def get_config(arg: str | None = None) -> ConfigDict:
   arg = common.parse_arg(arg, attn="mha", size="S", data="")
-  if arg.size not in SIZES:
-    raise ValueError(f"Unknown ViT size {arg.size!r}; valid: {', '.join(SIZES)}.")
-  size = SIZES[arg.size]
+  size = common.size_row(SIZES, arg.size, "ViT")
   data_name = arg.data or size["data"]
   dataset = DATASETS.get(data_name, UNKNOWN_DATASET)
   if not (data_name in DATASETS or data_name.startswith("tfds:")):
@@ -101,7 +100,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.task = "classification"
   config.seed = 0
   config.plugins = arg.plugins  # eval.py imports them again before rebuilding the model
-  config.model = ConfigDict(dict(
+  config.model = common.backbone_config(
+      size, arg.attn, causal=False,
+      # Patches carry their position in the position embedding, not RoPE over a raster order:
+      # every family's layers (a hybrid's too) leave RoPE off.
+      attention_overrides=dict(rope=False),
       name="vit",
       image_size=size["image_size"],
       patch_size=size["patch_size"],
@@ -110,27 +113,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       num_classes=dataset["num_classes"],
       pool=size["pool"],  # cls (class token) | gap (global average of the final tokens)
       posemb=size["posemb"],  # learned | sincos2d | none
-      d_model=size["d_model"],
-      num_layers=size["num_layers"],
-      num_heads=size["num_heads"],
-      head_dim=0,  # 0: d_model // num_heads
-      d_ff=size["d_ff"],
-      mlp=size["mlp"],
-      norm=size.get("norm", "layernorm"),
-      dropout=0.0,
-      # auto: bf16 matmuls on GPU/TPU, float32 on CPU; parameters are always float32
-      dtype=size.get("dtype", "auto"),
-      remat="none",  # none | full | dots
-      # auto: on GPU/TPU, off on CPU. Recompute the MLP activation in the backward pass
-      # instead of storing its intermediates (same values; less memory traffic).
-      recompute_activation="auto",  # auto | always | never
-      # auto: on a GPU, each residual add and the RMSNorm after it run as one Triton kernel.
-      norm_impl="auto",  # auto | xla | pallas
-      scan_layers=False,  # True: one stacked block run by lax.scan (mha, dynamic_mask, masa)
-      layer_pattern="",  # e.g. "lightning,lightning,lightning,mha" for hybrids
-      # Patches carry their position in the position embedding, not RoPE over a raster order.
-      attention=common.attention_config(arg.attn, causal=False, rope=False),
-  ))
+  )
   config.data = ConfigDict(dict(
       name=data_name,
       data_dir="",  # "": $TFDS_DATA_DIR or ~/tensorflow_datasets
@@ -151,11 +134,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
           flip=size["flip"],  # random horizontal flip
       )),
   ))
-  config.optim = common.optim_config(learning_rate=size["learning_rate"],
-                                     warmup_steps=size["warmup_steps"], b2=0.999,
-                                     min_lr_ratio=size.get("min_lr_ratio", 0.1))
-  config.train = common.train_config(steps=size["steps"], batch_size=size["batch_size"],
-                                     xla_flags=size.get("xla_flags", ""))
+  config.optim = common.optim_config(size, b2=0.999)
+  config.train = common.train_config(size)
   config.eval = ConfigDict(dict(batch_size=min(size["batch_size"] * 4, 1024)))
   config.mesh, config.sharding = common.mesh_config("dp")
   if arg.size == "test":

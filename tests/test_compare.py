@@ -10,8 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
-import compare
-from arch_zoo import metrics, provenance
+from arch_zoo import attention, compare, metrics, provenance
+from arch_zoo.compare import analysis, runner, spec
 
 # Text files instead of Austen: a validation split of a few batches keeps the test CI-sized.
 SWEEP = '''
@@ -75,7 +75,7 @@ def test_sweep_writes_table_csv_and_plots(finished_sweep):
     assert workdirs == [str(runs / "lm" / variant / f"seed{s}") for s in (0, 1)]
     # Every number traces to its workdirs: the mean over the seeds' own files.
     per_seed = [json.load(open(os.path.join(w, "eval_results.json"))) for w in workdirs]
-    values = [compare.normalize_eval_results(r)["perplexity"]["bits_per_byte"] for r in per_seed]
+    values = [analysis.normalize_eval_results(r)["perplexity"]["bits_per_byte"] for r in per_seed]
     assert float(row["bits_per_byte_mean"]) == pytest.approx(sum(values) / 2)
     assert float(row["bits_per_byte_std"]) > 0  # two seeds: different runs
     info = json.load(open(os.path.join(workdirs[0], "run_info.json")))
@@ -122,32 +122,32 @@ def test_resume_after_a_killed_sweep_redoes_no_finished_member(finished_sweep):
 
 def test_changed_sweep_definition_is_refused(finished_sweep):
   root, _, _ = finished_sweep
-  member = compare.members(compare.load_sweep(str(root / "sweep.py"))[0][0])[0]
+  member = spec.members(spec.load_sweep(str(root / "sweep.py"))[0][0])[0]
   member["overrides"] = {**member["overrides"], "train.steps": 30}
   with pytest.raises(ValueError, match="holds another member"):
-    compare.prepare_workdir(member, compare.member_dir(str(root / "runs"), member))
+    runner.prepare_workdir(member, spec.member_dir(str(root / "runs"), member))
 
 
 @pytest.mark.parametrize("kind,families", [
     ("params", ("mha", "lightning", "masa", "moh")),  # more, fewer, about as many as mha
-    ("flops", ("mha", "lightning", "masa", "moh", "routing", "dynamic_mask"))])
+    ("flops", tuple(attention.names()))])
 def test_matching_lands_within_two_percent(kind, families):
-  group = dict(compare.GROUP_KEYS, name="m", config="configs/lm.py", arg="size=test",
-               variants=[compare.normalize_variant(v, "m") for v in families],
+  group = dict(spec.GROUP_KEYS, name="m", config="configs/lm.py", arg="size=test",
+               variants=[spec.normalize_variant(v, "m") for v in families],
                seeds=[0], match=kind, reference="mha")
-  found = compare.members(group)
+  found = spec.members(group)
   costs = {}
   for member in found:
-    config = compare.build_config(member["config_file"], member["arg"], member["overrides"])
-    costs[member["variant"]] = compare.cost(config, kind)
+    config = spec.build_config(member["config_file"], member["arg"], member["overrides"])
+    costs[member["variant"]] = spec.cost(config, kind)
     if member["variant"] == "mha":
       assert "model.d_ff" not in member["overrides"]  # the reference is left as configured
   for variant, value in costs.items():
     assert abs(value / costs["mha"] - 1) <= 0.02, (variant, value, costs["mha"])
   # Without matching the families differ by more than that (else the test shows nothing).
-  unmatched = {m["variant"]: compare.cost(compare.build_config(
+  unmatched = {m["variant"]: spec.cost(spec.build_config(
       m["config_file"], m["arg"], m["overrides"]), kind)
-      for m in compare.members(dict(group, match="none"))}
+      for m in spec.members(dict(group, match="none"))}
   assert max(abs(v / unmatched["mha"] - 1) for v in unmatched.values()) > 0.02
 
 
@@ -171,8 +171,8 @@ def test_bad_sweeps_fail_clearly(tmp_path):
   bad.write_text("def get_sweep():\n  return [dict(name='x', config='configs/lm.py', "
                  "variants=['mha'], match='params', reference='moh')]\n")
   with pytest.raises(ValueError, match="reference 'moh' must be one of its variants"):
-    compare.load_sweep(str(bad))
+    spec.load_sweep(str(bad))
   bad.write_text("def get_sweep():\n  return [dict(name='x', config='configs/lm.py', "
                  "variants=['mha'], seed=[0])]\n")
   with pytest.raises(ValueError, match="Unknown sweep keys \\['seed'\\]"):
-    compare.load_sweep(str(bad))
+    spec.load_sweep(str(bad))

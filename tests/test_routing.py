@@ -447,9 +447,9 @@ def run_config(data_dir, **train_overrides):
 def restored_model_state(config, workdir, step):
   mesh = sharding.make_mesh(config.mesh)
   tx, _ = optim.build(config.optim, config.train.steps)
-  shardings = train_state.shardings_of(config, mesh, sharding.rules_for(config.sharding), tx)
+  blueprint = train_state.trace(config, mesh, sharding.rules_for(config.sharding), tx)
   state, _ = checkpoint.Checkpointer(str(workdir / "checkpoints")).restore(
-      train_state.abstract_state(config, tx, shardings), step=step)
+      blueprint.abstract, step=step)
   return state.model_state
 
 

@@ -59,15 +59,14 @@ def test_checkpoint_round_trip_is_bitwise(austen_data_dir, tmp_path):
   from arch_zoo import optim, sharding, train_state
   mesh = sharding.make_mesh(config.mesh)
   tx, _ = optim.build(config.optim, config.train.steps)
-  shardings = train_state.shardings_of(config, mesh, sharding.rules_for("dp"), tx)
-  state, data_state = ckpt.restore(train_state.abstract_state(config, tx, shardings))
+  blueprint = train_state.trace(config, mesh, sharding.rules_for("dp"), tx)
+  state, data_state = ckpt.restore(blueprint.abstract)
   assert int(state.step) == 10 and data_state["samples_seen"] == 10 * config.train.batch_size
   other = tmp_path / "copy"
   copy = checkpoint.Checkpointer(str(other), async_save=True)
   copy.save(10, state, data_state)
   copy.close()
-  again, _ = checkpoint.Checkpointer(str(other)).restore(
-      train_state.abstract_state(config, tx, shardings))
+  again, _ = checkpoint.Checkpointer(str(other)).restore(blueprint.abstract)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(again)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from arch_zoo import attention, models, optim, provenance, steps
+from arch_zoo import attention, models, optim, steps
 from arch_zoo.attention import base
 from arch_zoo.layers import PatchEmbed, sincos_2d_position_embedding
 from arch_zoo.layers.embeddings import shift_image
@@ -184,7 +184,7 @@ def test_flops_per_image_of_vit_b16_match_timm():
   """timm's model card for vit_base_patch16_224 gives 17.6 GMACs per image (class token, 197
   tokens): 35.2 GFLOPs forward, matmuls only."""
   config = vit_config(size="B/16", pool="cls")
-  flops = provenance.vit_flops_per_image(config.model)
+  flops = models.vit.flops_per_image(config.model)
   assert flops["tokens"] == 197
   assert abs(flops["forward_flops_per_image"] - 2 * 17.6e9) / (2 * 17.6e9) < 0.01
   assert flops["train_flops_per_image"] == 3 * flops["forward_flops_per_image"]

@@ -63,15 +63,7 @@ def require_prepared(name: str, data_dir: str) -> None:
 
 
 def build(config, process_index: int = 0, process_count: int = 1):
-  """The data object of ``config.task``: train batches by sample index, eval batches, metadata."""
-  if config.task == "lm":
-    from arch_zoo.data.text import LanguageModelingData
-    return LanguageModelingData(config.data, config.seed, process_index, process_count)
-  if config.task == "classification":
-    from arch_zoo.data.images import ImageClassificationData
-    return ImageClassificationData(config.data, config.model, config.seed, process_index,
-                                   process_count)
-  if config.task == "mqar":
-    from arch_zoo.data.synthetic import MQARData
-    return MQARData(config.data, config.seed, process_index, process_count)
-  raise ValueError(f"Unknown task {config.task!r}; valid: lm, classification, mqar.")
+  """The data object of ``config.task`` (``arch_zoo.tasks``): train batches by sample index, eval
+  batches, metadata."""
+  from arch_zoo import tasks  # the task records import the models; data modules do not need them
+  return tasks.get(config.task).build_data(config, process_index, process_count)

@@ -1,49 +1,26 @@
 """Evaluators: each takes a jitted eval step, the state and the task's data, and returns metrics.
 
-``for_task(task)`` is the evaluator module the training loop validates with; each has
-``evaluate(eval_step, state, data, batch_size, max_batches, put_batch)``.
+The training loop validates with its task's ``validator`` (``arch_zoo.tasks``), a module with
+``evaluate(eval_step, state, data, batch_size, max_batches, put_batch)``. ``eval.py`` runs the
+evaluators its task lists for a suite, by name:
 
-``eval.py`` runs *suites* of named evaluators (``suite_for``):
+| name | module | measures |
+|---|---|---|
+| perplexity | perplexity | loss, perplexity and bits per byte over the validation split |
+| classification | classification | loss and top-1 accuracy over the test split |
+| mqar | recall | MQAR accuracy per (length, kv pairs) slice |
+| passkey | passkey | passkey retrieval per (length, depth) |
 
-| suite | lm | classification | mqar |
-|---|---|---|---|
-| default | perplexity | classification | mqar |
-| recall | passkey | (error: nothing fits) | mqar |
-| all | perplexity, passkey | classification | mqar |
+``summary(name, metrics)`` gives eval.py's lines for an evaluator's results.
 """
 
 from __future__ import annotations
 
-import types
+from arch_zoo.evaluators import classification, passkey, perplexity, recall
 
-from arch_zoo.evaluators import classification, perplexity, recall
-
-TASKS = {"lm": perplexity, "classification": classification, "mqar": recall}
-
-SUITES = {
-    "default": {"lm": ("perplexity",), "classification": ("classification",), "mqar": ("mqar",)},
-    "recall": {"lm": ("passkey",), "classification": (), "mqar": ("mqar",)},
-    "all": {"lm": ("perplexity", "passkey"), "classification": ("classification",),
-            "mqar": ("mqar",)},
-}
+SUMMARIES = {"perplexity": perplexity.summary, "classification": classification.summary,
+             "mqar": recall.summary, "passkey": passkey.summary}
 
 
-def for_task(task: str) -> types.ModuleType:
-  if task not in TASKS:
-    raise ValueError(f"No evaluator for task {task!r}; valid: {', '.join(TASKS)}.")
-  return TASKS[task]
-
-
-def suite_for(suite: str, task: str) -> tuple[str, ...]:
-  """The evaluator names of ``suite`` for a run of ``task``; a clear error when none fits."""
-  if suite not in SUITES:
-    raise ValueError(f"Unknown suite {suite!r}; valid: {', '.join(SUITES)}.")
-  if task not in SUITES[suite]:
-    raise ValueError(f"No evaluators for task {task!r}; valid tasks: {', '.join(TASKS)}.")
-  names = SUITES[suite][task]
-  if not names:
-    fitting = [s for s in SUITES if SUITES[s].get(task)]
-    raise ValueError(f"No {suite} evaluator fits a {task} run (recall probes need a sequence "
-                     f"model: MQAR runs or language models). Suites for {task}: "
-                     f"{', '.join(fitting)}.")
-  return names
+def summary(name: str, metrics: dict) -> list[str]:
+  return SUMMARIES[name](metrics)

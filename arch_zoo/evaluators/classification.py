@@ -27,3 +27,9 @@ def evaluate(eval_step: Callable, state, data, batch_size: int, max_batches: int
       "accuracy": totals["correct_sum"] / examples,
       "examples": int(totals["weight_sum"]),
   }
+
+
+def summary(m: dict) -> list[str]:
+  """eval.py's lines for these metrics (of the split named in ``m["split"]``)."""
+  return [f"  classification: test loss {m['loss']:.4f} | top-1 {m['accuracy']:.4f} "
+          f"({m['examples']} images of {m['split']})"]

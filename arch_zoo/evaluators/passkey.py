@@ -123,6 +123,16 @@ def accuracy_matrix(results: dict, key: str = "accuracy") -> np.ndarray:
   return matrix
 
 
+def summary(m: dict) -> list[str]:
+  """eval.py's lines for these results: the accuracies, then the length x depth matrix."""
+  lines = [f"  passkey: exact {m['accuracy']:.4f} | digits {m['digit_accuracy']:.4f} "
+           f"({m['trials']} trials per cell; heat map {m.get('heatmap')})"]
+  lines.append("    length \\ depth " + " ".join(f"{d:>5.0%}" for d in m["depths"]))
+  for length, row in zip(m["lengths"], accuracy_matrix(m)):
+    lines.append(f"    {length:>14d} " + " ".join(f"{v:5.2f}" for v in row))
+  return lines
+
+
 def write(results: dict, directory: str, name: str = "passkey") -> tuple[str, str]:
   """Writes ``NAME.json`` and the heat map ``NAME.png`` (exact-match accuracy)."""
   import matplotlib

@@ -34,5 +34,11 @@ def evaluate(eval_step: Callable, state, data, batch_size: int, max_batches: int
   }
 
 
+def summary(m: dict) -> list[str]:
+  """eval.py's lines for these metrics."""
+  return [f"  perplexity: validation loss {m['loss']:.4f} | perplexity {m['perplexity']:.3f} | "
+          f"bits/byte {m['bits_per_byte']:.4f} ({m['tokens']} tokens)"]
+
+
 def is_finite(metrics: dict[str, float]) -> bool:
   return all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))

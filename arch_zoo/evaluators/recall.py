@@ -84,3 +84,14 @@ def summarize(rows: list[dict]) -> dict[str, float]:
   if longer:
     out["accuracy_longer"] = mean(longer)
   return out
+
+
+def summary(m: dict) -> list[str]:
+  """eval.py's lines for ``evaluate_slices``' results: the summaries, then one line per slice."""
+  lines = [f"  mqar: accuracy {m['accuracy']:.4f} (training slices)"
+           + (f" | longer {m['accuracy_longer']:.4f}" if "accuracy_longer" in m else "")]
+  for s in m["slices"]:
+    lines.append(f"    T={s['seq_len']:<5d} kv={s['num_kv_pairs']:<4d} accuracy "
+                 f"{s['accuracy']:.4f} ({s['examples']} examples"
+                 + (", trained" if s["trained"] else "") + ")")
+  return lines

@@ -52,6 +52,12 @@ class MLP(nnx.Module):
     self.down = Dense(hidden, d_model, axes=("mlp", "embed"), rngs=rngs, stddev=out_stddev,
                       dtype=dtype)
 
+  @staticmethod
+  def flops_per_token(d_model: int, hidden: int, kind: str) -> int:
+    """Forward matmul FLOPs per token: two matrices (three with SwiGLU's gate)."""
+    matrices = 3 if kind == "swiglu" else 2
+    return 2 * matrices * d_model * hidden
+
   def __call__(self, x: jax.Array) -> jax.Array:
     act = activation(self.kind, recompute=self.recompute_activation)
     h = self.up(x)

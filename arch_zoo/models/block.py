@@ -1,4 +1,5 @@
-"""The residual block shared by the LM and the ViT, and the layer stack that owns shared tensors."""
+"""The residual block shared by the LM and the ViT, the layer stack that owns shared tensors, and
+the stack's cost model (FLOPs per token, decode-time state) from its families' own."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def recompute_activation(cfg: ConfigDict) -> bool:
   """``model.recompute_activation``: ``auto`` recomputes the MLP activation in the backward pass
   on GPU/TPU, where it saves memory traffic (``layers.mlp.activation``), and not on the CPU, where
   it made the ViT demo's step 7% slower (benchmarks/results/vit_S_cpu_recompute.json)."""
-  choice = cfg.get("recompute_activation", "auto")
+  choice = cfg.recompute_activation
   check_choice("model.recompute_activation", choice, RECOMPUTE_ACTIVATION)
   if choice == "auto":
     return jax.default_backend() != "cpu"
@@ -56,15 +57,59 @@ def layer_names(cfg: ConfigDict) -> list[str]:
 
 
 def attention_options(cfg: ConfigDict, name: str) -> dict[str, Any]:
-  """The configured options for the main family; registry defaults for other pattern members."""
+  """The options of family ``name``'s layers: ``attention`` for the main family,
+  ``attention_options.NAME`` for the other families of a hybrid's ``layer_pattern``."""
+  attention.family(name)  # an unknown name in layer_pattern lists the registered ones
   if name == cfg.attention.name:
     return {k: v for k, v in cfg.attention.items() if k != "name"}
-  return attention.family(name).defaults()
+  if name not in cfg.attention_options:
+    raise ValueError(f"model.layer_pattern names {name!r}, which has no options in "
+                     f"model.attention_options (it has {', '.join(cfg.attention_options)}); "
+                     "build the config after registering the family.")
+  return dict(cfg.attention_options[name])
 
 
 def dims_for(cfg: ConfigDict, layer_index: int) -> Dims:
   return Dims(d_model=cfg.d_model, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
               dtype=compute_dtype(cfg.dtype), layer_index=layer_index, num_layers=cfg.num_layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """One layer's attention: its family, its shape arguments and its options (validated)."""
+
+  name: str
+  dims: Dims
+  options: Any
+
+
+def layer_specs(cfg: ConfigDict) -> list[LayerSpec]:
+  options = {name: attention.make_options(name, **attention_options(cfg, name))
+             for name in dict.fromkeys(layer_names(cfg))}
+  return [LayerSpec(name, dims_for(cfg, i), options[name])
+          for i, name in enumerate(layer_names(cfg))]
+
+
+def d_ff(cfg: ConfigDict) -> int:
+  return cfg.d_ff or 4 * cfg.d_model
+
+
+def flops_per_token(cfg: ConfigDict, seq_len: int, causal: bool) -> float:
+  """Forward matmul FLOPs per token of the block stack: each layer's attention (its family's
+  ``flops_per_token``) and MLP."""
+  mlp = MLP.flops_per_token(cfg.d_model, d_ff(cfg), cfg.mlp)
+  total = 0.0
+  for layer in layer_specs(cfg):
+    total += attention.family(layer.name).flops_per_token(layer.dims, layer.options, seq_len,
+                                                          causal)
+    total += mlp
+  return total
+
+
+def state_sizes(cfg: ConfigDict) -> list[attention.StateSize]:
+  """The decode-time state of each layer's attention (its family's ``state_size``)."""
+  return [attention.family(layer.name).state_size(layer.dims, layer.options)
+          for layer in layer_specs(cfg)]
 
 
 def dropout(x: jax.Array, rate: float, ctx: Context, salt: int) -> jax.Array:
@@ -78,7 +123,7 @@ def dropout(x: jax.Array, rate: float, ctx: Context, salt: int) -> jax.Array:
 
 def make_norm(cfg: ConfigDict):
   """The configured norm of width ``d_model``, with ``model.norm_impl`` for RMSNorm."""
-  impl = resolve_norm_impl(cfg.get("norm_impl", "auto"), cfg.norm, cfg.d_model)
+  impl = resolve_norm_impl(cfg.norm_impl, cfg.norm, cfg.d_model)
   if cfg.norm == "rmsnorm":
     return RMSNorm(cfg.d_model, impl=impl)
   return NORMS[cfg.norm](cfg.d_model)
@@ -104,7 +149,7 @@ class Block(nnx.Module):
                                 **attention_options(cfg, name))
     self.mlp_norm = make_norm(cfg)
     self.defers_add = getattr(self.mlp_norm, "impl", "xla") == "pallas"
-    self.mlp = MLP(cfg.d_model, cfg.d_ff or 4 * cfg.d_model, kind=cfg.mlp, rngs=rngs,
+    self.mlp = MLP(cfg.d_model, d_ff(cfg), kind=cfg.mlp, rngs=rngs,
                    out_stddev=DEFAULT_STDDEV / (2 * cfg.num_layers) ** 0.5, dtype=dims.dtype,
                    recompute_activation=recompute_activation(cfg))
 
@@ -154,7 +199,7 @@ class Stack(nnx.Module):
         opts = attention.make_options(name, **attention_options(cfg, name))
         shared[name] = fam.shared_factory(dims_for(cfg, 0), opts, rngs=rngs)
     self.shared = nnx.Dict(shared)
-    self.scan_layers = bool(cfg.get("scan_layers", False))
+    self.scan_layers = bool(cfg.scan_layers)
     blocks = [Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)]
     if self.scan_layers:
       # One stacked block stands for all layers: only families whose layers differ in parameter

@@ -8,10 +8,13 @@ token (``pool="cls"``) or none (``pool="gap"``: the mean of the final tokens), l
 :mod:`arch_zoo.models.block` (the same code as the language model) with ``ctx.causal=False``, a
 final norm and a linear head. Choices follow big_vision's ViT: the class token joins after the
 position embedding (it has none), starts at zero, and the head starts at zero, so the first
-logits are exactly zero and the first loss is ``log(num_classes)``.
+logits are exactly zero and the first loss is ``log(num_classes)``. ``flops_per_image`` is its
+cost model.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +24,34 @@ from ml_collections import ConfigDict
 from arch_zoo import attention, sharding
 from arch_zoo.attention.base import Context
 from arch_zoo.layers import Dense, PatchEmbed, sincos_2d_position_embedding
+from arch_zoo.models import block
 from arch_zoo.models.block import Stack, compute_dtype, layer_names, make_norm
 from arch_zoo.registry import check_choice
 
 POOLS = ("cls", "gap")
 POSEMBS = ("learned", "sincos2d", "none")
 TOKENIZERS = ("patch", "shifted_patch")
+
+
+def num_tokens(cfg: ConfigDict) -> int:
+  """The sequence length of the blocks: the patches, plus the class token with ``pool="cls"``."""
+  return (cfg.image_size // cfg.patch_size) ** 2 + (cfg.pool == "cls")
+
+
+def flops_per_image(cfg: ConfigDict) -> dict[str, Any]:
+  """Training FLOPs per image (matmuls only, training = 3 x forward): the patch embedding, the
+  blocks with bidirectional attention over every token (each family's ``flops_per_token``), and
+  the head."""
+  tokens = num_tokens(cfg)
+  patches = (cfg.image_size // cfg.patch_size) ** 2
+  patch_dim = cfg.patch_size ** 2 * cfg.num_channels
+  forward = (tokens * block.flops_per_token(cfg, tokens, causal=False)
+             + patches * 2 * patch_dim * cfg.d_model
+             + 2 * cfg.d_model * cfg.num_classes)
+  return {"train_flops_per_image": 3 * forward, "forward_flops_per_image": forward,
+          "tokens": tokens,
+          "convention": "matmuls only; train = 3 x forward; attention is bidirectional, so "
+                        "QK^T and AV are counted over all token pairs"}
 
 
 class VisionTransformer(nnx.Module):

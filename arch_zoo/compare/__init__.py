@@ -1,0 +1,41 @@
+r"""Controlled comparisons: run a sweep of attention variants under identical conditions, then
+write one table, a claims section and the plots (``compare.py`` is the command line).
+
+A sweep file (``configs/sweeps/*.py``) defines ``get_sweep()``: a list of groups. Inside a group
+every member is the same config (size, data, data order, steps, optimizer, evaluation) except for
+its attention variant and its seed; the seed also drives the data order, so for a given seed every
+variant sees the same batches. With ``match="params"`` (or ``"flops"``) the MLP width ``d_ff`` of
+each variant is solved so that its parameter count (or training FLOPs per token) lands within 2% of
+the reference variant's; the attention itself is left exactly as configured. A sweep file may also
+define ``get_claims()``: paper claims to restate as what this sweep measured (``spec.Claim``).
+
+Every member's config is built and checked (``spec.plan``: all groups, variants and seeds,
+matching included) before any member trains, so a mistake anywhere in the sweep stops it at once
+with one ``SweepError``. The members then run (``runner``), each an ordinary train.py run followed
+by eval.py in its own workdir; finished members are skipped and part-done ones resume.
+
+Output (default: the workdir root): ``comparison.md`` and ``comparison.csv`` (one row per variant;
+metrics as mean ± sample std over seeds; the workdirs every number comes from), ``loss_curves.png``
+and ``metric_vs_params.png`` (``report``, ``plots``; the numbers from ``analysis``).
+"""
+
+from __future__ import annotations
+
+from arch_zoo.compare import report, runner, spec
+from arch_zoo.compare.runner import Preempted
+from arch_zoo.compare.spec import SweepError
+
+
+def run_sweep(sweep_path: str, root: str, in_process: bool = True, out_dir: str | None = None,
+              report_only: bool = False, group_names: str | None = None
+              ) -> tuple[str, list[str]]:
+  """Checks every member of the sweep, runs the unfinished ones, then writes the report; returns
+  the path of comparison.md and the workdirs that failed."""
+  groups, claims = spec.select_groups(*spec.load_sweep(sweep_path), group_names)
+  planned = spec.plan(groups)
+  failed = [] if report_only else runner.run_members(
+      [m for members in planned.values() for m in members], root, in_process)
+  return report.report(root, groups, claims, planned, out_dir or root, sweep_path), failed
+
+
+__all__ = ["Preempted", "SweepError", "run_sweep"]

@@ -1,0 +1,287 @@
+"""Sweep files: groups, variants and claims; the members they define, with matched MLP widths; and
+the check of every member before anything trains.
+
+A sweep file defines ``get_sweep()``, a list of groups (dicts with the keys of ``GROUP_KEYS``),
+and may define ``get_claims()``, a list of ``Claim`` keyword dicts. Every mistake in it is a
+``SweepError``: one line that says where (file, group, variant, seed) and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from typing import Any
+
+from ml_collections import ConfigDict
+
+from arch_zoo import config_files, provenance, tasks
+
+MATCH_TOLERANCE = 0.02
+MATCH_KINDS = ("none", "params", "flops")
+GROUP_KEYS = dict(name=None, config=None, arg="", variants=None, seeds=(0,), overrides={},
+                  attention_overrides={}, match="none", reference="mha", suite="default",
+                  eval_max_batches=None)
+# What a mistake in a sweep or config file raises while its members are built.
+USER_ERRORS = (ValueError, KeyError, TypeError, AttributeError, FileNotFoundError)
+
+
+class SweepError(ValueError):
+  """A mistake in a sweep: its message is the one line compare.py prints."""
+
+
+def describe(error: BaseException) -> str:
+  """The message of ``error`` on one line (a KeyError's without the quotes ``str`` adds)."""
+  text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+  return " ".join(str(text).split()) or type(error).__name__
+
+
+@contextlib.contextmanager
+def where(place: str):
+  """Turns a user error raised inside into a SweepError that starts with ``place``."""
+  try:
+    yield
+  except SweepError:
+    raise
+  except USER_ERRORS as e:
+    raise SweepError(f"{place}: {describe(e)}") from e
+
+
+@dataclasses.dataclass
+class Claim:
+  """A paper's claim, restated as what the sweep measured: ``variant`` against ``baseline`` in
+  ``group`` on each of ``metrics`` (column ids, e.g. ``bits_per_byte``, ``mqar_accuracy``,
+  ``top1``). The numbers are computed from the table; ``paper`` says what the paper claims."""
+
+  title: str
+  paper: str
+  group: str
+  variant: str
+  baseline: str
+  metrics: tuple[str, ...] | list[str]
+
+  def check(self, groups: list[dict]) -> None:
+    group = next((g for g in groups if g["name"] == self.group), None)
+    if group is None:
+      raise ValueError(f"Claim {self.title!r} names group {self.group!r}, which the sweep lacks.")
+    labels = [v["name"] for v in group["variants"]]
+    for name in (self.variant, self.baseline):
+      if name not in labels:
+        raise ValueError(f"Claim {self.title!r} names variant {name!r}; group {self.group!r} "
+                         f"has {labels}.")
+
+
+def normalize_variant(entry, group_name: str) -> dict[str, Any]:
+  """A variant is an attention name (``"moh"``) or ``dict(name=LABEL, attention=NAME,
+  overrides={...})`` for two settings of one family in one group."""
+  if isinstance(entry, str):
+    return {"name": entry, "attention": entry, "overrides": {}}
+  if not isinstance(entry, dict) or set(entry) - {"name", "attention", "overrides"} \
+      or "attention" not in entry:
+    raise ValueError(f"Group {group_name!r}: a variant is an attention name or "
+                     f"dict(name=..., attention=..., overrides=...); got {entry!r}.")
+  return {"name": entry.get("name", entry["attention"]), "attention": entry["attention"],
+          "overrides": dict(entry.get("overrides", {}))}
+
+
+def read_sweep_file(path: str) -> tuple[list, list]:
+  """The raw groups and claims of the sweep file at ``path``; a missing file, or one that raises
+  when executed, is a SweepError."""
+  try:
+    config_files.resolve(path)
+  except FileNotFoundError as e:
+    raise SweepError(f"--sweep: {describe(e)} Pass the path of a sweep file, e.g. "
+                     "configs/sweeps/quick.py.") from None
+  try:
+    module = config_files.load_module(path, prefix="_sweep_")
+    if not hasattr(module, "get_sweep"):
+      raise SweepError(f"{path} defines no get_sweep(); see configs/sweeps/quick.py.")
+    raw_groups = module.get_sweep()
+    raw_claims = module.get_claims() if hasattr(module, "get_claims") else []
+  except SweepError:
+    raise
+  except Exception as e:  # noqa: BLE001  a sweep file is user code: any error is the user's
+    raise SweepError(f"the sweep file {path} raised {type(e).__name__}: {describe(e)}. Fix it "
+                     "(ARCH_ZOO_DEBUG=1 shows the traceback).") from e
+  if not isinstance(raw_groups, (list, tuple)) or not all(isinstance(g, dict) for g in raw_groups):
+    raise SweepError(f"{path}: get_sweep() must return a list of dicts (one per group); got "
+                     f"{type(raw_groups).__name__}.")
+  return list(raw_groups), list(raw_claims)
+
+
+def load_sweep(path: str) -> tuple[list[dict[str, Any]], list[Claim]]:
+  """The sweep's groups (every key filled, variants normalised) and claims, checked."""
+  raw_groups, raw_claims = read_sweep_file(path)
+  groups = []
+  for raw in raw_groups:
+    with where(f"{path}, group {raw.get('name')!r}"):
+      groups.append(normalize_group(raw))
+  names = [g["name"] for g in groups]
+  if len(set(names)) != len(names):
+    raise SweepError(f"{path}: sweep groups need distinct names; got {names}.")
+  claims = []
+  for raw in raw_claims:
+    with where(f"{path}, claim {raw!r}" if not isinstance(raw, dict)
+               else f"{path}, claim {raw.get('title')!r}"):
+      claim = Claim(**raw)
+      claim.check(groups)
+      claims.append(claim)
+  return groups, claims
+
+
+def normalize_group(raw: dict) -> dict[str, Any]:
+  unknown = set(raw) - set(GROUP_KEYS)
+  if unknown:
+    raise ValueError(f"Unknown sweep keys {sorted(unknown)} in group {raw.get('name')!r}; "
+                     f"valid: {sorted(GROUP_KEYS)}.")
+  missing = [k for k in ("name", "config", "variants") if k not in raw]
+  if missing:
+    raise ValueError(f"Sweep group {raw.get('name')!r} lacks {missing}.")
+  group = {**GROUP_KEYS, **raw}
+  group["variants"] = [normalize_variant(v, group["name"]) for v in group["variants"]]
+  labels = [v["name"] for v in group["variants"]]
+  if len(set(labels)) != len(labels):
+    raise ValueError(f"Group {group['name']!r} has repeated variant names {labels}; give each "
+                     "variant a distinct name.")
+  if group["match"] not in MATCH_KINDS:
+    raise ValueError(f"match must be one of {MATCH_KINDS}, got {group['match']!r}.")
+  if group["match"] != "none" and group["reference"] not in labels:
+    raise ValueError(f"Group {group['name']!r}: the reference {group['reference']!r} must be "
+                     f"one of its variants {labels}.")
+  group["seeds"] = [int(s) for s in group["seeds"]]
+  return group
+
+
+def select_groups(groups: list[dict], claims: list[Claim], names: str | None):
+  """Only the groups named in ``names`` (comma separated), and the claims about them."""
+  if not names:
+    return groups, claims
+  wanted = [n.strip() for n in names.split(",") if n.strip()]
+  unknown = sorted(set(wanted) - {g["name"] for g in groups})
+  if unknown or not wanted:
+    raise SweepError(f"--groups names {unknown or repr(names)}; pass some of the sweep's groups, "
+                     f"comma separated: {','.join(g['name'] for g in groups)}.")
+  return ([g for g in groups if g["name"] in wanted],
+          [c for c in claims if c.group in wanted])
+
+
+# ---------------------------------------------------------------------------- members
+
+def config_arg(group: dict, attention: str) -> str:
+  return ",".join(filter(None, [f"attn={attention}", group["arg"]]))
+
+
+def variant_overrides(group: dict, variant: dict, seed: int) -> dict[str, Any]:
+  """Every config change of a member: group, family, variant, then the seed."""
+  return {**group["overrides"], **group["attention_overrides"].get(variant["attention"], {}),
+          **variant["overrides"], "seed": seed}
+
+
+def build_config(config_file: str, arg: str, overrides: dict[str, Any]) -> ConfigDict:
+  return config_files.build(config_file, arg, overrides)
+
+
+def count_params(model_cfg: ConfigDict) -> dict[str, int]:
+  """Parameter counts from shapes only (the model is built abstractly: nothing is allocated)."""
+  from flax import nnx
+
+  from arch_zoo import models
+  model = nnx.eval_shape(lambda: models.build(model_cfg, rngs=nnx.Rngs(0)))
+  return provenance.parameter_counts(nnx.state(model, nnx.Param))
+
+
+def cost(config: ConfigDict, kind: str) -> float:
+  if kind == "params":
+    return count_params(config.model)["total"]
+  return provenance.flops_per_token(config)["train_flops_per_token"]
+
+
+def match_d_ff(config: ConfigDict, target: float, kind: str) -> int:
+  """The MLP width that brings ``config``'s cost to ``target``, within ``MATCH_TOLERANCE``.
+
+  Parameters and FLOPs are both affine in ``d_ff`` (the MLP's matrices and bias grow linearly; the
+  attention does not depend on it), so two evaluations give the solution; rounding to an integer
+  moves the cost by one column of the MLP, and the result is verified."""
+  base = config.model.d_ff or 4 * config.model.d_model
+  probe = config.copy_and_resolve_references()
+  probe.model.d_ff = base
+  at_base = cost(probe, kind)
+  probe.model.d_ff = base + 64
+  slope = (cost(probe, kind) - at_base) / 64
+  d_ff = int(round(base + (target - at_base) / slope))
+  if d_ff < 1:
+    raise ValueError(
+        f"Cannot match {kind} for attention {config.model.attention.name!r}: it would need "
+        f"d_ff={d_ff}, i.e. its attention alone exceeds the reference's budget. Match on the other "
+        "kind, use a larger reference, or set match='none' (the table shows the costs anyway).")
+  probe.model.d_ff = d_ff
+  reached = cost(probe, kind)
+  if abs(reached - target) > MATCH_TOLERANCE * target:
+    raise ValueError(f"Matching {kind} reached {reached:.4g} for a target of {target:.4g} "
+                     f"(d_ff={d_ff}); more than {MATCH_TOLERANCE:.0%} off.")
+  return d_ff
+
+
+def members(group: dict) -> list[dict[str, Any]]:
+  """Every (variant, seed) of a group with its final overrides (matched ``d_ff`` included)."""
+  target = None
+  if group["match"] != "none":
+    reference = next(v for v in group["variants"] if v["name"] == group["reference"])
+    with where(f"sweep group {group['name']!r}, variant {reference['name']!r} (the reference)"):
+      target = cost(build_config(group["config"], config_arg(group, reference["attention"]),
+                                 variant_overrides(group, reference, 0)), group["match"])
+  out = []
+  for variant in group["variants"]:
+    matched_d_ff = None
+    if target is not None and variant["name"] != group["reference"]:
+      with where(f"sweep group {group['name']!r}, variant {variant['name']!r}"):
+        config = build_config(group["config"], config_arg(group, variant["attention"]),
+                              variant_overrides(group, variant, 0))
+        matched_d_ff = match_d_ff(config, target, group["match"])
+    for seed in group["seeds"]:
+      overrides = variant_overrides(group, variant, seed)
+      if matched_d_ff is not None:
+        overrides["model.d_ff"] = matched_d_ff
+      out.append({"group": group["name"], "variant": variant["name"],
+                  "attention": variant["attention"], "seed": seed, "config_file": group["config"],
+                  "arg": config_arg(group, variant["attention"]), "overrides": overrides,
+                  "suite": group["suite"], "eval_max_batches": group["eval_max_batches"]})
+  return out
+
+
+def check_member(member: dict, checked_models: set[str]) -> None:
+  """Builds the member's config, checks that its task has its evaluation suite, and builds its
+  model abstractly (once per distinct model config): what ``train.py`` would refuse at start-up,
+  found before anything trains."""
+  config = build_config(member["config_file"], member["arg"], member["overrides"])
+  if member["suite"] is not None:
+    tasks.get(config.task).suite(member["suite"])
+  model = json.dumps(config.model.to_dict(), sort_keys=True, default=str)
+  if model not in checked_models:
+    count_params(config.model)
+    checked_models.add(model)
+
+
+def plan(groups: list[dict]) -> dict[str, list[dict[str, Any]]]:
+  """Every member of every group (matching included), each checked (``check_member``), before
+  anything trains: a mistake in any member stops the sweep with one SweepError."""
+  planned, checked_models = {}, set()
+  for group in groups:
+    found = members(group)
+    for member in found:
+      with where(f"sweep group {member['group']!r}, variant {member['variant']!r}, "
+                 f"seed {member['seed']}"):
+        check_member(member, checked_models)
+    planned[group["name"]] = found
+  return planned
+
+
+def member_dir(root: str, member: dict) -> str:
+  return os.path.join(root, member["group"], member["variant"], f"seed{member['seed']}")
+
+
+def member_identity(member: dict) -> dict[str, Any]:
+  """What makes a member this member; a workdir holding another is refused."""
+  return json.loads(json.dumps({k: member[k] for k in ("group", "variant", "attention", "seed",
+                                                       "config_file", "arg", "overrides")}))
