@@ -30,6 +30,7 @@ from ml_collections import ConfigDict, config_flags
 from arch_zoo import checkpoint, config_checks, data as data_lib, interrupts as interrupts_lib
 from arch_zoo import metrics as metrics_lib, optim, perf, provenance, sharding, steps, tasks
 from arch_zoo import train_state, workdir as workdir_lib
+from arch_zoo.attention import ops
 from arch_zoo.errors import UserError, fail, run_cli
 
 FLAGS = flags.FLAGS
@@ -156,25 +157,29 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
       return sharding.global_batch_from_local(batch, mesh)
 
     last_step = min(total_steps, config.train.stop_at_step or total_steps)
-    batch = None
+    batch, kernels = None, []
     if start_step < last_step:
       batch = put(data.train_batch(samples_seen, batch_size))
-      with sharding.use(mesh, rules):
-        jax.eval_shape(train_step, state, batch)  # traced, not compiled: shape errors show here
+      # Traced, not compiled: shape errors show here, and `auto` says which kernels it chose.
+      with sharding.use(mesh, rules), ops.recording() as choices:
+        jax.eval_shape(train_step, state, batch)
+      kernels = ops.summarize(choices)
     # Config, data and model are checked: only now does the workdir hold a run.
     if is_main:
       workdir_lib.write_json(os.path.join(workdir, CONFIG_FILE), workdir_lib.config_dict(config))
     writer.truncate_after(start_step, drop_final_at=start_step >= total_steps)
     info = provenance.write_run_info(
         workdir, config, state.params,
-        {"resumed_from": start_step, "starts": workdir_lib.record_start(workdir, start_step,
-                                                                        changed)})
+        {"resumed_from": start_step, "attention_kernels": kernels,
+         "starts": workdir_lib.record_start(workdir, start_step, changed)})
     if is_main:
       params = info["parameters"]
       print(f"{config.task} | attention {config.model.attention.name} | "
             f"{params['total'] / 1e6:.2f}M params ({params['attention'] / 1e6:.2f}M attention) | "
             f"{len(jax.devices())} {jax.default_backend()} device(s) | workdir {workdir}",
             flush=True)
+      if kernels:
+        print(ops.summary_line(kernels), flush=True)
 
     def validate(max_batches: int | None) -> dict[str, float]:
       interrupts.test_point("validation", step)

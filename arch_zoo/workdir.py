@@ -126,6 +126,13 @@ def check_identity(saved: dict[str, Any] | None, config: ConfigDict, workdir: st
   return changed
 
 
+def check_workdir(config: ConfigDict, workdir: str) -> dict[str, tuple]:
+  """:func:`check_identity` against the run saved in ``workdir`` (if any)."""
+  checkpoints = os.path.join(workdir, "checkpoints")
+  has_checkpoints = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+  return check_identity(saved_config(workdir, has_checkpoints), config, workdir)
+
+
 def record_start(workdir: str, step: int, changed: dict[str, tuple]) -> list[dict[str, Any]]:
   """The list of this run's starts (the first and every resume) with this one appended, for
   ``run_info.json``."""

@@ -12,7 +12,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 import train
-from arch_zoo import attention, models, provenance
+from arch_zoo import attention, models, provenance, workdir as workdir_lib
 from arch_zoo.attention import Context
 from configs import lm, vit
 
@@ -41,7 +41,7 @@ def test_vit_hybrid_layers_have_rope_off():
   model = models.build(config.model, rngs=nnx.Rngs(0))
   mha_layer = model.stack.blocks[1].attn
   assert type(mha_layer) is attention.family("mha").module
-  assert mha_layer.qkv.rope is False
+  assert mha_layer.qkv.rope_base is None  # no RoPE
   # Without RoPE, bidirectional attention is permutation-equivariant: permuting the tokens
   # permutes the outputs (RoPE would make each output depend on the positions).
   x = jax.random.normal(jax.random.key(1), (2, 16, config.model.d_model))
@@ -54,7 +54,7 @@ def test_vit_hybrid_layers_have_rope_off():
   config = lm.get_config("attn=lightning,size=test")
   config.model.layer_pattern = "lightning,mha"
   model = models.build(config.model, rngs=nnx.Rngs(0))
-  assert model.stack.blocks[1].attn.qkv.rope is True
+  assert model.stack.blocks[1].attn.qkv.rope_base is not None
 
 
 def test_an_override_reaches_a_non_main_familys_layers():
@@ -98,15 +98,15 @@ def test_unused_families_options_do_not_define_the_run(tmp_path):
   saved = lm.get_config("attn=mha,size=test")
   saved.model.attention_options.routing.num_clusters = 8  # no layer is routing
   write_saved_config(tmp_path, saved)
-  train.check_workdir(lm.get_config("attn=mha,size=test"), str(tmp_path))  # accepted
+  workdir_lib.check_workdir(lm.get_config("attn=mha,size=test"), str(tmp_path))  # accepted
   hybrid = lm.get_config("attn=mha,size=test")
   hybrid.model.layer_pattern = "mha,routing"
   saved.model.layer_pattern = "mha,routing"  # now a layer uses the changed option
   write_saved_config(tmp_path, saved)
   with pytest.raises(ValueError, match="use a new --workdir"):
-    train.check_workdir(hybrid, str(tmp_path))
+    workdir_lib.check_workdir(hybrid, str(tmp_path))
   # A config saved before the options existed is the same model as today's.
   plain = json.loads(lm.get_config("attn=mha,size=test").to_json_best_effort())
   del plain["model"]["attention_options"]
   (tmp_path / train.CONFIG_FILE).write_text(json.dumps(plain))
-  train.check_workdir(lm.get_config("attn=mha,size=test"), str(tmp_path))
+  workdir_lib.check_workdir(lm.get_config("attn=mha,size=test"), str(tmp_path))

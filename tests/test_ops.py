@@ -299,3 +299,18 @@ def test_a_hybrid_model_records_one_resolved_kernel_per_layer():
   assert "backend" in summary[0]["reasons"]["linear"]
   assert ops.summary_line(summary) == \
       "attention kernels: layer 0 lightning linear=xla; layer 1 mha softmax=xla"
+
+
+def test_train_py_prints_and_records_the_kernel_of_every_layer(austen_data_dir, tmp_path, capsys):
+  import json
+
+  import train
+  config = lm_config("mha", layer_pattern="lightning,mha")
+  config.data.data_dir = austen_data_dir
+  config.train.update(steps=2, progress=False)
+  train.train_and_evaluate(config, str(tmp_path))
+  kernels = json.load(open(tmp_path / "run_info.json"))["attention_kernels"]
+  assert [(k["layer"], k["family"], k["kernels"]) for k in kernels] == [
+      (0, "lightning", {"linear": "xla"}), (1, "mha", {"softmax": "xla"})]  # CPU: no GPU kernels
+  assert ("attention kernels: layer 0 lightning linear=xla; layer 1 mha softmax=xla"
+          in capsys.readouterr().out)

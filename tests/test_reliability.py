@@ -140,9 +140,9 @@ def restore_state(workdir, config):
   from arch_zoo import optim, sharding, train_state
   mesh = sharding.make_mesh(config.mesh)
   tx, _ = optim.build(config.optim, config.train.steps)
-  shardings = train_state.shardings_of(config, mesh, sharding.rules_for(config.sharding), tx)
+  blueprint = train_state.trace(config, mesh, sharding.rules_for(config.sharding), tx)
   return checkpoint.Checkpointer(os.path.join(str(workdir), "checkpoints")).restore(
-      train_state.abstract_state(config, tx, shardings))[0]
+      blueprint.abstract)[0]
 
 
 def damage_that_restore_sees(workdir, config, damage) -> str:
