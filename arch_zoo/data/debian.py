@@ -60,3 +60,10 @@ def unpacked(package: str) -> Path:
     raise DebianFetchError(f"dpkg-deb -x {debs[-1]} failed:\n{result.stderr.strip()}")
   done.touch()
   return root
+
+
+def manual_download_instructions(package: str, dataset: str) -> str:
+  """What a TFDS builder of a Debian-packaged dataset tells a user who prepares it by hand."""
+  return (f"Unpack Debian's {package} into the manual dir: apt-get download {package} && "
+          f"dpkg-deb -x {package}_*.deb MANUAL_DIR (or run: python -m arch_zoo.data.prepare "
+          f"{dataset})")

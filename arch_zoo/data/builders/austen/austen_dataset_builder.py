@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from arch_zoo.data import debian
+
 from arch_zoo.data.rdata import load_lazyload_db
 
 TRAIN_BOOKS = ("emma", "mansfieldpark", "northangerabbey", "prideprejudice", "sensesensibility")
@@ -54,10 +56,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Paragraphs of the six novels from r-cran-janeaustenr 1.0.0."}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      f"Unpack Debian's {DEBIAN_PACKAGE} into the manual dir: "
-      f"apt-get download {DEBIAN_PACKAGE} && dpkg-deb -x {DEBIAN_PACKAGE}_*.deb MANUAL_DIR "
-      "(or run: python -m arch_zoo.data.prepare austen)")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = debian.manual_download_instructions(DEBIAN_PACKAGE, "austen")
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(

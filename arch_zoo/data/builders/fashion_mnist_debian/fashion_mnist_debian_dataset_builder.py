@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from arch_zoo.data import debian
+
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                "sneaker", "bag", "ankle boot")
@@ -62,10 +64,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "The IDX files of dataset-fashion-mnist 0.0~git20200523."}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      f"Unpack Debian's {DEBIAN_PACKAGE} into the manual dir: "
-      f"apt-get download {DEBIAN_PACKAGE} && dpkg-deb -x {DEBIAN_PACKAGE}_*.deb MANUAL_DIR "
-      "(or run: python -m arch_zoo.data.prepare fashion_mnist_debian)")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = debian.manual_download_instructions(DEBIAN_PACKAGE, "fashion_mnist_debian")
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
