@@ -71,9 +71,9 @@ def load_config(workdir: str) -> ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: is {workdir} a train.py workdir (one whose "
                             "training has started)?")
-  config = ConfigDict(workdir_lib.read_json(path))
-  plugins.load(config.get("plugins", ""))  # the families the run's config imported
-  return config
+  saved = workdir_lib.read_json(path)
+  plugins.load(saved.get("plugins", ""))  # the families the run's config imported
+  return ConfigDict(workdir_lib.upgrade_config(saved))
 
 
 class ResultsNotSaved(UserError):

@@ -8,6 +8,9 @@ r"""Trains a model from a config: the one training loop of arch_zoo.
 Re-running the same command resumes from the latest checkpoint in ``--workdir`` and continues the
 exact run (same batches, same randomness, same losses). The loop reads top to bottom:
 flags -> config -> mesh -> data -> model -> restore -> jit step -> loop -> final evaluation.
+SIGTERM and Ctrl-C save the current step and exit (``arch_zoo/interrupts.py``); one train.py runs
+per workdir, which holds a run only once its config, data and model were checked
+(``arch_zoo/workdir.py``); every mistake ends in one ``error:`` line (``arch_zoo/errors.py``).
 The task (``lm``, ``classification`` or ``mqar``) picks the data, the evaluator and the throughput
 unit (tokens/s, images/s, tokens/s); the loop itself is the same for all. MQAR trains the language
 model with loss only on the answers (the batch weights) and validates with its answer accuracy.

@@ -79,6 +79,34 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tup
           if old.get(key) != new.get(key)}
 
 
+# Model keys that earlier versions of arch_zoo did not write, with the value they then implied.
+IMPLIED_MODEL_KEYS = {"recompute_activation": "auto", "norm_impl": "auto", "scan_layers": False,
+                      "layer_pattern": ""}
+# attention.impl values renamed when the kernels became one layer (docs/attention/kernels.md).
+RENAMED_IMPLS = {"lightning": {"naive": "reference"},
+                 "dynamic_mask": {"xla": "reference", "sparse": "xla"}}
+
+
+def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:
+  """A config saved by an earlier arch_zoo, in today's form and meaning: the model keys it lacks
+  get the values the code then used, the other families of a hybrid get the registry defaults
+  they then had (``model.attention_options``), and renamed ``impl`` values their new names."""
+  model = saved.get("model")
+  if not isinstance(model, dict) or "attention" not in model:
+    return saved
+  model = {**{k: v for k, v in IMPLIED_MODEL_KEYS.items() if k not in model}, **model}
+  main = model["attention"].get("name")
+  if "attention_options" not in model:
+    from arch_zoo import attention
+    pattern = [p.strip() for p in model["layer_pattern"].split(",") if p.strip()]
+    model["attention_options"] = {name: attention.family(name).defaults()
+                                  for name in dict.fromkeys(pattern) if name != main}
+  renamed = RENAMED_IMPLS.get(main, {})
+  if model["attention"].get("impl") in renamed:
+    model["attention"] = {**model["attention"], "impl": renamed[model["attention"]["impl"]]}
+  return {**saved, "model": model}
+
+
 def saved_config(workdir: str, has_checkpoints: bool) -> dict[str, Any] | None:
   """The config of the run in ``workdir`` (None when there is none). An unreadable
   ``config.json`` is replaced by the copy in ``run_info.json`` when there is one; it is ignored
@@ -87,14 +115,14 @@ def saved_config(workdir: str, has_checkpoints: bool) -> dict[str, Any] | None:
   if not os.path.exists(path):
     return None
   try:
-    return read_json(path)
+    return upgrade_config(read_json(path))
   except WorkdirError as e:
     info_path = os.path.join(workdir, "run_info.json")
     if os.path.exists(info_path):
       try:
         config = read_json(info_path)["config"]
         print(f"warning: {e} Using the copy of the config in {info_path}.", flush=True)
-        return config
+        return upgrade_config(config)
       except (WorkdirError, KeyError):
         pass
     if not has_checkpoints:

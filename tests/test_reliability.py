@@ -460,3 +460,32 @@ def test_eval_py_mistakes_are_one_error_line(tmp_path):
     done = run_cli("eval.py", *args)
     assert done.returncode != 0 and done.stderr.startswith("error: "), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and expected in done.stderr, done.stderr
+
+
+def test_a_run_saved_by_an_earlier_version_resumes_and_evaluates(austen_data_dir, tmp_path):
+  """config.json as arch_zoo wrote it before hybrids had their own options (and before MQAR's
+  config had every backbone key): the run is the same, so it resumes and evaluates."""
+  from configs import recall
+  config = recall.get_config("attn=mha,size=test")
+  config.train.update(steps=4, progress=False)
+  train.train_and_evaluate(config, str(tmp_path))
+  saved = json.load(open(tmp_path / "config.json"))
+  for key in ("attention_options", "recompute_activation", "norm_impl", "scan_layers"):
+    del saved["model"][key]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  config.train.steps = 6
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert final["step"] == 6
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  assert eval_lib.evaluate_run(str(tmp_path))["step"] == 6
+
+
+def test_renamed_impl_values_of_saved_configs_are_upgraded():
+  old = json.loads(lm.get_config("attn=lightning,size=test").to_json_best_effort())
+  old["model"]["attention"]["impl"] = "naive"
+  del old["model"]["attention_options"]
+  old["model"]["layer_pattern"] = "lightning,mha"
+  new = workdir_lib.upgrade_config(old)
+  assert new["model"]["attention"]["impl"] == "reference"
+  from arch_zoo import attention
+  assert new["model"]["attention_options"] == {"mha": attention.family("mha").defaults()}
