@@ -57,6 +57,7 @@ class SlidingWindowAttention(nnx.Module):
 
   def __init__(self, dims: attention.Dims, options: SlidingWindowOptions, *, rngs: nnx.Rngs):
     self.window = options.window
+    self.site = ops.Site("sliding_window", dims.layer_index)  # names the layer in run_info.json
     self.qkv = QKVProjection(dims, num_kv_heads=options.num_kv_heads, qk_norm=False,
                              rope=options.rope, rope_base=options.rope_base, rngs=rngs)
     self.out = output_projection(dims, rngs)
@@ -65,7 +66,7 @@ class SlidingWindowAttention(nnx.Module):
     b, t, _ = x.shape
     q, k, v = self.qkv(x, ctx)
     o = ops.softmax.apply(q, k, v, causal=ctx.causal, segment_ids=ctx.segment_ids,
-                          mask=window_mask(t, self.window))
+                          mask=window_mask(t, self.window), site=self.site)
     return self.out(o.reshape(b, t, -1)), {}
 
   @staticmethod
