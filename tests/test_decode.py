@@ -91,3 +91,75 @@ def test_decoding_equals_the_forward_pass(case):
   name, overrides = CASES[case]
   for decoded, want in decode_and_forward(decoding_model(name, **overrides)):
     np.testing.assert_allclose(decoded, want, rtol=1e-5, atol=1e-5)
+
+
+def test_routing_window_zero_decodes_with_the_window_of_max_len():
+  """``window=0`` is ``ceil(T / C)`` of the whole sequence; decoding takes ``T = max_len``. Rows
+  whose full lengths give the same window as ``max_len`` (here 4) match the forward exactly."""
+  model = decoding_model("routing", num_heads=4, window=0, local_window=4, num_clusters=4)
+  lengths = (8, 11, 10)  # 13, 16 and 15 tokens with the 5 decoded: ceil(. / 4) = 4 = 16 / 4
+  for decoded, want in decode_and_forward(model, lengths=lengths, max_len=16):
+    np.testing.assert_allclose(decoded, want, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_is_never_attended_to():
+  """Whatever tokens fill a row's padding slots, its logits stay the same."""
+  model = decoding_model("lightning", layer_pattern="lightning,mha", block_size=4)
+  tokens = jax.random.randint(jax.random.key(3), (2, 9), 1, 256, dtype=jnp.int32)
+  lengths = jnp.asarray([4, 9], jnp.int32)
+  noisy = tokens.at[0, :5].set(jnp.arange(5, dtype=jnp.int32) + 7)
+  clean = tokens.at[0, :5].set(0)
+  got = [model.prefill(x, lengths, model.init_cache(2, 12))[0][:, 5:] for x in (noisy, clean)]
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(got[1]))
+
+
+@pytest.mark.parametrize("name", attention.names_decoding())
+def test_state_size_is_what_init_state_allocates(name):
+  """Each family's ``state_size`` (per-token and fixed elements) is what its ``init_state``
+  allocates, read off two cache lengths."""
+  fam = attention.family(name)
+  dims = attention.Dims(d_model=48, num_heads=6, num_layers=3)
+  overrides = {"mha": dict(num_kv_heads=2), "moh": dict(num_kv_heads=3),
+               "masa": dict(num_kv_heads=1), "dynamic_mask": dict(num_kv_heads=2),
+               "routing": dict(local_heads=2, num_clusters=5)}.get(name, {})
+  options = attention.make_options(name, **overrides)
+  layer = fam.module(dims, options, rngs=nnx.Rngs(0))
+
+  def elements(max_len):
+    return sum(leaf.size for leaf in jax.tree.leaves(layer.init_state(1, max_len)))
+
+  per_token = (elements(40) - elements(10)) / 30
+  want = fam.state_size(dims, options)
+  assert (per_token, elements(10) - 10 * per_token) == (want.per_token, want.fixed), name
+
+
+def test_a_family_without_decode_hooks_is_refused_in_one_line():
+  plugins.load("tests/families/sliding_window.py")
+  assert attention.family("sliding_window").decode is not True
+  assert "sliding_window" not in attention.names_decoding()
+  model = decoding_model("mha", layer_pattern="mha,sliding_window")
+  with pytest.raises(ValueError, match=r"^Attention 'sliding_window' cannot decode: [^\n]*$"):
+    model.init_cache(1, 8)
+
+
+def test_scanned_layers_are_refused_with_what_to_do():
+  with pytest.raises(ValueError, match="model.scan_layers=False"):
+    decoding_model("mha", scan_layers=True).init_cache(1, 8)
+
+
+def test_bad_prompts_are_refused_and_decoding_past_max_len_gives_nan():
+  model = decoding_model("mha")
+  cache = model.init_cache(2, 6)
+  tokens = jnp.ones((2, 4), jnp.int32)
+  with pytest.raises(ValueError, match="max_len=6"):
+    model.prefill(jnp.ones((2, 7), jnp.int32), jnp.asarray([7, 7]), cache)
+  with pytest.raises(ValueError, match="1..4"):
+    model.prefill(tokens, jnp.asarray([0, 4]), cache)
+  with pytest.raises(ValueError, match="B=2"):
+    model.prefill(tokens[:1], jnp.asarray([4]), cache)
+  logits, cache = model.prefill(tokens, jnp.asarray([3, 4]), cache)
+  for _ in range(2):
+    logits, cache = model.decode_step(jnp.ones((2,), jnp.int32), cache)
+    assert bool(jnp.isfinite(logits).all())
+  logits, cache = model.decode_step(jnp.ones((2,), jnp.int32), cache)
+  assert bool(jnp.isnan(logits).all())
