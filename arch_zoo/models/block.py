@@ -257,13 +257,12 @@ class Stack(nnx.Module):
       return final_norm.add_and_norm(x, pending)[1], aux
     return (x if pending is None else x + pending), aux
 
-
   def check_decodes(self) -> None:
     """Raises, in one line, when a layer cannot decode."""
     if self.scan_layers:
       raise ValueError("Decoding needs model.scan_layers=False (the decode loop runs the layers "
-                       "one by one); rebuild the model with model.scan_layers=False (the "
-                       "parameters are the same, unstacked).")
+                       "one by one, each with its own state); build the model with "
+                       "model.scan_layers=False.")
     for name in dict.fromkeys(block.attention_name for block in self.blocks):
       reason = attention.family(name).decode
       if reason is not True:
