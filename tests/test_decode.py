@@ -163,3 +163,37 @@ def test_bad_prompts_are_refused_and_decoding_past_max_len_gives_nan():
     assert bool(jnp.isfinite(logits).all())
   logits, cache = model.decode_step(jnp.ones((2,), jnp.int32), cache)
   assert bool(jnp.isnan(logits).all())
+
+
+def test_decoding_runs_inside_one_jitted_while_loop():
+  """Greedy decoding as one ``lax.while_loop`` over ``decode_step`` (the cache is the carry)
+  gives the tokens of the same loop run step by step in Python."""
+  model = decoding_model("lightning", layer_pattern="lightning,mha", block_size=4)
+  graphdef, state = nnx.split(model)
+  prompts = jax.random.randint(jax.random.key(4), (2, 6), 1, 256, dtype=jnp.int32)
+  lengths = jnp.asarray([6, 3], jnp.int32)
+  steps = 4
+
+  @jax.jit
+  def generate(state, prompts, lengths):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.prefill(prompts, lengths, model.init_cache(2, 6 + steps))
+    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+
+    def body(carry):
+      i, token, out, cache = carry
+      logits, cache = model.decode_step(token, cache)
+      out = out.at[:, i].set(token)
+      return i + 1, jnp.argmax(logits, axis=-1).astype(jnp.int32), out, cache
+
+    init = (0, first, jnp.zeros((2, steps), jnp.int32), cache)
+    return jax.lax.while_loop(lambda carry: carry[0] < steps, body, init)[2]
+
+  logits, cache = model.prefill(prompts, lengths, model.init_cache(2, 6 + steps))
+  token, want = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), []
+  for _ in range(steps):
+    want.append(np.asarray(token))
+    logits, cache = model.decode_step(token, cache)
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  np.testing.assert_array_equal(np.asarray(generate(state, prompts, lengths)),
+                                np.stack(want, axis=1))
