@@ -7,6 +7,8 @@ decode code."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,6 +142,27 @@ def test_a_family_without_decode_hooks_is_refused_in_one_line():
   model = decoding_model("mha", layer_pattern="mha,sliding_window")
   with pytest.raises(ValueError, match=r"^Attention 'sliding_window' cannot decode: [^\n]*$"):
     model.init_cache(1, 8)
+
+
+def test_a_family_with_some_decode_hooks_is_refused_at_registration():
+  @dataclasses.dataclass(frozen=True)
+  class Options:
+    window: int = 4
+
+  class HalfDecoding(nnx.Module):
+    """A family that can start decoding but not go on."""
+
+    def init_state(self, batch, max_len):
+      return jnp.zeros((batch, max_len))
+
+    def prefill(self, x, ctx, state):
+      return x, state
+
+  with pytest.raises(ValueError, match="decode: define init_state"):
+    attention.register("half_decoding", options=Options, bidirectional=True, scannable=True,
+                       flops_per_token=lambda *args: 1.0,
+                       state_size=attention.kv_cache_state_size)(HalfDecoding)
+  assert "half_decoding" not in attention.names()
 
 
 def test_scanned_layers_are_refused_with_what_to_do():
