@@ -19,7 +19,7 @@ from flax import nnx
 from arch_zoo import attention, sharding
 from arch_zoo.attention import lightning
 from arch_zoo.attention.ops import linear as lk, linear_pallas
-from arch_zoo.attention.base import Context
+from arch_zoo.attention.base import Context, DecodeSlots
 
 # The backbone and train.py need ml_collections, which the GPU image lacks: imported inside the
 # two tests that use them, so that the GPU machine can collect this file and run its gpu test.
@@ -352,10 +352,13 @@ def test_module_prefill_then_decode_equals_forward():
   attn = build(block_size=8)
   x = jax.random.normal(jax.random.key(2), (2, 20, 32))
   full, _ = attn(x, Context.for_inputs(2, 20))
-  out, state = attn.prefill(x[:, :13])
+  def at(first):
+    return Context.for_inputs(2, 1, slots=DecodeSlots(jnp.int32(first), jnp.zeros(2, jnp.int32)))
+
+  out, state = attn.prefill(x[:, :13], at(0), attn.init_state(2, 20))
   steps = []
   for t in range(13, 20):
-    y, state = attn.decode_step(x[:, t:t + 1], state)
+    y, state = attn.decode_step(x[:, t:t + 1], at(t), state)
     steps.append(y)
   np.testing.assert_allclose(out, full[:, :13], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full[:, 13:], rtol=1e-4, atol=1e-5)

@@ -9,6 +9,20 @@ Every family is an NNX module called as ``y, aux = attn(x, ctx)``:
   the training objective by the backbone (already multiplied by their coefficient), ``metric/...``
   entries are only logged.
 
+A family that decodes (language-model inference) also defines three methods, evaluation only
+(deterministic, nothing written to the module):
+
+* ``init_state(batch, max_len) -> state``: its empty decode state, a pytree of arrays with fixed
+  shapes, for ``max_len`` slots;
+* ``prefill(x, ctx, state) -> (y, state)``: ``x [B, T, d_model]`` is a left-padded prompt in slots
+  ``0 .. T-1``; ``y`` is what ``attn(x, ctx)`` gives at each row's valid slots;
+* ``decode_step(x, ctx, state) -> (y, state)``: ``x [B, 1, d_model]``, the next token of every
+  row, in slot ``ctx.slots.first``.
+
+There ``ctx.slots`` (:class:`DecodeSlots`) says where the tokens sit: each row's first valid slot
+(slots before it are padding, never attended to and never part of a recurrent state) and
+``ctx.positions`` holds each token's position in its own row (``slot - start``).
+
 A family registers itself with :func:`register`. Its record (:class:`Family`) is everything the rest
 of the code knows about it: the options dataclass whose fields are its config keys and defaults, the
 modes it supports, its cost (``flops_per_token``), its decode-time state (``state_size``), whether
@@ -32,6 +46,22 @@ from arch_zoo.registry import Registry, check_choice  # noqa: F401  (re-exported
 
 
 @struct.dataclass
+class DecodeSlots:
+  """Where the tokens of a decoding call sit in the layers' decode states (a pytree)."""
+
+  first: jax.Array  # int32 scalar: the slot of x's first token (0 for a prompt)
+  start: jax.Array  # [B] int32: each row's first valid slot; earlier slots are left padding
+
+  def slots(self, length: int) -> jax.Array:
+    """``[length]`` int32: the slots of x's tokens."""
+    return self.first + jnp.arange(length, dtype=jnp.int32)
+
+  def valid(self, length: int) -> jax.Array:
+    """``[B, length]`` bool: which of x's tokens are not padding."""
+    return self.slots(length)[None, :] >= self.start[:, None]
+
+
+@struct.dataclass
 class Context:
   """Per-call information every attention layer receives (a pytree: safe under jit/remat)."""
 
@@ -39,6 +69,7 @@ class Context:
   segment_ids: jax.Array | None = None  # [B, T] int32; tokens attend only within a segment.
   rng: jax.Array | None = None  # PRNG key for stochastic layers; None when deterministic.
   shared: dict[str, Any] = struct.field(default_factory=dict)  # backbone-owned tensors (MASA).
+  slots: DecodeSlots | None = None  # decoding only: see the module docstring
   causal: bool = struct.field(pytree_node=False, default=True)
   deterministic: bool = struct.field(pytree_node=False, default=True)
 
@@ -116,8 +147,9 @@ class Family:
   # Cross-layer tensors the backbone must own (MASA's dictionaries): a function
   # (dims, options, rngs) -> nnx.Module whose call returns the arrays put in ctx.shared[name].
   shared_factory: Callable[..., nnx.Module] | None = None
-  # Incremental decoding hooks (the inference issue defines their shape); None: not provided.
-  decode: Any = None
+  # True when its module defines the decode hooks (init_state, prefill, decode_step; see the
+  # module docstring), else the reason it cannot decode.
+  decode: bool | str = True
   summary: str = ""  # the first line of the module's docstring
 
   def defaults(self) -> dict[str, Any]:
@@ -172,6 +204,9 @@ class Family:
       out.append(f"impls: {self.impls} lacks the default impl {self.defaults()['impl']!r}")
     elif not has_impl and self.impls:
       out.append(f"impls={self.impls} given, but the options have no impl field to choose them")
+    if self.decode is not True and not (isinstance(self.decode, str) and self.decode):
+      out.append("decode: define init_state(batch, max_len), prefill(x, ctx, state) and "
+                 "decode_step(x, ctx, state) on the module (all three), or none of them")
     if self.shared_factory is not None and not callable(self.shared_factory):
       out.append("shared_factory: a function (dims, options, rngs) -> nnx.Module, or None")
     if not self.summary:
@@ -186,9 +221,10 @@ DIM_FIELDS = tuple(f.name for f in dataclasses.fields(Dims))
 def register(name: str, *, options: type, bidirectional: bool | str, causal: bool | str = True,
              scannable: bool | str | None = None, flops_per_token: Callable | None = None,
              state_size: Callable | None = None, impls: Sequence[str] = (),
-             shared_factory: Callable[..., nnx.Module] | None = None, decode: Any = None):
+             shared_factory: Callable[..., nnx.Module] | None = None):
   """Class decorator that registers an attention family; the arguments are its :class:`Family`
   record. ``flops_per_token`` and ``state_size`` may instead be static methods of the class.
+  Whether it decodes is read from the class: the three decode hooks, or none of them.
 
       @register("mha", options=MHAOptions, bidirectional=True, scannable=True,
                 state_size=kv_cache_state_size, impls=("auto", "xla", "cudnn"))
@@ -206,7 +242,7 @@ def register(name: str, *, options: type, bidirectional: bool | str, causal: boo
     doc = (module_cls.__doc__ or "").strip()
     fam = Family(name=name, module=module_cls, options=options, bidirectional=bidirectional,
                  causal=causal, scannable=scannable, impls=tuple(impls),
-                 shared_factory=shared_factory, decode=decode,
+                 shared_factory=shared_factory, decode=decode_hooks(module_cls),
                  summary=doc.splitlines()[0] if doc else "", **facts)
     problems = fam.problems()
     if problems:
@@ -216,6 +252,20 @@ def register(name: str, *, options: type, bidirectional: bool | str, causal: boo
     return module_cls
 
   return wrap
+
+
+DECODE_HOOKS = ("init_state", "prefill", "decode_step")
+
+
+def decode_hooks(module_cls: type) -> bool | str | None:
+  """A record's ``decode``: True with all three hooks, a reason without any, None (a problem that
+  :meth:`Family.problems` reports) with some."""
+  defined = [hook for hook in DECODE_HOOKS if callable(getattr(module_cls, hook, None))]
+  if len(defined) == len(DECODE_HOOKS):
+    return True
+  if not defined:
+    return f"its module defines no {', '.join(DECODE_HOOKS)}"
+  return None
 
 
 def names() -> list[str]:
@@ -234,6 +284,10 @@ def names_supporting(causal: bool) -> list[str]:
 
 def names_scannable() -> list[str]:
   return [n for n in _FAMILIES.names() if _FAMILIES.get(n).scannable is True]
+
+
+def names_decoding() -> list[str]:
+  return [n for n in _FAMILIES.names() if _FAMILIES.get(n).decode is True]
 
 
 def make_options(name: str, **options):

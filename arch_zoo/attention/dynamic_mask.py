@@ -31,8 +31,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from arch_zoo.attention import ops
-from arch_zoo.attention.base import Context, Dims, check_choice, kv_cache_state_size, register
-from arch_zoo.attention.parts import QKVProjection, kv_heads, output_projection
+from arch_zoo.attention.base import (Context, Dims, StateSize, check_choice, kv_cache_state_size,
+                                     register)
+from arch_zoo.attention.parts import QKVProjection, kv_cache, kv_heads, output_projection
 from arch_zoo.layers import Dense
 
 BIAS_FORMS = ("exp", "log")
@@ -64,12 +65,12 @@ class DynamicMaskOptions:
 
 
 @register("dynamic_mask", options=DynamicMaskOptions, bidirectional=True, scannable=True,
-          state_size=kv_cache_state_size, impls=("auto", *ops.dynamic_mask.IMPLS))
+          impls=("auto", *ops.dynamic_mask.IMPLS))
 class DynamicMaskAttention(nnx.Module):
   """Dynamic Mask Attention: each query keeps its top-w keys by a value-derived score (+ bias)."""
 
   def __init__(self, dims: Dims, options: DynamicMaskOptions, *, rngs: nnx.Rngs):
-    self.options = options
+    self.options, self.dtype = options, dims.dtype
     self.site = ops.Site("dynamic_mask", dims.layer_index)
     self.qkv = QKVProjection(dims, num_kv_heads=options.num_kv_heads, qk_norm=options.qk_norm,
                              rope=options.rope, rope_base=options.rope_base, rngs=rngs)
@@ -86,8 +87,10 @@ class DynamicMaskAttention(nnx.Module):
     keys are the same, and the log domain does not round large exponentials into ties."""
     b, s, g, d = v.shape
     log_bias = self.A[...] * jax.nn.softplus(self.dt_proj(v.reshape(b, s, g * d)))
-    bias = jnp.exp(log_bias) if self.options.bias_form == "exp" else log_bias
-    return bias, log_bias
+    return self.bias_from(log_bias), log_bias
+
+  def bias_from(self, log_bias: jax.Array) -> jax.Array:
+    return jnp.exp(log_bias) if self.options.bias_form == "exp" else log_bias
 
   def __call__(self, x: jax.Array, ctx: Context):
     b, t, _ = x.shape
@@ -98,6 +101,51 @@ class DynamicMaskAttention(nnx.Module):
                                segment_ids=ctx.segment_ids, tie_break=self.options.tie_break,
                                chunk_size=self.options.chunk_size, site=self.site)
     return self.out(o.reshape(b, t, -1)), {}
+
+  # Decoding: a KV cache plus each cached key's A softplus(dt), from which both its bias and its
+  # selection score follow exactly as in key_scores.
+
+  def init_state(self, batch: int, max_len: int) -> dict[str, jax.Array]:
+    g = self.qkv.num_kv_heads
+    return {**kv_cache(batch, max_len, g, self.qkv.head_dim, self.dtype),
+            "log_bias": jnp.zeros((batch, max_len, g), jnp.float32)}
+
+  def prefill(self, x: jax.Array, ctx: Context, state: dict[str, jax.Array]):
+    return self._decode(x, ctx, state, prompt=True)
+
+  def decode_step(self, x: jax.Array, ctx: Context, state: dict[str, jax.Array]):
+    return self._decode(x, ctx, state, prompt=False)
+
+  def _decode(self, x: jax.Array, ctx: Context, state: dict[str, jax.Array], *, prompt: bool):
+    """Each query keeps the ``w`` best of the keys it may see (its row's valid slots up to its
+    own), ties as in training: the causal rule of ``ops.dynamic_mask``."""
+    b, t, _ = x.shape
+    q, k, v = self.qkv(x, ctx)
+    _, log_bias = self.key_scores(v)
+    first = ctx.slots.first
+    state = {"key": ops.kv_cache.write(state["key"], k, first),
+             "value": ops.kv_cache.write(state["value"], v, first),
+             "log_bias": ops.kv_cache.write(state["log_bias"], log_bias, first)}
+    if not prompt:  # a step sees the whole cache; a prompt only itself
+      k, v, log_bias = state["key"], state["value"], state["log_bias"]
+    query_slots = ctx.slots.slots(t)
+    kept = ops.dynamic_mask.cached_selection(
+        log_bias, query_slots, ctx.slots.start, keep_window=self.options.keep_window_size,
+        tie_break=self.options.tie_break)
+    heads = q.shape[2]
+    o = ops.kv_cache.apply(
+        q, k, v, query_slots=query_slots, start=ctx.slots.start,
+        bias=ops.dynamic_mask.group_bias(self.bias_from(log_bias), heads),
+        mask=jnp.repeat(kept, heads // kept.shape[1], axis=1),
+        impl=ops.kv_cache.impl_for(self.options.impl), site=self.site)
+    return self.out(o.reshape(b, t, -1)), state
+
+  @staticmethod
+  def state_size(dims: Dims, options: DynamicMaskOptions) -> StateSize:
+    """Keys and values of every token, plus one score per token and KV head (the bias follows
+    from it)."""
+    kv = kv_cache_state_size(dims, options)
+    return StateSize(per_token=kv.per_token + kv_heads(dims, options.num_kv_heads))
 
   @staticmethod
   def flops_per_token(dims: Dims, options: DynamicMaskOptions, seq_len: int,

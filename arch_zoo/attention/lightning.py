@@ -153,21 +153,27 @@ class LightningAttention(nnx.Module):
         bidirectional_form=self.options.bidirectional_form, site=self.site)
     return self._output(x, o), {}
 
-  # Decoding: the causal operator as a recurrence over a [B, H, D, D] float32 state.
+  # Decoding: the causal operator as a recurrence over a [B, H, D, D] float32 state, O(1) in the
+  # context length.
 
-  def init_state(self, batch: int) -> jax.Array:
+  def init_state(self, batch: int, max_len: int) -> jax.Array:
+    del max_len  # the point of the method: the state does not grow with the context
     return jnp.zeros((batch, self.num_heads, self.head_dim, self.head_dim), jnp.float32)
 
-  def prefill(self, x: jax.Array, state: jax.Array | None = None):
-    """Causal outputs for ``x [B, T, d]`` and the state after its last token (block-wise form)."""
+  def prefill(self, x: jax.Array, ctx: Context, state: jax.Array):
+    """Causal outputs for the prompt ``x [B, T, d]`` (block-wise form) and the state after its
+    last slot. Padding keys are zeroed, so they add nothing to the state: the decay depends only
+    on distances, so the state is that of the unpadded prompt."""
     q, k, v = self._qkv(x)
+    k = jnp.where(ctx.slots.valid(x.shape[1])[:, :, None, None], k, 0)
     o, state = ops.linear.causal_blockwise(
         q, k, v, self.slopes_array(), block_size=self.options.block_size, initial_state=state,
         return_state=True)
     return self._output(x, o), state
 
-  def decode_step(self, x: jax.Array, state: jax.Array):
-    """One token ``x [B, 1, d]``: O(D^2) per head whatever the position."""
+  def decode_step(self, x: jax.Array, ctx: Context, state: jax.Array):
+    """One token ``x [B, 1, d]``: ``S <- lam S + k v^T``, O(D^2) per head whatever the position."""
+    del ctx  # no positions: the decay is carried by the state
     q, k, v = (a[:, 0] for a in self._qkv(x))
     o, state = ops.linear.recurrent_step(state, q, k, v, self.slopes_array())
     return self._output(x, o[:, None]), state

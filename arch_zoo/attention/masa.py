@@ -33,7 +33,8 @@ from flax import nnx
 from arch_zoo.attention import ops
 from arch_zoo.attention.base import Context, Dims, check_choice, kv_cache_state_size, register
 from arch_zoo.attention.mha import MultiHeadAttention
-from arch_zoo.attention.parts import kv_heads, norm_and_rope, output_projection, qk_norms
+from arch_zoo.attention.parts import (attend_with_cache, kv_cache, kv_heads, norm_and_rope,
+                                      output_projection, qk_norms)
 from arch_zoo.layers.linear import DEFAULT_STDDEV
 
 NAME = "masa"
@@ -153,18 +154,44 @@ class SharedDictionaryAttention(nnx.Module):
     return jnp.dot(x.astype(self.dtype), weight.astype(self.dtype),
                    preferred_element_type=self.dtype)
 
-  def __call__(self, x: jax.Array, ctx: Context):
+  def _qkv(self, x: jax.Array, ctx: Context, w: dict[str, jax.Array]):
     b, t, _ = x.shape
-    w = self.weights(ctx)
     q = self.project(x, w["query"]).reshape(b, t, self.num_heads, self.head_dim)
     k = self.project(x, w["key"]).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.project(x, w["value"]).reshape(b, t, self.num_kv_heads, self.head_dim)
     q, k = norm_and_rope(q, k, ctx.positions, query_norm=self.query_norm, key_norm=self.key_norm,
                          rope_base=self.rope_base)
+    return q, k, v
+
+  def _output(self, o: jax.Array, w: dict[str, jax.Array]) -> jax.Array:
+    o = o.reshape(*o.shape[:2], -1)
+    return self.out(o) if self.out is not None else self.project(o, w["out"])
+
+  def __call__(self, x: jax.Array, ctx: Context):
+    w = self.weights(ctx)
+    q, k, v = self._qkv(x, ctx, w)
     o = ops.softmax.apply(q, k, v, causal=ctx.causal, impl=self.impl, segment_ids=ctx.segment_ids,
                           site=self.site)
-    o = o.reshape(b, t, -1)
-    return (self.out(o) if self.out is not None else self.project(o, w["out"])), {}
+    return self._output(o, w), {}
+
+  # Decoding: mha's KV cache. The atoms arrive in ctx.shared, built once per model call (the
+  # backbone's Stack.decode), never per layer.
+
+  def init_state(self, batch: int, max_len: int) -> dict[str, jax.Array]:
+    return kv_cache(batch, max_len, self.num_kv_heads, self.head_dim, self.dtype)
+
+  def prefill(self, x: jax.Array, ctx: Context, state: dict[str, jax.Array]):
+    return self._decode(x, ctx, state, prompt=True)
+
+  def decode_step(self, x: jax.Array, ctx: Context, state: dict[str, jax.Array]):
+    return self._decode(x, ctx, state, prompt=False)
+
+  def _decode(self, x: jax.Array, ctx: Context, state: dict[str, jax.Array], *, prompt: bool):
+    w = self.weights(ctx)
+    q, k, v = self._qkv(x, ctx, w)
+    o, state = attend_with_cache(q, k, v, ctx, state, prompt=prompt, impl=self.impl,
+                                 site=self.site)
+    return self._output(o, w), state
 
   @staticmethod
   def flops_per_token(dims: Dims, options: MASAOptions, seq_len: int, causal: bool) -> float:

@@ -1,6 +1,6 @@
 """Parts the attention families are built from: head projections, the output projection, the
-number of key/value heads, QK-norm and RoPE. One definition each, so that two families that
-mean the same projection compute it the same way.
+number of key/value heads, QK-norm, RoPE and the key/value cache of decoding. One definition
+each, so that two families that mean the same projection compute it the same way.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from arch_zoo.attention import ops
 from arch_zoo.attention.base import Context, Dims
 from arch_zoo.layers import Dense, RMSNorm, apply_rope
 from arch_zoo.layers.linear import DEFAULT_STDDEV
@@ -90,3 +91,26 @@ class QKVProjection(nnx.Module):
     q, k = norm_and_rope(q, k, ctx.positions, query_norm=self.query_norm, key_norm=self.key_norm,
                          rope_base=self.rope_base)
     return q, k, v
+
+
+def kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+             dtype) -> dict[str, jax.Array]:
+  """The empty decode state of softmax attention: keys and values ``[B, max_len, K, D]``."""
+  shape = (batch, max_len, num_kv_heads, head_dim)
+  return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+
+
+def attend_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context,
+                      cache: dict[str, jax.Array], *, prompt: bool, impl: str,
+                      site: ops.Site | None = None):
+  """``(o, cache)``: writes this call's keys and values in their slots, then attends.
+
+  A prompt (``prefill``, slots ``0 .. T-1``) attends among its own keys; a decoding step
+  attends over the whole cache. Left padding and empty slots are masked (``ops.kv_cache``).
+  """
+  cache = {"key": ops.kv_cache.write(cache["key"], k, ctx.slots.first),
+           "value": ops.kv_cache.write(cache["value"], v, ctx.slots.first)}
+  keys, values = (k, v) if prompt else (cache["key"], cache["value"])
+  o = ops.kv_cache.apply(q, keys, values, query_slots=ctx.slots.slots(q.shape[1]),
+                         start=ctx.slots.start, impl=ops.kv_cache.impl_for(impl), site=site)
+  return o, cache

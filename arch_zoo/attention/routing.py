@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from arch_zoo.attention import ops
-from arch_zoo.attention.base import Context, Dims, kv_cache_state_size, register
+from arch_zoo.attention.base import Context, Dims, StateSize, register
 from arch_zoo.attention.parts import head_projection, output_projection, rope
 from arch_zoo.layers import apply_rope
 
@@ -121,8 +121,7 @@ def ema_update(counts, sums, centroids, xhat, assignment, decay: float):
 # ------------------------------------------------------------------------------ the layer
 
 
-@register("routing", options=RoutingOptions, bidirectional=True, state_size=kv_cache_state_size,
-          impls=("auto", *ops.routing.IMPLS),
+@register("routing", options=RoutingOptions, bidirectional=True, impls=("auto", *ops.routing.IMPLS),
           scannable="its training forward writes the k-means centroid state of each layer")
 class RoutingAttention(nnx.Module):
   """Routing Transformer attention: block-local heads + k-means routing heads (shared QK)."""
@@ -135,7 +134,7 @@ class RoutingAttention(nnx.Module):
                        f"use 0..{h} (or -1 for half).")
     self.routing_heads = h - self.local_heads
     self.impl, self.site = options.impl, ops.Site("routing", dims.layer_index)
-    self.num_heads, self.head_dim = h, d
+    self.num_heads, self.head_dim, self.dtype = h, d, dims.dtype
     self.num_clusters, self.window, self.local_window = (options.num_clusters, options.window,
                                                          options.local_window)
     self.decay, self.commitment = options.decay, options.commitment
@@ -205,6 +204,99 @@ class RoutingAttention(nnx.Module):
       self.cluster_sums[...] = sums
       self.centroids[...] = new_centroids
     return out, aux
+
+  # Decoding (the causal LM rule; centroids frozen). The local heads keep their keys and values;
+  # the routing heads keep their shared query-keys and values, each cached token's cluster and
+  # its rank among the earlier valid tokens of that cluster, and a running count per cluster.
+
+  def decode_window(self, max_len: int) -> int:
+    """w while decoding. ``window=0`` means ``ceil(T / C)`` of the whole sequence, unknown while
+    decoding: the cache's length stands for it (the forward over ``max_len`` tokens)."""
+    return self.window or -(-max_len // self.num_clusters)
+
+  def init_state(self, batch: int, max_len: int) -> dict[str, jax.Array]:
+    state = {}
+    if self.local_heads:
+      shape = (batch, max_len, self.local_heads, self.head_dim)
+      state["local"] = {"key": jnp.zeros(shape, self.dtype), "value": jnp.zeros(shape, self.dtype)}
+    if self.routing_heads:
+      shape = (batch, max_len, self.routing_heads, self.head_dim)
+      state["routed"] = {
+          "qk": jnp.zeros(shape, self.dtype), "value": jnp.zeros(shape, self.dtype),
+          "cluster": jnp.zeros(shape[:3], jnp.int32), "rank": jnp.zeros(shape[:3], jnp.int32),
+          "count": jnp.zeros((batch, self.routing_heads, self.num_clusters), jnp.int32)}
+    return state
+
+  def prefill(self, x: jax.Array, ctx: Context, state: dict):
+    return self._decode(x, ctx, state, prompt=True)
+
+  def decode_step(self, x: jax.Array, ctx: Context, state: dict):
+    return self._decode(x, ctx, state, prompt=False)
+
+  def _decode(self, x: jax.Array, ctx: Context, state: dict, *, prompt: bool):
+    b, t, _ = x.shape
+    local, first, start = self.local_heads, ctx.slots.first, ctx.slots.start
+    query_slots = ctx.slots.slots(t)
+    impl = ops.kv_cache.impl_for(self.impl)
+    q = self.query(x).reshape(b, t, self.num_heads, self.head_dim)
+    v = self.value(x).reshape(b, t, self.num_heads, self.head_dim)
+    heads, new_state = [], {}
+    if local:
+      q_local = q[:, :, :local]
+      k_local = self.key(x).reshape(b, t, local, self.head_dim)
+      if self.rope:
+        q_local, k_local = rope(q_local, k_local, ctx.positions, self.rope_base)
+      cache = {name: ops.kv_cache.write(state["local"][name], new, first)
+               for name, new in (("key", k_local), ("value", v[:, :, :local]))}
+      keys = (k_local, v[:, :, :local]) if prompt else (cache["key"], cache["value"])
+      # Blocks of local_window positions counted from each row's first token.
+      key_block = (jnp.arange(keys[0].shape[1]) - start[:, None]) // self.local_window
+      query_block = (query_slots[None, :] - start[:, None]) // self.local_window
+      near = key_block[:, None, :] >= query_block[:, :, None] - 1  # [B, T, S]
+      heads.append(ops.kv_cache.apply(q_local, *keys, query_slots=query_slots, start=start,
+                                      mask=near[:, None], impl=impl, site=self.site))
+      new_state["local"] = cache
+    if self.routing_heads:
+      out, new_state["routed"] = self._decode_routed(q[:, :, local:], v[:, :, local:], ctx,
+                                                     state["routed"], prompt=prompt, impl=impl)
+      heads.append(out)
+    o = jnp.concatenate(heads, axis=2) if len(heads) > 1 else heads[0]
+    return self.out(o.reshape(b, t, -1)), new_state
+
+  def _decode_routed(self, q, v, ctx: Context, state: dict, *, prompt: bool, impl: str):
+    """The routing heads over the cache: token t sees the earlier valid tokens of its cluster
+    whose rank lies in t's block of w ranks or the previous one (ops.routing's causal rule)."""
+    t, first = q.shape[1], ctx.slots.first
+    shared = unit_layer_norm(q)
+    scores = jnp.einsum("bthd,hcd->bthc", shared, self.centroids[...], precision=EXACT)
+    cluster = jnp.argmax(scores, axis=-1).astype(jnp.int32)  # [B, T, Hr]
+    # Ranks: the valid tokens of each cluster before this one, the cached ones included.
+    member = (jax.nn.one_hot(cluster, self.num_clusters, dtype=jnp.int32)
+              * ctx.slots.valid(t)[:, :, None, None].astype(jnp.int32))  # [B, T, Hr, C]
+    before = state["count"][:, None] + jnp.cumsum(member, axis=1) - member
+    rank = jnp.take_along_axis(before, cluster[..., None], axis=-1)[..., 0]
+    qk = shared.astype(q.dtype)
+    if self.rope:
+      qk = apply_rope(qk, ctx.positions, self.rope_base)
+    new = {"qk": qk, "value": v, "cluster": cluster, "rank": rank}
+    cache = {name: ops.kv_cache.write(state[name], new[name], first) for name in new}
+    cache["count"] = state["count"] + jnp.sum(member, axis=1)
+    keys = new if prompt else cache
+    window = self.decode_window(state["qk"].shape[1])
+    same = keys["cluster"][:, None, :, :] == cluster[:, :, None, :]  # [B, T, S, Hr]
+    near = keys["rank"][:, None, :, :] // window >= rank[:, :, None, :] // window - 1
+    mask = (same & near).transpose(0, 3, 1, 2)  # [B, Hr, T, S]
+    out = ops.kv_cache.apply(qk, keys["qk"], keys["value"], query_slots=ctx.slots.slots(t),
+                             start=ctx.slots.start, mask=mask, impl=impl, site=self.site)
+    return out, cache
+
+  @staticmethod
+  def state_size(dims: Dims, options: RoutingOptions) -> StateSize:
+    """Per token: keys and values of the local heads, shared query-keys and values of the routing
+    heads plus their cluster and rank; fixed: each routing head's count per cluster."""
+    h, d = dims.num_heads, dims.head_dim
+    routing = h - (h // 2 if options.local_heads == -1 else options.local_heads)
+    return StateSize(per_token=2 * h * d + 2 * routing, fixed=routing * options.num_clusters)
 
   @staticmethod
   def flops_per_token(dims: Dims, options: RoutingOptions, seq_len: int, causal: bool) -> float:

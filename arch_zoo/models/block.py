@@ -143,6 +143,7 @@ class Block(nnx.Module):
     dims = dims_for(cfg, layer_index)
     name = layer_names(cfg)[layer_index]
     self.layer_index = layer_index
+    self.attention_name = name
     self.dropout_rate = cfg.dropout
     self.attn_norm = make_norm(cfg)
     self.attn = attention.build(name, rngs=rngs, **dataclasses.asdict(dims),
@@ -164,10 +165,23 @@ class Block(nnx.Module):
     y, aux = self.attn(h, ctx)
     x, h = self.mlp_norm.add_and_norm(x, dropout(y, self.dropout_rate, ctx, 2 * index))
     branch = dropout(self.mlp(h), self.dropout_rate, ctx, 2 * index + 1)
+    return self._leave(x, branch, aux)
+
+  def _leave(self, x: jax.Array, branch: jax.Array, extra):
     axes = ("act_batch", "act_length", "act_embed")
     if not self.defers_add:
-      return sharding.constrain(x + branch, axes), None, aux
-    return sharding.constrain(x, axes), sharding.constrain(branch, axes), aux
+      return sharding.constrain(x + branch, axes), None, extra
+    return sharding.constrain(x, axes), sharding.constrain(branch, axes), extra
+
+  def decode(self, x: jax.Array, pending: jax.Array | None, ctx: Context, state, *,
+             prompt: bool):
+    """``(x, branch, state)``: the block's computation with the attention's ``prefill``
+    (``prompt``) or ``decode_step`` (evaluation: no dropout)."""
+    x, h = self.attn_norm.add_and_norm(x, pending)
+    hook = self.attn.prefill if prompt else self.attn.decode_step
+    y, state = hook(h, ctx, state)
+    x, h = self.mlp_norm.add_and_norm(x, y)
+    return self._leave(x, self.mlp(h), state)
 
 
 def stack_blocks(blocks: list[Block]) -> Block:
@@ -242,6 +256,33 @@ class Stack(nnx.Module):
     if final_norm is not None:
       return final_norm.add_and_norm(x, pending)[1], aux
     return (x if pending is None else x + pending), aux
+
+  def check_decodes(self) -> None:
+    """Raises, in one line, when a layer cannot decode."""
+    if self.scan_layers:
+      raise ValueError("Decoding needs model.scan_layers=False (the decode loop runs the layers "
+                       "one by one, each with its own state); build the model with "
+                       "model.scan_layers=False.")
+    for name in dict.fromkeys(block.attention_name for block in self.blocks):
+      reason = attention.family(name).decode
+      if reason is not True:
+        raise ValueError(f"Attention {name!r} cannot decode: {reason}. Families that can: "
+                         f"{', '.join(attention.names_decoding())}.")
+
+  def init_state(self, batch: int, max_len: int) -> tuple:
+    """Each layer's empty decode state."""
+    self.check_decodes()
+    return tuple(block.attn.init_state(batch, max_len) for block in self.blocks)
+
+  def decode(self, x: jax.Array, ctx: Context, states: tuple, *, prompt: bool, final_norm):
+    """``(stream normalised by final_norm, states)``: the layers one after another, each with its
+    ``prefill`` (``prompt``) or ``decode_step``; the shared tensors built once for the call."""
+    ctx = ctx.replace(shared={name: module() for name, module in self.shared.items()})
+    pending, new_states = None, []
+    for block, state in zip(self.blocks, states):
+      x, pending, state = block.decode(x, pending, ctx, state, prompt=prompt)
+      new_states.append(state)
+    return final_norm.add_and_norm(x, pending)[1], tuple(new_states)
 
 
 def _block_call(block: Block, x: jax.Array, pending: jax.Array | None, ctx: Context,

@@ -16,7 +16,7 @@ docs/attention/kernels.md.
 
 from arch_zoo.attention.ops.base import (RENAMED, VOCABULARY, Site, check_impl, recording,
                                          resolve, summarize, summary_line)
-from arch_zoo.attention.ops import dynamic_mask, linear, routing, softmax  # noqa: E402
+from arch_zoo.attention.ops import dynamic_mask, kv_cache, linear, routing, softmax  # noqa: E402
 
-__all__ = ["RENAMED", "VOCABULARY", "Site", "check_impl", "dynamic_mask", "linear", "recording",
-           "resolve", "routing", "softmax", "summarize", "summary_line"]
+__all__ = ["RENAMED", "VOCABULARY", "Site", "check_impl", "dynamic_mask", "kv_cache", "linear",
+           "recording", "resolve", "routing", "softmax", "summarize", "summary_line"]

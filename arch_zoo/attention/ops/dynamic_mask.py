@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from arch_zoo.attention.ops import base, softmax
+from arch_zoo.attention.ops import base, kv_cache, softmax
 
 IMPLS = ("cudnn", "xla", "reference")
 # Width of the features appended by fold_key_bias: one carries the bias, the rest pad the head
@@ -279,6 +279,27 @@ def reference(q, k, v, bias, score, *, causal: bool, keep_window: int, segment_i
     mask = jnp.repeat(mask, q.shape[2] // k.shape[2], axis=1)
   return softmax.reference(q, k, v, causal=causal, segment_ids=segment_ids,
                            bias=group_bias(bias, q.shape[2]), mask=mask)
+
+
+# ------------------------------------------------------------------------------ decoding
+
+
+def cached_selection(score, query_slots, start, *, keep_window: int, tie_break: str = "recent"):
+  """The causal rule over a decode cache: boolean ``[B, G, T, S]``, the keys each query keeps.
+
+  ``score [B, S, G]`` holds the cached keys' scores; the query in slot ``query_slots[t]`` may see
+  the slots ``start[b] .. query_slots[t]`` (:func:`kv_cache.visible`) and keeps the
+  ``keep_window`` best of them, ties by position as :func:`top_keys` (and so the training forms)
+  break them; all of them when there are at most ``keep_window``.
+  """
+  s = score.shape[1]
+  allowed = kv_cache.visible(query_slots, start, s)  # [B, 1, T, S]
+  if s <= keep_window:
+    return jnp.broadcast_to(allowed, (score.shape[0], score.shape[2], query_slots.shape[0], s))
+  rows = jnp.where(allowed, selection_score(score).transpose(0, 2, 1)[:, :, None, :], -jnp.inf)
+  _, index = top_keys(rows, keep_window, tie_break)
+  kept = jnp.put_along_axis(jnp.zeros(rows.shape, bool), index, True, axis=-1, inplace=False)
+  return kept & allowed  # drop the invisible keys picked to fill w
 
 
 # ------------------------------------------------------------------------------ dispatch
