@@ -14,7 +14,8 @@ run's task:
   (``data.test_split``: loss, top-1 accuracy, examples, split), ``mqar`` for MQAR runs.
 * ``recall``: ``mqar`` for MQAR runs (accuracy per (length, kv pairs) slice, longer lengths
   included), ``passkey`` for language models (needle in validation-corpus filler, per (length,
-  depth); a PNG heat map next to the results). A classification run has no recall evaluator.
+  depth; exact match by greedy generation next to the teacher-forced score; a PNG heat map next
+  to the results). A classification run has no recall evaluator.
 * ``all``: every evaluator that fits the task.
 
 Results go to ``eval_results.json`` in the workdir::
@@ -39,11 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from arch_zoo import checkpoint, data as data_lib, evaluators, perf, sharding, steps
-from arch_zoo import tasks, workdir as workdir_lib
+from arch_zoo import generate, tasks, workdir as workdir_lib
 from arch_zoo.runs import load_config, restore
 from arch_zoo.errors import UserError, fail, message_of, run_cli
 from arch_zoo.evaluators import classification, passkey, perplexity, recall
@@ -159,9 +161,15 @@ def run_passkey(run: Run, options: dict) -> dict:
     ids = multihost_utils.process_allgather(ids, tiled=True)
     return np.asarray(ids)[:rows]
 
+  model = nnx.merge(graphdef, run.state.params, run.state.model_state)
+
+  def generate_digits(prompts: np.ndarray) -> np.ndarray:
+    # Greedy decoding through the model's decoder (its cache where it has one).
+    return np.stack(generate.generate(model, list(prompts), passkey.DIGITS, temperature=0))
+
   results = passkey.evaluate(next_token, data.validation.tokens, tokenizer.encode,
                              tokenizer.decode, settings["lengths"], settings["depths"],
-                             settings["trials"], seed=run.config.seed)
+                             settings["trials"], seed=run.config.seed, generate=generate_digits)
   results["train_seq_len"] = run.config.data.seq_len
   if jax.process_index() == 0:
     _, png = passkey.write(results, run.workdir)

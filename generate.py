@@ -6,7 +6,9 @@ r"""Samples text from a trained language-model run and prints it.
         --seed 3 --num_samples 4
 
 The prompt is printed, then the continuation; with ``--num_samples N`` the N samples (one batch,
-one seed) follow each other under a ``--- sample i`` line. The same flags give the same text.
+one seed) follow each other under a ``--- sample i`` line. The same flags give the same text. The
+model reads at most its training length (``data.seq_len``): past it, the oldest tokens slide out
+of the context (recomputed with ``arch_zoo.generate.ReferenceDecoder``), as nanoGPT samples.
 Library use: ``arch_zoo.generate`` (``load_run``, ``generate``, ``generate_text``).
 """
 

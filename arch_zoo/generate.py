@@ -13,6 +13,10 @@ pass per step. The reference decoder is exact for every family by construction (
 own forward over each row's unpadded tokens), so it is the oracle the cached decoders are tested
 against.
 
+Past the model's training length, ``window`` slides the context (the model reads the last
+``window`` tokens, as nanoGPT samples): ``generate_text`` and generate.py do this with the run's
+``data.seq_len``, since a model does not extrapolate far beyond the positions it was trained on.
+
 Sampling: logits / temperature, then top-k, then top-p (nucleus) on what is left; temperature 0
 is greedy (argmax). The same seed gives the same tokens.
 """
@@ -73,18 +77,25 @@ def load_run(workdir: str, step: int | None = None) -> Run:
 
 class ReferenceDecoder:
   """The decode interface by recomputation: each call runs ``model(tokens)`` over a fixed-size
-  buffer ``[B, max_len]`` in which row b's tokens are left-ALIGNED (its unpadded sequence from
-  slot 0, zeros after it). Causality makes the zeros after a row's last token invisible to it, and
-  the positions are the unpadded ones, so every logit is the plain forward's over that row alone,
-  for every family (lightning takes no segment ids, so masking padding would not be). Fixed shapes:
-  jittable, one compile per buffer size. Cost: a whole forward per token."""
+  buffer ``[B, width]`` in which row b's tokens are left-ALIGNED (its unpadded sequence from slot
+  0, zeros after it). Causality makes the zeros after a row's last token invisible to it, and the
+  positions are the unpadded ones, so every logit is the plain forward's over that row alone, for
+  every family (lightning takes no segment ids, so masking padding would not be). Fixed shapes:
+  jittable, one compile per buffer size. Cost: a whole forward per token.
 
-  def __init__(self, model):
+  ``window``: the longest context the model reads. A row that fills it drops its oldest token
+  (the model then reads the last ``window`` tokens at positions 0..window-1, as nanoGPT samples
+  past its block size): generation can go on past the training length without the model ever
+  reading positions it was not trained on."""
+
+  def __init__(self, model, window: int | None = None):
     self.model = model
+    self.window = window
 
   def init_cache(self, batch: int, max_len: int) -> dict[str, jax.Array]:
-    # tokens: the aligned buffer; lengths: each row's tokens so far (= the slot of the next one).
-    return {"tokens": jnp.zeros((batch, max_len), jnp.int32),
+    width = max_len if self.window is None else min(max_len, self.window)
+    # tokens: the aligned buffer; lengths: each row's tokens so far (its next slot until full).
+    return {"tokens": jnp.zeros((batch, width), jnp.int32),
             "lengths": jnp.zeros((batch,), jnp.int32)}
 
   def _logits(self, buffer: jax.Array) -> jax.Array:
@@ -93,21 +104,28 @@ class ReferenceDecoder:
 
   def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: dict[str, jax.Array]):
     _, t = tokens.shape
-    max_len = cache["tokens"].shape[1]
+    width = cache["tokens"].shape[1]
+    if t > width:
+      raise ValueError(f"prompts of {t} tokens do not fit the decode buffer of {width}.")
     padding = (t - lengths)[:, None]  # row b's position j sits in slot j + padding_b
-    position = jnp.arange(max_len)[None]
+    position = jnp.arange(width)[None]
     aligned = jnp.where(position < lengths[:, None],
                         jnp.take_along_axis(tokens, jnp.minimum(position + padding, t - 1), 1), 0)
     logits = self._logits(aligned.astype(jnp.int32))
-    slot_position = jnp.clip(jnp.arange(t)[None] - padding, 0, max_len - 1)  # padding: any
+    slot_position = jnp.clip(jnp.arange(t)[None] - padding, 0, width - 1)  # padding: any
     logits = jnp.take_along_axis(logits, slot_position[..., None], 1)
     return logits, {"tokens": aligned.astype(jnp.int32), "lengths": lengths.astype(jnp.int32)}
 
   def decode_step(self, tokens: jax.Array, cache: dict[str, jax.Array]):
+    buffer, lengths = cache["tokens"], cache["lengths"]
+    width = buffer.shape[1]
+    full = lengths >= width  # only with a window: slide the row by one token
+    buffer = jnp.where(full[:, None], jnp.roll(buffer, -1, axis=1), buffer)
+    slot = jnp.minimum(lengths, width - 1)
     rows = jnp.arange(tokens.shape[0])
-    buffer = cache["tokens"].at[rows, cache["lengths"]].set(tokens.astype(jnp.int32))
-    logits = self._logits(buffer)[rows, cache["lengths"]]
-    return logits, {"tokens": buffer, "lengths": cache["lengths"] + 1}
+    buffer = buffer.at[rows, slot].set(tokens.astype(jnp.int32))
+    logits = self._logits(buffer)[rows, slot]
+    return logits, {"tokens": buffer, "lengths": lengths + 1}
 
 
 def has_cached_decoding(model) -> bool:
@@ -115,12 +133,17 @@ def has_cached_decoding(model) -> bool:
              for name in ("init_cache", "prefill", "decode_step"))
 
 
-def decoder_for(model, decoder: str = "auto"):
-  """The object whose ``init_cache``/``prefill``/``decode_step`` generation calls."""
+def decoder_for(model, decoder: str = "auto", *, window: int | None = None):
+  """The object whose ``init_cache``/``prefill``/``decode_step`` generation calls. ``window``
+  (a sliding context, see :class:`ReferenceDecoder`) needs the reference decoder: a cache keeps
+  states computed from tokens that would have slid out."""
   if decoder not in DECODERS:
     raise UserError(f"decoder must be one of {', '.join(DECODERS)}; got {decoder!r}.")
-  if decoder == "reference" or (decoder == "auto" and not has_cached_decoding(model)):
-    return ReferenceDecoder(model)
+  if decoder == "reference" or (decoder == "auto" and (window or not has_cached_decoding(model))):
+    return ReferenceDecoder(model, window)
+  if window:
+    raise UserError(f"a sliding context window of {window} tokens needs decoder='reference' "
+                    "(or fewer tokens: prompt plus new ones within the window).")
   if not has_cached_decoding(model):
     raise UserError(f"{type(model).__name__} has no cached decoding (init_cache, prefill, "
                     "decode_step); use decoder='reference'.")
@@ -184,13 +207,13 @@ def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature",
-                                             "top_k", "top_p", "eos_id", "decoder"))
+                                             "top_k", "top_p", "eos_id", "decoder", "window"))
 def _generate(graphdef, state, tokens, lengths, key, *, max_new_tokens: int, temperature: float,
-              top_k: int, top_p: float, eos_id: int | None, decoder: str):
+              top_k: int, top_p: float, eos_id: int | None, decoder: str, window: int | None):
   """``(new tokens [B, N], count [B])``: one while loop over the new tokens; a row that wrote
   ``eos_id`` stops (its later slots hold ``eos_id``) and the loop ends when every row has."""
   model = nnx.merge(graphdef, state)
-  dec = decoder_for(model, decoder)
+  dec = decoder_for(model, decoder, window=window)
   batch, width = tokens.shape
   draw = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
   cache = dec.init_cache(batch, width + max_new_tokens)
@@ -220,22 +243,30 @@ def _generate(graphdef, state, tokens, lengths, key, *, max_new_tokens: int, tem
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_id: int | None = None, decoder: str = "auto") -> list[np.ndarray]:
+             eos_id: int | None = None, decoder: str = "auto", window: int | None = None
+             ) -> list[np.ndarray]:
   """The new token ids of each prompt (a list of int32 arrays; a row that produced ``eos_id``
   ends before it). ``prompts``: token-id sequences of any lengths >= 1. ``decoder``: ``auto``
-  (cached decoding where the model has it), ``cached`` or ``reference``."""
+  (cached decoding where the model has it), ``cached`` or ``reference``. ``window``: the longest
+  context the model reads (e.g. its training length); where prompt plus new tokens exceed it, the
+  oldest tokens slide out (reference decoder). None: the model reads everything."""
   check_sampling(temperature, top_k, top_p)
   if max_new_tokens < 1:
     raise UserError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
   if not len(prompts) or any(len(p) == 0 for p in prompts):
     raise UserError("every prompt needs at least one token; got an empty prompt.")
-  decoder_for(model, decoder)  # a clear error now rather than inside the trace
   tokens, lengths = left_pad(prompts)
+  if window is not None and tokens.shape[1] > window:
+    raise UserError(f"a prompt of {tokens.shape[1]} tokens is longer than the context window "
+                    f"{window}; shorten it.")
+  if window is not None and tokens.shape[1] + max_new_tokens <= window:
+    window = None  # everything fits: no sliding, any decoder
+  decoder_for(model, decoder, window=window)  # a clear error now rather than inside the trace
   graphdef, state = nnx.split(model)
   out, count = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths),
                          jax.random.key(seed), max_new_tokens=int(max_new_tokens),
                          temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                         eos_id=eos_id, decoder=decoder)
+                         eos_id=eos_id, decoder=decoder, window=window)
   out, count = np.asarray(out), np.asarray(count)
   return [row[:n] for row, n in zip(out, count)]
 
@@ -262,8 +293,10 @@ def encode_prompt(run: Run, text: str) -> np.ndarray:
 
 
 def generate_text(run: Run, texts: Sequence[str], max_new_tokens: int, **options) -> list[str]:
-  """The continuation of each text (prompt excluded), decoded with the run's tokenizer."""
+  """The continuation of each text (prompt excluded), decoded with the run's tokenizer. The
+  model reads at most its training length (``window=run.max_len`` unless given): past it, the
+  oldest tokens slide out."""
   prompts = [encode_prompt(run, text) for text in texts]
-  eos_id = getattr(run.tokenizer, "eos_id", None)
-  rows = generate(run.model, prompts, max_new_tokens, eos_id=eos_id, **options)
+  options = {"eos_id": getattr(run.tokenizer, "eos_id", None), "window": run.max_len, **options}
+  rows = generate(run.model, prompts, max_new_tokens, **options)
   return [run.tokenizer.decode(row) for row in rows]

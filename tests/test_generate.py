@@ -142,6 +142,22 @@ def test_greedy_generation_is_argmax_of_a_forward_rerun_token_by_token():
 
 
 @pytest.mark.parametrize("attn", ["mha", "lightning"])
+def test_a_sliding_window_reads_the_last_window_tokens(attn):
+  """Past ``window`` tokens, each new token is the argmax of a forward over the last ``window``."""
+  model = tiny_model(attn)
+  prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
+  window = 8
+  got = generate.generate(model, prompts, 10, temperature=0, window=window)
+  for prompt, row in zip(prompts, got):
+    sequence = list(prompt)
+    for _ in range(10):
+      sequence.append(int(forward_logits(model, sequence[-window:])[-1].argmax()))
+    assert row.tolist() == sequence[len(prompt):]
+  with pytest.raises(generate.UserError, match="needs decoder='reference'"):
+    generate.generate(model, prompts, 10, window=window, decoder="cached")
+
+
+@pytest.mark.parametrize("attn", ["mha", "lightning"])
 def test_batched_rows_of_different_lengths_equal_each_row_alone(attn):
   model = tiny_model(attn)
   rng = np.random.default_rng(4)
