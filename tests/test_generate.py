@@ -131,6 +131,40 @@ def test_reference_decoder_equals_the_plain_forward_of_each_row(attn):
       np.testing.assert_allclose(logits[row], full[n + i], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("attn", FAMILIES + ["hybrid"])
+def test_cached_decoding_equals_the_reference_decoder(attn):
+  """Where the model has cached decoding (the decode interface), its logits equal the reference
+  decoder's (each row's plain forward) to 1e-5, and greedy generation picks the same tokens."""
+  if attn == "hybrid":
+    config = lm.get_config("attn=lightning,size=test")
+    config.model.layer_pattern = "lightning,mha"
+    model = models.build(config.model, rngs=nnx.Rngs(0))
+  else:
+    model = tiny_model(attn)
+  if not generate.has_cached_decoding(model):
+    pytest.skip("this model has no cached decoding (init_cache, prefill, decode_step) yet")
+  rng = np.random.default_rng(5)
+  prompts = [rng.integers(1, 256, n).tolist() for n in (9, 2, 13)]
+  fed = rng.integers(1, 256, (3, 5))
+  tokens, lengths = generate.left_pad(prompts)
+  outputs = []
+  for decoder in (model, generate.ReferenceDecoder(model)):
+    cache = decoder.init_cache(3, tokens.shape[1] + fed.shape[1])
+    logits, cache = decoder.prefill(jnp.asarray(tokens), jnp.asarray(lengths), cache)
+    steps = []
+    for i in range(fed.shape[1]):
+      step, cache = decoder.decode_step(jnp.asarray(fed[:, i]), cache)
+      steps.append(np.asarray(step))
+    outputs.append((np.asarray(logits), np.stack(steps)))
+  (cached, cached_steps), (reference, reference_steps) = outputs
+  for row, n in enumerate(lengths):
+    np.testing.assert_allclose(cached[row, -n:], reference[row, -n:], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(cached_steps, reference_steps, rtol=1e-5, atol=1e-5)
+  greedy = [generate.generate(model, prompts, 6, temperature=0, decoder=d)
+            for d in ("cached", "reference")]
+  assert [r.tolist() for r in greedy[0]] == [r.tolist() for r in greedy[1]]
+
+
 def test_greedy_generation_is_argmax_of_a_forward_rerun_token_by_token():
   model = tiny_model("mha")
   prompt = [84, 104, 101, 32, 115, 101, 97]
