@@ -2,6 +2,7 @@
 against plain forward passes, and generate.py's one-line errors."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -297,7 +298,7 @@ def one_error_line(code, err):
 ])
 def test_cli_bad_input_gets_one_error_line(lm_run, capsys, extra, expected):
   line = one_error_line(*run_main(["--workdir", lm_run, *extra], capsys)[::2])
-  assert __import__("re").search(expected, line), line
+  assert re.search(expected, line), line
 
 
 def test_cli_workdir_without_checkpoint_or_not_an_lm(tmp_path, capsys):
