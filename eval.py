@@ -14,7 +14,8 @@ run's task:
   (``data.test_split``: loss, top-1 accuracy, examples, split), ``mqar`` for MQAR runs.
 * ``recall``: ``mqar`` for MQAR runs (accuracy per (length, kv pairs) slice, longer lengths
   included), ``passkey`` for language models (needle in validation-corpus filler, per (length,
-  depth); a PNG heat map next to the results). A classification run has no recall evaluator.
+  depth; exact match by greedy generation next to the teacher-forced score; a PNG heat map next
+  to the results). A classification run has no recall evaluator.
 * ``all``: every evaluator that fits the task.
 
 Results go to ``eval_results.json`` in the workdir::
@@ -39,11 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from arch_zoo import checkpoint, data as data_lib, evaluators, optim, perf, sharding, steps
-from arch_zoo import plugins, tasks, train_state, workdir as workdir_lib
+from arch_zoo import checkpoint, data as data_lib, evaluators, perf, sharding, steps
+from arch_zoo import generate, tasks, workdir as workdir_lib
+from arch_zoo.runs import load_config, restore
 from arch_zoo.errors import UserError, fail, message_of, run_cli
 from arch_zoo.evaluators import classification, passkey, perplexity, recall
 
@@ -64,16 +67,6 @@ def define_flags() -> None:
   flags.DEFINE_integer("passkey_trials", None, "Passkey trials per (length, depth) cell.")
 
 RESULTS_FILE = "eval_results.json"
-
-
-def load_config(workdir: str) -> ConfigDict:
-  path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: is {workdir} a train.py workdir (one whose "
-                            "training has started)?")
-  saved = workdir_lib.read_json(path)
-  plugins.load(saved.get("plugins", ""))  # the families the run's config imported
-  return ConfigDict(workdir_lib.upgrade_config(saved))
 
 
 class ResultsNotSaved(UserError):
@@ -168,9 +161,15 @@ def run_passkey(run: Run, options: dict) -> dict:
     ids = multihost_utils.process_allgather(ids, tiled=True)
     return np.asarray(ids)[:rows]
 
+  model = nnx.merge(graphdef, run.state.params, run.state.model_state)
+
+  def generate_digits(prompts: np.ndarray) -> np.ndarray:
+    # Greedy decoding through the model's decoder (its cache where it has one).
+    return np.stack(generate.generate(model, list(prompts), passkey.DIGITS, temperature=0))
+
   results = passkey.evaluate(next_token, data.validation.tokens, tokenizer.encode,
                              tokenizer.decode, settings["lengths"], settings["depths"],
-                             settings["trials"], seed=run.config.seed)
+                             settings["trials"], seed=run.config.seed, generate=generate_digits)
   results["train_seq_len"] = run.config.data.seq_len
   if jax.process_index() == 0:
     _, png = passkey.write(results, run.workdir)
@@ -180,19 +179,6 @@ def run_passkey(run: Run, options: dict) -> dict:
 
 EVALUATORS = {"perplexity": run_perplexity, "classification": run_classification,
               "mqar": run_mqar, "passkey": run_passkey}
-
-
-def restore(workdir: str, config: ConfigDict, step: int | None, mesh, rules):
-  """``(state, graphdef)`` of checkpoint ``step`` (default: the latest)."""
-  tx, _ = optim.build(config.optim, config.train.steps)
-  blueprint = train_state.trace(config, mesh, rules, tx)  # the one build of the model
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  if ckpt.latest_step() is None:
-    raise checkpoint.CheckpointError(f"no checkpoint in {ckpt.directory}; train first (or wait "
-                                     "for the run's first checkpoint).")
-  state, _ = ckpt.restore(blueprint.abstract, step)
-  ckpt.close()
-  return state, blueprint.graphdef
 
 
 def upgrade(saved: dict) -> dict:

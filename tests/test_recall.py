@@ -209,3 +209,88 @@ data.build(recall.get_config("attn=mha,size=test")).train_batch(0, 4)
   done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                         env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"})
   assert done.returncode == 0, done.stderr
+
+
+# ------------------------------------------------------------------------- passkey by generation
+
+
+def oracle_generate(prompts):
+  """Greedy decoding by a model that reads the passkey out of its prompt."""
+  tok = ByteTokenizer()
+  keys = [re.search(r"pass key is (\d{5})\.", tok.decode(p)).group(1) for p in prompts]
+  return np.array([tok.encode(k) for k in keys], np.int32)
+
+
+def test_passkey_reports_generated_scores_next_to_teacher_forced():
+  tok = ByteTokenizer()
+  kwargs = dict(filler=filler_tokens(), encode=tok.encode, decode=tok.decode,
+                lengths=[200, 300], depths=[0.0, 1.0], trials=10)
+  both = passkey.evaluate(passkey.argmax_of(oracle_predict), generate=oracle_generate, **kwargs)
+  assert both["accuracy_generated"] == 1.0 and both["digit_accuracy_generated"] == 1.0
+  assert all(c["accuracy_generated"] == 1.0 for c in both["grid"])
+
+  # A decoder that always answers the passkey with its first digit wrong: exact 0, digits 4/5;
+  # the teacher-forced score (the oracle's forward) stays 1.
+  def wrong_first_digit(prompts):
+    answers = oracle_generate(prompts)
+    answers[:, 0] = ord("0") + (answers[:, 0] - ord("0") + 1) % 10
+    return answers
+
+  off = passkey.evaluate(passkey.argmax_of(oracle_predict), generate=wrong_first_digit, **kwargs)
+  assert off["accuracy"] == 1.0 and off["accuracy_generated"] == 0.0
+  np.testing.assert_allclose(off["digit_accuracy_generated"], 0.8)
+  assert "accuracy_generated" not in passkey.evaluate(passkey.argmax_of(oracle_predict),
+                                                      **kwargs)
+  lines = passkey.summary(off)
+  assert any("generated: exact 0.0000 | digits 0.8000" in line for line in lines)
+  assert any("teacher-forced: exact 1.0000 | digits 1.0000" in line for line in lines)
+
+
+def test_teacher_forcing_scores_each_digit_given_the_true_ones_before_it():
+  """Greedy decoding continues from its own mistakes; teacher forcing feeds the true digits."""
+  tok = ByteTokenizer()
+
+  def copies_previous_token_or_1(tokens, index):  # predicts "1" after "1", else "2"
+    return np.where(tokens[:, index] == ord("1"), ord("1"), ord("2"))
+
+  prompts = np.stack([tok.encode("The pass key is ")] * 2).astype(np.int32)
+  answers = np.stack([tok.encode("11111"), tok.encode("12121")]).astype(np.int32)
+  forced = passkey.teacher_forced(copies_previous_token_or_1, prompts, answers)
+  # After " " the model says "2"; after a true "1" it says "1", after a true "2", "2".
+  assert [tok.decode(r) for r in forced] == ["21111", "21212"]
+
+
+def test_lm_passkey_by_generation_equals_greedy_argmax_reruns(austen_data_dir, tmp_path):
+  """eval.py's generated passkey answers are the greedy continuation of each prompt, recomputed
+  here with one forward per digit over the unpadded sequence."""
+  import jax.numpy as jnp
+
+  from arch_zoo import generate
+  config = lm.get_config("attn=lightning,size=test")
+  config.data.data_dir = austen_data_dir
+  config.train.update(progress=False, steps=4, eval_every=0, checkpoint_every=0)
+  train.train_and_evaluate(config, str(tmp_path))
+  options = {"lengths": [150], "depths": [0.5], "trials": 3}
+  record = eval_lib.evaluate_run(str(tmp_path), suite="recall", passkey_options=options)
+  key = record["results"]["passkey"]
+  assert {"accuracy", "digit_accuracy", "accuracy_generated",
+          "digit_accuracy_generated"} <= set(key)
+  assert "generated: exact" in "\n".join(eval_lib.summary(record))
+
+  run = generate.load_run(str(tmp_path))
+  tok = ByteTokenizer()
+  data_tokens = eval_lib.data_lib.build(run.config).validation.tokens
+  rng = np.random.default_rng([run.config.seed, 150, 500])
+  trials = [passkey.make_trial(data_tokens, 150 - passkey.DIGITS, 0.5, rng, tok.encode)
+            for _ in range(3)]
+  exact, digits = [], []
+  for prompt, answer in trials:
+    sequence = prompt.tolist()
+    for _ in range(passkey.DIGITS):
+      logits, _ = run.model(jnp.asarray([sequence], jnp.int32))
+      sequence.append(int(np.asarray(logits)[0, -1].argmax()))
+    decoded = tok.decode(sequence[-passkey.DIGITS:])
+    exact.append(decoded == answer)
+    digits.append(sum(a == b for a, b in zip(decoded, answer)) / passkey.DIGITS)
+  assert key["accuracy_generated"] == np.mean(exact)
+  np.testing.assert_allclose(key["digit_accuracy_generated"], np.mean(digits))

@@ -2,9 +2,20 @@
 
 A five-digit passkey is hidden in filler text drawn from the run's validation corpus (for the
 default data, Austen's *Persuasion*), at a chosen depth (the fraction of the filler before it),
-in a context of a chosen length. The prompt ends with a question and the model decodes greedily;
-a trial is correct when the five decoded digits equal the passkey exactly (chance: 1e-5). The
-fraction of right digits (chance: 10%) is reported too, as ``digit_accuracy``.
+in a context of a chosen length. The prompt ends with a question. Two scores, side by side:
+
+* **generated** (``accuracy_generated``, ``digit_accuracy_generated``): the model decodes five
+  tokens greedily from the prompt (``eval.py``: through ``arch_zoo.generate``, the model's cached
+  decoding where it has one); a trial is correct when they equal the passkey exactly. This is what
+  the needle literature measures.
+* **teacher-forced** (``accuracy``, ``digit_accuracy``): one forward pass reads the prompt followed
+  by the true passkey, and each digit is scored by the argmax at its position given the true
+  digits before it.
+
+Exact match is the same event under both (all five argmaxes right given the true prefix is the
+greedy path itself), so the two exact scores differ only where decoding differs from the forward
+pass (ties, numerics, a decoder bug); digit accuracy differs by design: after a wrong digit the
+generated answer continues from its own mistake. Chance: 1e-5 exact, 10% per digit.
 
     ...filler... The pass key is 71432. Remember it. 71432 is the pass key. ...filler...
     What is the pass key? The pass key is  -> model continues "71432"
@@ -67,16 +78,19 @@ def make_trial(filler: np.ndarray, length: int, depth: float, rng: np.random.Gen
   return prompt, key
 
 
-def greedy_decode(next_token: NextToken, prompts: np.ndarray, steps: int) -> np.ndarray:
-  """Appends ``steps`` argmax tokens. The model always reads the same width (prompt + steps), so
-  a jitted ``next_token`` compiles once per width; causality makes the not-yet-decoded tail
-  (zeros) invisible to the positions that are read."""
-  batch, length = prompts.shape
-  tokens = np.zeros((batch, length + steps), np.int32)
-  tokens[:, :length] = prompts
-  for i in range(steps):
-    tokens[:, length + i] = np.asarray(next_token(tokens, length + i - 1))
-  return tokens[:, length:]
+def teacher_forced(next_token: NextToken, prompts: np.ndarray, answers: np.ndarray
+                   ) -> np.ndarray:
+  """The argmax at each answer position of ``prompts`` followed by the true ``answers [B,
+  DIGITS]``: one width (prompt + answer) for every call, so a jitted ``next_token`` compiles
+  once."""
+  tokens = np.concatenate([prompts, answers], axis=1).astype(np.int32)
+  start = prompts.shape[1] - 1  # the position that predicts the first digit
+  return np.stack([np.asarray(next_token(tokens, start + i)) for i in range(answers.shape[1])],
+                  axis=1)
+
+
+# generate(prompts [B, W] int32) -> the DIGITS greedily decoded tokens [B, DIGITS].
+Generate = Callable[[np.ndarray], np.ndarray]
 
 
 def argmax_of(predict: Callable[[np.ndarray], np.ndarray]) -> NextToken:
@@ -84,12 +98,22 @@ def argmax_of(predict: Callable[[np.ndarray], np.ndarray]) -> NextToken:
   return lambda tokens, index: np.asarray(predict(tokens))[:, index].argmax(-1)
 
 
+def scores(answers: Sequence[str], keys: Sequence[str]) -> tuple[float, float]:
+  """(exact-match accuracy, fraction of right digits)."""
+  return (float(np.mean([a == k for a, k in zip(answers, keys)])),
+          float(np.mean([sum(x == y for x, y in zip(a, k)) / DIGITS
+                         for a, k in zip(answers, keys)])))
+
+
 def evaluate(next_token: NextToken, filler: np.ndarray, encode: Callable[[str], np.ndarray],
              decode: Callable[[Sequence[int]], str], lengths: Sequence[int],
-             depths: Sequence[float], trials: int = DEFAULT_TRIALS, seed: int = 0) -> dict:
-  """Exact-match and digit accuracy per (length, depth) cell, and their means over the grid:
-  ``{"accuracy", "digit_accuracy", "lengths", "depths", "trials", "grid": [{"length", "depth",
-  "accuracy", "digit_accuracy"}, ...]}`` (grid rows by length, then depth)."""
+             depths: Sequence[float], trials: int = DEFAULT_TRIALS, seed: int = 0, *,
+             generate: Generate | None = None) -> dict:
+  """Teacher-forced exact-match and digit accuracy per (length, depth) cell (``next_token``),
+  and with ``generate`` the same by greedy generation (``*_generated``), and their means over the
+  grid: ``{"accuracy", "digit_accuracy", ["accuracy_generated", "digit_accuracy_generated",]
+  "lengths", "depths", "trials", "grid": [{"length", "depth", "accuracy", ...}, ...]}`` (grid rows
+  by length, then depth)."""
   if not lengths or not depths or trials < 1:
     raise ValueError("Passkey needs at least one length, one depth and one trial.")
   if any(not 0.0 <= d <= 1.0 for d in depths):
@@ -100,17 +124,18 @@ def evaluate(next_token: NextToken, filler: np.ndarray, encode: Callable[[str], 
       rng = np.random.default_rng([seed, int(length), int(round(depth * 1000))])
       prompts, keys = zip(*(make_trial(filler, int(length) - DIGITS, depth, rng, encode)
                             for _ in range(trials)))
-      answers = [decode(a) for a in greedy_decode(next_token, np.stack(prompts), DIGITS)]
-      grid.append({
-          "length": int(length),
-          "depth": float(depth),
-          "accuracy": float(np.mean([a == k for a, k in zip(answers, keys)])),
-          "digit_accuracy": float(np.mean([sum(x == y for x, y in zip(a, k)) / DIGITS
-                                           for a, k in zip(answers, keys)])),
-      })
-  return {"accuracy": float(np.mean([c["accuracy"] for c in grid])),
-          "digit_accuracy": float(np.mean([c["digit_accuracy"] for c in grid])),
-          "lengths": [int(n) for n in lengths], "depths": [float(d) for d in depths],
+      prompts = np.stack(prompts)
+      answers = np.stack([np.asarray(encode(k), np.int32) for k in keys])
+      cell = {"length": int(length), "depth": float(depth)}
+      forced = [decode(a) for a in teacher_forced(next_token, prompts, answers)]
+      cell["accuracy"], cell["digit_accuracy"] = scores(forced, keys)
+      if generate is not None:
+        generated = [decode(a) for a in np.asarray(generate(prompts))]
+        cell["accuracy_generated"], cell["digit_accuracy_generated"] = scores(generated, keys)
+      grid.append(cell)
+  means = {key: float(np.mean([c[key] for c in grid])) for key in grid[0]
+           if key not in ("length", "depth")}
+  return {**means, "lengths": [int(n) for n in lengths], "depths": [float(d) for d in depths],
           "trials": trials, "grid": grid}
 
 
@@ -124,17 +149,24 @@ def accuracy_matrix(results: dict, key: str = "accuracy") -> np.ndarray:
 
 
 def summary(m: dict) -> list[str]:
-  """eval.py's lines for these results: the accuracies, then the length x depth matrix."""
-  lines = [f"  passkey: exact {m['accuracy']:.4f} | digits {m['digit_accuracy']:.4f} "
-           f"({m['trials']} trials per cell; heat map {m.get('heatmap')})"]
-  lines.append("    length \\ depth " + " ".join(f"{d:>5.0%}" for d in m["depths"]))
-  for length, row in zip(m["lengths"], accuracy_matrix(m)):
-    lines.append(f"    {length:>14d} " + " ".join(f"{v:5.2f}" for v in row))
+  """eval.py's lines for these results: the accuracies, then the length x depth matrices."""
+  lines = [f"  passkey ({m['trials']} trials per cell; heat map {m.get('heatmap')}):"]
+  matrices = [("teacher-forced", "accuracy", "digit_accuracy")]
+  if "accuracy_generated" in m:
+    matrices.insert(0, ("generated", "accuracy_generated", "digit_accuracy_generated"))
+  for label, exact, digits in matrices:
+    lines.append(f"    {label}: exact {m[exact]:.4f} | digits {m[digits]:.4f}")
+  for label, exact, _ in matrices:
+    head = f"{label} exact, length \\ depth"
+    lines.append(f"    {head} " + " ".join(f"{d:>5.0%}" for d in m["depths"]))
+    for length, row in zip(m["lengths"], accuracy_matrix(m, exact)):
+      lines.append(f"    {length:>{len(head)}d} " + " ".join(f"{v:5.2f}" for v in row))
   return lines
 
 
 def write(results: dict, directory: str, name: str = "passkey") -> tuple[str, str]:
-  """Writes ``NAME.json`` and the heat map ``NAME.png`` (exact-match accuracy)."""
+  """Writes ``NAME.json`` and the heat map ``NAME.png`` (exact-match accuracy: by generation
+  where the results have it, else teacher-forced)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -142,7 +174,8 @@ def write(results: dict, directory: str, name: str = "passkey") -> tuple[str, st
   json_path = os.path.join(directory, f"{name}.json")
   with open(json_path, "w") as f:
     json.dump(results, f, indent=2)
-  exact = accuracy_matrix(results)
+  key = "accuracy_generated" if "accuracy_generated" in results else "accuracy"
+  exact = accuracy_matrix(results, key)
   fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(results["depths"]),
                                   1.0 + 0.5 * len(results["lengths"])))
   image = ax.imshow(exact, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
@@ -150,7 +183,8 @@ def write(results: dict, directory: str, name: str = "passkey") -> tuple[str, st
   ax.set_yticks(range(len(results["lengths"])), [str(n) for n in results["lengths"]])
   ax.set_xlabel("depth of the passkey")
   ax.set_ylabel("context length (tokens)")
-  ax.set_title(f"passkey exact match ({results['trials']} trials per cell)")
+  how = "generated" if key == "accuracy_generated" else "teacher-forced"
+  ax.set_title(f"passkey exact match, {how} ({results['trials']} trials per cell)")
   for (i, j), value in np.ndenumerate(exact):
     ax.text(j, i, f"{value:.2f}", ha="center", va="center",
             color="white" if value < 0.5 else "black", fontsize=8)
