@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
+from arch_zoo.registry import check_choice
 from configs import common
 
 ZOOLOGY_TRAIN = "64:4,128:8,256:16"
@@ -37,8 +38,7 @@ SIZES = {
 
 def get_config(arg: str | None = None) -> ConfigDict:
   arg = common.parse_arg(arg, attn="mha", size="d128", task="mqar")
-  if arg.task != "mqar":
-    raise ValueError(f"Unknown recall task {arg.task!r}; valid: mqar.")
+  check_choice("recall task", arg.task, ("mqar",))
   size = common.size_row(SIZES, arg.size, "recall")
 
   config = ConfigDict()
