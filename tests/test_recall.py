@@ -6,11 +6,13 @@ import re
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import eval as eval_lib
 import train
+from arch_zoo import attention
 from arch_zoo.data import synthetic
 from arch_zoo.data.tokenizers import ByteTokenizer
 from arch_zoo.evaluators import passkey
@@ -294,3 +296,33 @@ def test_lm_passkey_by_generation_equals_greedy_argmax_reruns(austen_data_dir, t
     digits.append(sum(a == b for a, b in zip(decoded, answer)) / passkey.DIGITS)
   assert key["accuracy_generated"] == np.mean(exact)
   np.testing.assert_allclose(key["digit_accuracy_generated"], np.mean(digits))
+
+
+@pytest.mark.parametrize("attn", attention.names_decoding())
+def test_passkey_by_generation_runs_for_every_family(attn):
+  """Greedy generation of the digits through the family's decode state gives the digits that the
+  reference decoder (one plain forward pass per token) gives, and a score in [0, 1]."""
+  from arch_zoo import generate
+  from tests.helpers import build_lm, lm_config
+  model = build_lm(lm_config(attn))
+  filler = np.frombuffer(b"The sea was calm and the sky grey. " * 20, np.uint8).astype(np.int32)
+
+  def encode(text):
+    return np.frombuffer(text.encode(), np.uint8).astype(np.int32)
+
+  def decode(ids):
+    return bytes(int(i) % 256 for i in ids).decode("latin-1")
+
+  def run(decoder):
+    return lambda prompts: np.stack(generate.generate(
+        model, list(prompts), passkey.DIGITS, temperature=0, decoder=decoder))
+
+  def next_token(tokens, index):
+    logits, _ = model(jnp.asarray(tokens))
+    return np.asarray(jnp.argmax(logits[:, index], -1))
+
+  args = (next_token, filler, encode, decode, [112], [0.0, 1.0], 2)
+  cached = passkey.evaluate(*args, generate=run("cached"))
+  reference = passkey.evaluate(*args, generate=run("reference"))
+  assert cached == reference
+  assert 0.0 <= cached["accuracy_generated"] <= cached["digit_accuracy_generated"] <= 1.0
