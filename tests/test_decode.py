@@ -220,3 +220,43 @@ def test_decoding_runs_inside_one_jitted_while_loop():
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   np.testing.assert_array_equal(np.asarray(generate(state, prompts, lengths)),
                                 np.stack(want, axis=1))
+
+
+# On a GPU the forward pass takes the fast kernels (cuDNN flash attention, the Pallas lightning
+# kernel, the sparse DMA forms) in bf16, while decoding reads the cache with the XLA forms: the two
+# agree to bf16's precision. Lengths plus new tokens are even (cuDNN refuses odd lengths) and
+# lightning's block is 16 (the smallest its Pallas kernel takes).
+GPU_LENGTHS, GPU_NEW_TOKENS = (38, 54, 22), 6
+GPU_CASES = {
+    "mha": ("mha", dict(num_heads=2, num_kv_heads=1)),
+    "moh": ("moh", dict(num_heads=4, num_kv_heads=2)),
+    "masa": ("masa", dict(num_layers=3, num_atoms=2)),
+    "lightning": ("lightning", dict(block_size=16)),
+    "dynamic_mask": ("dynamic_mask", dict(keep_window_size=24, chunk_size=16)),
+    "routing": ("routing", dict(num_heads=4, window=8, local_window=16, num_clusters=3)),
+    "hybrid_lightning_mha": ("lightning", dict(layer_pattern="lightning,mha", num_layers=4,
+                                               block_size=16)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_decoding_equals_the_forward_on_the_gpu(case):
+  from arch_zoo.attention import ops
+  name, overrides = GPU_CASES[case]
+  model = build_lm(lm_config(name, **overrides))  # dtype auto: bf16 matmuls on a GPU
+  with ops.recording() as choices:
+    pairs = decode_and_forward(model, lengths=GPU_LENGTHS, new_tokens=GPU_NEW_TOKENS,
+                               max_len=max(GPU_LENGTHS) + GPU_NEW_TOKENS + 2)
+  kernels = ops.summary_line(ops.summarize(choices))
+  print(case, kernels)
+  if name == "mha":
+    assert "softmax=cudnn" in kernels  # the forward really ran the fast kernel
+  for decoded, want in pairs:
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(decoded, want, rtol=0, atol=3e-2 * scale)
+  with jax.default_matmul_precision("highest"):  # float32, no TF32: exact to 1e-5 as on the CPU
+    for decoded, want in decode_and_forward(decoding_model(name, **overrides),
+                                            lengths=GPU_LENGTHS, new_tokens=GPU_NEW_TOKENS,
+                                            max_len=max(GPU_LENGTHS) + GPU_NEW_TOKENS + 2):
+      np.testing.assert_allclose(decoded, want, rtol=1e-5, atol=1e-5)
