@@ -15,7 +15,7 @@ from flax import nnx
 
 from arch_zoo.attention import ops
 from arch_zoo.attention.base import Context, Dims, kv_cache_state_size, register
-from arch_zoo.attention.parts import (QKVProjection, attend_with_cache, kv_cache, kv_heads,
+from arch_zoo.attention.parts import (CachedSoftmaxDecoding, QKVProjection, kv_heads,
                                       output_projection)
 
 
@@ -38,7 +38,7 @@ class MHAOptions:
 
 @register("mha", options=MHAOptions, bidirectional=True, scannable=True,
           state_size=kv_cache_state_size, impls=("auto", *ops.softmax.IMPLS))
-class MultiHeadAttention(nnx.Module):
+class MultiHeadAttention(CachedSoftmaxDecoding, nnx.Module):
   """Multi-head softmax attention (MHA/GQA/MQA), RoPE, optional QK-norm; cuDNN flash on GPU."""
 
   def __init__(self, dims: Dims, options: MHAOptions, *, rngs: nnx.Rngs):
@@ -55,24 +55,6 @@ class MultiHeadAttention(nnx.Module):
     o = ops.softmax.apply(q, k, v, causal=ctx.causal, impl=self.impl, segment_ids=ctx.segment_ids,
                           site=self.site)
     return self.out(o.reshape(b, t, -1)), {}
-
-  # Decoding: a cache of the num_kv_heads keys and values (after QK-norm and RoPE).
-
-  def init_state(self, batch: int, max_len: int) -> dict[str, jax.Array]:
-    return kv_cache(batch, max_len, self.qkv.num_kv_heads, self.qkv.head_dim, self.dtype)
-
-  def prefill(self, x: jax.Array, ctx: Context, state: dict[str, jax.Array]):
-    return self._decode(x, ctx, state, prompt=True)
-
-  def decode_step(self, x: jax.Array, ctx: Context, state: dict[str, jax.Array]):
-    return self._decode(x, ctx, state, prompt=False)
-
-  def _decode(self, x: jax.Array, ctx: Context, state: dict[str, jax.Array], *, prompt: bool):
-    b, t, _ = x.shape
-    q, k, v = self.qkv(x, ctx)
-    o, state = attend_with_cache(q, k, v, ctx, state, prompt=prompt, impl=self.impl,
-                                 site=self.site)
-    return self.out(o.reshape(b, t, -1)), state
 
   @staticmethod
   def flops_per_token(dims: Dims, options: MHAOptions, seq_len: int, causal: bool) -> float:

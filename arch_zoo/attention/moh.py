@@ -30,7 +30,7 @@ from flax import nnx
 from arch_zoo.attention import ops
 from arch_zoo.attention.base import Context, Dims, check_choice, kv_cache_state_size, register
 from arch_zoo.attention.mha import MHAOptions
-from arch_zoo.attention.parts import (QKVProjection, attend_with_cache, kv_cache, kv_heads,
+from arch_zoo.attention.parts import (CachedSoftmaxDecoding, QKVProjection, kv_heads,
                                       output_projection)
 from arch_zoo.layers import Dense
 
@@ -179,7 +179,7 @@ def balance_loss(routed_probs: jax.Array, routed_mask: jax.Array, normalization:
 @register("moh", options=MoHOptions, bidirectional=True, state_size=kv_cache_state_size,
           impls=("auto", *ops.softmax.IMPLS),
           scannable="its usage metrics are named after the layer index (a static attribute)")
-class MixtureOfHeadAttention(nnx.Module):
+class MixtureOfHeadAttention(CachedSoftmaxDecoding, nnx.Module):
   """Mixture-of-Head attention: shared + top-k routed heads, two-stage gates, balance loss."""
 
   def __init__(self, dims: Dims, options: MoHOptions, *, rngs: nnx.Rngs):
@@ -216,22 +216,8 @@ class MixtureOfHeadAttention(nnx.Module):
   # Decoding: a cache of every head's keys and values (any later token may route to any head);
   # each new query is gated by the router as in training.
 
-  def init_state(self, batch: int, max_len: int) -> dict[str, jax.Array]:
-    return kv_cache(batch, max_len, self.qkv.num_kv_heads, self.qkv.head_dim, self.dtype)
-
-  def prefill(self, x: jax.Array, ctx: Context, state: dict[str, jax.Array]):
-    return self._decode(x, ctx, state, prompt=True)
-
-  def decode_step(self, x: jax.Array, ctx: Context, state: dict[str, jax.Array]):
-    return self._decode(x, ctx, state, prompt=False)
-
-  def _decode(self, x: jax.Array, ctx: Context, state: dict[str, jax.Array], *, prompt: bool):
-    b, t, _ = x.shape
-    q, k, v = self.qkv(x, ctx)
-    o, state = attend_with_cache(q, k, v, ctx, state, prompt=prompt, impl=self.impl,
-                                 site=self.site)
-    o = (o.astype(jnp.float32) * self.router(x).gates[..., None]).astype(o.dtype)
-    return self.out(o.reshape(b, t, -1)), state
+  def mix_heads(self, o: jax.Array, x: jax.Array) -> jax.Array:
+    return (o.astype(jnp.float32) * self.router(x).gates[..., None]).astype(o.dtype)
 
   def usage_metrics(self, routing: Routing) -> dict[str, jax.Array]:
     """Fraction of tokens that use each head (shared heads: 1), one key per layer and head, and the

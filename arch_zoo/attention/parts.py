@@ -114,3 +114,30 @@ def attend_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context,
   o = ops.kv_cache.apply(q, keys, values, query_slots=ctx.slots.slots(q.shape[1]),
                          start=ctx.slots.start, impl=ops.kv_cache.impl_for(impl), site=site)
   return o, cache
+
+
+class CachedSoftmaxDecoding:
+  """The decode hooks of a softmax family built from a :class:`QKVProjection` (``self.qkv``), an
+  output projection (``self.out``), ``self.impl``, ``self.site`` and ``self.dtype``: a cache of
+  its key/value heads. ``mix_heads`` may reweight the heads' outputs of the new tokens (MoH's
+  router gates); plain attention leaves them as they are."""
+
+  def init_state(self, batch: int, max_len: int) -> dict[str, jax.Array]:
+    return kv_cache(batch, max_len, self.qkv.num_kv_heads, self.qkv.head_dim, self.dtype)
+
+  def prefill(self, x: jax.Array, ctx: Context, state: dict[str, jax.Array]):
+    return self._decode(x, ctx, state, prompt=True)
+
+  def decode_step(self, x: jax.Array, ctx: Context, state: dict[str, jax.Array]):
+    return self._decode(x, ctx, state, prompt=False)
+
+  def mix_heads(self, o: jax.Array, x: jax.Array) -> jax.Array:
+    del x
+    return o
+
+  def _decode(self, x: jax.Array, ctx: Context, state: dict[str, jax.Array], *, prompt: bool):
+    b, t, _ = x.shape
+    q, k, v = self.qkv(x, ctx)
+    o, state = attend_with_cache(q, k, v, ctx, state, prompt=prompt, impl=self.impl,
+                                 site=self.site)
+    return self.out(self.mix_heads(o, x).reshape(b, t, -1)), state
