@@ -445,11 +445,11 @@ def run_hf(args, emit, deadline: float) -> None:
         row["stats"] = torch_time(run_block, args.steps, args.samples)
       row["per_token_s"] = row["stats"]["median_s"]
       row["tokens_per_s"] = batch / row["per_token_s"]
-      del cache
-      if cuda:
-        torch.cuda.empty_cache()
     except Exception as err:  # noqa: BLE001
       row["error"] = f"{type(err).__name__}: {str(err)[:1500]}"
+    cache = first = None  # the next shape's cache needs the memory
+    if cuda:
+      torch.cuda.empty_cache()
     emit(row)
 
 
@@ -730,7 +730,16 @@ def main() -> None:
     args.families = ",".join([f for f in PRIORITY if f in decoding] +
                              [f for f in decoding if f not in PRIORITY])
   families = args.families.split(",")
+  from arch_zoo import attention
+
+  cannot = [f for f in families if f not in attention.names_decoding()]
+  if cannot:
+    parser.error(f"--families: {', '.join(cannot)} cannot decode; choose among "
+                 f"{', '.join(attention.names_decoding())}.")
   sides = args.sides.split(",")
+  unknown = [s for s in sides if s not in ("ours", "fla", "hf")]
+  if unknown:
+    parser.error(f"--sides: unknown {', '.join(unknown)}; choose among ours, fla, hf.")
   if args.smoke:
     sides = [s for s in sides if s == "ours" or (s == "hf" and importable("torch",
                                                                           "transformers"))]
