@@ -287,10 +287,12 @@ def run_ours_family(family: str, args, emit, deadline: float) -> None:
         row["stats"] = time_jax_block(timed_block, args_fn, args.steps, args.samples)
         row["per_token_s"] = row["stats"]["median_s"]
         row["tokens_per_s"] = batch / row["per_token_s"]
-        carry.clear()
-        cache = None
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:  # the process's peak so far (weights, caches, steps)
+          row["device_peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
       except Exception as err:  # noqa: BLE001
         row["error"] = f"{type(err).__name__}: {str(err)[:1500]}"
+      carry = cache = None  # this batch's cache is freed before the next one is built
       emit(row)
     cache1 = next1 = None
 
