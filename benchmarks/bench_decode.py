@@ -389,9 +389,9 @@ def run_hf(args, emit, deadline: float) -> None:
   batches = [int(b) for b in args.batches.split(",")]
   from configs import lm
 
-  shape = lm.get_config(f"attn=mha,size={args.size}").model
-  cfg = transformers.GPT2Config(n_embd=shape.d_model, n_layer=shape.num_layers,
-                                n_head=shape.num_heads, vocab_size=shape.vocab_size,
+  shape = lm.SIZES[args.size]  # the plain table: nothing here may start JAX on the GPU
+  cfg = transformers.GPT2Config(n_embd=shape["d_model"], n_layer=shape["num_layers"],
+                                n_head=shape["num_heads"], vocab_size=shape["vocab_size"],
                                 n_positions=max(contexts) + args.steps, resid_pdrop=0.0,
                                 embd_pdrop=0.0, attn_pdrop=0.0)
   dtype = torch.bfloat16 if cuda else torch.float32
@@ -402,7 +402,7 @@ def run_hf(args, emit, deadline: float) -> None:
       setattr(torch._dynamo.config, limit, 64)
   decode = (torch.compile(model.forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
             if cuda else model.forward)
-  kv_bytes = 2 * shape.num_layers * shape.d_model * torch.finfo(dtype).bits // 8
+  kv_bytes = 2 * shape["num_layers"] * shape["d_model"] * torch.finfo(dtype).bits // 8
   sync = torch.cuda.synchronize if cuda else (lambda: None)
   for context, batch in order_tasks("mha", contexts, batches):
     row = {"side": "hf", "family": "mha", "context": context, "batch": batch,
@@ -420,7 +420,8 @@ def run_hf(args, emit, deadline: float) -> None:
     try:
       with torch.no_grad():
         cache = transformers.StaticCache(config=model.config, max_cache_len=context + args.steps)
-        prompt = torch.randint(0, shape.vocab_size, (1, context), device=device).expand(batch, -1)
+        prompt = torch.randint(0, shape["vocab_size"], (1, context),
+                               device=device).expand(batch, -1)
         out = model(input_ids=prompt.contiguous(), past_key_values=cache, use_cache=True,
                     logits_to_keep=1)
         first = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -462,8 +463,8 @@ def run_fla(args, emit, deadline: float) -> None:
   from configs import lm
 
   versions = common.versions("torch", "triton", "fla-core", "einops")
-  shape = lm.get_config(f"attn=lightning,size={args.size}").model
-  heads, head_dim = shape.num_heads, shape.d_model // shape.num_heads
+  shape = lm.SIZES[args.size]
+  heads, head_dim = shape["num_heads"], shape["d_model"] // shape["num_heads"]
   for batch in [int(b) for b in args.batches.split(",")]:
     base = {"side": "fla", "family": "lightning", "kind": "lightning_op", "batch": batch,
             "heads": heads, "head_dim": head_dim, "steps": args.steps, "versions": versions,
@@ -655,7 +656,10 @@ def run_side(args, side: str, families: str, record: dict, rows: list, deadline:
     if args.smoke:
       cmd.append("--smoke")
     print(f"--- {side} {families if side == 'ours' else ''}", flush=True)
-    proc = subprocess.Popen(cmd, env={**os.environ, **extra_env})
+    env = {**os.environ, **extra_env}
+    if side != "ours":
+      env["JAX_PLATFORMS"] = "cpu"  # a torch side must not have JAX take the GPU's memory
+    proc = subprocess.Popen(cmd, env=env)
     seen, finished = 0, False
     while not finished:
       try:
