@@ -15,10 +15,11 @@ is rewritten after every measurement, so a killed job keeps what it measured:
   zeros, as context: the xla decode forms do the same work whatever the cached values), then a
   jitted ``lax.fori_loop`` of ``--steps`` greedy ``decode_step``\ s (argmax fed back, cache
   donated) is timed: the median over ``--samples`` blocks, per token. The state memory of every
-  (C, B): the cache's elements against ``models.state_sizes`` (``StateSize.at(max_len)`` x batch,
-  summed over layers), its bytes, and on a GPU the growth of ``memory_stats()['bytes_in_use']``
-  while it is built. A (C, B) whose predicted state does not fit the free device memory is
-  skipped. The ``mha`` child also measures the device's copy bandwidth (a jitted ``x + 1`` over 2
+  (C, B), first for the empty caches (before any timing) and again for the filled ones: the
+  cache's elements against ``models.state_sizes`` (``StateSize.at(max_len)`` x batch, summed over
+  layers), its bytes, and on a GPU the growth of ``memory_stats()['bytes_in_use']`` while it is
+  built, against those elements at the state's own element sizes. A (C, B) whose state does not
+  fit the free device memory is skipped. The ``mha`` child also measures the device's copy bandwidth (a jitted ``x + 1`` over 2
   GiB, read + write) for the HBM roofline; the ``lightning`` child times the recurrent op alone
   (``ops.linear.recurrent_step``) and one lightning layer's ``decode_step``.
 * ``hf``: ``transformers.GPT2LMHeadModel`` of the same shape (random init, bf16, SDPA,
@@ -174,6 +175,40 @@ def state_memory(config, cache, batch: int, device_delta: int | None) -> dict:
   return out
 
 
+def state_memory_pass(family, config, graphdef, params, rest, contexts, batches, steps, emit,
+                      versions) -> None:
+  """The empty cache of every (context, batch) whose state fits, built and measured before any
+  timing (seconds in all), so that a family cut short by the budget still has its memory rows."""
+  import math
+
+  import jax
+  from flax import nnx
+
+  model = nnx.merge(graphdef, params, rest)
+  for context in contexts:
+    for batch in batches:
+      max_len = context + steps
+      row = {"side": "ours", "family": family, "kind": "state_memory", "context": context,
+             "batch": batch, "versions": versions}
+      try:
+        build = jax.jit(lambda: model.init_cache(batch, max_len))
+        shapes = jax.eval_shape(build)
+        needed = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+        free = free_device_bytes()
+        if free is not None and needed > 0.85 * free:
+          emit({**row, "skipped": f"memory: the state needs {needed / 2**30:.1f} GiB, "
+                                  f"{free / 2**30:.1f} GiB free"})
+          continue
+        before = live_device_bytes()
+        cache = jax.block_until_ready(build())
+        delta = None if before is None else live_device_bytes() - before
+        row["state"] = state_memory(config, cache, batch, delta)
+        cache = None
+      except Exception as err:  # noqa: BLE001
+        row["error"] = f"{type(err).__name__}: {str(err)[:1500]}"
+      emit(row)
+
+
 def measure_copy_bandwidth(args) -> dict:
   import jax
   import jax.numpy as jnp
@@ -214,6 +249,8 @@ def run_ours_family(family: str, args, emit, deadline: float) -> None:
     run_lightning_op(args, emit, versions)
   config, graphdef, params, rest = build_model(family, args, max(contexts))
   weights_bytes = tree_bytes(params)
+  state_memory_pass(family, config, graphdef, params, rest, contexts, batches, args.steps, emit,
+                    versions)
   by_context: dict[int, list[int]] = {}
   for context, batch in order_tasks(family, contexts, batches):
     by_context.setdefault(context, []).append(batch)

@@ -23,13 +23,18 @@ def test_smoke_run_times_every_family_and_its_state_is_state_size(tmp_path):
   record = json.loads(out.read_text())
   rows = record["rows"]
   assert not [r for r in rows if "error" in r or "skipped" in r]
-  decode = [r for r in rows if "context" in r]
+  decode = [r for r in rows if "context" in r and r.get("kind") != "state_memory"]
+  memory = [r for r in rows if r.get("kind") == "state_memory"]
   for name in attention.names_decoding():
     family_rows = [r for r in decode if r["family"] == name]
     assert sorted(r["batch"] for r in family_rows) == [1, 4], name
     for r in family_rows:
       assert r["tokens_per_s"] > 0 and r["prefill_tokens"] == 16 and r["max_len"] == 34
       assert r["state"]["elements_ratio"] == 1.0, (name, r["state"])
+    empty = [r for r in memory if r["family"] == name]
+    assert sorted(r["batch"] for r in empty) == [1, 4], name
+    assert all(r["state"]["elements_ratio"] == 1.0 and r["state"]["max_len"] == 34
+               for r in empty), name
     assert record["summary"]["targets"][f"state_memory_{name}"]["met"]
   # Independently of state_size: mha's cache is keys and values of every head, float32 on the
   # CPU: 2 x layers (2) x batch x max_len x d_model (32) x 4 bytes.
