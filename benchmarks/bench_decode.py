@@ -766,19 +766,17 @@ def main() -> None:
 
   start = time.time()
   deadline = start + args.budget_s
-  if not args.families:
-    from arch_zoo import attention
+  from arch_zoo import attention
 
-    decoding = attention.names_decoding()
+  decoding = attention.names_decoding()
+  if not args.families:
     args.families = ",".join([f for f in PRIORITY if f in decoding] +
                              [f for f in decoding if f not in PRIORITY])
   families = args.families.split(",")
-  from arch_zoo import attention
-
-  cannot = [f for f in families if f not in attention.names_decoding()]
+  cannot = [f for f in families if f not in decoding]
   if cannot:
     parser.error(f"--families: {', '.join(cannot)} cannot decode; choose among "
-                 f"{', '.join(attention.names_decoding())}.")
+                 f"{', '.join(decoding)}.")
   sides = args.sides.split(",")
   unknown = [s for s in sides if s not in ("ours", "fla", "hf")]
   if unknown:
@@ -804,6 +802,9 @@ def main() -> None:
                        "prefill_max": args.prefill_max, "param_dtype": args.param_dtype},
             "timing": "median over samples of one jitted block of `steps` greedy decode steps "
                       "(per token = block / steps); tokens/s = batch / per-token seconds",
+            "prefill": "ours: batch 1 prefills min(context, prefill_max) random tokens, larger "
+                       "batches repeat its cache; slots between the prompt and the context are "
+                       "zeros counted as context. hf: the whole context, at every batch",
             "targets": {k: list(v) if isinstance(v, tuple) else v for k, v in TARGETS.items()},
             "target_points": target_points(args),
             "rows": rows}
