@@ -45,6 +45,8 @@ def message_of(error: BaseException) -> str:
   if isinstance(error, USER_ERROR_TYPES):
     return one_line(text) or type(error).__name__
   if isinstance(error, OSError):
+    if error.strerror:
+      text = error.strerror + (f": {error.filename}" if error.filename else "")
     return one_line(f"{text}. Fix the cause (disk space, permissions, the path), then run the "
                     "same command again.")
   return one_line(f"unexpected {type(error).__name__}: {text} (set {DEBUG_ENV}=1 for the "

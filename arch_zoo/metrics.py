@@ -51,8 +51,11 @@ class MetricWriter:
     if not self.enabled:
       return
     row = {"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    except OSError as e:
+      raise OSError(e.errno, f"could not write {self.path}: {e.strerror}") from e
     if self._tb is not None:
       for key, value in row.items():
         if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
