@@ -5,7 +5,7 @@
     print(generate.generate_text(run, ["It is a truth"], 200, seed=0)[0])
     ids = generate.generate(run.model, [prompt_ids], 50, temperature=0)  # token ids per row
 
-Decoding follows the decode interface (docs: issue 23): prompts of different lengths are
+Decoding follows the decode interface (docs/attention/decoding.md): prompts of different lengths are
 LEFT-padded to a common length T, ``prefill`` reads them, then ``decode_step`` feeds one token per
 row per step. A model with ``prefill``/``decode_step`` (cached decoding) is used through them;
 otherwise, or with ``decoder="reference"``, :class:`ReferenceDecoder` recomputes one plain forward
