@@ -28,6 +28,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 if REPO not in sys.path:  # config files import `configs.common`; members import train.py
   sys.path.insert(0, REPO)
 
+from arch_zoo import errors  # noqa: E402
 from arch_zoo.compare import Preempted, SweepError, run_sweep  # noqa: E402
 
 
@@ -55,9 +56,9 @@ def main(argv=None) -> int:
     path, failed = run_sweep(args.sweep, args.workdir, not args.subprocess, args.out,
                              args.report_only, args.groups)
   except SweepError as e:
-    if os.environ.get("ARCH_ZOO_DEBUG"):
+    if errors.debug():
       raise
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    print(f"error: {errors.one_line(str(e))}", file=sys.stderr)
     return 1
   except Preempted as e:
     print(f"stopped: {e}", file=sys.stderr)

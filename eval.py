@@ -47,7 +47,7 @@ from ml_collections import ConfigDict
 from arch_zoo import checkpoint, data as data_lib, evaluators, perf, sharding, steps
 from arch_zoo import generate, tasks, workdir as workdir_lib
 from arch_zoo.runs import load_config, restore
-from arch_zoo.errors import UserError, fail, message_of, run_cli
+from arch_zoo.errors import UserError, fail, fail_on, run_cli
 from arch_zoo.evaluators import classification, passkey, perplexity, recall
 
 FLAGS = flags.FLAGS
@@ -249,9 +249,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except Exception as e:  # noqa: BLE001 -- a bad flag value: one line, not absl's usage text
-    if os.environ.get("ARCH_ZOO_DEBUG"):
-      raise
-    fail(message_of(e), code=2)
+    fail_on(e, code=2)
 
 
 def main(argv):

@@ -34,7 +34,7 @@ from arch_zoo import checkpoint, config_checks, data as data_lib, interrupts as 
 from arch_zoo import metrics as metrics_lib, optim, perf, provenance, sharding, steps, tasks
 from arch_zoo import train_state, workdir as workdir_lib
 from arch_zoo.attention import ops
-from arch_zoo.errors import UserError, fail, run_cli
+from arch_zoo.errors import UserError, debug, fail, fail_on, run_cli
 
 FLAGS = flags.FLAGS
 
@@ -321,9 +321,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except Exception as e:  # noqa: BLE001 -- a bad flag, config file, name or key
-    if os.environ.get("ARCH_ZOO_DEBUG"):
-      raise
-    fail(config_checks.explain_flag_error(argv, e), code=2)
+    fail_on(e, config_checks.explain_flag_error(argv, e), code=2)
 
 
 def main(argv):
@@ -335,9 +333,7 @@ def main(argv):
     if config is not None:
       config.keys()  # a config file that failed to load raises on first use, not while parsing
   except Exception as e:  # noqa: BLE001
-    if os.environ.get("ARCH_ZOO_DEBUG"):
-      raise
-    fail(config_checks.explain_flag_error(sys.argv, e), code=2)
+    fail_on(e, config_checks.explain_flag_error(sys.argv, e), code=2)
   if config is None or FLAGS.workdir is None:
     fail("both --config and --workdir are required, e.g. python train.py --config "
          "configs/lm.py:attn=mha,size=S --workdir runs/lm_mha_S", code=2)
@@ -348,7 +344,7 @@ def main(argv):
     try:
       return train_and_evaluate(config, FLAGS.workdir)
     except Aborted as e:  # exit now: waiting for orbax's threads is what the user refused
-      if os.environ.get("ARCH_ZOO_DEBUG"):
+      if debug():
         raise
       sys.stdout.flush()
       print(f"error: {e}", file=sys.stderr, flush=True)

@@ -59,6 +59,14 @@ def fail(message: str, code: int = 1) -> NoReturn:
   sys.exit(code)
 
 
+def fail_on(error: BaseException, message: str | None = None, code: int = 1) -> NoReturn:
+  """Inside an ``except``: ``error`` with its traceback under ``ARCH_ZOO_DEBUG=1``, else one
+  ``error:`` line (``message``, or the error's own)."""
+  if debug():
+    raise error
+  fail(message if message is not None else message_of(error), code)
+
+
 def run_cli(work: Callable[[], int | None]) -> int:
   """Runs ``work``; an exception becomes one ``error:`` line and exit code 1 (with
   ``ARCH_ZOO_DEBUG=1``, the traceback instead)."""
@@ -67,6 +75,4 @@ def run_cli(work: Callable[[], int | None]) -> int:
   except (SystemExit, KeyboardInterrupt):
     raise
   except Exception as e:  # noqa: BLE001 -- the one place where every error becomes one line
-    if debug():
-      raise
-    fail(message_of(e))
+    fail_on(e)

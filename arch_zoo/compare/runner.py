@@ -21,7 +21,7 @@ import time
 import traceback
 from typing import Any
 
-from arch_zoo import config_files, tasks
+from arch_zoo import config_files, errors, tasks
 from arch_zoo.compare.spec import SweepError, build_config, describe, member_dir, member_identity
 
 MEMBER_FILE = "compare_member.json"
@@ -183,7 +183,7 @@ def run_members(members: list[dict], root: str, in_process: bool) -> list[str]:
     except Preempted:
       raise
     except Exception as e:  # noqa: BLE001  one failed member must not stop the sweep
-      if os.environ.get("ARCH_ZOO_DEBUG"):
+      if errors.debug():
         traceback.print_exc()
       failed.append(workdir)
       print(f"{label}: FAILED: {type(e).__name__}: {describe(e)}", flush=True)
