@@ -12,6 +12,9 @@ class ByteTokenizer:
   """UTF-8 bytes as tokens 0..255."""
 
   vocab_size = 256
+  # The end-of-document token is the NUL byte: text never contains it, and the vocabulary stays
+  # 256 (a separate id 256 would make every byte-level model's vocabulary 257).
+  eod_id = 0
 
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
