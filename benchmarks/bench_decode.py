@@ -123,10 +123,11 @@ def build_model(family: str, args, context: int):
   return config, graphdef, params, rest
 
 
-def decode_functions(graphdef, steps: int, context: int):
+def decode_functions(graphdef, steps: int, context: int, unroll: int = 1):
   """Jitted ``prefill(params, rest, tokens, cache) -> (next tokens, cache)`` (the cache donated,
   only the last slot's logits used) and ``block(params, rest, tokens, cache)``: ``steps`` greedy
-  decode steps from slot ``context`` in one ``lax.fori_loop``."""
+  decode steps from slot ``context`` in one ``lax.fori_loop`` (``unroll`` steps per iteration:
+  fewer loop iterations, each a device-to-host check of the loop condition on a GPU)."""
   import functools
 
   import jax
@@ -150,7 +151,7 @@ def decode_functions(graphdef, steps: int, context: int):
       logits, cache = model.decode_step(tokens, cache)
       return jnp.argmax(logits, -1).astype(jnp.int32), cache
 
-    return jax.lax.fori_loop(0, steps, step, (tokens, cache))
+    return jax.lax.fori_loop(0, steps, step, (tokens, cache), unroll=unroll)
 
   return prefill, block
 
@@ -269,7 +270,7 @@ def run_ours_family(family: str, args, emit, deadline: float) -> None:
       from flax import nnx
 
       lm_model = nnx.merge(graphdef, params, rest)
-      prefill, block = decode_functions(graphdef, args.steps, context)
+      prefill, block = decode_functions(graphdef, args.steps, context, args.unroll)
       # Batch 1 is prefilled; larger batches repeat its cache (every row the same prompt).
       before = live_device_bytes()
       cache1 = jax.jit(lambda: lm_model.init_cache(1, max_len))()
@@ -689,7 +690,7 @@ def run_side(args, side: str, families: str, record: dict, rows: list, deadline:
            "--child_out", lines_path, "--contexts", args.contexts, "--batches", args.batches,
            "--size", args.size, "--steps", str(args.steps), "--samples", str(args.samples),
            "--prefill_max", str(args.prefill_max), "--param_dtype", args.param_dtype,
-           "--deadline", str(deadline - args.margin_s)]
+           "--deadline", str(deadline - args.margin_s), "--unroll", str(args.unroll)]
     if args.smoke:
       cmd.append("--smoke")
     print(f"--- {side} {families if side == 'ours' else ''}", flush=True)
@@ -737,6 +738,10 @@ def main() -> None:
   parser.add_argument("--size", default="124M")
   parser.add_argument("--steps", type=int, default=32, help="decode steps per timed block")
   parser.add_argument("--samples", type=int, default=5)
+  parser.add_argument("--unroll", type=int, default=1,
+                      help="decode steps per iteration of the timed fori_loop (ours)")
+  parser.add_argument("--xla_flags", default="",
+                      help="appended to XLA_FLAGS for the JAX children (e.g. command buffers)")
   parser.add_argument("--prefill_max", type=int, default=8192,
                       help="longest prompt prefilled (longer contexts: see the docstring)")
   parser.add_argument("--param_dtype", default="bfloat16")
@@ -786,6 +791,9 @@ def main() -> None:
                                                                           "transformers"))]
   extra_env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION",
                                                                 "0.92")}
+  if args.xla_flags:
+    extra_env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
+                                                    args.xla_flags]))
   if args.wheels:
     target = install_wheels(args.wheels, os.path.join(tempfile.gettempdir(), "decode_wheels"))
     extra_env["PYTHONPATH"] = os.pathsep.join(filter(None, [target,
@@ -797,6 +805,7 @@ def main() -> None:
   record = {"benchmark": "decoding at the LM shape: per-token latency (batch 1) and tokens/s "
                          "(batch 64) by context, decode-state memory, peers",
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "xla_flags": args.xla_flags, "unroll": args.unroll,
             "shapes": {"size": args.size, "contexts": args.contexts, "batches": args.batches,
                        "steps_per_block": args.steps, "samples": args.samples,
                        "prefill_max": args.prefill_max, "param_dtype": args.param_dtype},
