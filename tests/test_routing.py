@@ -67,10 +67,12 @@ def nearest_clusters(attn, shared):
 
 
 def causal_routing_reference(qk, v, cluster, window, segment):
-  """Token i attends to j <= i of its cluster whose cluster rank is in i's block or the one
-  before; written from the definition, one pair at a time."""
+  """Token i attends to j <= i of its cluster and segment whose rank among them is in i's block
+  or the one before; written from the definition, one pair at a time (a packed segment is ranked
+  as it would be alone)."""
   t = len(cluster)
-  rank = [int(np.sum(cluster[:i] == cluster[i])) for i in range(t)]
+  rank = [int(np.sum((cluster[:i] == cluster[i]) & (segment[:i] == segment[i])))
+          for i in range(t)]
   allowed = np.zeros((t, t), bool)
   for i in range(t):
     for j in range(i + 1):

@@ -72,6 +72,9 @@ class Context:
   slots: DecodeSlots | None = None  # decoding only: see the module docstring
   causal: bool = struct.field(pytree_node=False, default=True)
   deterministic: bool = struct.field(pytree_node=False, default=True)
+  # A static bound on the documents (segment runs, padding included) of one packed row, 0 when
+  # unknown: cuDNN's packed layout needs it (docs/attention/kernels.md, "Packed rows").
+  max_segments: int = struct.field(pytree_node=False, default=0)
 
   @classmethod
   def for_inputs(cls, batch: int, length: int, **kwargs) -> "Context":

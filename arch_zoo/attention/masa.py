@@ -171,7 +171,7 @@ class SharedDictionaryAttention(nnx.Module):
     w = self.weights(ctx)
     q, k, v = self._qkv(x, ctx, w)
     o = ops.softmax.apply(q, k, v, causal=ctx.causal, impl=self.impl, segment_ids=ctx.segment_ids,
-                          site=self.site)
+                          max_segments=ctx.max_segments, site=self.site)
     return self._output(o, w), {}
 
   # Decoding: mha's KV cache. The atoms arrive in ctx.shared, built once per model call (the

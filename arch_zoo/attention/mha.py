@@ -53,7 +53,7 @@ class MultiHeadAttention(CachedSoftmaxDecoding, nnx.Module):
     b, t, _ = x.shape
     q, k, v = self.qkv(x, ctx)
     o = ops.softmax.apply(q, k, v, causal=ctx.causal, impl=self.impl, segment_ids=ctx.segment_ids,
-                          site=self.site)
+                          max_segments=ctx.max_segments, site=self.site)
     return self.out(o.reshape(b, t, -1)), {}
 
   @staticmethod

@@ -200,7 +200,7 @@ class MixtureOfHeadAttention(CachedSoftmaxDecoding, nnx.Module):
     b, t, _ = x.shape
     q, k, v = self.qkv(x, ctx)
     o = ops.softmax.apply(q, k, v, causal=ctx.causal, impl=self.impl, segment_ids=ctx.segment_ids,
-                          site=self.site)
+                          max_segments=ctx.max_segments, site=self.site)
     # Every head was computed; the gates weight them and zero the unselected routed heads. Routing
     # is per query token, so position t's gates depend on x_t alone and causality is untouched.
     routing = self.router(x)

@@ -16,6 +16,11 @@ mini-batch k-means, and attends only within clusters. Two forms of the routing h
   of position. The block of a token depends only on how many earlier tokens share its cluster, so
   no output depends on a later token, bitwise. Cost is O(T * w) per head, like the paper's form.
 
+Packed rows (``ctx.segment_ids``) compute what each document computes alone: local blocks, cluster
+ranks, balanced windows and ``w`` itself are counted from each document's first token
+(:mod:`arch_zoo.attention.ops.routing` says how). The centroid statistics are sums over tokens, so
+a packed row adds exactly what its documents add.
+
 The centroids are non-parameter state (:class:`ClusterState`): the training forward
 (``ctx.deterministic=False``) routes with the centroids as they were before the batch and then
 writes the official EMA update (counts and sums with decay 0.999, Laplace-smoothed), so the update
@@ -154,7 +159,8 @@ class RoutingAttention(nnx.Module):
                                                    jnp.float32))
 
   def window_for(self, length: int) -> int:
-    return min(self.window or -(-length // self.num_clusters), length)
+    """w of a sequence (or packed document) of ``length`` tokens."""
+    return ops.routing.window_for(length, self.window, self.num_clusters)
 
   def __call__(self, x: jax.Array, ctx: Context):
     b, t, _ = x.shape
@@ -187,7 +193,8 @@ class RoutingAttention(nnx.Module):
     qk = shared.astype(q.dtype)
     if self.rope:  # after clustering: routing is by content, attention also sees offsets
       qk = apply_rope(qk, ctx.positions, self.rope_base)
-    clusters = ops.routing.Clusters(scores, nearest, self.window_for(t))
+    # The window option, not a number: a packed document's w follows its own length.
+    clusters = ops.routing.Clusters(scores, nearest, self.window)
     out = ops.routing.apply(qk, qk, v, clusters, causal=ctx.causal, impl=self.impl,
                             segment_ids=ctx.segment_ids, site=self.site)
 

@@ -6,14 +6,29 @@
   bidirectional.
 * :class:`Clusters`: routing heads (queries are their own keys). Causal: token t attends to the
   tokens s <= t of its nearest centroid whose rank among that cluster's tokens (in position
-  order) lies in t's block of ``window`` ranks or the previous block. Bidirectional: the paper's
-  balanced routing: each cluster holds its ``window`` best-scoring tokens, attention runs inside
+  order) lies in t's block of ``w`` ranks or the previous block. Bidirectional: the paper's
+  balanced routing: each cluster holds its ``w`` best-scoring tokens, attention runs inside
   each window, and a token's output is the mean over the windows that hold it (zero if none).
+
+Packed sequences (``segment_ids [B, T]``, each document a contiguous run of one id) compute
+exactly what each document computes alone. Everything a pattern counts is counted from the
+document's first token, never from the row's:
+
+* local blocks: block of a token = ``offset // block``, with ``offset = i - start(i)`` its index
+  in its document (what ``ctx.positions`` holds for packed rows); two tokens of one document
+  have the same offset difference as their array indices, so causality stays ``j <= i``;
+* causal ranks: the rank of token i in its cluster counts the earlier tokens of the same cluster
+  *and document*: ``rank_in_row(i) - (tokens of that cluster before start(i))``;
+* balanced windows: each cluster takes the ``w`` best-scoring tokens of every document;
+* ``w`` itself: ``min(window or ceil(L / C), L)`` for a document of ``L`` tokens (``window`` is
+  the option, 0 meaning ``C * w = L``), so a short document gets the window it gets alone.
 
 Implementations, in the order ``auto`` tries them:
 
 * ``xla``: gathered blocks and windows, O(T * window) per head (the windows are dense batches of
-  :func:`softmax.dense`).
+  :func:`softmax.dense`). Document starts fall anywhere inside a block, so with segment ids a
+  query block also reads one more block before (and after, bidirectionally) and the mask picks
+  the document-aligned blocks: 3 blocks of keys instead of 2 (5 instead of 3 bidirectionally).
 * ``reference``: :func:`reference`, a dense ``[T, T]`` mask of the pattern (one per cluster for
   balanced routing) and float32 softmax attention: the oracle.
 """
@@ -25,6 +40,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from arch_zoo.attention.ops import base, softmax
 
@@ -38,7 +54,30 @@ class Local(NamedTuple):
 class Clusters(NamedTuple):
   scores: jax.Array  # [B, T, H, C] float32 scores against the centroids (balanced routing)
   nearest: jax.Array  # [B, T, H] int32 nearest centroid (causal routing)
-  window: int  # w, tokens per cluster window
+  window: int  # the window option: w tokens per cluster window; 0: ceil(L / C) per document
+
+
+def window_for(length, window: int, num_clusters: int):
+  """``w`` of a sequence (or document) of ``length`` tokens: ``window``, or ``ceil(length / C)``
+  when ``window`` is 0, at most ``length``. Works on ints and on integer arrays."""
+  chosen = window if window else -(-length // num_clusters)
+  return jnp.minimum(chosen, length) if isinstance(length, jax.Array) else min(chosen, length)
+
+
+def documents(segment_ids, batch: int, length: int):
+  """``(offset, size)``, each ``[B, T]`` int32: every token's index inside its document (the run
+  of equal segment ids holding it) and that document's length. Without segment ids the row is
+  one document."""
+  index = jnp.arange(length, dtype=jnp.int32)
+  if segment_ids is None:
+    return (jnp.broadcast_to(index, (batch, length)),
+            jnp.full((batch, length), length, jnp.int32))
+  change = segment_ids[:, 1:] != segment_ids[:, :-1]
+  first = jnp.concatenate([jnp.ones((batch, 1), bool), change], axis=1)
+  last = jnp.concatenate([change, jnp.ones((batch, 1), bool)], axis=1)
+  start = lax.cummax(jnp.where(first, index, 0), axis=1)
+  end = lax.cummin(jnp.where(last, index, length - 1), axis=1, reverse=True)
+  return index - start, end - start + 1
 
 
 # The array functions below are jitted (shape arguments static) so that eager calls, as in tests
@@ -51,12 +90,17 @@ class Clusters(NamedTuple):
 def block_local_attention(q, k, v, *, block: int, causal: bool, segment_ids=None):
   """The official local heads: each query block of ``block`` positions attends to its own block
   and the previous one (causal: only to positions up to its own), plus the next one when
-  bidirectional. ``q, k, v: [B, T, H, D]``; O(T * block) per head."""
+  bidirectional; blocks counted from each document's first token. ``q, k, v: [B, T, H, D]``;
+  O(T * block) per head."""
   b, t, h, d = q.shape
   block = min(block, t)
   num_blocks = -(-t // block)
-  before, after = 1, 0 if causal else 1
+  # A document block starts anywhere inside an array block: its previous document block then
+  # reaches two array blocks back (and its next one two ahead).
+  before = 1 if segment_ids is None else 2
+  after = 0 if causal else before
   span = before + 1 + after
+  offset, _ = documents(segment_ids, b, t)
 
   def blocked(x, fill=0):  # [B, T, ...] -> [B, before + num_blocks + after, block, ...]
     pad = [(0, 0), (before * block, num_blocks * block - t + after * block)]
@@ -66,13 +110,19 @@ def block_local_attention(q, k, v, *, block: int, causal: bool, segment_ids=None
   def key_blocks(x):  # -> [B, num_blocks, span * block, ...]
     return jnp.concatenate([x[:, i:i + num_blocks] for i in range(span)], axis=2)
 
-  position = blocked(jnp.broadcast_to(jnp.arange(t), (b, t)), fill=-1)
-  segment = blocked(jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids)
-  query_pos, key_pos = position[:, before:before + num_blocks], key_blocks(position)
-  allowed = (key_pos[:, :, None, :] >= 0) & (
-      segment[:, before:before + num_blocks, :, None] == key_blocks(segment)[:, :, None, :])
+  def queries_and_keys(x, fill):  # [B, num_blocks, block, 1], [B, num_blocks, 1, span * block]
+    x = blocked(x, fill)
+    return x[:, before:before + num_blocks, :, None], key_blocks(x)[:, :, None, :]
+
+  query_pos, key_pos = queries_and_keys(jnp.broadcast_to(jnp.arange(t), (b, t)), -1)
+  query_seg, key_seg = queries_and_keys(
+      jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids, 0)
+  query_block, key_block = queries_and_keys(offset // block, 0)
+  allowed = (key_pos >= 0) & (query_seg == key_seg) & (key_block >= query_block - 1)
   if causal:
-    allowed &= key_pos[:, :, None, :] <= query_pos[:, :, :, None]
+    allowed &= key_pos <= query_pos
+  else:
+    allowed &= key_block <= query_block + 1
 
   def fold(x):  # blocks become batch rows of the dense kernel
     return x.reshape(b * num_blocks, x.shape[2], h, d)
@@ -86,9 +136,10 @@ def block_local_attention(q, k, v, *, block: int, causal: bool, segment_ids=None
 
 def per_sequence_and_head(fn):
   """Maps ``fn`` over batch (axis 0) and heads (axis 2 of ``[B, T, H, ...]`` arrays); the last
-  argument (segment ids ``[B, T]``) is shared by the heads."""
-  over_heads = jax.vmap(fn, in_axes=(1, 1, 1, None), out_axes=1)
-  return jax.vmap(over_heads, in_axes=(0, 0, 0, 0), out_axes=0)
+  three arguments (``[B, T]`` segment ids, document offsets and sizes) are shared by the
+  heads."""
+  over_heads = jax.vmap(fn, in_axes=(1, 1, 1, None, None, None), out_axes=1)
+  return jax.vmap(over_heads, in_axes=0, out_axes=0)
 
 
 def balanced_windows(scores: jax.Array, window: int) -> jax.Array:
@@ -99,116 +150,200 @@ def balanced_windows(scores: jax.Array, window: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("window",))
-def balanced_cluster_attention(qk, v, scores, *, window: int, segment_ids):
-  """Bidirectional routing heads. ``qk, v: [B, T, H, D]``, ``scores: [B, T, H, C]``,
-  ``segment_ids: [B, T]``. Attention within each balanced window; a token's output is the mean of
-  its windows' outputs, zero if no window holds it."""
+def balanced_cluster_attention(qk, v, scores, *, window: int):
+  """Bidirectional routing heads of unpacked rows. ``qk, v: [B, T, H, D]``, ``scores: [B, T, H,
+  C]``. Attention within each balanced window of ``window`` tokens; a token's output is the
+  mean of its windows' outputs, zero if no window holds it."""
 
-  def one_head(qk, v, scores, segment):  # [T, D], [T, D], [T, C], [T]
+  def one_head(qk, v, scores):  # [T, D], [T, D], [T, C]
     t, d = v.shape
     members = balanced_windows(scores, window)  # [C, w]
-    allowed = segment[members][:, :, None] == segment[members][:, None, :]
     out = softmax.dense(qk[members][:, :, None], qk[members][:, :, None], v[members][:, :, None],
-                        causal=False, scale=d ** -0.5, mask=allowed[:, None])[:, :, 0]
+                        causal=False, scale=d ** -0.5)[:, :, 0]
     flat = members.reshape(-1)
     total = jnp.zeros((t, d), jnp.float32).at[flat].add(out.reshape(-1, d).astype(jnp.float32))
     count = jnp.zeros((t,), jnp.float32).at[flat].add(1.0)
     # An exact mean over the windows (the official code divides by count + 0.01).
     return (total / jnp.maximum(count, 1.0)[:, None]).astype(v.dtype)
 
-  return per_sequence_and_head(one_head)(qk, v, scores, segment_ids)
+  over_heads = jax.vmap(one_head, in_axes=(1, 1, 1), out_axes=1)
+  return jax.vmap(over_heads)(qk, v, scores)
 
 
-@functools.partial(jax.jit, static_argnames=("num_clusters", "window"))
-def causal_cluster_attention(qk, v, assignment, *, num_clusters: int, window: int, segment_ids):
-  """Causal routing heads. ``qk, v: [B, T, H, D]``, ``assignment: [B, T, H]`` (nearest centroid),
-  ``segment_ids: [B, T]``.
+@functools.partial(jax.jit, static_argnames=("window",))
+def packed_balanced_cluster_attention(qk, v, scores, *, window: int, segment_ids):
+  """Bidirectional routing heads of packed rows: each cluster takes the ``w`` best-scoring tokens
+  of every document (``w`` of that document, :func:`window_for`), attention within each such
+  window, and a token's output is the mean over the windows that hold it.
 
-  Token t attends to the tokens s <= t of its own cluster whose rank among the cluster's tokens
-  (in position order) lies in t's block of ``window`` ranks or the previous block. Everything
-  that decides this set (cluster ids and ranks up to t) depends on tokens <= t only.
-
-  Clusters are laid out one after another, each padded to whole blocks, so that a block never
-  mixes clusters: with ``T + C * (w - 1)`` slots at most, this is ``ceil(T / w) + C - 1`` blocks.
-  Where a cluster starts depends on the sizes of the clusters before it (and so on later tokens),
-  but a query's row of keys is the same whatever that start: slot ``j`` of the row holds the
-  cluster-mate of rank ``(block - 1) * w + j``, and every later one is masked to an exact zero.
+  How many windows a row holds depends on its documents, so the static layout is per cluster:
+  its members, in position order, in T slots cut into blocks of the row's ``w`` (the largest a
+  document can have). A document's window is a run of at most ``w`` consecutive slots, so a query
+  block reads its own block and both neighbours, masked to its document.
   """
+  num_clusters = scores.shape[-1]
+  b, t = qk.shape[:2]
+  w = window_for(t, window, num_clusters)
+  offset, size = documents(segment_ids, b, t)
 
-  def one_head(qk, v, cluster, segment):  # [T, D], [T, D], [T], [T]
-    t, d = v.shape
+  def one_head(qk, v, scores, segment, offset, size):  # [T, D], [T, D], [T, C], [T] x 3
+    d = v.shape[-1]
+    index = jnp.arange(t, dtype=jnp.int32)
+    start = index - offset
+    doc_window = window_for(size, window, num_clusters)
+    num_blocks = -(-t // w)
+
+    def one_cluster(score):  # [T] -> (sum of window outputs [T, D] f32, windows holding [T])
+      # Order: document, then score (higher first), then position (lower first, as top_k).
+      order = jnp.lexsort((index, -score, start))
+      rank = jnp.zeros((t,), jnp.int32).at[order].set(index) - start  # within the document
+      member = rank < doc_window
+      slot = jnp.where(member, jnp.cumsum(member) - 1, (num_blocks + 2) * w)
+      # token[i]: the token in member slot i - w, or t (empty); one empty block on each side.
+      token = jnp.full(((num_blocks + 2) * w,), t, jnp.int32).at[slot + w].set(index, mode="drop")
+      token = token.reshape(-1, w)
+      queries = token[1:-1]  # [num_blocks, w]
+      keys = jnp.concatenate([token[:-2], token[1:-1], token[2:]], axis=1)  # [num_blocks, 3w]
+      seg = jnp.concatenate([segment, jnp.full((1,), -1, segment.dtype)])
+      allowed = (keys[:, None, :] < t) & (seg[keys][:, None, :] == seg[queries][:, :, None])
+      qk_e, v_e = (jnp.concatenate([x, jnp.zeros((1, d), x.dtype)]) for x in (qk, v))
+      out = softmax.dense(qk_e[queries][:, :, None], qk_e[keys][:, :, None],
+                          v_e[keys][:, :, None], causal=False, scale=d ** -0.5,
+                          mask=allowed[:, None])[:, :, 0]
+      gathered = out.reshape(-1, d)[jnp.where(member, slot, 0)].astype(jnp.float32)
+      return jnp.where(member[:, None], gathered, 0.0), member.astype(jnp.float32)
+
+    total, count = jax.vmap(one_cluster, in_axes=1)(scores)
+    total, count = jnp.sum(total, axis=0), jnp.sum(count, axis=0)
+    return (total / jnp.maximum(count, 1.0)[:, None]).astype(v.dtype)
+
+  return per_sequence_and_head(one_head)(qk, v, scores, segment_ids, offset, size)
+
+
+@functools.partial(jax.jit, static_argnames=("num_clusters", "window", "packed"))
+def causal_cluster_attention(qk, v, assignment, *, num_clusters: int, window: int, segment_ids,
+                             packed: bool):
+  """Causal routing heads. ``qk, v: [B, T, H, D]``, ``assignment: [B, T, H]`` (nearest centroid),
+  ``segment_ids: [B, T]``, ``window``: the option (0: ``ceil(L / C)`` per document).
+
+  Token t attends to the tokens s <= t of its own cluster and document whose rank among them (in
+  position order) lies in t's block of ``w`` ranks or the previous block. Everything that decides
+  this set (cluster ids and ranks up to t) depends on tokens <= t only.
+
+  Clusters are laid out one after another, each padded to whole blocks of the row's ``w`` (at
+  least any document's), so that a block never mixes clusters: with ``T + C * (w - 1)`` slots at
+  most, this is ``ceil(T / w) + C - 1`` blocks. A slot's rank is counted over the whole row; the
+  rank that decides attention is counted from the document's first token, whose cluster-mates
+  before it are subtracted. Unpacked, the two are equal and a query block reads its own block
+  and the previous one; packed (``packed=True``), a document's block of ranks starts anywhere
+  inside a slot block, so a query block also reads the block before those. Where a cluster
+  starts depends on the sizes of the clusters before it (and so on later tokens), but a query's
+  row of keys is the same whatever that start: slot ``j`` of the row holds the cluster-mate of
+  row rank ``(block - before) * w + j``, and every later one is masked to an exact zero.
+  """
+  b, t = qk.shape[:2]
+  w = window_for(t, window, num_clusters)
+  before = 2 if packed else 1
+  offset, size = documents(segment_ids if packed else None, b, t)
+
+  def one_head(qk, v, cluster, segment, offset, size):  # [T, D], [T, D], [T], [T] x 3
+    d = v.shape[-1]
     member = jax.nn.one_hot(cluster, num_clusters, dtype=jnp.int32)  # [T, C]
-    rank = jnp.sum((jnp.cumsum(member, axis=0) - member) * member, axis=1)  # earlier cluster-mates
-    blocks = -(-jnp.sum(member, axis=0) // window)  # blocks per cluster
-    slot = (jnp.cumsum(blocks) - blocks)[cluster] * window + rank
-    num_blocks = -(-t // window) + num_clusters - 1
-    # token[i] = the position held by slot i, or t (an empty slot); one leading empty block gives
-    # block 0 a previous block.
-    token = jnp.full(((num_blocks + 1) * window,), t, jnp.int32)
-    token = token.at[slot + window].set(jnp.arange(t, dtype=jnp.int32)).reshape(-1, window)
-    queries = token[1:]  # [num_blocks, w]
-    keys = jnp.concatenate([token[:-1], token[1:]], axis=1)  # [num_blocks, 2w]
+    earlier = jnp.cumsum(member, axis=0) - member  # cluster-mates before each token, per cluster
+    rank = jnp.sum(earlier * member, axis=1)  # within the row
+    start = jnp.arange(t) - offset
+    doc_rank = rank - jnp.take_along_axis(earlier[start], cluster[:, None], axis=1)[:, 0]
+    rank_block = doc_rank // window_for(size, window, num_clusters)
+    blocks = -(-jnp.sum(member, axis=0) // w)  # blocks per cluster
+    slot = (jnp.cumsum(blocks) - blocks)[cluster] * w + rank
+    num_blocks = -(-t // w) + num_clusters - 1
+    # token[i] = the position held by slot i - before * w, or t (an empty slot); leading empty
+    # blocks give the first blocks their previous ones.
+    token = jnp.full(((num_blocks + before) * w,), t, jnp.int32)
+    token = token.at[slot + before * w].set(jnp.arange(t, dtype=jnp.int32)).reshape(-1, w)
+    queries = token[before:]  # [num_blocks, w]
+    keys = jnp.concatenate([token[i:i + num_blocks] for i in range(before + 1)], axis=1)
 
     def with_empty(x, fill):  # row t stands for an empty slot
       return jnp.concatenate([x, jnp.full((1,) + x.shape[1:], fill, x.dtype)])
 
     cluster, segment = with_empty(cluster, -1), with_empty(segment, -1)
-    allowed = ((keys[:, None, :] <= queries[:, :, None])  # also masks empty key slots (= t)
-               & (cluster[keys][:, None, :] == cluster[queries][:, :, None])
-               & (segment[keys][:, None, :] == segment[queries][:, :, None]))
+    rank_block = with_empty(rank_block, -1)
+
+    def pair(x):  # [num_blocks, w, 1] of the queries, [num_blocks, 1, (before + 1) w] of the keys
+      return x[queries][:, :, None], x[keys][:, None, :]
+
+    (q_pos, k_pos), (q_cluster, k_cluster) = pair(jnp.arange(t + 1)), pair(cluster)
+    (q_segment, k_segment), (q_block, k_block) = pair(segment), pair(rank_block)
+    allowed = ((k_pos <= q_pos)  # also masks empty key slots (= t)
+               & (k_cluster == q_cluster) & (k_segment == q_segment) & (k_block >= q_block - 1))
     qk, v = with_empty(qk, 0), with_empty(v, 0)
     out = softmax.dense(qk[queries][:, :, None], qk[keys][:, :, None], v[keys][:, :, None],
                         causal=False, scale=d ** -0.5, mask=allowed[:, None])
     return out.reshape(-1, d)[slot]
 
-  return per_sequence_and_head(one_head)(qk, v, assignment, segment_ids)
+  return per_sequence_and_head(one_head)(qk, v, assignment, segment_ids, offset, size)
 
 
 # ------------------------------------------------------------------------------ reference
 
 
-def local_mask(length: int, block: int, causal: bool) -> jax.Array:
-  """``[T, T]``: key block within one before (and, bidirectionally, one after) the query's."""
-  query_block = jnp.arange(length)[:, None] // block
-  key_block = jnp.arange(length)[None, :] // block
-  allowed = (key_block >= query_block - 1) & (key_block <= query_block + (0 if causal else 1))
-  return allowed & (jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]) if causal \
-      else allowed
+def local_mask(offset: jax.Array, block: int, causal: bool) -> jax.Array:
+  """``[B, 1, T, T]`` from each token's index in its document ``offset [B, T]``: key block (of
+  the document) within one before (and, bidirectionally, one after) the query's. Same document
+  and causality are added by the caller."""
+  query_block = offset[:, None, :, None] // block
+  key_block = offset[:, None, None, :] // block
+  return (key_block >= query_block - 1) & (key_block <= query_block + (0 if causal else 1))
 
 
-def causal_cluster_mask(nearest: jax.Array, window: int) -> jax.Array:
-  """``[B, H, T, T]``: same cluster, and the key's rank among its cluster's tokens is in the
-  query's block of ``window`` ranks or the previous one (causality is added by the caller)."""
+def causal_cluster_mask(nearest: jax.Array, window: int, num_clusters: int,
+                        segment_ids=None) -> jax.Array:
+  """``[B, H, T, T]``: same cluster and document, and the key's rank among its cluster's tokens of
+  that document is in the query's block of ``w`` ranks or the previous one (``w`` of the
+  document; causality is added by the caller)."""
+  b, t, _ = nearest.shape
   cluster = nearest.transpose(0, 2, 1)  # [B, H, T]
-  same = cluster[..., :, None] == cluster[..., None, :]
-  t = cluster.shape[-1]
+  segment = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
+  same = ((cluster[..., :, None] == cluster[..., None, :])
+          & (segment[:, None, :, None] == segment[:, None, None, :]))
   earlier = jnp.arange(t)[None, :] < jnp.arange(t)[:, None]  # [i, j]: j before i
-  rank = jnp.sum(same & earlier, axis=-1)  # earlier tokens of the same cluster
-  return same & (rank[..., None, :] // window >= rank[..., :, None] // window - 1)
+  rank = jnp.sum(same & earlier, axis=-1)  # earlier tokens of the same cluster and document
+  _, size = documents(segment_ids, b, t)
+  w = window_for(size, window, num_clusters)[:, None, :, None]  # [B, 1, T(query), 1]
+  return same & (rank[..., None, :] // w >= rank[..., :, None] // w - 1)
 
 
-def balanced_members(scores: jax.Array, window: int) -> jax.Array:
-  """``[B, H, C, T]``: token t is in cluster c's window when fewer than ``window`` tokens rank
-  above it (higher score, or an equal score at a lower position)."""
+def balanced_members(scores: jax.Array, window: int, segment_ids=None) -> jax.Array:
+  """``[B, H, C, T]``: token t is in cluster c's window of its document when fewer than ``w``
+  (the document's) tokens of that document rank above it (higher score, or an equal score at a
+  lower position)."""
+  b, t, _, num_clusters = scores.shape
   s = scores.transpose(0, 2, 3, 1)  # [B, H, C, T]
-  t = s.shape[-1]
   lower = jnp.arange(t)[None, :] < jnp.arange(t)[:, None]  # [t, u]: u before t
   above = (s[..., None, :] > s[..., :, None]) | ((s[..., None, :] == s[..., :, None]) & lower)
-  return jnp.sum(above, axis=-1) < window
+  if segment_ids is not None:
+    above &= (segment_ids[:, None, None, :, None] == segment_ids[:, None, None, None, :])
+  _, size = documents(segment_ids, b, t)
+  doc_window = window_for(size, window, num_clusters)[:, None, None, :]  # [B, 1, 1, T]
+  return jnp.sum(above, axis=-1) < doc_window
 
 
 def reference(q, k, v, pattern: Local | Clusters, *, causal: bool, segment_ids=None):
   """The float32 oracle: the pattern as a dense mask, softmax attention under it."""
-  t = q.shape[1]
+  b, t = q.shape[:2]
   if isinstance(pattern, Local):
+    offset, _ = documents(segment_ids, b, t)
     return softmax.reference(q, k, v, causal=causal, segment_ids=segment_ids,
-                             mask=local_mask(t, min(pattern.block, t), causal)[None, None])
+                             mask=local_mask(offset, min(pattern.block, t), causal))
+  num_clusters = pattern.scores.shape[-1]
   if causal:
     return softmax.reference(q, k, v, causal=True, segment_ids=segment_ids,
-                             mask=causal_cluster_mask(pattern.nearest, pattern.window))
-  members = balanced_members(pattern.scores, pattern.window)  # [B, H, C, T]
+                             mask=causal_cluster_mask(pattern.nearest, pattern.window,
+                                                      num_clusters, segment_ids))
+  members = balanced_members(pattern.scores, pattern.window, segment_ids)  # [B, H, C, T]
   total = jnp.zeros(v.shape, jnp.float32)
-  for c in range(members.shape[2]):
+  for c in range(num_clusters):
     member = members[:, :, c]  # [B, H, T]
     out = softmax.reference(q, k, v, causal=False, segment_ids=segment_ids,
                             mask=member[..., :, None] & member[..., None, :])
@@ -238,10 +373,15 @@ def apply(q, k, v, pattern: Local | Clusters, *, causal: bool, impl: str = "auto
   if isinstance(pattern, Local):
     return block_local_attention(q, k, v, block=pattern.block, causal=causal,
                                  segment_ids=segment_ids)
-  b, t = q.shape[:2]
-  segments = segment_ids if segment_ids is not None else jnp.zeros((b, t), jnp.int32)
+  num_clusters = pattern.scores.shape[-1]
   if causal:
-    return causal_cluster_attention(q, v, pattern.nearest, num_clusters=pattern.scores.shape[-1],
-                                    window=pattern.window, segment_ids=segments)
-  return balanced_cluster_attention(q, v, pattern.scores, window=pattern.window,
-                                    segment_ids=segments)
+    b, t = q.shape[:2]
+    segments = segment_ids if segment_ids is not None else jnp.zeros((b, t), jnp.int32)
+    return causal_cluster_attention(q, v, pattern.nearest, num_clusters=num_clusters,
+                                    window=pattern.window, segment_ids=segments,
+                                    packed=segment_ids is not None)
+  if segment_ids is None:
+    return balanced_cluster_attention(q, v, pattern.scores,
+                                      window=window_for(q.shape[1], pattern.window, num_clusters))
+  return packed_balanced_cluster_attention(q, v, pattern.scores, window=pattern.window,
+                                           segment_ids=segment_ids)
