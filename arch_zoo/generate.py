@@ -285,8 +285,8 @@ def encode_prompt(run: Run, text: str) -> np.ndarray:
   unk = run.tokenizer.unk_id
   if unk is not None and unk in ids:
     unknown = unencodable(run.tokenizer, text)
-    raise UserError(f"the prompt has characters the {run.config.data.tokenizer} tokenizer cannot "
-                    f"encode ({unknown!r}); leave them out.")
+    raise UserError(f"the prompt has text the {run.config.data.tokenizer} tokenizer cannot "
+                    f"encode ({unknown!r}); leave it out.")
   vocab = int(run.config.model.vocab_size)
   if ids.size and ids.max() >= vocab:
     raise UserError(f"the prompt encodes to token ids >= the model's vocabulary ({vocab}); use "
@@ -298,9 +298,9 @@ def encode_prompt(run: Run, text: str) -> np.ndarray:
 
 
 def unencodable(tokenizer, text: str) -> str:
-  """The characters of ``text`` that ``tokenizer`` encodes as its unknown token, in order."""
-  seen = dict.fromkeys(text)
-  return "".join(c for c in seen if tokenizer.unk_id in tokenizer.encode(c))
+  """The words of ``text`` that ``tokenizer`` encodes with its unknown token, in order."""
+  words = dict.fromkeys(text.split()) or {text: None}
+  return " ".join(w for w in words if tokenizer.unk_id in tokenizer.encode(w))
 
 
 def generate_text(run: Run, texts: Sequence[str], max_new_tokens: int, **options) -> list[str]:

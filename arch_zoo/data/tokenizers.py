@@ -124,6 +124,8 @@ class HuggingFaceTokenizer:
           from None
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
     self.eod_id = _eod_of(spec, self._tok.token_to_id)
+    # "<|endoftext|>" written in a text is text: only the data pipeline inserts the token.
+    self._tok.encode_special_tokens = True
     model = json.loads(self._tok.to_str()).get("model", {})
     # A byte-level model (or one with byte fallback) encodes any text; others map what they do
     # not know to their unknown token.
