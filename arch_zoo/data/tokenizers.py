@@ -1,12 +1,12 @@
 """Tokenizers: ``data.tokenizer`` names one, and every one reads local files only.
 
-| ``data.tokenizer`` | what |
-|---|---|
-| ``byte`` (default) | UTF-8 bytes as tokens 0..255; no file, and bits per byte fall out of the loss |
-| ``spm:PATH.model`` | a SentencePiece model file |
-| ``hf:PATH.json`` | a Hugging Face ``tokenizers`` file (``tokenizer.json``) |
-| ``tiktoken:gpt2`` | GPT-2's encoding, from ``gpt2.tiktoken`` (or GPT-2's ``encoder.json`` and ``vocab.bpe``) in the tokenizer directory |
-| ``tiktoken:PATH.tiktoken`` | any tiktoken BPE file, with GPT-2's split pattern |
+* ``byte`` (default): UTF-8 bytes as tokens 0..255; no file, and bits per byte fall out of the
+  loss.
+* ``spm:PATH.model``: a SentencePiece model file.
+* ``hf:PATH.json``: a Hugging Face ``tokenizers`` file (``tokenizer.json``).
+* ``tiktoken:gpt2``: GPT-2's encoding, from ``gpt2.tiktoken`` (or GPT-2's ``encoder.json`` and
+  ``vocab.bpe``) in the tokenizer directory.
+* ``tiktoken:PATH.tiktoken``: any tiktoken BPE file, with GPT-2's split pattern.
 
 A relative ``PATH`` that does not exist from the working directory is looked up in the tokenizer
 directory: ``$ARCH_ZOO_TOKENIZER_DIR``, else ``~/.cache/arch_zoo/tokenizers``, where
