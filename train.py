@@ -95,6 +95,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     perf.apply_xla_flags(config.train.xla_flags)  # before anything starts a JAX backend
   maybe_initialize_distributed()
   config_checks.check(config)
+  tasks.get(config.task).resolve(config)  # e.g. model.vocab_size from the tokenizer
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   lock = workdir_lib.RunLock(workdir) if is_main else contextlib.nullcontext()

@@ -282,6 +282,11 @@ def encode_prompt(run: Run, text: str) -> np.ndarray:
     bad = text[e.start:e.end] if hasattr(e, "start") else ""
     raise UserError(f"the prompt has characters the {run.config.data.tokenizer} tokenizer cannot "
                     f"encode ({bad!r}); use valid UTF-8 text.") from e
+  unk = run.tokenizer.unk_id
+  if unk is not None and unk in ids:
+    unknown = unencodable(run.tokenizer, text)
+    raise UserError(f"the prompt has text the {run.config.data.tokenizer} tokenizer cannot "
+                    f"encode ({unknown!r}); leave it out.")
   vocab = int(run.config.model.vocab_size)
   if ids.size and ids.max() >= vocab:
     raise UserError(f"the prompt encodes to token ids >= the model's vocabulary ({vocab}); use "
@@ -292,11 +297,18 @@ def encode_prompt(run: Run, text: str) -> np.ndarray:
   return ids.astype(np.int32)
 
 
+def unencodable(tokenizer, text: str) -> str:
+  """The words of ``text`` that ``tokenizer`` encodes with its unknown token, in order."""
+  words = dict.fromkeys(text.split()) or {text: None}
+  return " ".join(w for w in words if tokenizer.unk_id in tokenizer.encode(w))
+
+
 def generate_text(run: Run, texts: Sequence[str], max_new_tokens: int, **options) -> list[str]:
   """The continuation of each text (prompt excluded), decoded with the run's tokenizer. The
   model reads at most its training length (``window=run.max_len`` unless given): past it, the
   oldest tokens slide out."""
   prompts = [encode_prompt(run, text) for text in texts]
-  options = {"eos_id": getattr(run.tokenizer, "eos_id", None), "window": run.max_len, **options}
+  # A row ends at the tokenizer's end-of-document token (byte: NUL), which is not shown.
+  options = {"eos_id": run.tokenizer.eod_id, "window": run.max_len, **options}
   rows = generate(run.model, prompts, max_new_tokens, **options)
   return [run.tokenizer.decode(row) for row in rows]

@@ -73,6 +73,9 @@ class Task:
   metrics: tuple[Metric, ...]  # compare.py's columns
   headline: str  # the metric key compare.py plots against parameters
   check_data: Callable[[ConfigDict, Any], None] = lambda config, data: None
+  # Settles what the config leaves to the data (the LM's vocabulary follows its tokenizer), in
+  # place, before the workdir or the model sees the config: config.json records the result.
+  resolve: Callable[[ConfigDict], None] = lambda config: None
 
   def format_final(self, final: dict[str, Any]) -> str:
     """The final validation in one line, e.g. ``validation loss 1.3625 | ... | bits/byte 1.9672``."""
@@ -138,7 +141,33 @@ def _mqar_seq_len(config: ConfigDict) -> int:
 def _check_vocabulary(config: ConfigDict, data) -> None:
   if config.model.vocab_size < data.vocab_size:
     raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
-                     f"tokenizer's {data.vocab_size}.")
+                     f"tokenizer's {data.vocab_size}; raise it to at least {data.vocab_size}.")
+
+
+# Embedding and head rows come in multiples of this (the GPU's matmul tiles).
+VOCAB_MULTIPLE = 128
+
+
+def _fit_vocabulary(config: ConfigDict) -> None:
+  """``model.vocab_size`` follows the tokenizer unless the user set it: a vocabulary larger than
+  the size's default (``data.default_vocab_size``) becomes ``model.vocab_size``, rounded up to a
+  multiple of 128; a smaller one leaves the default (the GPT-2 shapes keep 50304 rows, so their
+  FLOPs match the peers'). A ``model.vocab_size`` other than the default is the user's own: a
+  larger tokenizer is then an error."""
+  from arch_zoo.data import tokenizers
+
+  tokenizer = tokenizers.build(config.data.tokenizer)
+  have, need = int(config.model.vocab_size), int(tokenizer.vocab_size)
+  if need <= have:
+    return
+  default = config.data.get("default_vocab_size")
+  fitted = tokenizers.round_up(need, VOCAB_MULTIPLE)
+  if default is None or have != default:
+    raise ValueError(f"model.vocab_size={have} is smaller than the vocabulary of "
+                     f"data.tokenizer={config.data.tokenizer} ({need} tokens); set "
+                     f"--config.model.vocab_size={fitted} or leave it unset to follow the "
+                     "tokenizer.")
+  config.model.vocab_size = fitted
 
 
 def _lm_flops(config: ConfigDict, seq_len: int) -> dict[str, Any]:
@@ -169,6 +198,7 @@ register(Task(
     ),
     headline="bits_per_byte",
     check_data=_check_vocabulary,
+    resolve=_fit_vocabulary,
 ))
 
 register(Task(

@@ -10,7 +10,9 @@ Arguments (``get_config("attn=NAME,size=SIZE,data=DATA")``):
   print(attention.names())"``).
 * ``size``: ``test`` (unit tests), ``S`` (the 2-core CPU demo), ``124M`` (GPT-2 small shape) or
   ``350M`` (GPT-2 medium shape). The two GPT-2 shapes use GPT-2's padded vocabulary (50304) so
-  shapes and FLOPs match the peers; with the byte tokenizer only the first 256 rows are used.
+  shapes and FLOPs match the peers; with the byte tokenizer only the first 256 rows are used. A
+  tokenizer with a larger vocabulary (``data.tokenizer``) grows ``model.vocab_size`` to fit it,
+  rounded up to a multiple of 128, unless ``model.vocab_size`` was set.
 * ``data``: ``austen`` (default, offline), ``tfds:NAME`` (a prepared catalog dataset in
   ``data.data_dir``, text feature ``data.text_key``) or ``text:GLOB`` (local UTF-8 files; the last
   ``data.val_fraction`` of the text is validation).
@@ -51,7 +53,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.data = ConfigDict(dict(
       name=arg.data,
       data_dir="",  # "": $TFDS_DATA_DIR or ~/tensorflow_datasets
+      # byte | spm:PATH.model | hf:PATH.json | tiktoken:gpt2 | tiktoken:PATH.tiktoken
+      # (arch_zoo/data/tokenizers.py; docs/data/tokenizers.md).
       tokenizer="byte",
+      # The size's model.vocab_size. While model.vocab_size is this, it grows to fit a larger
+      # tokenizer (rounded up to a multiple of 128); any other value is yours and must fit it.
+      default_vocab_size=size["vocab_size"],
       seq_len=size["seq_len"],
       text_key="text",
       train_split="train",

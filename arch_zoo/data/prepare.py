@@ -1,16 +1,26 @@
-"""Prepares the offline default datasets as TFDS array_record datasets.
+"""Prepares the offline default datasets as TFDS array_record datasets, and tokenizers.
 
     python -m arch_zoo.data.prepare austen fashion_mnist_debian [--data_dir DIR]
+    python -m arch_zoo.data.prepare tokenizer --corpus austen --vocab_size 8192 [--kind bpe|unigram]
+        [--out PATH] [--data_dir DIR]
+    python -m arch_zoo.data.prepare tiktoken [--out DIR]     # needs a network: GPT-2's files
 
-Fetches the Debian package (see :mod:`arch_zoo.data.debian`; a package already installed
+Datasets: fetches the Debian package (see :mod:`arch_zoo.data.debian`; a package already installed
 system-wide is used where it is), then builds the custom TFDS dataset
 into ``DIR`` (default: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). Safe to re-run: a
 prepared dataset is left as it is.
+
+``tokenizer`` trains a tokenizer offline on a corpus's training split (``austen`` or
+``text:GLOB``, all of each file) and prints the ``data.tokenizer=...`` that uses it
+(:mod:`arch_zoo.data.tokenizers`). ``tiktoken`` writes GPT-2's vocabulary as ``gpt2.tiktoken``,
+the one step that downloads (through tiktoken), for a machine that has a network.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
 import importlib
 import os
 import sys
@@ -45,14 +55,125 @@ def prepare(name: str, data_dir: str | None = None) -> str:
   return data_dir
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def corpus_texts(corpus: str, data_dir: str | None = None) -> list[str]:
+  """The documents of a corpus's training split: ``austen`` (its paragraphs) or ``text:GLOB``
+  (each file whole)."""
+  from arch_zoo.data import text
+
+  if corpus.startswith("text:"):
+    pattern = os.path.expanduser(corpus[len("text:"):])
+    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not paths:
+      raise FileNotFoundError(f"--corpus {corpus} matches no files (the glob is expanded from "
+                              f"{os.getcwd()}).")
+    return [text.read_text_file(p) for p in paths]
+  if corpus not in DATASETS or corpus == "fashion_mnist_debian":
+    raise ValueError(f"Unknown --corpus {corpus!r}; valid: austen, text:GLOB.")
+  return list(text.read_tfds_texts(corpus, "train", data_dir or default_data_dir(), "text"))
+
+
+def default_tokenizer_path(corpus: str, kind: str, vocab_size: int) -> str:
+  from arch_zoo.data import tokenizers
+
+  name = corpus
+  if corpus.startswith("text:"):  # a name that a glob cannot break
+    name = "text-" + hashlib.sha256(corpus.encode()).hexdigest()[:8]
+  extension = "json" if kind == "bpe" else "model"
+  return os.path.join(tokenizers.default_dir(), f"{name}-{kind}{vocab_size}.{extension}")
+
+
+def prepare_tokenizer(corpus: str, vocab_size: int, kind: str = "bpe", out: str | None = None,
+                      data_dir: str | None = None) -> str:
+  """Trains a ``kind`` tokenizer of ``vocab_size`` tokens on ``corpus``; returns its spelling."""
+  from arch_zoo.data import tokenizers
+
+  start = time.time()
+  texts = corpus_texts(corpus, data_dir)
+  path = os.path.expanduser(out or default_tokenizer_path(corpus, kind, vocab_size))
+  spec = tokenizers.train(texts, kind, vocab_size, path)
+  tokenizer = tokenizers.build(spec)
+  sample = "\n".join(texts[:200])
+  ratio = len(sample.encode("utf-8")) / max(len(tokenizer.encode(sample)), 1)
+  print(f"{corpus}: trained a {kind} tokenizer of {tokenizer.vocab_size} tokens "
+        f"({ratio:.2f} bytes per token) in {time.time() - start:.1f}s; wrote {path}")
+  print(f"Use it with: --config.data.tokenizer={spec}")
+  return spec
+
+
+def prepare_tiktoken(out: str | None = None) -> str:
+  """GPT-2's vocabulary as ``OUT/gpt2.tiktoken``, through tiktoken (which downloads it)."""
+  import base64
+
+  from arch_zoo.data import tokenizers
+
+  directory = os.path.expanduser(out or tokenizers.default_dir())
+  path = os.path.join(directory, tokenizers.GPT2_FILES[0])
+  if os.path.isfile(path):
+    print(f"{path}: already there")
+    return path
+  from tiktoken_ext import openai_public
+
+  try:
+    ranks = openai_public.gpt2()["mergeable_ranks"]
+  except Exception as e:  # noqa: BLE001 -- requests' errors, by the network's failure
+    raise RuntimeError(f"tiktoken could not fetch GPT-2's files ({type(e).__name__}); run this "
+                       "command on a machine with a network, then copy the file over.") from None
+  os.makedirs(directory, exist_ok=True)
+  with open(path + ".tmp", "wb") as f:
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+      f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+  os.replace(path + ".tmp", path)
+  print(f"wrote {path}; copy it into the tokenizer directory of the machine without a network "
+        f"(${tokenizers.DIR_ENV}, else ~/.cache/arch_zoo/tokenizers) and use "
+        "--config.data.tokenizer=tiktoken:gpt2")
+  return path
+
+
+def _tokenizer_main(argv) -> None:
+  from arch_zoo.data import tokenizers
+
+  parser = argparse.ArgumentParser(prog="python -m arch_zoo.data.prepare tokenizer",
+                                   description="Trains a tokenizer offline on a corpus.")
+  parser.add_argument("--corpus", default="austen", help="austen or text:GLOB")
+  parser.add_argument("--vocab_size", type=int, default=8192)
+  parser.add_argument("--kind", default="bpe", choices=tokenizers.KINDS)
+  parser.add_argument("--out", default=None, help="the file to write (default: in "
+                      f"${tokenizers.DIR_ENV}, else ~/.cache/arch_zoo/tokenizers)")
+  parser.add_argument("--data_dir", default=None)
+  args = parser.parse_args(argv)
+  prepare_tokenizer(args.corpus, args.vocab_size, args.kind, args.out, args.data_dir)
+
+
+def _tiktoken_main(argv) -> None:
+  parser = argparse.ArgumentParser(prog="python -m arch_zoo.data.prepare tiktoken",
+                                   description="Writes GPT-2's vocabulary (needs a network).")
+  parser.add_argument("--out", default=None, help="the directory to write gpt2.tiktoken into")
+  prepare_tiktoken(parser.parse_args(argv).out)
+
+
+def _datasets_main(argv) -> None:
+  parser = argparse.ArgumentParser(
+      description=__doc__.splitlines()[0],
+      epilog="Tokenizers: `python -m arch_zoo.data.prepare tokenizer --help` (train one offline) "
+             "and `python -m arch_zoo.data.prepare tiktoken --help` (GPT-2's, with a network).")
   parser.add_argument("names", nargs="+", choices=sorted(DATASETS))
   parser.add_argument("--data_dir", default=None)
   args = parser.parse_args(argv)
+  for name in args.names:
+    prepare(name, args.data_dir)
+
+
+COMMANDS = {"tokenizer": _tokenizer_main, "tiktoken": _tiktoken_main}
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  command = COMMANDS.get(argv[0]) if argv else None
   try:
-    for name in args.names:
-      prepare(name, args.data_dir)
+    if command:
+      command(argv[1:])
+    else:
+      _datasets_main(argv)
   except Exception as e:  # a setup step: print the actionable message, not a traceback
     print(f"error: {e}", file=sys.stderr)
     return 1
