@@ -7,6 +7,8 @@ r"""Where a training step (or one attention layer) spends its GPU time: a jax.pr
         --out benchmarks/results/mha_layer_fwd_profile_h100.json
     python benchmarks/profile_step.py --model mha_layer --no_rope --flag_set no_dot_merger \
         --out benchmarks/results/mha_layer_fwd_norope_no_dot_merger_profile_h100.json
+    python benchmarks/profile_step.py --model decode --flag_set default \
+        --out benchmarks/results/decode_mha_b1_1k_profile_h100.json
     python benchmarks/profile_step.py --smoke --out /tmp/lm_profile_smoke.json     # CPU check
 
 ``--model lm`` (default) runs the 124M LM's training step (``configs/lm.py:attn=mha,size=124M``,
@@ -14,7 +16,10 @@ fused QKV, 64 x 1024 tokens per step, ``--flag_set``, default ``cublas``); ``--m
 ``bench_vit.py``'s step (``configs/vit.py`` size ``--vit_size``, default ``S/16``, GAP, 1000
 classes, batch 256 images, fused QKV); ``--model mha_layer`` runs the forward of
 ``bench_attention.py``'s ``mha`` layer (registry defaults, d_model 768, 12 heads of 64, causal,
-32,768 tokens at ``--seq_len``; ``--no_rope`` drops RoPE). It traces ``--steps`` calls with
+32,768 tokens at ``--seq_len``; ``--no_rope`` drops RoPE); ``--model decode`` runs
+``bench_decode.py``'s timed block for ``--decode_family`` (default ``mha``) at the 124M shape: bf16
+weights, batch ``--batch`` (default 1), a cache of ``--seq_len`` context slots, 32 greedy
+``decode_step``\ s per call (the per-step numbers below are per decoded token). It traces ``--steps`` calls with
 ``jax.profiler`` (Perfetto JSON, readable without TensorBoard), sums the device events of the
 trace by kernel name and by kind
 (GEMM, attention, fused elementwise/reduction, copies, other), and names the HLO fusion behind
@@ -213,6 +218,53 @@ def profile_layer_forward(args) -> None:
   finish(record, forward.lower(params, x).compile().as_text(), args.out)
 
 
+def profile_decode(args) -> None:
+  """Per decoded token: the GPU's kernels in ``bench_decode.py``'s block, and how much of the
+  wall time they cover (the rest is launch gaps and the loop's host round trips)."""
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks import bench_decode
+
+  size = "test" if args.smoke else "124M"
+  context, batch, tokens_per_call = (16, 1, 2) if args.smoke else (args.seq_len,
+                                                                    args.batch or 1, 32)
+  options = argparse.Namespace(size=size, param_dtype="float32" if args.smoke else "bfloat16")
+  config, graphdef, params, rest = bench_decode.build_model(args.decode_family, options,
+                                                            context + tokens_per_call)
+  from flax import nnx
+  model = nnx.merge(graphdef, params, rest)
+  cache = jax.jit(lambda: model.init_cache(batch, context + tokens_per_call))()
+  prefill, block = bench_decode.decode_functions(graphdef, tokens_per_call, context)
+  prompt = jnp.ones((batch, min(context, 8192)), jnp.int32)
+  tokens, cache = prefill(params, rest, prompt, cache)
+  carry = {"state": (tokens, cache)}
+
+  def run_block(k):
+    for _ in range(k):
+      carry["state"] = block(params, rest, *carry["state"])
+    jax.block_until_ready(carry["state"])
+
+  run_block(2)
+  stats = common.time_steps(run_block, steps_per_sample=5, samples=5)
+  traced = trace_and_summarize(run_block, args)
+  per_token = 1.0 / tokens_per_call  # the summary counts calls; a call decodes 32 tokens
+  for key in ("device_busy_ms_per_step", "traced_wall_ms_per_step"):
+    traced[key.replace("_step", "_token")] = traced[key] * per_token
+  for row in traced["top_kernels"]:
+    row["ms_per_token"], row["calls_per_token"] = (row["ms_per_step"] * per_token,
+                                                   row["calls_per_step"] * per_token)
+  traced["kernels_per_token"] = sum(r["calls_per_token"] for r in traced["top_kernels"])
+  record = {"benchmark": "decode block (32 greedy decode steps), GPU time per kernel",
+            "settings": {"model": "decode", "family": args.decode_family, "size": size,
+                         "context": context, "batch": batch, "tokens_per_call": tokens_per_call,
+                         "xla_flags": "" if args.smoke else args.flag_set},
+            "untraced_call": {"stats": stats,
+                              "ms_per_token": stats["median_s"] * 1e3 * per_token},
+            **traced, "versions": common.versions("jax", "jaxlib", "flax")}
+  finish(record, block.lower(params, rest, *carry["state"]).compile().as_text(), args.out)
+
+
 def one_read_bound(logits, targets, weights, **_):
   """A bound, not a loss: one read of the logits (their bf16 cast, handed to the backward as the
   gradient), so the step costs what a kernel reading the logits once and writing a bf16 gradient
@@ -237,7 +289,8 @@ def one_read_bound(logits, targets, weights, **_):
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="benchmarks/results/lm_profile.json")
-  parser.add_argument("--model", default="lm", choices=("lm", "vit", "mha_layer"))
+  parser.add_argument("--model", default="lm", choices=("lm", "vit", "mha_layer", "decode"))
+  parser.add_argument("--decode_family", default="mha", help="decode: the attention family")
   parser.add_argument("--seq_len", type=int, default=1024, help="mha_layer: T (32,768 tokens)")
   parser.add_argument("--no_rope", action="store_true", help="mha_layer: without RoPE")
   parser.add_argument("--vit_size", default="S/16", help="configs/vit.py size (--model vit)")
@@ -269,6 +322,9 @@ def main() -> None:
 
   if args.model == "mha_layer":
     profile_layer_forward(args)
+    return
+  if args.model == "decode":
+    profile_decode(args)
     return
   if args.model == "lm":
     config = lm.get_config(f"attn=mha,size={'test' if args.smoke else '124M'}")
