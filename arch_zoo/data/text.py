@@ -105,7 +105,8 @@ def nonempty(texts, what: str, hint: str) -> list[str]:
   texts = list(texts)
   kept = [t for t in texts if t.strip()]
   if not kept:
-    found = f"all {len(texts)} of its documents are empty" if texts else "it has no documents"
+    found = (f"all {len(texts)} of its documents are empty or blank" if texts else
+             "it has no documents")
     raise ValueError(f"{what} holds no text ({found}); {hint}")
   return kept
 
@@ -126,7 +127,10 @@ def _read_prepared_texts(name: str, split: str, data_dir: str, text_key: str) ->
   every run of a process (a test session, an in-process sweep) would otherwise pay again."""
   import tensorflow_datasets as tfds
 
-  source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  builder = tfds.builder(name, data_dir=data_dir)
+  if builder.info.splits[split].num_examples == 0:
+    return ()  # (TFDS's reader fails obscurely on an empty split; the caller says what to do)
+  source = builder.as_data_source(split=split)
   texts = []
   for i in range(len(source)):
     value = source[i][text_key]
@@ -202,9 +206,6 @@ def source_texts(source: str, cfg, data_dir: str) -> tuple[list[str], list[str]]
     return read_text_files(source[len("text:"):], cfg.val_fraction,
                            cfg.get("doc_separator", ""))
   name = source[len("tfds:"):] if source.startswith("tfds:") else source
-  if not name:
-    raise ValueError(f"data={cfg.name!r} names an empty source; sources are `austen`, `kjv`, "
-                     "`tfds:NAME` or `text:GLOB`, joined by `+`.")
   splits = []
   for split in (cfg.train_split, cfg.eval_split):
     texts = read_tfds_texts(name, split, data_dir, cfg.text_key)
@@ -220,8 +221,12 @@ def load_splits(cfg) -> tuple[Documents, Documents, object]:
 
   tokenizer = tokenizers.build(cfg.tokenizer)
   data_dir = cfg.data_dir or default_data_dir()
+  sources = cfg.name.split("+")
+  if not all(s.removeprefix("tfds:").removeprefix("text:") for s in sources):
+    raise ValueError(f"data={cfg.name!r} names an empty source; sources are `austen`, `kjv`, "
+                     "`tfds:NAME` or `text:GLOB`, joined by `+`.")
   train, validation = [], []
-  for source in cfg.name.split("+"):
+  for source in sources:
     t, v = source_texts(source, cfg, data_dir)
     train.extend(t)
     validation.extend(v)
