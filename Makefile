@@ -4,7 +4,8 @@
 #   make test   venv + pinned install + data + the test suite (CPU, 8 fake devices)
 #   make demo-vit   train the small ViT on Fashion-MNIST on CPU, print its test accuracy
 #
-# `make data` prepares both offline datasets: the Austen corpus and Fashion-MNIST.
+# `make data` prepares the offline datasets: the Austen and King James Bible corpora and
+# Fashion-MNIST.
 #
 # Only refreshing Debian's package lists needs root. When it is needed and we are not root, the
 # data step stops and prints the exact command to run.
@@ -31,7 +32,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 data: setup
-	$(PY) -m arch_zoo.data.prepare austen fashion_mnist_debian
+	$(PY) -m arch_zoo.data.prepare austen kjv fashion_mnist_debian
 
 demo: data
 	$(PY) train.py --config configs/lm.py:attn=mha,size=S --workdir $(DEMO_DIR)

@@ -172,9 +172,10 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
     if is_main:
       workdir_lib.write_json(os.path.join(workdir, CONFIG_FILE), workdir_lib.config_dict(config))
     writer.truncate_after(start_step, drop_final_at=start_step >= total_steps)
+    data_facts = data.facts() if hasattr(data, "facts") else {}  # e.g. the padding fraction
     info = provenance.write_run_info(
         workdir, config, state.params,
-        {"resumed_from": start_step, "attention_kernels": kernels,
+        {"resumed_from": start_step, "attention_kernels": kernels, "data": data_facts,
          "starts": workdir_lib.record_start(workdir, start_step, changed)})
     if is_main:
       params = info["parameters"]
@@ -184,6 +185,8 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
             flush=True)
       if kernels:
         print(ops.summary_line(kernels), flush=True)
+      if data_facts:
+        print("data | " + " | ".join(f"{k} {v}" for k, v in data_facts.items()), flush=True)
 
     def validate(max_batches: int | None) -> dict[str, float]:
       interrupts.test_point("validation", step)

@@ -13,9 +13,13 @@ Arguments (``get_config("attn=NAME,size=SIZE,data=DATA")``):
   shapes and FLOPs match the peers; with the byte tokenizer only the first 256 rows are used. A
   tokenizer with a larger vocabulary (``data.tokenizer``) grows ``model.vocab_size`` to fit it,
   rounded up to a multiple of 128, unless ``model.vocab_size`` was set.
-* ``data``: ``austen`` (default, offline), ``tfds:NAME`` (a prepared catalog dataset in
-  ``data.data_dir``, text feature ``data.text_key``) or ``text:GLOB`` (local UTF-8 files; the last
-  ``data.val_fraction`` of the text is validation).
+* ``data``: ``austen`` (default, offline), ``kjv`` (the King James Bible, offline),
+  ``tfds:NAME`` (a prepared catalog dataset in ``data.data_dir``, text feature ``data.text_key``)
+  or ``text:GLOB`` (local UTF-8 files, one document each or split by ``data.doc_separator``; the
+  last ``data.val_fraction`` of the text is validation); several joined by ``+`` (``austen+kjv``)
+  are mixed. Documents keep their boundaries (an end-of-document token follows each);
+  ``data.packing`` (``concat`` | ``pack`` | ``none``) says how they fill the rows
+  (``arch_zoo/data/text.py``, docs/data/documents_and_packing.md).
 """
 
 from __future__ import annotations
@@ -64,6 +68,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
       train_split="train",
       eval_split="validation",
       val_fraction=0.05,  # text:GLOB only
+      doc_separator="",  # text:GLOB only: "" = one document per file; else split files on it
+      # concat: a stream crossing documents (fastest kernels, no padding); pack: documents packed
+      # into rows with segment ids and restarting positions; none: one document piece per row.
+      packing="concat",
   ))
   config.optim = common.optim_config(size)
   config.train = common.train_config(size)

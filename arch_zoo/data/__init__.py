@@ -14,6 +14,9 @@ import os
 class OfflineDataset:
   debian_package: str
   description: str
+  # The version its builder writes (the builder reads it from here); the data layer reads this
+  # version and asks for it to be prepared when only an older one is.
+  version: str
   # Where `apt-get install` puts the package's data. Used as it is when present (no download);
   # otherwise the package is fetched and unpacked into the cache (arch_zoo.data.debian).
   installed_path: str = ""
@@ -22,9 +25,14 @@ class OfflineDataset:
 # The offline defaults, prepared by `python -m arch_zoo.data.prepare NAME`.
 DATASETS = {
     "austen": OfflineDataset("r-cran-janeaustenr",
-                             "Jane Austen's six novels; Persuasion is the validation split"),
+                             "Jane Austen's six novels by chapter; Persuasion is the validation "
+                             "split", version="2.0.0"),
+    "kjv": OfflineDataset("bible-kjv-text",
+                          "The King James Bible by chapter (1,189); Job and Acts are the "
+                          "validation split", version="1.0.0"),
     "fashion_mnist_debian": OfflineDataset("dataset-fashion-mnist",
                                            "Fashion-MNIST, 60k train / 10k test, 28x28x1",
+                                           version="1.0.0",
                                            installed_path="/usr/share/datasets/fashion-mnist"),
 }
 
@@ -38,22 +46,33 @@ def default_data_dir() -> str:
                                                          "tensorflow_datasets")
 
 
-def is_prepared(name: str, data_dir: str) -> bool:
+def prepared_versions(name: str, data_dir: str) -> list[str]:
+  """The versions of ``name`` prepared in ``data_dir`` (folders holding a dataset_info.json)."""
   root = os.path.join(data_dir, name)
   if not os.path.isdir(root):
-    return False
+    return []
+  found = set()
   for dirpath, _, files in os.walk(root):
     if "dataset_info.json" in files:
-      return True
-  return False
+      found.add(os.path.basename(dirpath))
+  return sorted(found)
+
+
+def is_prepared(name: str, data_dir: str) -> bool:
+  """Whether ``name`` is prepared; for an offline default, in the version its builder writes."""
+  versions = prepared_versions(name, data_dir)
+  return DATASETS[name].version in versions if name in DATASETS else bool(versions)
 
 
 def require_prepared(name: str, data_dir: str) -> None:
   if is_prepared(name, data_dir):
     return
   if name in DATASETS:
+    older = prepared_versions(name, data_dir)
+    what = (f"prepared only in version {', '.join(older)}, not {DATASETS[name].version} (the "
+            "version this code reads)" if older else "not prepared")
     raise DatasetMissingError(
-        f"Dataset {name!r} is not prepared in {data_dir}. Prepare it with:\n"
+        f"Dataset {name!r} is {what} in {data_dir}. Prepare it with:\n"
         f"    python -m arch_zoo.data.prepare {name} --data_dir {data_dir}\n"
         "(or `make data`).")
   raise DatasetMissingError(
