@@ -41,6 +41,7 @@ MINIMUMS = (
     ("model.d_ff", 0, "the MLP width (0: 4 x d_model)"),
     ("model.attention.num_kv_heads", 0, "the key/value heads (0: num_heads)"),
     ("data.seq_len", 1, "tokens per training sequence"),
+    ("data.max_documents_per_row", 1, "the most documents one packed row holds"),
     ("optim.warmup_steps", 0, "warm-up steps"),
     ("optim.learning_rate", 0, "the peak learning rate"),
 )

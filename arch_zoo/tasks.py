@@ -170,6 +170,13 @@ def _fit_vocabulary(config: ConfigDict) -> None:
   config.model.vocab_size = fitted
 
 
+def _resolve_lm(config: ConfigDict) -> None:
+  """The vocabulary follows the tokenizer; packed rows bound their segments for cuDNN."""
+  _fit_vocabulary(config)
+  packed = config.data.get("packing", "concat") == "pack"
+  config.model.max_segments = int(config.data.max_documents_per_row) + 1 if packed else 0
+
+
 def _lm_flops(config: ConfigDict, seq_len: int) -> dict[str, Any]:
   return lm_backbone.flops_per_token(config.model, seq_len)
 
@@ -198,7 +205,7 @@ register(Task(
     ),
     headline="bits_per_byte",
     check_data=_check_vocabulary,
-    resolve=_fit_vocabulary,
+    resolve=_resolve_lm,
 ))
 
 register(Task(

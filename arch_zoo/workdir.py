@@ -81,7 +81,9 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tup
 
 # Model keys that earlier versions of arch_zoo did not write, with the value they then implied.
 IMPLIED_MODEL_KEYS = {"recompute_activation": "auto", "norm_impl": "auto", "scan_layers": False,
-                      "layer_pattern": ""}
+                      "layer_pattern": "", "max_segments": 0}
+# The same for the LM's data keys (documents and packing came with issue 24).
+IMPLIED_LM_DATA_KEYS = {"packing": "concat", "doc_separator": "", "max_documents_per_row": 32}
 # attention.impl values renamed when the kernels became one layer (docs/attention/kernels.md).
 RENAMED_IMPLS = {"lightning": {"naive": "reference"},
                  "dynamic_mask": {"xla": "reference", "sparse": "xla"}}
@@ -104,6 +106,11 @@ def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:
   renamed = RENAMED_IMPLS.get(main, {})
   if model["attention"].get("impl") in renamed:
     model["attention"] = {**model["attention"], "impl": renamed[model["attention"]["impl"]]}
+  data = saved.get("data")
+  if saved.get("task") == "lm" and isinstance(data, dict):
+    implied = {**IMPLIED_LM_DATA_KEYS, "default_vocab_size": model.get("vocab_size")}
+    data = {**{k: v for k, v in implied.items() if k not in data}, **data}
+    return {**saved, "model": model, "data": data}
   return {**saved, "model": model}
 
 

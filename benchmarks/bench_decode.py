@@ -366,7 +366,7 @@ def run_lightning_op(args, emit, versions) -> None:
       o, state = linear.recurrent_step(state, q + o, k, v, slopes)  # o feeds back: a chain
       return o, state
 
-    return jax.lax.fori_loop(0, args.steps, step, (jnp.zeros_like(q), state))
+    return jax.lax.fori_loop(0, args.steps, step, (jnp.zeros_like(q), state), unroll=args.unroll)
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def layer_block(state, x):
@@ -380,7 +380,7 @@ def run_lightning_op(args, emit, versions) -> None:
       y, state = layer.decode_step(y, ctx, state)
       return y.astype(x.dtype), state
 
-    return jax.lax.fori_loop(0, args.steps, step, (x, state))
+    return jax.lax.fori_loop(0, args.steps, step, (x, state), unroll=args.unroll)
 
   for batch in [int(b) for b in args.batches.split(",")]:
     keys = jax.random.split(jax.random.key(batch), 4)

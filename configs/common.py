@@ -92,6 +92,9 @@ def backbone_config(size: dict[str, Any], attn: str, *, causal: bool,
       recompute_activation="auto",  # auto | always | never
       # auto: on a GPU, each residual add and the RMSNorm after it run as one Triton kernel.
       norm_impl="auto",  # auto | xla | pallas
+      # The most segments (documents, padding included) a packed row holds; 0: not packed. The LM
+      # sets it from data.packing and data.max_documents_per_row when a run starts (tasks.py).
+      max_segments=0,
       scan_layers=False,  # True: one stacked block run by lax.scan (mha, dynamic_mask, masa)
       # Hybrids, e.g. "lightning,lightning,lightning,mha": the attention name of each layer,
       # repeated over the depth ("": attention.name everywhere).

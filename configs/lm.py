@@ -72,6 +72,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
       # concat: a stream crossing documents (fastest kernels, no padding); pack: documents packed
       # into rows with segment ids and restarting positions; none: one document piece per row.
       packing="concat",
+      # pack only: at most this many documents share a row. It bounds cuDNN's packed layout
+      # (model.max_segments = this + 1, padding included), whose statistics grow with it.
+      max_documents_per_row=32,
   ))
   config.optim = common.optim_config(size)
   config.train = common.train_config(size)

@@ -354,3 +354,27 @@ def kjv_data_dir():
     pytest.fail("The kjv dataset is not prepared: run `make data` (or `python -m "
                 "arch_zoo.data.prepare kjv`) before the tests.")
   return data_dir
+
+
+def test_a_packed_row_holds_at_most_max_documents_per_row():
+  lengths = np.array([1, 2, 1, 3, 1, 1, 2, 1, 1, 1, 5, 1])
+  starts = np.cumsum(np.concatenate([[0], lengths[:-1]]))
+  for cap in (1, 2, 3):
+    rows = text.best_fit_decreasing(starts, lengths, seq_len=8, max_pieces=cap)
+    counts = np.diff(rows.row_ptr)
+    assert counts.max() <= cap and counts.sum() == len(lengths)
+    assert sorted(rows.start.tolist()) == sorted(starts.tolist())  # every piece placed once
+  uncapped = text.best_fit_decreasing(starts, lengths, seq_len=8)
+  assert np.diff(uncapped.row_ptr).max() > 3
+
+
+def test_packing_bounds_the_models_segments_for_cudnn():
+  from arch_zoo import tasks
+  config = lm.get_config("attn=mha,size=test")
+  config.data.packing = "pack"
+  config.data.max_documents_per_row = 7
+  tasks.get("lm").resolve(config)
+  assert config.model.max_segments == 8  # padding is a segment of its own
+  config.data.packing = "concat"
+  tasks.get("lm").resolve(config)
+  assert config.model.max_segments == 0

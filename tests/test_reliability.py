@@ -495,3 +495,12 @@ def test_renamed_impl_values_of_saved_configs_are_upgraded():
   assert new["model"]["attention"]["impl"] == "reference"
   from arch_zoo import attention
   assert new["model"]["attention_options"] == {"mha": attention.family("mha").defaults()}
+
+
+def test_an_lm_config_saved_before_documents_and_packing_is_upgraded():
+  current = json.loads(lm.get_config("attn=mha,size=test").to_json_best_effort())
+  old = json.loads(json.dumps(current))
+  for key in ("packing", "doc_separator", "max_documents_per_row", "default_vocab_size"):
+    del old["data"][key]
+  del old["model"]["max_segments"]
+  assert workdir_lib.differences(workdir_lib.upgrade_config(old), current) == {}

@@ -273,14 +273,17 @@ def one_per_row(start: np.ndarray, length: np.ndarray, seq_len: int) -> Rows:
               row_ptr=np.arange(len(start) + 1), seq_len=seq_len)
 
 
-def best_fit_decreasing(start: np.ndarray, length: np.ndarray, seq_len: int) -> Rows:
+def best_fit_decreasing(start: np.ndarray, length: np.ndarray, seq_len: int,
+                        max_pieces: int = 0) -> Rows:
   """Longest piece first (ties in their given order), each into the open row it fills best (the
-  least room that still fits), else into a new row. Deterministic; depends on the lengths only."""
+  least room that still fits), else into a new row; a row holding ``max_pieces`` pieces (0: no
+  limit) is closed. Deterministic; depends on the lengths only."""
   order = np.argsort(-length, kind="stable")
   room: list[int] = []  # free slots of each row
   by_room: list[list[int]] = [[] for _ in range(seq_len + 1)]  # rows by free slots
   row_of = np.empty(len(length), np.int64)
   offset = np.empty(len(length), np.int64)
+  pieces_in: dict[int, int] = {}
   for piece in order:
     size = int(length[piece])
     row = next((by_room[r].pop() for r in range(size, seq_len) if by_room[r]), None)
@@ -289,7 +292,8 @@ def best_fit_decreasing(start: np.ndarray, length: np.ndarray, seq_len: int) -> 
       room.append(seq_len)
     row_of[piece], offset[piece] = row, seq_len - room[row]
     room[row] -= size
-    if room[row]:
+    pieces_in[row] = pieces_in.get(row, 0) + 1
+    if room[row] and pieces_in[row] != max_pieces:
       by_room[room[row]].append(row)
   placed = np.lexsort((offset, row_of))
   row_ptr = np.searchsorted(row_of[placed], np.arange(len(room) + 1))
@@ -297,11 +301,11 @@ def best_fit_decreasing(start: np.ndarray, length: np.ndarray, seq_len: int) -> 
               row_ptr=row_ptr, seq_len=seq_len)
 
 
-def make_rows(docs: Documents, seq_len: int, packing: str) -> Rows:
+def make_rows(docs: Documents, seq_len: int, packing: str, max_pieces: int = 0) -> Rows:
   start, length = pieces(docs, seq_len)
   if packing == "none":
     return one_per_row(start, length, seq_len)
-  return best_fit_decreasing(start, length, seq_len)
+  return best_fit_decreasing(start, length, seq_len, max_pieces)
 
 
 def rows_batch(tokens: np.ndarray, rows: Rows, row_ids, *, segments: bool
@@ -405,8 +409,9 @@ class LanguageModelingData:
       self.sampler = WindowSampler(len(self.train.tokens), cfg.seq_len, seed)
       self.train_rows = self.validation_rows = None
     else:
-      self.train_rows = make_rows(self.train, cfg.seq_len, self.packing)
-      self.validation_rows = make_rows(self.validation, cfg.seq_len, self.packing)
+      most = int(cfg.get("max_documents_per_row", 0))
+      self.train_rows = make_rows(self.train, cfg.seq_len, self.packing, most)
+      self.validation_rows = make_rows(self.validation, cfg.seq_len, self.packing, most)
       self.sampler = RowSampler(self.train_rows.num_rows, seed)
       self._train_tokens = self.train.with_leading_eod()
       self._validation_tokens = self.validation.with_leading_eod()

@@ -68,6 +68,8 @@ class LanguageModel(nnx.Module):
     self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=dtype)
     self.stack = Stack(cfg, rngs=rngs)
     self.final_norm = make_norm(cfg)
+    # Static: cuDNN's packed layout is sized by it (ops/softmax.py); configs older than it: 0.
+    self.max_segments = int(cfg.get("max_segments", 0))
     self.head = None if cfg.tie_embeddings else Dense(
         cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=dtype,
         out_dtype=jnp.float32)
@@ -96,7 +98,8 @@ class LanguageModel(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     ctx = Context(positions=positions, segment_ids=segment_ids, rng=rng, causal=True,
-                  deterministic=deterministic)
+                  deterministic=deterministic,
+                  max_segments=self.max_segments if segment_ids is not None else 0)
     x = sharding.constrain(self.embed(tokens), ("act_batch", "act_length", "act_embed"))
     x, aux = self.stack(x, ctx, final_norm=self.final_norm)
     dtype = self.embed.dtype if self.head is None else self.head.dtype
