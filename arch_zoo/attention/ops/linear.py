@@ -26,8 +26,10 @@ Bidirectional forms (ViT): ``no_decay``, ``O = Q (K^T V)``, and ``symmetric_deca
 
 Implementations, in the order ``auto`` tries them:
 
-* ``pallas``: the Triton kernel (causal, and the two passes of ``symmetric_decay``); GPU.
-* ``xla``: the block-wise ``lax.scan`` (causal, ``symmetric_decay``), ``Q (K^T V)`` (``no_decay``).
+* ``pallas``: the Triton kernel (causal, and the two passes of ``symmetric_decay``, and of
+  ``no_decay`` on packed rows); GPU.
+* ``xla``: the block-wise ``lax.scan`` (causal, ``symmetric_decay``, ``no_decay`` on packed rows),
+  ``Q (K^T V)`` (``no_decay``).
 * ``reference``: :func:`reference`, the dense float32 definitions: the oracle.
 
 Only non-positive numbers are ever exponentiated (``lam^n`` with ``n >= 0``): the "inverse decay"
@@ -315,6 +317,18 @@ def bidirectional_symmetric_decay(q, k, v, slopes, *, causal_fn, segment_ids=Non
   return (forward + backward - diagonal).astype(q.dtype)
 
 
+def bidirectional(q, k, v, slopes, *, form: str, causal_fn, segment_ids=None):
+  """The bidirectional ``form`` with the causal operator ``causal_fn``. ``no_decay`` on packed
+  rows is ``symmetric_decay`` with ``lam = 1``: exact, and one pass each way instead of one
+  ``K^T V`` per document (a number of documents known only at run time)."""
+  if form == "no_decay":
+    if segment_ids is None:
+      return bidirectional_no_decay(q, k, v)
+    slopes = jnp.zeros_like(slopes)
+  return bidirectional_symmetric_decay(q, k, v, slopes, causal_fn=causal_fn,
+                                       segment_ids=segment_ids)
+
+
 # --------------------------------------------------------------------------------------------
 # Dispatch.
 # --------------------------------------------------------------------------------------------
@@ -393,9 +407,5 @@ def apply(q, k, v, slopes, *, causal: bool, impl: str = "auto", block_size: int 
   causal_fn = causal_fn_for(impl, block_size=block_size)
   if causal:
     return causal_fn(q, k, v, slopes, segment_ids)
-  if bidirectional_form == "no_decay":
-    if segment_ids is None:
-      return bidirectional_no_decay(q, k, v)
-    slopes = jnp.zeros_like(slopes)  # lam = 1 in both passes: one K^T V per document, exactly
-  return bidirectional_symmetric_decay(q, k, v, slopes, causal_fn=causal_fn,
-                                       segment_ids=segment_ids)
+  return bidirectional(q, k, v, slopes, form=bidirectional_form, causal_fn=causal_fn,
+                       segment_ids=segment_ids)

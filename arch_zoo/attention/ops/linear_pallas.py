@@ -147,9 +147,9 @@ def _dot(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
   return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
 
-def _document_rule(reach, chunk: int, reverse: bool):
-  """Which of one chunk's factors survive the document rule (``reach [chunk]`` int32, of the
-  chunk's tokens in row order; see the module docstring).
+def _chunk_document_rule(reach_ref, j, chunk: int, reverse: bool):
+  """Which of chunk ``j``'s factors survive the document rule (``reach_ref``: the document reach
+  of the segment's tokens, int32; see the module docstring).
 
   Returns ``within [chunk, chunk]`` (key within the query's document), ``reads_state [chunk, 1]``
   (the query's document reaches the state's anchor, the token before the chunk, or after it when
@@ -157,14 +157,15 @@ def _document_rule(reach, chunk: int, reverse: bool):
   chunk's last token, or its first when ``reverse``) and ``state_kept`` (a scalar: so is the old
   anchor).
   """
+  reach = reach_ref[pl.ds(pl.multiple_of(j * chunk, chunk), chunk)]
+  # The next anchor's reach: one scalar load (a reduction over ``reach`` would add a barrier).
+  anchor_reach = reach_ref[j * chunk + (0 if reverse else chunk - 1)]
   row = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
   col = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
   row_reach = reach[:, None]
   within = ((col - row) if reverse else (row - col)) <= row_reach
   r = jax.lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
   reads_state = ((chunk - r) if reverse else (r + 1)) <= row_reach
-  index = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)
-  anchor_reach = jnp.sum(jnp.where(index == (0 if reverse else chunk - 1), reach, 0))
   key_kept = (r if reverse else (chunk - 1 - r)) <= anchor_reach
   return within, reads_state, key_kept, chunk <= anchor_reach
 
@@ -189,7 +190,7 @@ def _state_kernel(slope_ref, k_ref, v_ref, *refs, chunk: int, reverse: bool, doc
     v = v_ref[rows, :]
     key_weight, carry = key_decay, chunk_decay
     if documents:
-      _, _, key_kept, state_kept = _document_rule(reach_ref[rows], chunk, reverse)
+      _, _, key_kept, state_kept = _chunk_document_rule(reach_ref, j, chunk, reverse)
       key_weight = jnp.where(key_kept, key_decay, 0.0)
       carry = jnp.where(state_kept, chunk_decay, 0.0)
     weighted = (k.astype(F32) * key_weight).astype(k.dtype)
@@ -214,7 +215,8 @@ def _output_kernel(slope_ref, q_ref, k_ref, v_ref, start_ref, *refs, chunk: int,
     v = v_ref[rows, :]
     chunk_mask, query_weight, key_weight, carry = mask, query_decay, key_decay, chunk_decay
     if documents:
-      within, reads_state, key_kept, state_kept = _document_rule(reach_ref[rows], chunk, reverse)
+      within, reads_state, key_kept, state_kept = _chunk_document_rule(reach_ref, j, chunk,
+                                                                        reverse)
       chunk_mask = jnp.where(within, mask, 0.0)
       query_weight = jnp.where(reads_state, query_decay, 0.0)
       key_weight = jnp.where(key_kept, key_decay, 0.0)
