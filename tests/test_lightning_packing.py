@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from arch_zoo import attention
+from arch_zoo import attention, sharding
 from arch_zoo.attention import lightning
 from arch_zoo.attention.base import Context
 from arch_zoo.attention.ops import linear as lk, linear_pallas
@@ -180,6 +180,18 @@ def test_kernel_start_states_hold_only_the_anchor_document(state_len, reverse):
     want = np.einsum("uh,uhd,uhe->hde", decay, np.asarray(k, np.float64)[0, u],
                      np.asarray(v, np.float64)[0, u])
     np.testing.assert_allclose(got[0, :, s], want, atol=1e-6)
+
+
+def test_pallas_runs_per_shard_with_documents_under_a_mesh():
+  """Under a data x tensor mesh the document ids are sharded with the batch rows."""
+  mesh = sharding.make_mesh({"data": 2, "tensor": 2})
+  q, k, v, _ = inputs(t=40, seed=3)
+  ids = jnp.asarray(ORACLE_IDS, jnp.int32)
+  fn = jax.jit(lk.per_shard(pallas_interpreted))
+  with sharding.use(mesh, sharding.rules_for("fsdp_tp")):
+    assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v, SLOPES, ids))
+    out = fn(q, k, v, SLOPES, ids)
+  assert_close(out, lk.causal_reference(q, k, v, SLOPES, segment_ids=ids))
 
 
 def test_wrong_segment_ids_shape_is_refused_clearly():

@@ -38,9 +38,11 @@ and the state resets at every document start. The rule and its derivation are in
 anchored at, is read (or carried on) iff that token's distance to the anchor is within its reach.
 The kernels apply it per chunk (intra-chunk mask, query decay, key decay, carry) and the state
 pass per piece (a piece's own state holds the document of its far end; it reaches the token
-next to a segment iff that token's document reaches back to the piece's far end). The masks are
-selects on factors computed anyway, so the cost is a few vector operations per chunk; without
-documents the kernels are compiled without them.
+next to a segment iff that token's document reaches back to the piece's far end). Per chunk that
+is a 64-int load, a scalar load and selects on ``[chunk, 1]`` factors computed anyway; the one
+``[chunk, chunk]`` test, on the scores, runs only in chunks where a document starts (a branch:
+with documents of hundreds of tokens most chunks skip it). Without documents the kernels are
+compiled exactly as before.
 
 Decay is not learnable (TransNormerLLM reports NaN with learnable decay), so ``slopes`` receive a
 zero gradient. ``interpret=True`` runs the kernels on any backend (the CPU tests).
@@ -147,27 +149,39 @@ def _dot(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
   return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
 
-def _chunk_document_rule(reach_ref, j, chunk: int, reverse: bool):
-  """Which of chunk ``j``'s factors survive the document rule (``reach_ref``: the document reach
-  of the segment's tokens, int32; see the module docstring).
+def _chunk_reach(reach_ref, j, chunk: int):
+  return reach_ref[pl.ds(pl.multiple_of(j * chunk, chunk), chunk)]
 
-  Returns ``within [chunk, chunk]`` (key within the query's document), ``reads_state [chunk, 1]``
-  (the query's document reaches the state's anchor, the token before the chunk, or after it when
-  ``reverse``), ``key_kept [chunk, 1]`` (the key is within the document of the next anchor, the
-  chunk's last token, or its first when ``reverse``) and ``state_kept`` (a scalar: so is the old
-  anchor).
+
+def _document_rule(reach_ref, j, chunk: int, reverse: bool):
+  """The document rule (module docstring) for the rows of chunk ``j``; ``reach_ref``: the
+  document reach of the segment's tokens, int32. The anchors are the token before the chunk
+  (the state read) and the chunk's last token (the state passed on); mirrored when ``reverse``.
+
+  Returns ``reads_state [chunk, 1]``, the row's document holds the old anchor; ``key_kept
+  [chunk, 1]``, the key is in the new anchor's document; and two scalars: ``state_kept``, the old
+  anchor is in the new anchor's document, and ``split``, a document starts inside the chunk (after
+  its first row in the scan direction). Without a split every key of the chunk is in every
+  query's document, so the output kernel skips :func:`_within`.
   """
-  reach = reach_ref[pl.ds(pl.multiple_of(j * chunk, chunk), chunk)]
-  # The next anchor's reach: one scalar load (a reduction over ``reach`` would add a barrier).
-  anchor_reach = reach_ref[j * chunk + (0 if reverse else chunk - 1)]
-  row = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
-  col = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
-  row_reach = reach[:, None]
-  within = ((col - row) if reverse else (row - col)) <= row_reach
+  reach = _chunk_reach(reach_ref, j, chunk)
+  anchor_reach = reach_ref[j * chunk + (0 if reverse else chunk - 1)]  # a scalar load
   r = jax.lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
-  reads_state = ((chunk - r) if reverse else (r + 1)) <= row_reach
+  reads_state = ((chunk - r) if reverse else (r + 1)) <= reach[:, None]
   key_kept = (r if reverse else (chunk - 1 - r)) <= anchor_reach
-  return within, reads_state, key_kept, chunk <= anchor_reach
+  return reads_state, key_kept, chunk <= anchor_reach, anchor_reach < chunk - 1
+
+
+def _within(reach_ref, j, chunk: int, reverse: bool):
+  """``[chunk, chunk]``: key (column) c is in query (row) r's document, i.e. c is not before the
+  row's first column in its document, ``r - reach_r`` (not after ``r + reach_r``: reverse).
+
+  It reloads the chunk's reach: inside the branch that only chunks with a document start take,
+  a load keeps the compiler from turning the branch into selects that every chunk would pay."""
+  reach = _chunk_reach(reach_ref, j, chunk)[:, None]
+  r = jax.lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
+  col = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+  return (col <= r + reach) if reverse else (col >= r - reach)
 
 
 def _split_refs(refs, documents: bool):
@@ -190,7 +204,7 @@ def _state_kernel(slope_ref, k_ref, v_ref, *refs, chunk: int, reverse: bool, doc
     v = v_ref[rows, :]
     key_weight, carry = key_decay, chunk_decay
     if documents:
-      _, _, key_kept, state_kept = _chunk_document_rule(reach_ref, j, chunk, reverse)
+      _, key_kept, state_kept, _ = _document_rule(reach_ref, j, chunk, reverse)
       key_weight = jnp.where(key_kept, key_decay, 0.0)
       carry = jnp.where(state_kept, chunk_decay, 0.0)
     weighted = (k.astype(F32) * key_weight).astype(k.dtype)
@@ -213,15 +227,16 @@ def _output_kernel(slope_ref, q_ref, k_ref, v_ref, start_ref, *refs, chunk: int,
     q = q_ref[rows, :]
     k = k_ref[rows, :]
     v = v_ref[rows, :]
-    chunk_mask, query_weight, key_weight, carry = mask, query_decay, key_decay, chunk_decay
+    scores = _dot(q, k, transpose_b=True) * mask
+    query_weight, key_weight, carry = query_decay, key_decay, chunk_decay
     if documents:
-      within, reads_state, key_kept, state_kept = _chunk_document_rule(reach_ref, j, chunk,
-                                                                        reverse)
-      chunk_mask = jnp.where(within, mask, 0.0)
+      reads_state, key_kept, state_kept, split = _document_rule(reach_ref, j, chunk, reverse)
+      scores = jax.lax.cond(
+          split, lambda s: jnp.where(_within(reach_ref, j, chunk, reverse), s, 0.0),
+          lambda s: s, scores)
       query_weight = jnp.where(reads_state, query_decay, 0.0)
       key_weight = jnp.where(key_kept, key_decay, 0.0)
       carry = jnp.where(state_kept, chunk_decay, 0.0)
-    scores = _dot(q, k, transpose_b=True) * chunk_mask
     out = _dot(scores.astype(v.dtype), v)
     out += query_weight * _dot(q, state.astype(q.dtype))
     o_ref[rows, :] = out.astype(o_ref.dtype)
