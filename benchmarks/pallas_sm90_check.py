@@ -2,7 +2,7 @@ r"""Compiles the lightning Triton kernels for an H100 without a GPU: registers, 
 
     python3.12 -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install triton      # once (PyPI Triton)
     python benchmarks/pallas_sm90_check.py --triton_python /tmp/tvenv/bin/python \
-        --configs "block_e=64,num_warps=4;block_e=128,num_warps=8" --head_dim 128
+        --configs "block_e=64,num_warps=4;block_e=128,num_warps=8" --head_dim 128 [--documents]
 
 Two steps, because jaxlib carries no Triton compiler:
 
@@ -65,8 +65,10 @@ def clean_ttir(text: str) -> str:
   return re.sub(r"^module @\w+ \{", "module {", text)
 
 
-def dump_kernels(config: dict, head_dim: int, out_dir: str) -> list[tuple[str, str]]:
-  """Lowers forward + backward for an abstract H100; returns (kernel name, TTIR path) pairs."""
+def dump_kernels(config: dict, head_dim: int, out_dir: str, documents: bool = False
+                 ) -> list[tuple[str, str]]:
+  """Lowers forward + backward for an abstract H100; returns (kernel name, TTIR path) pairs.
+  ``documents``: the kernels of packed rows (document ids given: the state resets)."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import AbstractDevice, AbstractMesh, AxisType
@@ -76,9 +78,10 @@ def dump_kernels(config: dict, head_dim: int, out_dir: str) -> list[tuple[str, s
   cfg = linear_pallas.KernelConfig(**config)
   shape = jax.ShapeDtypeStruct((2, 4 * cfg.segment_len, 16, head_dim), jnp.bfloat16)
   slopes = jax.ShapeDtypeStruct((16,), jnp.float32)
+  ids = jax.ShapeDtypeStruct(shape.shape[:2], jnp.int32) if documents else None
 
-  def fwd_bwd(q, k, v, s):
-    op = functools.partial(linear_pallas.lightning_attention, slopes=s,
+  def fwd_bwd(q, k, v, s, ids):
+    op = functools.partial(linear_pallas.lightning_attention, slopes=s, document_ids=ids,
                            chunk_size=cfg.chunk_size, config=cfg)
     out, vjp = jax.vjp(lambda q, k, v: op(q, k, v), q, k, v)
     return out, vjp(out)
@@ -92,7 +95,8 @@ def dump_kernels(config: dict, head_dim: int, out_dir: str) -> list[tuple[str, s
   mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device)
   try:
     with contextlib.redirect_stdout(printed), jax.sharding.use_abstract_mesh(mesh):
-      jax.jit(fwd_bwd).trace(shape, shape, shape, slopes).lower(lowering_platforms=("cuda",))
+      jax.jit(fwd_bwd).trace(shape, shape, shape, slopes, ids).lower(
+          lowering_platforms=("cuda",))
   finally:
     linear_pallas.pl.pallas_call = original_call
     linear_pallas.unsupported_reason = original_check
@@ -112,6 +116,8 @@ def main() -> None:
   parser.add_argument("--triton_python", required=True, help="a Python with PyPI triton")
   parser.add_argument("--configs", default="block_e=64,num_warps=4")
   parser.add_argument("--head_dim", type=int, default=128)
+  parser.add_argument("--documents", action="store_true",
+                      help="also the kernels of packed rows (state resets at document starts)")
   args = parser.parse_args()
   from benchmarks.bench_lightning import parse_configs
 
@@ -121,15 +127,17 @@ def main() -> None:
     script = os.path.join(tmp, "compile.py")
     with open(script, "w") as f:
       f.write(COMPILE)
-    for config in parse_configs(args.configs):
+    for config, documents in [(c, d) for c in parse_configs(args.configs)
+                              for d in ((False, True) if args.documents else (False,))]:
       cfg = linear_pallas.KernelConfig(**config)
       folder = tempfile.mkdtemp(dir=tmp)
-      for name, path in dump_kernels(config, args.head_dim, folder):
+      for name, path in dump_kernels(config, args.head_dim, folder, documents):
         result = subprocess.run([args.triton_python, script, path, str(cfg.num_warps),
                                  str(cfg.num_stages)], capture_output=True, text=True)
         line = result.stdout.strip().splitlines()[-1] if result.returncode == 0 else \
             "FAILED: " + result.stderr.strip()[-800:]
-        print(f"{config} D={args.head_dim} {os.path.basename(path)[:-5]}: {line}", flush=True)
+        print(f"{config} D={args.head_dim}{' documents' if documents else ''} "
+              f"{os.path.basename(path)[:-5]}: {line}", flush=True)
 
 
 if __name__ == "__main__":

@@ -243,31 +243,59 @@ def lightning_slopes(schedule: str, num_heads: int, layer: int, num_layers: int)
   return np.array(alibi_slopes(num_heads)) * factor
 
 
-def lightning(w: Weights, x: np.ndarray, *, causal: bool, num_heads: int,
-              decay_schedule: str = "official_alibi", output_gate: bool = True,
-              bidirectional_form: str = "no_decay", layer_index: int = 0, num_layers: int = 1,
-              **_) -> Output:
-  """Spec 3.4 (TNL's gated linear attention, canonical form) with the operator of 3.1:
-  ``o_t = sum_{s <= t} lam^(t-s) (q_t . k_s) v_s`` per head, no softmax, no scale; bidirectional
-  (3.5) ``lam^|t-s|`` over all s (``symmetric_decay``) or no decay at all (``no_decay``);
-  SRMSNorm over the full width H*D without gain (eps 1e-6), times the ungated ``u``."""
-  q = heads(swish(x @ w("query", "kernel")), num_heads)
-  k = heads(swish(x @ w("key", "kernel")), num_heads)
-  v = heads(x @ w("value", "kernel"), num_heads)
-  b, t, _, _ = q.shape
-  lam = np.exp(-lightning_slopes(decay_schedule, num_heads, layer_index, num_layers))
-  o = np.zeros_like(v)
+def documents(segment_ids: np.ndarray) -> np.ndarray:
+  """``[B, T]`` document number of each token: a document is a run of equal segment ids (a row
+  packs documents one after the other; an id that comes back later starts a new document)."""
+  ids = np.asarray(segment_ids)
+  number = np.zeros(ids.shape, np.int64)
+  for t in range(1, ids.shape[1]):
+    number[:, t] = number[:, t - 1] + (ids[:, t] != ids[:, t - 1])
+  return number
+
+
+def lightning_operator(q: np.ndarray, k: np.ndarray, v: np.ndarray, lam: np.ndarray, *,
+                       causal: bool, bidirectional_form: str = "no_decay",
+                       segment_ids: np.ndarray | None = None) -> np.ndarray:
+  """Spec 3.1 / 3.5 per head, ``q, k [B, T, H, D]``, ``v [B, T, H, E]``, ``lam [H]``:
+  ``o_t = sum_s w(t, s) (q_t . k_s) v_s`` with ``w = lam^(t-s)`` for ``s <= t`` (causal),
+  ``lam^|t-s|`` (``symmetric_decay``) or 1 (``no_decay``). With ``segment_ids [B, T]`` (packed
+  documents) ``w(t, s) = 0`` unless t and s are in the same document: each document is the
+  operator on its own, its decay counted from its own tokens."""
+  b, t, num_heads, _ = q.shape
+  doc = documents(segment_ids) if segment_ids is not None else np.zeros((b, t), np.int64)
+  o = np.zeros(v.shape, np.float64)
+  s = np.arange(t)
   for bi in range(b):
     for h in range(num_heads):
       for ti in range(t):
-        s = np.arange(t)
         if causal:
           weight = np.where(s <= ti, lam[h] ** np.maximum(ti - s, 0), 0.0)
         elif bidirectional_form == "symmetric_decay":
           weight = lam[h] ** np.abs(ti - s)
         else:
           weight = np.ones(t)
+        weight = np.where(doc[bi] == doc[bi, ti], weight, 0.0)
         o[bi, ti, h] = (weight * (k[bi, :, h] @ q[bi, ti, h])) @ v[bi, :, h]
+  return o
+
+
+def lightning(w: Weights, x: np.ndarray, *, causal: bool, num_heads: int,
+              decay_schedule: str = "official_alibi", output_gate: bool = True,
+              bidirectional_form: str = "no_decay", layer_index: int = 0, num_layers: int = 1,
+              segment_ids: np.ndarray | None = None, **_) -> Output:
+  """Spec 3.4 (TNL's gated linear attention, canonical form) with the operator of 3.1:
+  ``o_t = sum_{s <= t} lam^(t-s) (q_t . k_s) v_s`` per head, no softmax, no scale; bidirectional
+  (3.5) ``lam^|t-s|`` over all s (``symmetric_decay``) or no decay at all (``no_decay``);
+  SRMSNorm over the full width H*D without gain (eps 1e-6), times the ungated ``u``. With
+  ``segment_ids`` the sums run over the token's own document only (:func:`lightning_operator`);
+  the norm and the gate are per token."""
+  q = heads(swish(x @ w("query", "kernel")), num_heads)
+  k = heads(swish(x @ w("key", "kernel")), num_heads)
+  v = heads(x @ w("value", "kernel"), num_heads)
+  b, t, _, _ = q.shape
+  lam = np.exp(-lightning_slopes(decay_schedule, num_heads, layer_index, num_layers))
+  o = lightning_operator(q, k, v, lam, causal=causal, bidirectional_form=bidirectional_form,
+                         segment_ids=segment_ids)
   o = rms_normalize(o.reshape(b, t, -1))
   if output_gate:
     o = o * (x @ w("gate", "kernel"))

@@ -384,13 +384,6 @@ def test_bad_option_values_list_the_choices(option, value, valid):
     build(**{option: value})
 
 
-def test_segment_ids_are_refused_clearly():
-  x = jnp.ones((1, 6, 32))
-  ctx = Context.for_inputs(1, 6).replace(segment_ids=jnp.zeros((1, 6), jnp.int32))
-  with pytest.raises(ValueError, match="does not support segment_ids"):
-    build()(x, ctx)
-
-
 def test_flops_do_not_grow_with_sequence_length():
   fam = attention.family("lightning")
   dims, options = attention.Dims(d_model=768, num_heads=12), attention.make_options("lightning")

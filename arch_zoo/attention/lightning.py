@@ -25,6 +25,10 @@ Bidirectional (ViT) form: ``no_decay`` (default) is ``O = Q (K^T V)``, exact in 
 TransNormer used for encoders (the ViT adds its own position embeddings); ``symmetric_decay``
 weights pairs by ``lam^|t-s|`` (a causal plus an anti-causal pass). See docs/attention/lightning.md.
 
+Packed rows (``ctx.segment_ids``): every sum above runs only over the token's own document, in
+both forms; the decay exponent is the distance inside the document (derivation in
+:mod:`arch_zoo.attention.ops.linear`).
+
 ``impl`` picks the kernel of :mod:`arch_zoo.attention.ops.linear`: ``xla`` (block-wise
 ``lax.scan``), ``reference`` (the dense O(T^2) definition), ``pallas`` (Triton kernel, GPU),
 ``auto`` (see docs/attention/kernels.md).
@@ -142,15 +146,13 @@ class LightningAttention(nnx.Module):
     return jnp.asarray(self.slopes, jnp.float32)
 
   def __call__(self, x: jax.Array, ctx: Context):
-    if ctx.segment_ids is not None:
-      raise ValueError(
-          "lightning does not support segment_ids (packed sequences): the decayed state would "
-          "carry one document into the next. Feed one sequence per row, or use attention 'mha'.")
+    """With ``ctx.segment_ids`` (packed documents) the operator's state resets at every document
+    start; the projections, SRMSNorm and gate act per token, so nothing else needs the ids."""
     q, k, v = self._qkv(x)
     o = ops.linear.apply(
         q, k, v, self.slopes_array(), causal=ctx.causal, impl=self.options.impl,
-        block_size=self.options.block_size,
-        bidirectional_form=self.options.bidirectional_form, site=self.site)
+        block_size=self.options.block_size, bidirectional_form=self.options.bidirectional_form,
+        segment_ids=ctx.segment_ids, site=self.site)
     return self._output(x, o), {}
 
   # Decoding: the causal operator as a recurrence over a [B, H, D, D] float32 state, O(1) in the
