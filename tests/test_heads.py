@@ -129,3 +129,129 @@ def test_plugin_family_shows_its_window(monkeypatch):
   want = pre_projection_output(attn, x, ctx, monkeypatch)
   np.testing.assert_allclose(np.asarray(got.output().reshape(want.shape)), np.asarray(want),
                              atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ planted heads
+#
+# A two-layer, two-head language model whose weights are set by hand (RoPE base 1e6, so that the
+# low-frequency pairs barely rotate over a short sequence and carry content, while the
+# high-frequency pairs carry position). Residual dimensions: 0..7 the token (one-hot), 8 a
+# constant, 16..23 the previous token (written by head (0, 0)).
+#
+# * head (0, 0), previous token: constant query and key, the key rotated one position ahead, so
+#   that q . R_(s - t) k = a^2 sum_i cos((s - t + 1) theta_i) peaks at s = t - 1; its values copy
+#   the token into dimensions 16..23.
+# * head (0, 1), sink: a constant query against a key that only token 0 (the first token of every
+#   test sequence, and nowhere else) has; its values are zero.
+# * head (1, 0), induction: query = the current token, key = the previous token of each position
+#   (dimensions 16..23): query t finds the position right after the earlier occurrence of its own
+#   token. Its values are zero, so its output projection sees nothing.
+# * head (1, 1): all zero, so it attends uniformly over the keys it may see.
+
+VOCAB, WIDTH, HEAD_DIM = 8, 64, 32
+POSITION_PAIRS = (0, 1, 2, 3)  # high-frequency RoPE pairs: where position lives
+CONTENT_DIMS = (12, 13, 14, 15, 28, 29, 30, 31)  # low-frequency pairs (both halves)
+
+
+def planted_model():
+  from tests.helpers import build_lm, lm_config
+  config = lm_config("mha", vocab_size=VOCAB, d_model=WIDTH, num_layers=2, num_heads=2,
+                     rope_base=1e6, tie_embeddings=True)
+  model = build_lm(config)
+  theta = 1e6 ** (-np.arange(0, HEAD_DIM, 2) / HEAD_DIM)
+  embedding = np.zeros((VOCAB, WIDTH), np.float32)
+  embedding[np.arange(VOCAB), np.arange(VOCAB)] = 1.0
+  embedding[:, 8] = 1.0
+  model.embed.embedding[...] = jnp.asarray(embedding)
+  zeros = lambda var: jnp.zeros_like(var[...])  # noqa: E731
+  for block in model.stack.blocks:
+    for dense in (block.attn.qkv.query, block.attn.qkv.key, block.attn.qkv.value, block.attn.out,
+                  block.mlp.down):
+      dense.kernel[...] = zeros(dense.kernel)
+  query, key, value, out = (np.zeros((WIDTH, WIDTH), np.float32) for _ in range(4))
+  a = 12.0
+  for i in POSITION_PAIRS:  # head 0: previous token
+    query[8, i] = a
+    key[8, i], key[8, i + HEAD_DIM // 2] = a * np.cos(theta[i]), a * np.sin(theta[i])
+  query[8, HEAD_DIM + 15] = key[0, HEAD_DIM + 15] = 40.0  # head 1: the first token
+  for j in range(VOCAB):
+    value[j, j] = 1.0
+    out[j, 16 + j] = 4.0
+  layer0 = model.stack.blocks[0].attn
+  layer0.qkv.query.kernel[...], layer0.qkv.key.kernel[...] = jnp.asarray(query), jnp.asarray(key)
+  layer0.qkv.value.kernel[...], layer0.out.kernel[...] = jnp.asarray(value), jnp.asarray(out)
+  query, key = np.zeros((WIDTH, WIDTH), np.float32), np.zeros((WIDTH, WIDTH), np.float32)
+  for j, dim in enumerate(CONTENT_DIMS):  # layer 1, head 0: induction
+    query[j, dim] = key[16 + j, dim] = 30.0
+  layer1 = model.stack.blocks[1].attn
+  layer1.qkv.query.kernel[...], layer1.qkv.key.kernel[...] = jnp.asarray(query), jnp.asarray(key)
+  return model
+
+
+def repeated_tokens(batch: int, seed: int = 0) -> tuple[np.ndarray, int]:
+  """Token 0, then a permutation of tokens 1..7, then the same permutation: ``(tokens, period)``."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for _ in range(batch):
+    perm = rng.permutation(np.arange(1, VOCAB))
+    rows.append(np.concatenate([[0], perm, perm]))
+  return np.asarray(rows, np.int32), VOCAB - 1
+
+
+@pytest.fixture(scope="module")
+def planted():
+  from arch_zoo import analysis
+  return analysis.Analysis.of(planted_model())
+
+
+def argmax_head(scores: np.ndarray) -> tuple[int, int]:
+  return tuple(int(i) for i in np.unravel_index(np.argmax(scores), scores.shape))
+
+
+def test_planted_previous_token_head_scores_highest(planted):
+  from arch_zoo.analysis import metrics
+  tokens, _ = repeated_tokens(4)
+  scores = planted.per_head(tokens, metrics.previous_token)
+  assert argmax_head(scores) == (0, 0), scores
+  assert scores[0, 0] > 0.99
+
+
+def test_planted_induction_circuit_scores_highest(planted):
+  from arch_zoo.analysis import metrics
+  tokens, period = repeated_tokens(4)
+  scores = planted.per_head(tokens, lambda p: metrics.induction(p, period, start=1))
+  assert argmax_head(scores) == (1, 0), scores
+  assert scores[1, 0] > 0.9
+
+
+def test_planted_sink_head_has_share_one(planted):
+  from arch_zoo.analysis import metrics
+  tokens, _ = repeated_tokens(4)
+  share = planted.per_head(tokens, metrics.sink_share)
+  assert argmax_head(share) == (0, 1)
+  np.testing.assert_allclose(share[0, 1], 1.0, atol=1e-5)
+
+
+def test_uniform_head_entropy_is_log_keys(planted):
+  from arch_zoo.analysis import metrics
+  tokens, _ = repeated_tokens(4)
+  mean, spread = planted.per_head(tokens, metrics.entropy)
+  keys = np.arange(1, tokens.shape[1] + 1)  # a causal query t sees t + 1 keys
+  np.testing.assert_allclose(mean[1, 1], np.mean(np.log(keys)), rtol=1e-5)
+  np.testing.assert_allclose(spread[1, 1], np.std(np.log(keys)), rtol=1e-4)
+  maps = planted.attention_maps(tokens)
+  rows = np.asarray(metrics.row_entropy(maps[1].weights[:, 1]))
+  np.testing.assert_allclose(rows, np.broadcast_to(np.log(keys), rows.shape), rtol=1e-5)
+
+
+def test_head_with_zero_output_projection_has_ablation_importance_zero(planted):
+  from arch_zoo.analysis import ablation
+  tokens, _ = repeated_tokens(4)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "weights": np.ones(tokens[:, 1:].shape, np.float32)}
+  importance = ablation.head_importance(planted, [batch])
+  # Head (1, 0) attends sharply but its values, hence what reaches the output projection, are
+  # zero; head (1, 1) and head (0, 1) are zero too. Head (0, 0) feeds the logits.
+  for layer, head in ((1, 0), (1, 1), (0, 1)):
+    assert importance["delta_loss"][layer, head] == 0.0
+  assert abs(importance["delta_loss"][0, 0]) > 1e-3
