@@ -255,3 +255,35 @@ def test_head_with_zero_output_projection_has_ablation_importance_zero(planted):
   for layer, head in ((1, 0), (1, 1), (0, 1)):
     assert importance["delta_loss"][layer, head] == 0.0
   assert abs(importance["delta_loss"][0, 0]) > 1e-3
+
+
+# ------------------------------------------------------------------------------ during training
+
+
+def test_entropy_logging_leaves_training_unchanged(austen_data_dir, tmp_path):
+  import train
+  from arch_zoo import metrics as metrics_lib
+  from configs import lm
+
+  def run(every: int, workdir: str):
+    config = lm.get_config("attn=mha,size=test")
+    config.data.data_dir = austen_data_dir
+    config.train.update(progress=False, steps=6, log_every=1, eval_every=0, checkpoint_every=0,
+                        log_attention_entropy_every=every)
+    train.train_and_evaluate(config, workdir)
+    return metrics_lib.read_metrics(workdir)
+
+  off = run(0, str(tmp_path / "off"))
+  on = run(3, str(tmp_path / "on"))
+  train_rows = lambda rows: [{k: v for k, v in r.items() if k.startswith("train/")  # noqa: E731
+                              and k != "train/throughput"} for r in rows if "train/loss" in r]
+  assert train_rows(off) == train_rows(on) and len(train_rows(off)) == 6
+  assert not any(k.startswith("attention_entropy/") for r in off for k in r)
+  logged = [r for r in on if any(k.startswith("attention_entropy/") for k in r)]
+  assert [r["step"] for r in logged] == [3, 6]
+  seq_len = lm.get_config("attn=mha,size=test").data.seq_len
+  for row in logged:
+    for layer in range(2):
+      prefix = f"attention_entropy/l{layer:02d}"
+      low, mean = row[f"{prefix}/min"], row[f"{prefix}/mean"]
+      assert 0.0 <= low <= mean <= math.log(seq_len)

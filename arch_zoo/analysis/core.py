@@ -25,10 +25,12 @@ from arch_zoo.attention import AttentionWeights
 from arch_zoo.losses import cross_entropy
 
 
-def _forward(graphdef, params, model_state, inputs, *, reduce=None, keep=None):
+def forward(graphdef, params, model_state, inputs, *, reduce=None, keep=None, **model_inputs):
+  """``(model output, per-layer reductions)`` of the model in evaluation mode, its attention
+  probed (:mod:`arch_zoo.analysis.probe`); ``model_inputs``: positions, segment ids."""
   model = nnx.merge(graphdef, params, model_state, copy=True)
   hooks = Hooks(reduce=reduce, keep=keep)
-  out, _ = probed(model, hooks)(inputs)
+  out, _ = probed(model, hooks)(inputs, **model_inputs)
   return out, collected_list(hooks)
 
 
@@ -84,7 +86,7 @@ class Analysis:
     """``(model output, [reduce(layer, weights, x) for each layer])`` in one program. ``key``
     names the reduction for the program cache (default: the function itself)."""
     program = self._program(("reduce", key or reduce), functools.partial(
-        _forward, self.graphdef, reduce=reduce))
+        forward, self.graphdef, reduce=reduce))
     return program(self.params, self.model_state, inputs)
 
   def attention_maps(self, inputs) -> list[AttentionWeights]:
@@ -112,7 +114,7 @@ class Analysis:
 
     def losses(params, model_state, batch, keeps):
       def one(keep):
-        logits, _ = _forward(graphdef, params, model_state, batch["inputs"], keep=keep)
+        logits, _ = forward(graphdef, params, model_state, batch["inputs"], keep=keep)
         nll, weight, correct = cross_entropy(logits, batch["targets"], batch["weights"])
         return nll, correct, weight
       chunks = keeps.reshape(-1, chunk, *keeps.shape[1:])
