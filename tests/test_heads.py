@@ -287,3 +287,21 @@ def test_entropy_logging_leaves_training_unchanged(austen_data_dir, tmp_path):
       prefix = f"attention_entropy/l{layer:02d}"
       low, mean = row[f"{prefix}/min"], row[f"{prefix}/mean"]
       assert 0.0 <= low <= mean <= math.log(seq_len)
+
+
+def test_compare_reads_head_metrics_into_columns():
+  from arch_zoo.compare.analysis import normalize_eval_results, task_metrics
+  saved = {"results": {"perplexity": {"loss": 1.5},
+                       "heads": {"heads_needed_90_fraction": 0.625, "sink_share": 0.01,
+                                 "retrieval_heads": 3, "retrieval_heads_per_layer": [0, 1, 2],
+                                 "figures": ["heads/entropy.png"]}}}
+  evaluated = normalize_eval_results(saved)
+  columns = {m.key: m for m in task_metrics("lm", [evaluated])}
+  assert columns["heads_needed_90_fraction"].value({}, evaluated) == 0.625
+  assert columns["sink_share"].value({}, evaluated) == 0.01
+  assert columns["retrieval_heads"].value({}, evaluated) == 3
+  assert [columns[f"retrieval_heads_l{i:02d}"].value({}, evaluated) for i in range(3)] == [0, 1, 2]
+  assert "streaming_heads" not in columns  # not measured: no column
+  assert not any(k.startswith("retrieval") for k in
+                 (m.key for m in task_metrics("lm", [normalize_eval_results(
+                     {"results": {"perplexity": {"loss": 1.5}}})])))
