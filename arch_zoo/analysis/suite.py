@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -32,7 +33,10 @@ class Settings:
   map_rows: int = 8  # LM sequences (whole training windows) for the map metrics
   map_images: int = 64  # ViT test images for the map metrics
   ablation_batches: int = 2  # eval batches (eval.batch_size rows) for ablation and pruning
-  ablation_chunk: int = 16  # head masks per vmapped program
+  # Rows of each ablation batch; 0: eval.batch_size, at most 32k tokens (LM) or 256 images, so
+  # that the masks of one program fit an accelerator's memory at 124M scale.
+  ablation_rows: int = 0
+  ablation_chunk: int = 0  # head masks per vmapped program; 0: as many as ~2 GB of logits allow
   sink_tokens: int = 4  # "first few" tokens of the sink share (StreamingLLM keeps 4)
   induction_period: int = 0  # 0: half the training length, at most 256
   passkey_trials: int = 4  # per depth, for the retrieval score and the streaming deviation
@@ -103,6 +107,16 @@ def _passkey_reduce(queries, sink: int, recent: int):
   return reduce
 
 
+def passkey_length(data, seq_len: int) -> int:
+  """The training length, unless the needle, the question and the answer with some filler do not
+  fit in it (tiny test models): then the shortest length that holds them."""
+  from arch_zoo.evaluators import passkey
+  encode = data.tokenizer.encode
+  needed = (len(encode(passkey.NEEDLE.format(key="0" * passkey.DIGITS))) + len(encode(
+      passkey.QUESTION)) + passkey.DIGITS + 16)
+  return max(seq_len, needed)
+
+
 def passkey_inputs(data, length: int, settings: Settings, seed: int):
   """Prompts of ``length`` tokens (answer included) and where their needles lie: ``(tokens
   [N, length], needle [N, length] bool, answer_queries [A])`` (the positions whose outputs are the
@@ -147,7 +161,8 @@ def _lm_passes(analysis: Analysis, config, data, settings: Settings, batches: li
                                             lambda p: metrics.induction(p, period))
   notes["induction_period"] = period
 
-  prompts, needle, queries = passkey_inputs(data, seq_len, settings, config.seed)
+  length = passkey_length(data, seq_len)
+  prompts, needle, queries = passkey_inputs(data, length, settings, config.seed)
   recent = settings.streaming_recent or max(16, seq_len // 8)
   logits, found = analysis.reduce(prompts, _passkey_reduce(queries, settings.sink_tokens, recent),
                                   key=("passkey", tuple(queries.tolist())))
@@ -162,7 +177,7 @@ def _lm_passes(analysis: Analysis, config, data, settings: Settings, batches: li
   per_head["streaming_deviation"] = np.stack([np.asarray(f["streaming_deviation"]) for f in found])
   per_head["streaming_mass"] = np.stack([np.asarray(f["streaming_mass"]) for f in found])
   answers = np.stack([p[queries + 1] for p in prompts])
-  notes.update(passkey_prompts=len(prompts), passkey_length=seq_len,
+  notes.update(passkey_prompts=len(prompts), passkey_length=length,
                passkey_answer_accuracy=float((predicted == answers).all(-1).mean()),
                streaming_sink=settings.sink_tokens, streaming_recent=recent)
   return per_head, notes
@@ -206,14 +221,23 @@ def evaluate(analysis: Analysis, config, data, workdir: str, settings: Settings 
   split = {} if text else {"split": config.data.test_split}
   batches = list(data.eval_batches(config.eval.batch_size, count, **split))
   figures = []
+  seconds = {}
+  start = time.perf_counter()
   if text:
     per_head, notes = _lm_passes(analysis, config, data, settings, batches)
   else:
     per_head, notes, figures = _vit_passes(analysis, config, settings, batches, directory)
+  seconds["maps"] = time.perf_counter() - start
 
-  importance = ablation.head_importance(analysis, batches, settings.ablation_chunk)
-  curve = ablation.pruning_curve(analysis, batches, importance["delta_loss"],
-                                 settings.ablation_chunk)
+  start = time.perf_counter()
+  rows = settings.ablation_rows or min(len(batches[0]["targets"]), max(
+      1, 32_768 // config.data.seq_len) if text else 256)
+  batches = [{k: np.asarray(v)[:rows] for k, v in b.items()} for b in batches]
+  chunk = settings.ablation_chunk or ablation_chunk(batches[0], config)
+  importance = ablation.head_importance(analysis, batches, chunk)
+  curve = ablation.pruning_curve(analysis, batches, importance["delta_loss"], chunk)
+  seconds["ablation"] = time.perf_counter() - start
+  notes.update(ablation_rows=rows, ablation_batches=len(batches), ablation_chunk=chunk)
   per_head["delta_loss"] = importance["delta_loss"]
   if not text:
     per_head["delta_accuracy"] = importance["delta_accuracy"]
@@ -232,8 +256,9 @@ def evaluate(analysis: Analysis, config, data, workdir: str, settings: Settings 
   if routing_entropy is not None:
     summary["moh_routing_entropy"] = float(np.nanmean(routing_entropy))
     summary["moh_routing_entropy_max"] = float(np.nanmax(routing_entropy_max))
+  seconds["figures"] = time.perf_counter() - start - seconds["ablation"]
   record = {"layers": layers, "heads": heads, "settings": dataclasses.asdict(settings),
-            "notes": notes, "summary": summary,
+            "notes": notes, "seconds": seconds, "summary": summary,
             "per_head": {k: np.asarray(v).tolist() for k, v in per_head.items()},
             "per_layer": {"moh_routing_entropy": None if routing_entropy is None
                           else np.asarray(routing_entropy).tolist()},
@@ -242,8 +267,16 @@ def evaluate(analysis: Analysis, config, data, workdir: str, settings: Settings 
   path = os.path.join(workdir, JSON_FILE)
   with open(path, "w") as f:
     json.dump(_finite(record), f, indent=1)
-  return {**summary, "json": JSON_FILE,
+  return {**summary, "seconds": float(sum(seconds.values())), "json": JSON_FILE,
           "figures": [os.path.relpath(p, workdir) for p in figures]}
+
+
+def ablation_chunk(batch: dict, config) -> int:
+  """Head masks per vmapped program: each mask holds its own float32 logits (a language model's
+  ``rows x T x vocab``), so as many as fit in about 2 GB, from 1 to 16."""
+  logits = np.prod(np.shape(batch["targets"])) * (config.model.vocab_size if config.task == "lm"
+                                                  else config.model.num_classes) * 4
+  return int(np.clip(2e9 // max(logits, 1), 1, 16))
 
 
 def summarize(per_head: dict, curve: dict, importance: dict, text: bool,
