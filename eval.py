@@ -184,8 +184,7 @@ def run_passkey(run: Run, options: dict) -> dict:
 
 def run_heads(run: Run, options: dict) -> dict:
   from arch_zoo.analysis import Analysis, suite
-  analysis = Analysis(run.graphdef, run.state.params, run.state.model_state, run.config,
-                      int(run.state.step), run.workdir)
+  analysis = Analysis.restored(run.graphdef, run.state, run.config, run.workdir)
   if jax.process_index() != 0:
     raise UserError("The head suite runs in one process; run eval.py --suite heads on one host.")
   return suite.evaluate(analysis, run.config, run.data, run.workdir, max_batches=run.max_batches)

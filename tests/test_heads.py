@@ -305,3 +305,23 @@ def test_compare_reads_head_metrics_into_columns():
   assert not any(k.startswith("retrieval") for k in
                  (m.key for m in task_metrics("lm", [normalize_eval_results(
                      {"results": {"perplexity": {"loss": 1.5}}})])))
+
+
+def test_scanned_model_unstacks_to_the_same_maps():
+  from arch_zoo import analysis
+  from tests.helpers import build_lm, lm_config, random_tokens
+  config = lm_config("mha", scan_layers=True)
+  scanned = build_lm(config)
+  graphdef, params, rest = nnx.split(scanned, nnx.Param, ...)
+  unrolled = analysis.Analysis(*analysis.unstacked(graphdef, params, rest, config))
+  tokens = random_tokens(2, 16, 256)
+  logits, _ = unrolled.reduce(tokens, lambda layer, w, x: None, key="nothing")
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(scanned(tokens)[0]), rtol=1e-5,
+                             atol=1e-5)
+  stacked_query = np.asarray(params["stack"]["blocks"]["attn"]["qkv"]["query"]["kernel"][...])
+  maps = unrolled.attention_maps(tokens)
+  assert len(maps) == config.model.num_layers
+  for layer in range(config.model.num_layers):
+    block = unrolled.model().stack.blocks[layer]
+    np.testing.assert_array_equal(np.asarray(block.attn.qkv.query.kernel[...]),
+                                  stacked_query[layer])

@@ -64,6 +64,24 @@ class Analysis:
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     return cls(graphdef, params, model_state, **kwargs)
 
+  @classmethod
+  def restored(cls, graphdef, state, config: ConfigDict, workdir: str) -> "Analysis":
+    """From a restored train state (eval.py's); a scanned model is unstacked."""
+    params, model_state = state.params, state.model_state
+    if config.model.get("scan_layers"):
+      graphdef, params, model_state = unstacked(graphdef, params, model_state, config)
+    return cls(graphdef, params, model_state, config, int(state.step), workdir)
+
+  def data(self):
+    """The run's data (its validation text or test images), as train.py builds it."""
+    from arch_zoo import data as data_lib
+    return data_lib.build(self.config, 0, 1)
+
+  def heads(self, settings=None, max_batches: int | None = None) -> dict:
+    """Runs the head suite (eval.py --suite heads) into the run's directory; its summary."""
+    from arch_zoo.analysis import suite
+    return suite.evaluate(self, self.config, self.data(), self.workdir, settings, max_batches)
+
   def model(self) -> nnx.Module:
     return nnx.merge(self.graphdef, self.params, self.model_state, copy=True)
 
@@ -125,3 +143,40 @@ class Analysis:
     nll, correct, weight = program(self.params, self.model_state, batch, keeps)
     return {"nll_sum": np.asarray(nll)[:n], "correct_sum": np.asarray(correct)[:n],
             "weight_sum": float(weight)}
+
+
+def unstacked(graphdef, params, model_state, config: ConfigDict):
+  """``(graphdef, params, model_state)`` of the same model with its layers one by one: a model
+  trained with ``model.scan_layers=True`` keeps one stacked block (a leading layer axis); the
+  diagnostics look at each layer on its own. Layer i's arrays are slice i of the stacked ones."""
+  from arch_zoo import models
+  config = ConfigDict(config.to_dict())
+  config.model.scan_layers = False
+  abstract = nnx.eval_shape(lambda: models.build(config.model, rngs=nnx.Rngs(0)))
+  new_graphdef, *abstract_states = nnx.split(abstract, nnx.Param, ...)
+
+  def fill(abstract_state, stacked_state):
+    stacked = dict(nnx.to_flat_state(stacked_state))
+    out = []
+    for path, variable in nnx.to_flat_state(abstract_state):
+      if path[:2] == ("stack", "blocks") and isinstance(path[2], int):
+        source = stacked[path[:2] + path[3:]]
+        value = source[...][path[2]]
+      else:
+        source = stacked[path]
+        value = source[...]
+      out.append((path, variable.replace(value)))
+    return nnx.from_flat_state(out)
+
+  return (new_graphdef, fill(abstract_states[0], params), fill(abstract_states[1], model_state))
+
+
+def load(workdir: str, step: int | None = None) -> Analysis:
+  """The checkpoint ``step`` (default: the latest) of the train.py run in ``workdir``, ready to
+  analyse (a scanned model is unstacked)."""
+  from arch_zoo import sharding
+  from arch_zoo.runs import load_config, restore
+  config = load_config(workdir)
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_for(config.sharding)
+  state, graphdef = restore(workdir, config, step, mesh, rules)
+  return Analysis.restored(graphdef, state, config, workdir)
