@@ -125,8 +125,9 @@ class Analysis:
     not one forward per head."""
     keeps = jnp.asarray(keeps, jnp.float32)
     n = keeps.shape[0]
-    chunk = max(1, min(chunk, n))
-    padded = -(-n // chunk) * chunk
+    chunks = -(-n // max(1, min(chunk, n)))
+    chunk = -(-n // chunks)  # as even as possible: 17 masks in chunks of 16 run as 2 x 9
+    padded = chunks * chunk
     keeps = jnp.concatenate([keeps, jnp.ones((padded - n,) + keeps.shape[1:], jnp.float32)])
     graphdef = self.graphdef
 

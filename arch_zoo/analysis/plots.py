@@ -4,6 +4,7 @@ for ViTs the attention rollout and per-head maps over sample images (PNG, matplo
 from __future__ import annotations
 
 import os
+import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -22,14 +23,14 @@ def heatmap(matrix: np.ndarray, title: str, path: str, *, note: str = "",
   layer does not have) stay blank."""
   plt = _pyplot()
   layers, heads = matrix.shape
-  fig, ax = plt.subplots(figsize=(1.6 + 0.62 * heads, 1.3 + 0.45 * layers))
+  fig, ax = plt.subplots(figsize=(max(4.2, 1.6 + 0.62 * heads), 1.5 + 0.45 * layers))
   masked = np.ma.masked_invalid(matrix)
   image = ax.imshow(masked, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
   ax.set_xticks(range(heads), [str(h) for h in range(heads)])
   ax.set_yticks(range(layers), [str(layer) for layer in range(layers)])
   ax.set_xlabel("head")
   ax.set_ylabel("layer")
-  ax.set_title(title + (f"\n{note}" if note else ""), fontsize=9)
+  ax.set_title(textwrap.fill(title, 50) + (f"\n{note}" if note else ""), fontsize=8)
   finite = matrix[np.isfinite(matrix)]
   middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
   if layers * heads <= 400:  # values stay legible up to about 20 x 20

@@ -67,6 +67,11 @@ DESCRIPTIONS = {
 }
 
 
+# Metrics that are fractions: their heat maps share the scale 0..1, so that runs compare by eye.
+FRACTIONS = ("sink_first", "sink_first_k", "previous_token", "induction", "retrieval",
+             "streaming_mass", "moh_frequency")
+
+
 def _stack_layers(per_layer: list[dict]) -> dict[str, np.ndarray]:
   """Per-layer dicts of ``[H]`` arrays (or scalars) -> ``[L, H]`` (``[L]``), NaN where a layer
   lacks a metric (a hybrid's other families)."""
@@ -247,8 +252,10 @@ def evaluate(analysis: Analysis, config, data, workdir: str, settings: Settings 
   for name, matrix in per_head.items():
     title, note = DESCRIPTIONS.get(name, (name, ""))
     title, note = (s.format(k=settings.sink_tokens) for s in (title, note))
+    bounds = (0.0, 1.0) if name in FRACTIONS else (None, None)
     figures.append(plots.heatmap(np.asarray(matrix, np.float64), title,
-                                 plots.figure_path(directory, name), note=note))
+                                 plots.figure_path(directory, name), note=note,
+                                 vmin=bounds[0], vmax=bounds[1]))
   figures.append(plots.pruning_curve(curve, plots.figure_path(directory, "pruning_curve"),
                                      accuracy=not text))
 
