@@ -215,10 +215,9 @@ def evaluate(analysis: Analysis, config, data, workdir: str, settings: Settings 
   """Runs every head metric that fits the run, writes ``heads.json`` and the figures into
   ``workdir``, and returns the summary (see the module docstring)."""
   settings = settings or Settings()
-  text = config.task == "lm"
-  if config.task not in ("lm", "classification"):
-    raise ValueError(f"The head suite reads language models and ViTs; this run's task is "
-                     f"{config.task!r}.")
+  # Which tasks have this suite is the task registry's business; here the backbone decides what
+  # its inputs are (tokens or images) and so which metrics apply.
+  text = config.model.name != "vit"
   directory = os.path.join(workdir, FIGURE_DIR)
   os.makedirs(directory, exist_ok=True)
   layers, heads = analysis.shape
@@ -281,8 +280,8 @@ def evaluate(analysis: Analysis, config, data, workdir: str, settings: Settings 
 def ablation_chunk(batch: dict, config) -> int:
   """Head masks per vmapped program: each mask holds its own float32 logits (a language model's
   ``rows x T x vocab``), so as many as fit in about 2 GB, from 1 to 16."""
-  logits = np.prod(np.shape(batch["targets"])) * (config.model.vocab_size if config.task == "lm"
-                                                  else config.model.num_classes) * 4
+  classes = config.model.get("vocab_size") or config.model.num_classes
+  logits = np.prod(np.shape(batch["targets"])) * classes * 4
   return int(np.clip(2e9 // max(logits, 1), 1, 16))
 
 
