@@ -315,7 +315,7 @@ def test_scanned_model_unstacks_to_the_same_maps():
   graphdef, params, rest = nnx.split(scanned, nnx.Param, ...)
   unrolled = analysis.Analysis(*analysis.unstacked(graphdef, params, rest, config))
   tokens = random_tokens(2, 16, 256)
-  logits, _ = unrolled.reduce(tokens, lambda layer, w, x: None, key="nothing")
+  logits, _ = unrolled.reduce(tokens, lambda layer, w, x: None)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(scanned(tokens)[0]), rtol=1e-5,
                              atol=1e-5)
   stacked_query = np.asarray(params["stack"]["blocks"]["attn"]["qkv"]["query"]["kernel"][...])
@@ -325,3 +325,33 @@ def test_scanned_model_unstacks_to_the_same_maps():
     block = unrolled.model().stack.blocks[layer]
     np.testing.assert_array_equal(np.asarray(block.attn.qkv.query.kernel[...]),
                                   stacked_query[layer])
+
+
+def test_retrieval_and_streaming_scores_on_hand_built_maps():
+  from arch_zoo.analysis import metrics
+  t = 32
+  tokens = np.arange(t, dtype=np.int32)[None] % 10  # token at position s is s % 10
+  needle = np.zeros((1, t), bool)
+  needle[0, 8:12] = True
+  queries = np.array([28, 29])  # the answer steps; the model outputs tokens 8 % 10 and 9 % 10
+  predicted = np.array([[8, 9]])
+  p = np.zeros((1, 3, t, t), np.float32)
+  p[0, :, np.arange(t), np.arange(t)] = 1.0  # every head reads its own position by default
+  p[0, 0, 28, 8], p[0, 0, 28, 28] = 1.0, 0.0  # head 0 copies both answer tokens from the needle
+  p[0, 0, 29, 9], p[0, 0, 29, 29] = 1.0, 0.0
+  p[0, 1, 28, 18], p[0, 1, 28, 28] = 1.0, 0.0  # head 1 reads an 8 outside the needle
+  top = metrics.most_attended(jnp.asarray(p), queries)
+  hits = np.asarray(metrics.copy_paste_hits(top, tokens, needle, predicted))
+  np.testing.assert_allclose(hits, [1.0, 0.0, 0.0])
+
+  # Streaming: head 0 reads one far token (outside sink + recent) from every query, head 1 the
+  # token before each query, head 2 the first token.
+  p = np.zeros((1, 3, t, t), np.float32)
+  p[0, 0, np.arange(t), np.maximum(np.arange(t) - 10, 2)] = 1.0
+  p[0, 1, np.arange(t), np.maximum(np.arange(t) - 1, 0)] = 1.0
+  p[0, 2, :, 0] = 1.0
+  values = jax.random.normal(jax.random.key(0), (1, t, 3, 8))
+  w = attention.AttentionWeights(weights=jnp.asarray(p), values=values)
+  deviation, mass = metrics.streaming_deviation(w, sink=2, recent=4)
+  np.testing.assert_allclose(np.asarray(deviation), [1.0, 0.0, 0.0], atol=1e-6)
+  np.testing.assert_allclose(np.asarray(mass), [0.0, 1.0, 1.0], atol=1e-6)

@@ -94,16 +94,20 @@ class Analysis:
   def _programs(self) -> dict:
     return {}
 
+  @functools.cached_property
+  def _reductions(self) -> dict:
+    return {}
+
   def _program(self, key, fn):
     if key not in self._programs:
       self._programs[key] = jax.jit(fn)
     return self._programs[key]
 
-  def reduce(self, inputs, reduce: Callable[[int, AttentionWeights, jax.Array], Any],
-             key: Any = None) -> tuple[jax.Array, list[Any]]:
-    """``(model output, [reduce(layer, weights, x) for each layer])`` in one program. ``key``
-    names the reduction for the program cache (default: the function itself)."""
-    program = self._program(("reduce", key or reduce), functools.partial(
+  def reduce(self, inputs, reduce: Callable[[int, AttentionWeights, jax.Array], Any]
+             ) -> tuple[jax.Array, list[Any]]:
+    """``(model output, [reduce(layer, weights, x) for each layer])`` in one program, compiled
+    once per reduction function (and input shape)."""
+    program = self._program(("reduce", reduce), functools.partial(
         forward, self.graphdef, reduce=reduce))
     return program(self.params, self.model_state, inputs)
 
@@ -115,7 +119,9 @@ class Analysis:
   def per_head(self, inputs, metric: Callable[[jax.Array], Any]) -> Any:
     """``metric(probabilities [B, H, T, S]) -> [H] (or a tuple of them)`` for every layer,
     stacked to ``[L, H]`` numpy arrays."""
-    _, per_layer = self.reduce(inputs, _per_head(metric), key=("per_head", metric))
+    if metric not in self._reductions:
+      self._reductions[metric] = _per_head(metric)
+    _, per_layer = self.reduce(inputs, self._reductions[metric])
     return jax.tree.map(lambda *layers: np.stack([np.asarray(a) for a in layers]), *per_layer)
 
   def ablation_losses(self, batch: dict, keeps, chunk: int = 16) -> dict[str, np.ndarray]:

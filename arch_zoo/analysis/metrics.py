@@ -74,15 +74,19 @@ def induction(p: jax.Array, period: int, start: int = 0) -> jax.Array:
   return jnp.mean(diagonal[..., start + 1:], axis=(0, 2))
 
 
-def copy_paste_hits(p: jax.Array, queries: jax.Array, tokens: jax.Array, needle: jax.Array,
+def most_attended(p: jax.Array, queries: jax.Array) -> jax.Array:
+  """``[B, H, A]``: the key each head attends to most from each query of ``queries [A]``."""
+  return jnp.argmax(p[:, :, queries, :], axis=-1)
+
+
+def copy_paste_hits(top: jax.Array, tokens: jax.Array, needle: jax.Array,
                     predicted: jax.Array) -> jax.Array:
   """Retrieval score (Wu et al. 2024, "Retrieval Head Mechanistically Explains Long-Context
-  Factuality"): at each answer step a head copy-pastes when the key it attends to most lies in the
-  needle and holds the token the model outputs there. ``queries [B, A]`` (the positions whose
-  outputs are the answer), ``tokens [B, S]``, ``needle [B, S]`` bool, ``predicted [B, A]`` (the
-  model's argmax at each answer step). Returns the fraction of answer steps copy-pasted, ``[H]``."""
-  rows = jnp.take_along_axis(p, queries[:, None, :, None], axis=2)  # [B, H, A, S]
-  top = jnp.argmax(rows, axis=-1)  # [B, H, A]
+  Factuality"): at each answer step a head copy-pastes when the key it attends to most
+  (``top [B, H, A]``, :func:`most_attended` at the positions whose outputs are the answer) lies in
+  the needle (``needle [B, S]`` bool) and holds (``tokens [B, S]``) the token the model outputs
+  there (``predicted [B, A]``, its argmax). Returns the fraction of answer steps copy-pasted,
+  ``[H]``."""
   in_needle = jnp.take_along_axis(needle[:, None, :], top, axis=-1)
   same = jnp.take_along_axis(tokens[:, None, :], top, axis=-1) == predicted[:, None, :]
   return jnp.mean((in_needle & same).astype(jnp.float32), axis=(0, 2))

@@ -106,9 +106,9 @@ def _passkey_reduce(queries, sink: int, recent: int):
   def reduce(layer, w, x):
     del layer, x
     p = w.probabilities()
-    top = jax.numpy.argmax(p[:, :, np.asarray(queries), :], axis=-1)  # [B, H, A]
     deviation, mass = metrics.streaming_deviation(w, sink, recent)
-    return {"top": top, "streaming_deviation": deviation, "streaming_mass": mass}
+    return {"top": metrics.most_attended(p, queries), "streaming_deviation": deviation,
+            "streaming_mass": mass}
   return reduce
 
 
@@ -155,7 +155,7 @@ def _lm_passes(analysis: Analysis, config, data, settings: Settings, batches: li
   per_head, notes = {}, {}
   tokens = np.asarray(batches[0]["inputs"])[:settings.map_rows]
   _, natural = analysis.reduce(tokens, _natural_reduce(
-      metrics.token_distance(tokens.shape[1]), settings.sink_tokens, True, 0), key="natural")
+      metrics.token_distance(tokens.shape[1]), settings.sink_tokens, True, 0))
   per_head.update(_stack_layers(natural))
 
   period = settings.induction_period or min(seq_len // 2, 256)
@@ -169,16 +169,10 @@ def _lm_passes(analysis: Analysis, config, data, settings: Settings, batches: li
   length = passkey_length(data, seq_len)
   prompts, needle, queries = passkey_inputs(data, length, settings, config.seed)
   recent = settings.streaming_recent or max(16, seq_len // 8)
-  logits, found = analysis.reduce(prompts, _passkey_reduce(queries, settings.sink_tokens, recent),
-                                  key=("passkey", tuple(queries.tolist())))
+  logits, found = analysis.reduce(prompts, _passkey_reduce(queries, settings.sink_tokens, recent))
   predicted = np.asarray(logits)[:, queries].argmax(-1)  # [N, A]
-  scores = []
-  for layer in found:
-    top = np.asarray(layer["top"])  # [N, H, A]
-    in_needle = np.take_along_axis(needle[:, None, :], top, axis=-1)
-    same = np.take_along_axis(prompts[:, None, :], top, axis=-1) == predicted[:, None, :]
-    scores.append((in_needle & same).mean(axis=(0, 2)))
-  per_head["retrieval"] = np.stack(scores)
+  per_head["retrieval"] = np.stack([np.asarray(metrics.copy_paste_hits(
+      layer["top"], prompts, needle, predicted)) for layer in found])
   per_head["streaming_deviation"] = np.stack([np.asarray(f["streaming_deviation"]) for f in found])
   per_head["streaming_mass"] = np.stack([np.asarray(f["streaming_mass"]) for f in found])
   answers = np.stack([p[queries + 1] for p in prompts])
@@ -194,7 +188,7 @@ def _vit_passes(analysis: Analysis, config, settings: Settings, batches: list[di
   prefix = 1 if config.model.pool == "cls" else 0
   grid = config.model.image_size // config.model.patch_size
   _, natural = analysis.reduce(images, _natural_reduce(
-      metrics.patch_distance(grid, prefix), settings.sink_tokens, False, prefix), key="natural")
+      metrics.patch_distance(grid, prefix), settings.sink_tokens, False, prefix))
   per_head = _stack_layers(natural)
   sample = images[:settings.figure_images]
   labels = np.concatenate([b["targets"] for b in batches])[:settings.figure_images]
