@@ -90,7 +90,8 @@ def _natural_reduce(distance, sink_tokens: int, text: bool, prefix_tokens: int):
     del layer, x
     p = w.probabilities()
     mean, spread = metrics.entropy(p)
-    out = {"entropy": mean, "entropy_spread": spread, "distance": metrics.mean_distance(p, distance)}
+    out = {"entropy": mean, "entropy_spread": spread,
+           "distance": metrics.mean_distance(p, distance)}
     if text:
       out["sink_first"] = metrics.sink_share(p, 1)
       out["sink_first_k"] = metrics.sink_share(p, sink_tokens)

@@ -258,7 +258,8 @@ def register(name: str, *, options: type, bidirectional: bool | str, causal: boo
     fam = Family(name=name, module=module_cls, options=options, bidirectional=bidirectional,
                  causal=causal, scannable=scannable, impls=tuple(impls),
                  shared_factory=shared_factory, decode=decode_hooks(module_cls),
-                 weights=weights_hook(module_cls), summary=doc.splitlines()[0] if doc else "", **facts)
+                 weights=weights_hook(module_cls),
+                 summary=doc.splitlines()[0] if doc else "", **facts)
     problems = fam.problems()
     if problems:
       raise ValueError(f"Attention family {name!r} ({module_cls.__qualname__}) is incomplete; "
