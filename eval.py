@@ -5,6 +5,7 @@ r"""Restores a run's checkpoint and runs a suite of evaluators on it; no trainin
     python eval.py --workdir runs/mqar --suite recall         # MQAR accuracy per slice
     python eval.py --workdir runs/lm_mha_S --suite recall --passkey_lengths=128,256,512 \
         --passkey_depths=0,0.5,1 --passkey_trials=50
+    python eval.py --workdir runs/lm_mha_S --suite heads      # head diagnostics (docs/heads.md)
 
 Suites (``arch_zoo.tasks``: each task lists its evaluators per suite) name evaluators that fit the
 run's task:
@@ -17,6 +18,9 @@ run's task:
   depth; exact match by greedy generation next to the teacher-forced score; a PNG heat map next
   to the results). A classification run has no recall evaluator.
 * ``all``: every evaluator that fits the task.
+* ``heads``: head diagnostics of a language model or a ViT (``arch_zoo.analysis.suite``; what each
+  metric means: docs/heads.md): ``heads.json`` and one layers x heads heat map per metric in
+  ``heads/`` next to the results; ``--max_batches`` bounds the ablation batches.
 
 Results go to ``eval_results.json`` in the workdir::
 
@@ -59,7 +63,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("max_batches", None,
                        "Evaluate only this many batches (per MQAR slice; default: all).")
   flags.DEFINE_enum("suite", "default", list(tasks.SUITES),
-                    "Evaluators to run: default (the task's metric), recall, all.")
+                    "Evaluators to run: default (the task's metric), recall, all, heads (head "
+                    "diagnostics).")
   flags.DEFINE_list("passkey_lengths", None, "Passkey context lengths in tokens (default: "
                     "eval.passkey.lengths of the config, else 1/4, 1/2 and 1 x data.seq_len).")
   flags.DEFINE_list("passkey_depths", None, "Passkey depths as fractions (default: "
@@ -177,8 +182,16 @@ def run_passkey(run: Run, options: dict) -> dict:
   return results
 
 
+def run_heads(run: Run, options: dict) -> dict:
+  from arch_zoo.analysis import Analysis, suite
+  analysis = Analysis.restored(run.graphdef, run.state, run.config, run.workdir)
+  if jax.process_index() != 0:
+    raise UserError("The head suite runs in one process; run eval.py --suite heads on one host.")
+  return suite.evaluate(analysis, run.config, run.data, run.workdir, max_batches=run.max_batches)
+
+
 EVALUATORS = {"perplexity": run_perplexity, "classification": run_classification,
-              "mqar": run_mqar, "passkey": run_passkey}
+              "mqar": run_mqar, "passkey": run_passkey, "heads": run_heads}
 
 
 def upgrade(saved: dict) -> dict:

@@ -156,6 +156,9 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
                          in_shardings=(state_shardings, None),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
     eval_step = jax.jit(steps.make_eval_step(graphdef))
+    # Attention entropy every N steps: its own program, so the train step is the same either way.
+    entropy_every = config.train.get("log_attention_entropy_every", 0)
+    entropy_step = None
 
     def put(batch):
       return sharding.global_batch_from_local(batch, mesh)
@@ -168,6 +171,11 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
       with sharding.use(mesh, rules), ops.recording() as choices:
         jax.eval_shape(train_step, state, batch)
       kernels = ops.summarize(choices)
+      if entropy_every:
+        from arch_zoo.analysis import training as entropy_lib
+        entropy_step = jax.jit(entropy_lib.entropy_program(graphdef, steps.MODEL_INPUT_KEYS))
+        with sharding.use(mesh, rules):
+          entropy_lib.check(entropy_step, state.params, state.model_state, batch)
     # Config, data and model are checked: only now does the workdir hold a run.
     if is_main:
       workdir_lib.write_json(os.path.join(workdir, CONFIG_FILE), workdir_lib.config_dict(config))
@@ -224,6 +232,7 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
     with sharding.use(mesh, rules):
       while step < last_step and not interrupts.requested:
         samples_seen += batch_size
+        trained_on = batch
         state, step_metrics = train_step(state, batch)
         # The next batch is a function of samples_seen alone, so it can be made while this step
         # runs: on a CPU mesh, which must wait for each step, the ViT demo then trained 8-20%
@@ -240,6 +249,9 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
           progress.restart_clock(step)
         if step % config.train.log_every == 0 or step == last_step:
           flush(step)
+        if entropy_step is not None and step % entropy_every == 0:
+          writer.write(step, jax.device_get(entropy_step(state.params, state.model_state,
+                                                         trained_on)))
         if (config.train.eval_every and step % config.train.eval_every == 0
             and step < total_steps and not interrupts.requested):
           flush(step)

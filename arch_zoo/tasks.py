@@ -11,6 +11,9 @@ switches on the task's name.
 | ``lm`` | text windows | perplexity | perplexity / passkey / both | token |
 | ``classification`` | images | classification | classification / (none) / classification | image |
 | ``mqar`` | MQAR slices | recall | mqar / mqar / mqar | token (longest slice) |
+
+The ``heads`` suite (head diagnostics, :mod:`arch_zoo.analysis.suite`) fits language models and
+classifiers; ``all`` leaves it out (it is a diagnosis, not a score).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from arch_zoo.models import lm as lm_backbone
 from arch_zoo.models import vit as vit_backbone
 from arch_zoo.registry import Registry
 
-SUITES = ("default", "recall", "all")
+SUITES = ("default", "recall", "all", "heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +94,8 @@ class Task:
     if not self.suites.get(name):
       fitting = [s for s in SUITES if self.suites.get(s)]
       raise ValueError(f"No {name} evaluator fits a {self.name} run (recall probes need a "
-                       f"sequence model: MQAR runs or language models). Suites for {self.name}: "
+                       f"sequence model: MQAR runs or language models; the head suite a "
+                       f"language model or a ViT). Suites for {self.name}: "
                        f"{', '.join(fitting)}.")
     return self.suites[name]
 
@@ -190,7 +194,8 @@ register(Task(
     name="lm",
     build_data=_text_data,
     validator=perplexity,
-    suites={"default": ("perplexity",), "recall": ("passkey",), "all": ("perplexity", "passkey")},
+    suites={"default": ("perplexity",), "recall": ("passkey",), "all": ("perplexity", "passkey"),
+            "heads": ("heads",)},
     throughput_unit="tokens/s",
     sequence_length=lambda config: config.data.seq_len,
     flops=_lm_flops,
@@ -212,7 +217,8 @@ register(Task(
     name="classification",
     build_data=_image_data,
     validator=classification,
-    suites={"default": ("classification",), "recall": (), "all": ("classification",)},
+    suites={"default": ("classification",), "recall": (), "all": ("classification",),
+            "heads": ("heads",)},
     throughput_unit="images/s",
     sequence_length=lambda config: vit_backbone.num_tokens(config.model),
     flops=_image_flops,

@@ -153,6 +153,9 @@ def train_config(size: dict[str, Any], **overrides: Any) -> ConfigDict:
       # Named XLA flag sets, comma separated (arch_zoo/perf.py), e.g. "cublas": cuBLAS GEMMs
       # instead of Triton. Applied by train.py before JAX starts; "" adds nothing.
       xla_flags="",
+      # Every N steps, each layer's attention entropy (min and mean over heads) on a few rows of
+      # the batch, in a separate program (arch_zoo/analysis/training.py); 0: off, nothing built.
+      log_attention_entropy_every=0,
   ))
   cfg.update(steps=size["steps"], batch_size=size["batch_size"],
              xla_flags=size.get("xla_flags", ""))

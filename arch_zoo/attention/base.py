@@ -23,6 +23,18 @@ There ``ctx.slots`` (:class:`DecodeSlots`) says where the tokens sit: each row's
 (slots before it are padding, never attended to and never part of a recurrent state) and
 ``ctx.positions`` holds each token's position in its own row (``slot - start``).
 
+A family that can show its attention (head diagnostics, :mod:`arch_zoo.analysis`) defines
+
+* ``attention_weights(x, ctx) -> AttentionWeights`` (:mod:`arch_zoo.attention.weights`): its
+  mixing of values as a dense ``[B, H, T, S]`` float32 matrix with the values it mixes, such that
+  ``weights @ values`` (times MoH-style gates) is its output before the output projection. It may
+  raise ``NotImplementedError`` with the reason for a configuration it cannot show.
+
+Head ablation zeroes a head's output where it enters the output projection: the rows of the
+module's ``out`` projection (``[H * head_dim, d_model]``). A family whose output projection is not
+such a module attribute defines ``mask_output_heads(ctx, keep [H]) -> ctx``, a context under which
+the heads with ``keep == 0`` contribute nothing.
+
 A family registers itself with :func:`register`. Its record (:class:`Family`) is everything the rest
 of the code knows about it: the options dataclass whose fields are its config keys and defaults, the
 modes it supports, its cost (``flops_per_token``), its decode-time state (``state_size``), whether
@@ -153,6 +165,9 @@ class Family:
   # True when its module defines the decode hooks (init_state, prefill, decode_step; see the
   # module docstring), else the reason it cannot decode.
   decode: bool | str = True
+  # True when its module defines attention_weights(x, ctx) (see the module docstring), else the
+  # reason the head diagnostics cannot see its attention.
+  weights: bool | str = True
   summary: str = ""  # the first line of the module's docstring
 
   def defaults(self) -> dict[str, Any]:
@@ -246,6 +261,7 @@ def register(name: str, *, options: type, bidirectional: bool | str, causal: boo
     fam = Family(name=name, module=module_cls, options=options, bidirectional=bidirectional,
                  causal=causal, scannable=scannable, impls=tuple(impls),
                  shared_factory=shared_factory, decode=decode_hooks(module_cls),
+                 weights=weights_hook(module_cls),
                  summary=doc.splitlines()[0] if doc else "", **facts)
     problems = fam.problems()
     if problems:
@@ -271,6 +287,13 @@ def decode_hooks(module_cls: type) -> bool | str | None:
   return None
 
 
+def weights_hook(module_cls: type) -> bool | str:
+  """A record's ``weights``: True when the module defines ``attention_weights``, else why not."""
+  if callable(getattr(module_cls, "attention_weights", None)):
+    return True
+  return "its module defines no attention_weights(x, ctx)"
+
+
 def names() -> list[str]:
   """All registered attention names."""
   return _FAMILIES.names()
@@ -287,6 +310,10 @@ def names_supporting(causal: bool) -> list[str]:
 
 def names_scannable() -> list[str]:
   return [n for n in _FAMILIES.names() if _FAMILIES.get(n).scannable is True]
+
+
+def names_with_weights() -> list[str]:
+  return [n for n in _FAMILIES.names() if _FAMILIES.get(n).weights is True]
 
 
 def names_decoding() -> list[str]:

@@ -34,6 +34,7 @@ from arch_zoo.attention import ops
 from arch_zoo.attention.base import (Context, Dims, StateSize, check_choice, kv_cache_state_size,
                                      register)
 from arch_zoo.attention.parts import QKVProjection, kv_cache, kv_heads, output_projection
+from arch_zoo.attention.weights import AttentionWeights, softmax_attention_weights
 from arch_zoo.layers import Dense
 
 BIAS_FORMS = ("exp", "log")
@@ -101,6 +102,20 @@ class DynamicMaskAttention(nnx.Module):
                                segment_ids=ctx.segment_ids, tie_break=self.options.tie_break,
                                chunk_size=self.options.chunk_size, site=self.site)
     return self.out(o.reshape(b, t, -1)), {}
+
+  def attention_weights(self, x: jax.Array, ctx: Context) -> AttentionWeights:
+    """Each head's softmax probabilities after the selection: the reference kernel's explicit
+    top-w mask and the per-key bias (float32, dense), for analysis."""
+    q, k, v = self.qkv(x, ctx)
+    bias, score = self.key_scores(v)
+    heads = q.shape[2]
+    kept = ops.dynamic_mask.selection_mask(score, self.options.keep_window_size,
+                                           causal=ctx.causal, segment_ids=ctx.segment_ids,
+                                           tie_break=self.options.tie_break)
+    if kept is not None:
+      kept = jnp.repeat(kept, heads // kept.shape[1], axis=1)
+    return softmax_attention_weights(q, k, v, causal=ctx.causal, segment_ids=ctx.segment_ids,
+                                     bias=ops.dynamic_mask.group_bias(bias, heads), mask=kept)
 
   # Decoding: a KV cache plus each cached key's A softplus(dt), from which both its bias and its
   # selection score follow exactly as in key_scores.

@@ -46,6 +46,7 @@ from flax import nnx
 from arch_zoo.attention import ops
 from arch_zoo.attention.base import Context, Dims, StateSize, check_choice, register
 from arch_zoo.attention.parts import head_projection, output_projection
+from arch_zoo.attention.weights import AttentionWeights
 
 DECAY_SCHEDULES = ("official_alibi", "paper_linear", "none")
 FEATURE_MAPS = {
@@ -154,6 +155,24 @@ class LightningAttention(nnx.Module):
         block_size=self.options.block_size, bidirectional_form=self.options.bidirectional_form,
         segment_ids=ctx.segment_ids, site=self.site)
     return self._output(x, o), {}
+
+  def attention_weights(self, x: jax.Array, ctx: Context) -> AttentionWeights:
+    """The implicit matrix ``(q_t . k_s) lam^(t-s)`` (causal), ``lam^|t-s|`` (symmetric decay) or
+    ``q_t . k_s`` (no decay), float32 and un-normalised: ``weights @ values`` is the operator's
+    output before the norm, the gate and the output projection. Its rows neither sum to 1 nor are
+    non-negative; ``AttentionWeights.probabilities`` normalises their magnitudes."""
+    if ctx.segment_ids is not None:
+      raise NotImplementedError("lightning has no packed-sequence (segment_ids) form to show")
+    q, k, v = self._qkv(x)
+    scores = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST)
+    t = x.shape[1]
+    if ctx.causal:
+      scores = scores * ops.linear.decay_mask(self.slopes_array(), t)[None]
+    elif self.options.bidirectional_form == "symmetric_decay":
+      distance = jnp.abs(jnp.arange(t)[:, None] - jnp.arange(t)[None, :]).astype(jnp.float32)
+      scores = scores * jnp.exp(-self.slopes_array()[:, None, None] * distance)[None]
+    return AttentionWeights(weights=scores, values=v.astype(jnp.float32), normalised=False)
 
   # Decoding: the causal operator as a recurrence over a [B, H, D, D] float32 state, O(1) in the
   # context length.

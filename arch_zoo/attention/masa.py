@@ -35,6 +35,7 @@ from arch_zoo.attention.base import Context, Dims, check_choice, kv_cache_state_
 from arch_zoo.attention.mha import MultiHeadAttention
 from arch_zoo.attention.parts import (attend_with_cache, kv_cache, kv_heads, norm_and_rope,
                                       output_projection, qk_norms)
+from arch_zoo.attention.weights import AttentionWeights, softmax_attention_weights
 from arch_zoo.layers.linear import DEFAULT_STDDEV
 
 NAME = "masa"
@@ -173,6 +174,20 @@ class SharedDictionaryAttention(nnx.Module):
     o = ops.softmax.apply(q, k, v, causal=ctx.causal, impl=self.impl, segment_ids=ctx.segment_ids,
                           max_segments=ctx.max_segments, site=self.site)
     return self._output(o, w), {}
+
+  def attention_weights(self, x: jax.Array, ctx: Context) -> AttentionWeights:
+    """Each head's softmax probabilities (float32, dense), for analysis: mha's."""
+    q, k, v = self._qkv(x, ctx, self.weights(ctx))
+    return softmax_attention_weights(q, k, v, causal=ctx.causal, segment_ids=ctx.segment_ids)
+
+  def mask_output_heads(self, ctx: Context, keep: jax.Array) -> Context:
+    """Head ablation when the output projection comes from the atoms (MASA-QKVO): ``W_o =
+    sum_s c_s D_s`` is linear in the atoms, so zeroing the rows of head h in every atom zeroes
+    them in this layer's ``W_o`` (the other layers get their own context)."""
+    rows = jnp.repeat(jnp.asarray(keep, jnp.float32), self.head_dim)  # [H * head_dim]
+    atoms = dict(ctx.shared[NAME])
+    atoms["out"] = atoms["out"] * rows[None, :, None]
+    return ctx.replace(shared={**ctx.shared, NAME: atoms})
 
   # Decoding: mha's KV cache. The atoms arrive in ctx.shared, built once per model call (the
   # backbone's Stack.decode), never per layer.

@@ -17,6 +17,7 @@ from arch_zoo.attention import ops
 from arch_zoo.attention.base import Context, Dims, kv_cache_state_size, register
 from arch_zoo.attention.parts import (CachedSoftmaxDecoding, QKVProjection, kv_heads,
                                       output_projection)
+from arch_zoo.attention.weights import AttentionWeights, softmax_attention_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,11 @@ class MultiHeadAttention(CachedSoftmaxDecoding, nnx.Module):
     o = ops.softmax.apply(q, k, v, causal=ctx.causal, impl=self.impl, segment_ids=ctx.segment_ids,
                           max_segments=ctx.max_segments, site=self.site)
     return self.out(o.reshape(b, t, -1)), {}
+
+  def attention_weights(self, x: jax.Array, ctx: Context) -> AttentionWeights:
+    """Each head's softmax probabilities (float32, dense), for analysis."""
+    q, k, v = self.qkv(x, ctx)
+    return softmax_attention_weights(q, k, v, causal=ctx.causal, segment_ids=ctx.segment_ids)
 
   @staticmethod
   def flops_per_token(dims: Dims, options: MHAOptions, seq_len: int, causal: bool) -> float:

@@ -32,6 +32,7 @@ from arch_zoo.attention.base import Context, Dims, check_choice, kv_cache_state_
 from arch_zoo.attention.mha import MHAOptions
 from arch_zoo.attention.parts import (CachedSoftmaxDecoding, QKVProjection, kv_heads,
                                       output_projection)
+from arch_zoo.attention.weights import AttentionWeights, softmax_attention_weights
 from arch_zoo.layers import Dense
 
 NORMALIZATIONS = ("code", "paper")
@@ -212,6 +213,16 @@ class MixtureOfHeadAttention(CachedSoftmaxDecoding, nnx.Module):
       aux["loss/moh_balance"] = self.balance_loss_coef * balance_loss(
           routing.routed_probs, routing.routed_mask, self.normalization)
     return y, aux
+
+  def attention_weights(self, x: jax.Array, ctx: Context) -> AttentionWeights:
+    """Each head's softmax probabilities, with the router's gates (0 for the heads a token did
+    not choose) and, for the routing statistics, the routed heads' probabilities and choices."""
+    q, k, v = self.qkv(x, ctx)
+    routing = self.router(x)
+    extras = {} if routing.routed_probs is None else {"routed_probs": routing.routed_probs,
+                                                      "routed_mask": routing.routed_mask}
+    plain = softmax_attention_weights(q, k, v, causal=ctx.causal, segment_ids=ctx.segment_ids)
+    return plain.replace(gates=routing.gates, extras=extras)
 
   # Decoding: a cache of every head's keys and values (any later token may route to any head);
   # each new query is gated by the router as in training.

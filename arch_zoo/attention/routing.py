@@ -42,6 +42,7 @@ from flax import nnx
 from arch_zoo.attention import ops
 from arch_zoo.attention.base import Context, Dims, StateSize, register
 from arch_zoo.attention.parts import head_projection, output_projection, rope
+from arch_zoo.attention.weights import AttentionWeights, softmax_weights
 from arch_zoo.layers import apply_rope
 
 # Laplace smoothing of the cluster counts (official ``online_kmeans`` epsilon).
@@ -211,6 +212,47 @@ class RoutingAttention(nnx.Module):
       self.cluster_sums[...] = sums
       self.centroids[...] = new_centroids
     return out, aux
+
+  def attention_weights(self, x: jax.Array, ctx: Context) -> AttentionWeights:
+    """Dense ``[B, H, T, T]`` weights of both kinds of heads (the reference kernel's masks):
+    local heads within their blocks; routing heads within their clusters (causal: the rank
+    windows; bidirectional: the mean over the balanced windows that hold a query, a zero row when
+    none does). Evaluation routing: the centroids as they are, nothing written."""
+    b, t, _ = x.shape
+    local = self.local_heads
+    q = self.query(x).reshape(b, t, self.num_heads, self.head_dim)
+    v = self.value(x).reshape(b, t, self.num_heads, self.head_dim)
+    weights = []
+    if local:
+      q_local, k_local = q[:, :, :local], self.key(x).reshape(b, t, local, self.head_dim)
+      if self.rope:
+        q_local, k_local = rope(q_local, k_local, ctx.positions, self.rope_base)
+      near = ops.routing.local_mask(t, min(self.local_window, t), ctx.causal)[None, None]
+      weights.append(softmax_weights(q_local, k_local, causal=ctx.causal,
+                                     segment_ids=ctx.segment_ids, mask=near))
+    if self.routing_heads:
+      shared = unit_layer_norm(q[:, :, local:])
+      scores = jnp.einsum("bthd,hcd->bthc", shared, self.centroids[...], precision=EXACT)
+      qk = shared.astype(q.dtype)
+      if self.rope:
+        qk = apply_rope(qk, ctx.positions, self.rope_base)
+      window = self.window_for(t)
+      if ctx.causal:
+        same = ops.routing.causal_cluster_mask(jnp.argmax(scores, axis=-1), window)
+        weights.append(softmax_weights(qk, qk, causal=True, segment_ids=ctx.segment_ids,
+                                       mask=same))
+      else:
+        members = ops.routing.balanced_members(scores, window)  # [B, Hr, C, T]
+        total = 0.0
+        for c in range(self.num_clusters):
+          member = members[:, :, c]
+          inside = softmax_weights(qk, qk, causal=False, segment_ids=ctx.segment_ids,
+                                   mask=member[..., :, None] & member[..., None, :])
+          total = total + inside * member[..., :, None]
+        count = jnp.sum(members, axis=2)[..., None]  # [B, Hr, T, 1]
+        weights.append(total / jnp.maximum(count, 1))
+    mixed = jnp.concatenate(weights, axis=1) if len(weights) > 1 else weights[0]
+    return AttentionWeights(weights=mixed, values=v.astype(jnp.float32))
 
   # Decoding (the causal LM rule; centroids frozen). The local heads keep their keys and values;
   # the routing heads keep their shared query-keys and values, each cached token's cluster and

@@ -18,9 +18,22 @@ from arch_zoo.compare.spec import member_dir, member_identity
 from arch_zoo.tasks import Metric
 
 
+# Columns of the head suite (eval.py --suite heads), when a member ran it: (key in its results,
+# column title, lower is better).
+HEAD_COLUMNS = (
+    ("heads_needed_90_fraction", "heads for 90% of loss", True),
+    ("sink_share", "sink share", True),
+    ("retrieval_heads", "retrieval heads", False),
+    ("streaming_heads", "streaming heads", True),
+    ("entropy_min", "min head entropy", False),
+    ("moh_routing_entropy", "MoH routing entropy", False),
+)
+
+
 def task_metrics(task: str, evaluated: list[dict]) -> list[Metric]:
-  """The task's columns, then MQAR's per-slice accuracies and passkey's overall accuracy when the
-  evaluation has them, then training throughput."""
+  """The task's columns, then MQAR's per-slice accuracies, passkey's overall accuracy and the head
+  suite's numbers (retrieval heads per layer included) when the evaluation has them, then training
+  throughput."""
   record = tasks.get(task)
   out = list(record.metrics)
   mqar_keys = {k for e in evaluated for k in e.get("mqar", {})}
@@ -33,6 +46,12 @@ def task_metrics(task: str, evaluated: list[dict]) -> list[Metric]:
   if any("accuracy" in e.get("passkey", {}) for e in evaluated):
     out.append(Metric("passkey_accuracy", "passkey accuracy", (("eval", "passkey", "accuracy"),),
                       lower_is_better=False))
+  head_keys = {k for e in evaluated for k in e.get("heads", {})}
+  out += [Metric(key, label, (("eval", "heads", key),), lower_is_better=lower)
+          for key, label, lower in HEAD_COLUMNS if key in head_keys]
+  out += [Metric(k, f"retrieval heads, layer {int(k[len('retrieval_heads_l'):])}",
+                 (("eval", "heads", k),), lower_is_better=False)
+          for k in sorted(k for k in head_keys if re.fullmatch(r"retrieval_heads_l\d+", k))]
   out.append(Metric("throughput", record.throughput_unit, (("final", "train_throughput"),),
                     lower_is_better=False))
   return out
@@ -50,6 +69,11 @@ def normalize_eval_results(results: dict) -> dict[str, dict]:
   mqar = evaluated.get("mqar", {})
   for item in mqar.pop("slices", []) if isinstance(mqar.get("slices"), list) else []:
     mqar[f"T{item['seq_len']}_kv{item['num_kv_pairs']}"] = item["accuracy"]
+  # The head suite lists retrieval heads per layer; each layer becomes a column.
+  heads = evaluated.get("heads", {})
+  per_layer = heads.pop("retrieval_heads_per_layer", None)
+  for layer, count in enumerate(per_layer if isinstance(per_layer, list) else []):
+    heads[f"retrieval_heads_l{layer:02d}"] = count
   return evaluated
 
 

@@ -10,6 +10,7 @@ evaluators its task lists for a suite, by name:
 | classification | classification | loss and top-1 accuracy over the test split |
 | mqar | recall | MQAR accuracy per (length, kv pairs) slice |
 | passkey | passkey | passkey retrieval per (length, depth) |
+| heads | arch_zoo.analysis.suite | head diagnostics (docs/heads.md) |
 
 ``summary(name, metrics)`` gives eval.py's lines for an evaluator's results.
 """
@@ -18,8 +19,13 @@ from __future__ import annotations
 
 from arch_zoo.evaluators import classification, passkey, perplexity, recall
 
+def heads_summary(metrics: dict) -> list[str]:
+  from arch_zoo.analysis import suite  # the analysis imports the models, which import this
+  return suite.summary_lines(metrics)
+
+
 SUMMARIES = {"perplexity": perplexity.summary, "classification": classification.summary,
-             "mqar": recall.summary, "passkey": passkey.summary}
+             "mqar": recall.summary, "passkey": passkey.summary, "heads": heads_summary}
 
 
 def summary(name: str, metrics: dict) -> list[str]:

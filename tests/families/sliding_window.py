@@ -18,6 +18,7 @@ from flax import nnx
 from arch_zoo import attention
 from arch_zoo.attention import ops
 from arch_zoo.attention.parts import QKVProjection, kv_heads, output_projection
+from arch_zoo.attention.weights import softmax_attention_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,12 @@ class SlidingWindowAttention(nnx.Module):
     o = ops.softmax.apply(q, k, v, causal=ctx.causal, segment_ids=ctx.segment_ids,
                           mask=window_mask(t, self.window), site=self.site)
     return self.out(o.reshape(b, t, -1)), {}
+
+  def attention_weights(self, x: jax.Array, ctx: attention.Context):
+    """Each head's softmax probabilities under the window (head diagnostics)."""
+    q, k, v = self.qkv(x, ctx)
+    return softmax_attention_weights(q, k, v, causal=ctx.causal, segment_ids=ctx.segment_ids,
+                                     mask=window_mask(x.shape[1], self.window))
 
   @staticmethod
   def flops_per_token(dims: attention.Dims, options: SlidingWindowOptions, seq_len: int,
