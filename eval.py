@@ -6,6 +6,8 @@ r"""Restores a run's checkpoint and runs a suite of evaluators on it; no trainin
     python eval.py --workdir runs/lm_mha_S --suite recall --passkey_lengths=128,256,512 \
         --passkey_depths=0,0.5,1 --passkey_trials=50
     python eval.py --workdir runs/lm_mha_S --suite heads      # head diagnostics (docs/heads.md)
+    python eval.py --workdir runs/lm_mha_S --suite lm_eval --lm_eval_tasks=austen_cloze \
+        --lm_eval_include_path=tests/lm_eval_tasks            # EleutherAI's harness
 
 Suites (``arch_zoo.tasks``: each task lists its evaluators per suite) name evaluators that fit the
 run's task:
@@ -21,6 +23,9 @@ run's task:
 * ``heads``: head diagnostics of a language model or a ViT (``arch_zoo.analysis.suite``; what each
   metric means: docs/heads.md): ``heads.json`` and one layers x heads heat map per metric in
   ``heads/`` next to the results; ``--max_batches`` bounds the ablation batches.
+* ``lm_eval``: EleutherAI's lm-evaluation-harness on a language model (``--lm_eval_tasks``, task
+  YAML files in ``--lm_eval_include_path``, ``--lm_eval_limit`` examples per task), through
+  :mod:`arch_zoo.lm_eval_adapter`; its numeric metrics per task.
 
 Results go to ``eval_results.json`` in the workdir::
 
@@ -64,12 +69,16 @@ def define_flags() -> None:
                        "Evaluate only this many batches (per MQAR slice; default: all).")
   flags.DEFINE_enum("suite", "default", list(tasks.SUITES),
                     "Evaluators to run: default (the task's metric), recall, all, heads (head "
-                    "diagnostics).")
+                    "diagnostics), lm_eval (EleutherAI's harness).")
   flags.DEFINE_list("passkey_lengths", None, "Passkey context lengths in tokens (default: "
                     "eval.passkey.lengths of the config, else 1/4, 1/2 and 1 x data.seq_len).")
   flags.DEFINE_list("passkey_depths", None, "Passkey depths as fractions (default: "
                     "0,0.25,0.5,0.75,1).")
   flags.DEFINE_integer("passkey_trials", None, "Passkey trials per (length, depth) cell.")
+  flags.DEFINE_list("lm_eval_tasks", None, "--suite lm_eval: the harness's task names.")
+  flags.DEFINE_string("lm_eval_include_path", None,
+                      "--suite lm_eval: a folder of extra task YAML files.")
+  flags.DEFINE_integer("lm_eval_limit", None, "--suite lm_eval: examples per task (default: all).")
 
 RESULTS_FILE = "eval_results.json"
 
@@ -190,8 +199,26 @@ def run_heads(run: Run, options: dict) -> dict:
   return suite.evaluate(analysis, run.config, run.data, run.workdir, max_batches=run.max_batches)
 
 
+def run_lm_eval(run: Run, options: dict) -> dict:
+  try:
+    from arch_zoo import lm_eval_adapter
+  except ImportError as e:
+    raise UserError("--suite lm_eval needs EleutherAI's harness: pip install -e '.[lm_eval]'.") \
+        from e
+  if not options.get("lm_eval_tasks"):
+    raise UserError("--suite lm_eval needs --lm_eval_tasks=NAME[,NAME] (and, for your own task "
+                    "files, --lm_eval_include_path=DIR).")
+  model = nnx.merge(run.graphdef, run.state.params, run.state.model_state)
+  return lm_eval_adapter.run_tasks(run.workdir, options["lm_eval_tasks"],
+                                   include_path=options.get("lm_eval_include_path"),
+                                   limit=options.get("lm_eval_limit"),
+                                   model=lm_eval_adapter.ArchZooLM.from_model(
+                                       model, run.config, run.data.tokenizer))
+
+
 EVALUATORS = {"perplexity": run_perplexity, "classification": run_classification,
-              "mqar": run_mqar, "passkey": run_passkey, "heads": run_heads}
+              "mqar": run_mqar, "passkey": run_passkey, "heads": run_heads,
+              "lm_eval": run_lm_eval}
 
 
 def upgrade(saved: dict) -> dict:
@@ -230,7 +257,8 @@ def evaluate_run(workdir: str, step: int | None = None, max_batches: int | None 
                  ) -> dict[str, Any]:
   """Runs ``suite`` on the checkpoint ``step`` (default: latest) of ``workdir``; returns and
   writes ``{"step", "task", "attention", "suite", "results": {EVALUATOR: metrics}}`` (merged with
-  the saved results of the same step). ``passkey_options``: ``lengths``, ``depths``, ``trials``."""
+  the saved results of the same step). ``passkey_options``: ``lengths``, ``depths``, ``trials``
+  (and, for ``lm_eval``, ``lm_eval_tasks``, ``lm_eval_include_path``, ``lm_eval_limit``)."""
   config = load_config(workdir)
   names = tasks.get(config.task).suite(suite)  # fail before restoring anything
   mesh = sharding.make_mesh(config.mesh)
@@ -275,7 +303,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     checkpoint.quiet_orbax_errors()
   options = {"lengths": FLAGS.passkey_lengths, "depths": FLAGS.passkey_depths,
-             "trials": FLAGS.passkey_trials}
+             "trials": FLAGS.passkey_trials, "lm_eval_tasks": FLAGS.lm_eval_tasks,
+             "lm_eval_include_path": FLAGS.lm_eval_include_path,
+             "lm_eval_limit": FLAGS.lm_eval_limit}
 
   def work():
     # The run's XLA flag sets (e.g. cpu2: two CPU devices), before JAX starts a backend.

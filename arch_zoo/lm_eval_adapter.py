@@ -75,14 +75,26 @@ class ArchZooLM(LM):
 
   def __init__(self, workdir: str, step: int | None = None,
                batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+    run = generation.load_run(workdir, None if step in (None, "") else int(step))
+    self._setup(run.model, run.config, run.tokenizer, batch_size)
+
+  @classmethod
+  def from_model(cls, model, config, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE
+                 ) -> "ArchZooLM":
+    """An already restored model (eval.py's suite), with its config and tokenizer."""
+    adapter = cls.__new__(cls)
+    adapter._setup(model, config, tokenizer, batch_size)
+    return adapter
+
+  def _setup(self, model, config, tokenizer, batch_size) -> None:
     super().__init__()
-    self.run = generation.load_run(workdir, None if step in (None, "") else int(step))
+    self.model, self.tokenizer = model, tokenizer
     self.batch_size = int(batch_size)
     if self.batch_size < 1:
       raise UserError(f"batch_size must be >= 1; got {batch_size}.")
-    self.max_length = self.run.max_len
-    self.end_id = getattr(self.run.tokenizer, "eod_id", None)
-    self._graphdef, self._state = nnx.split(self.run.model)
+    self.max_length = int(config.data.seq_len)
+    self.end_id = getattr(tokenizer, "eod_id", None)
+    self._graphdef, self._state = nnx.split(model)
 
   @classmethod
   def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None
@@ -109,7 +121,7 @@ class ArchZooLM(LM):
   # ------------------------------------------------------------------------------- scoring
 
   def _encode(self, text: str) -> list[int]:
-    return [int(t) for t in self.run.tokenizer.encode(text)]
+    return [int(t) for t in self.tokenizer.encode(text)]
 
   def _prefix(self) -> list[int]:
     if self.end_id is None:
@@ -185,11 +197,11 @@ class ArchZooLM(LM):
       sample = bool(options.pop("do_sample", False))
       temperature = float(options.pop("temperature", 1.0 if sample else 0.0))
       prompt = self._encode(context)[-self.max_length:] if context else self._prefix()
-      ids = generation.generate(self.run.model, [prompt], max_new,
+      ids = generation.generate(self.model, [prompt], max_new,
                                 temperature=temperature if sample else 0.0,
                                 eos_id=self.end_id, window=self.max_length,
                                 seed=int(options.pop("seed", 0)))[0]
-      text = self.run.tokenizer.decode(ids)
+      text = self.tokenizer.decode(ids)
       cut = min((text.find(s) for s in until if s and s in text), default=len(text))
       out.append(text[:cut])
     return out
@@ -202,12 +214,13 @@ model_registry.register("arch_zoo", target="arch_zoo.lm_eval_adapter:ArchZooLM")
 
 def run_tasks(workdir: str, tasks: Iterable[str], *, step: int | None = None,
               include_path: str | None = None, limit: int | None = None,
-              batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
-  """lm_eval's ``simple_evaluate`` on a run: {task: {metric: value}} (eval.py's suite)."""
+              batch_size: int = DEFAULT_BATCH_SIZE, model: ArchZooLM | None = None) -> dict:
+  """lm_eval's ``simple_evaluate`` on a run (or on ``model``, already loaded): {task: {metric:
+  value}} (eval.py's suite)."""
   from lm_eval import evaluator
   from lm_eval.tasks import TaskManager
 
-  model = ArchZooLM(workdir, step, batch_size)
+  model = model or ArchZooLM(workdir, step, batch_size)
   manager = TaskManager(include_path=include_path) if include_path else TaskManager()
   tasks = list(tasks)
   unknown = [t for t in tasks if not manager.match_tasks([t])]

@@ -29,7 +29,7 @@ from arch_zoo.models import lm as lm_backbone
 from arch_zoo.models import vit as vit_backbone
 from arch_zoo.registry import Registry
 
-SUITES = ("default", "recall", "all", "heads")
+SUITES = ("default", "recall", "all", "heads", "lm_eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +195,7 @@ register(Task(
     build_data=_text_data,
     validator=perplexity,
     suites={"default": ("perplexity",), "recall": ("passkey",), "all": ("perplexity", "passkey"),
-            "heads": ("heads",)},
+            "heads": ("heads",), "lm_eval": ("lm_eval",)},
     throughput_unit="tokens/s",
     sequence_length=lambda config: config.data.seq_len,
     flops=_lm_flops,

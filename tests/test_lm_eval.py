@@ -58,7 +58,7 @@ def log_probs_one_by_one(model, tokens: list[int]) -> tuple[np.ndarray, np.ndarr
 
 
 def test_loglikelihood_equals_an_unpadded_forward_per_request(adapter):
-  encode = lambda s: [int(t) for t in adapter.run.tokenizer.encode(s)]
+  encode = lambda s: [int(t) for t in adapter.tokenizer.encode(s)]
   long_context = "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, " * 2  # > data.seq_len
   pairs = [("It is a truth ", "universally"), ("Emma", " Woodhouse"), ("", "Persuasion"),
            (long_context, " was a man")]
@@ -69,22 +69,22 @@ def test_loglikelihood_equals_an_unpadded_forward_per_request(adapter):
     prefix = encode(context) if context else [adapter.end_id]
     tokens = (prefix + encode(continuation))[-(adapter.max_length + 1):]
     n = len(encode(continuation))
-    lp, top = log_probs_one_by_one(adapter.run.model, tokens)
+    lp, top = log_probs_one_by_one(adapter.model, tokens)
     np.testing.assert_allclose(score, lp[-n:].sum(), rtol=1e-5, atol=1e-5)
     assert greedy == bool(top[-n:].all())
 
 
 def test_rolling_windows_cover_every_token_once_within_the_length(adapter):
   text = "It is a truth universally acknowledged. " * 4
-  tokens = [adapter.end_id] + [int(t) for t in adapter.run.tokenizer.encode(text)]
+  tokens = [adapter.end_id] + [int(t) for t in adapter.tokenizer.encode(text)]
   windows = adapter.rolling_windows(text)
   predicted = [w[-n:] for w, n in windows]
   assert sum(predicted, []) == tokens[1:]
   assert all(len(w) <= adapter.max_length + 1 and n <= len(w) - 1 for w, n in windows)
   short = "Emma Woodhouse"
   [score] = adapter.loglikelihood_rolling([Request(short)])
-  lp, _ = log_probs_one_by_one(adapter.run.model,
-                               [adapter.end_id] + [int(t) for t in adapter.run.tokenizer.encode(short)])
+  lp, _ = log_probs_one_by_one(adapter.model,
+                               [adapter.end_id] + [int(t) for t in adapter.tokenizer.encode(short)])
   np.testing.assert_allclose(score, lp.sum(), rtol=1e-5)
 
 
@@ -128,3 +128,17 @@ def test_bad_model_args_get_one_clear_line(lm_run):
     lm_eval_adapter.ArchZooLM.create_from_arg_string("step=3")
   with pytest.raises(lm_eval_adapter.UserError, match="unknown --model_args"):
     lm_eval_adapter.ArchZooLM.create_from_arg_string(f"workdir={lm_run},pretrained=gpt2")
+
+
+def test_eval_py_runs_the_harness_as_a_suite(lm_run, adapter):
+  import eval as eval_lib
+  record = eval_lib.evaluate_run(lm_run, suite="lm_eval", passkey_options={
+      "lm_eval_tasks": ["austen_lines"], "lm_eval_include_path": TASKS})
+  texts = [json.loads(line)["text"] for line in open(os.path.join(TASKS, "austen_lines.jsonl"))]
+  nats = -sum(adapter.loglikelihood_rolling([Request(t) for t in texts]))
+  num_bytes = sum(len(t.encode("utf-8")) for t in texts)
+  got = record["results"]["lm_eval"]["austen_lines"]["bits_per_byte,none"]
+  assert got == pytest.approx(nats / num_bytes / math.log(2), rel=1e-5)
+  assert json.load(open(os.path.join(lm_run, "eval_results.json")))["results"]["lm_eval"]
+  with pytest.raises(lm_eval_adapter.UserError, match="--lm_eval_tasks"):
+    eval_lib.evaluate_run(lm_run, suite="lm_eval")

@@ -11,6 +11,7 @@ evaluators its task lists for a suite, by name:
 | mqar | recall | MQAR accuracy per (length, kv pairs) slice |
 | passkey | passkey | passkey retrieval per (length, depth) |
 | heads | arch_zoo.analysis.suite | head diagnostics (docs/heads.md) |
+| lm_eval | arch_zoo.lm_eval_adapter | EleutherAI lm-evaluation-harness tasks |
 
 ``summary(name, metrics)`` gives eval.py's lines for an evaluator's results.
 """
@@ -24,8 +25,15 @@ def heads_summary(metrics: dict) -> list[str]:
   return suite.summary_lines(metrics)
 
 
+def lm_eval_summary(metrics: dict) -> list[str]:
+  return [f"  lm_eval {task}: " + " | ".join(f"{name} {value:.4f}" for name, value in
+                                            sorted(values.items()) if "stderr" not in name)
+          for task, values in metrics.items()]
+
+
 SUMMARIES = {"perplexity": perplexity.summary, "classification": classification.summary,
-             "mqar": recall.summary, "passkey": passkey.summary, "heads": heads_summary}
+             "mqar": recall.summary, "passkey": passkey.summary, "heads": heads_summary,
+             "lm_eval": lm_eval_summary}
 
 
 def summary(name: str, metrics: dict) -> list[str]:
