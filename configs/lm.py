@@ -72,6 +72,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
       # concat: a stream crossing documents (fastest kernels, no padding); pack: documents packed
       # into rows with segment ids and restarting positions; none: one document piece per row.
       packing="concat",
+      # grain's loader (arch_zoo/data/loader.py): worker processes and prefetching threads that
+      # make the batches (0 and 0: the training thread does). Neither changes a batch.
+      workers=0,
+      threads=0,
   ))
   config.optim = common.optim_config(size)
   config.train = common.train_config(size)

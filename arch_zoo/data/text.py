@@ -51,7 +51,7 @@ from typing import Iterator
 
 import numpy as np
 
-from arch_zoo.data import DATASETS, batching, require_prepared, tokenizers
+from arch_zoo.data import DATASETS, batching, loader, require_prepared, tokenizers
 from arch_zoo.registry import check_choice
 
 PACKINGS = ("concat", "pack", "none")
@@ -344,12 +344,12 @@ class WindowSampler:
     self._epoch_cache: tuple[int, int, np.ndarray] | None = None
 
   def _epoch(self, epoch: int) -> tuple[int, np.ndarray]:
-    if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+    cache = self._epoch_cache  # one read: grain's threads may replace it meanwhile
+    if cache is None or cache[0] != epoch:
       rng = np.random.default_rng([self.seed, epoch])
       shift = int(rng.integers(self.seq_len))
-      order = rng.permutation(self.windows_per_epoch)
-      self._epoch_cache = (epoch, shift, order)
-    return self._epoch_cache[1], self._epoch_cache[2]
+      cache = self._epoch_cache = (epoch, shift, rng.permutation(self.windows_per_epoch))
+    return cache[1], cache[2]
 
   def starts(self, indices: np.ndarray) -> np.ndarray:
     out = np.empty(len(indices), dtype=np.int64)
@@ -370,10 +370,11 @@ class RowSampler:
     self._epoch_cache: tuple[int, np.ndarray] | None = None
 
   def _order(self, epoch: int) -> np.ndarray:
-    if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-      self._epoch_cache = (epoch, np.random.default_rng([self.seed, epoch])
-                           .permutation(self.rows_per_epoch))
-    return self._epoch_cache[1]
+    cache = self._epoch_cache  # one read: grain's threads may replace it meanwhile
+    if cache is None or cache[0] != epoch:
+      cache = self._epoch_cache = (epoch, np.random.default_rng([self.seed, epoch])
+                                   .permutation(self.rows_per_epoch))
+    return cache[1]
 
   def rows(self, indices: np.ndarray) -> np.ndarray:
     out = np.empty(len(indices), dtype=np.int64)
@@ -434,17 +435,26 @@ class LanguageModelingData:
   def local_rows(self, global_batch: int) -> slice:
     return batching.local_rows(global_batch, self.process_index, self.process_count)
 
+  def __getstate__(self) -> dict:
+    # What grain's worker processes unpickle: the tokens and samplers, not the tokenizer (an
+    # extension object that need not pickle, and that making batches never uses).
+    return {**self.__dict__, "tokenizer": None}
+
+  def train_example(self, index: int) -> dict[str, np.ndarray]:
+    """Global training sample ``index``: one row, a pure function of (seed, ``index``)."""
+    indices = np.array([index], np.int64)
+    if self.packing != "concat":
+      batch = rows_batch(self._train_tokens, self.train_rows, self.sampler.rows(indices),
+                         segments=self.packing == "pack")
+      return {key: value[0] for key, value in batch.items()}
+    start = int(self.sampler.starts(indices)[0])
+    window = self.train.tokens[start:start + self.seq_len + 1].astype(np.int32)
+    return {"inputs": window[:-1], "targets": window[1:],
+            "weights": np.ones(self.seq_len, np.float32)}
+
   def train_batch(self, first_sample: int, global_batch: int) -> dict[str, np.ndarray]:
     """This process's rows of global samples ``[first_sample, first_sample + global_batch)``."""
-    indices = np.arange(first_sample, first_sample + global_batch)[self.local_rows(global_batch)]
-    if self.packing != "concat":
-      return rows_batch(self._train_tokens, self.train_rows, self.sampler.rows(indices),
-                        segments=self.packing == "pack")
-    starts = self.sampler.starts(indices)
-    offsets = np.arange(self.seq_len + 1)
-    windows = self.train.tokens[starts[:, None] + offsets].astype(np.int32)
-    return {"inputs": windows[:, :-1], "targets": windows[:, 1:],
-            "weights": np.ones(windows[:, 1:].shape, np.float32)}
+    return loader.train_batch(self, first_sample, global_batch)
 
   def _num_eval_rows(self) -> int:
     if self.validation_rows is not None:
@@ -454,22 +464,22 @@ class LanguageModelingData:
   def num_eval_batches(self, global_batch: int) -> int:
     return math.ceil(self._num_eval_rows() / global_batch)
 
+  def eval_example(self, row: int) -> dict[str, np.ndarray]:
+    """Validation row ``row`` of the training segmentation; past the last row, zero weight."""
+    ids = np.array([row if row < self._num_eval_rows() else -1], np.int64)
+    if self.validation_rows is not None:
+      batch = rows_batch(self._validation_tokens, self.validation_rows, ids,
+                         segments=self.packing == "pack")
+    else:
+      batch = self._stream_windows(ids)
+    return {key: value[0] for key, value in batch.items()}
+
   def eval_batches(self, global_batch: int, max_batches: int | None = None
                    ) -> Iterator[dict[str, np.ndarray]]:
     """Every validation target once: the training segmentation, zero-weight padding."""
-    total = self.num_eval_batches(global_batch)
-    if max_batches:
-      total = min(total, max_batches)
-    rows = self.local_rows(global_batch)
-    num_rows = self._num_eval_rows()
-    for b in range(total):
-      ids = np.arange(b * global_batch, (b + 1) * global_batch)
-      ids = np.where(ids < num_rows, ids, -1)[rows]
-      if self.validation_rows is not None:
-        yield rows_batch(self._validation_tokens, self.validation_rows, ids,
-                         segments=self.packing == "pack")
-      else:
-        yield self._stream_windows(ids)
+    dataset = loader.eval_dataset(self.eval_example, self._num_eval_rows(), global_batch,
+                                  self.process_index, self.process_count)
+    return loader.eval_batches(dataset, max_batches, loader.loader_options(self.cfg)["threads"])
 
   def _stream_windows(self, ids: np.ndarray) -> dict[str, np.ndarray]:
     """``concat``: non-overlapping windows ``ids`` of the validation stream (-1: empty)."""
