@@ -113,6 +113,9 @@ def train_batches(data, first_sample: int, global_batch: int, workers: int = 0,
   iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(threads, 1),
                                                        prefetch_buffer_size=max(threads, 1) * 2))
   if workers:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain reads its absl flags; a library call parsed none
+      flags.FLAGS.mark_as_parsed()
     iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                                  per_worker_buffer_size=2))
   return iter(iterable)

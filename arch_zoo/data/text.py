@@ -2,7 +2,8 @@
 
 **Documents.** Every source keeps its documents: ``austen`` and ``kjv`` by chapter (their TFDS
 builders give one example per chapter; see their docstrings for why chapters), ``tfds:NAME`` by
-example, ``text:GLOB`` by file, or by ``data.doc_separator`` within the files. Sources joined by
+example, ``hf:NAME_OR_PATH`` (Hugging Face ``datasets``, :mod:`arch_zoo.data.hf`) by example,
+``text:GLOB`` by file, or by ``data.doc_separator`` within the files. Sources joined by
 ``+`` (``data=austen+kjv``) are mixed by concatenating their documents, in the order given.
 Documents that are empty or only whitespace are dropped; a source or split left with none is an
 error. A split is tokenised once into a stream ``d_1 EOD d_2 EOD ... d_N EOD``: the tokenizer's
@@ -164,17 +165,14 @@ def separator_value(separator: str) -> str:
 def read_text_files(pattern: str, val_fraction: float, separator: str = ""
                     ) -> tuple[list[str], list[str]]:
   """Train and validation documents of ``text:GLOB``: one per file (or per ``separator``-split
-  piece of a file), in sorted path order. The last ``val_fraction`` of the characters is
-  validation: the documents there, and the end of the one the cut falls in (with one file, the
-  file's last ``val_fraction``)."""
+  piece of a file), in sorted path order; the last ``val_fraction`` of the characters is
+  validation (:func:`hold_out`; with one file, the file's last ``val_fraction``)."""
   paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
                  if os.path.isfile(p))
   if not paths:
     raise FileNotFoundError(f"data=text:{pattern} matches no files (the glob is expanded from "
                             f"{os.getcwd()}; ** matches across directories).")
-  if not 0.0 < val_fraction < 1.0:
-    raise ValueError(f"data.val_fraction={val_fraction} must be between 0 and 1 (the share of "
-                     "the text held out for validation).")
+  check_val_fraction(val_fraction)
   documents = []
   for path in paths:
     text = read_text_file(path)
@@ -182,6 +180,20 @@ def read_text_files(pattern: str, val_fraction: float, separator: str = ""
   what = f"data=text:{pattern} ({len(paths)} file{'s' * (len(paths) > 1)})"
   documents = nonempty(documents, what, "point the glob at non-empty UTF-8 text files"
                        + (" or check data.doc_separator" if separator else "") + ".")
+  return hold_out(documents, val_fraction, what)
+
+
+def check_val_fraction(val_fraction: float) -> None:
+  if not 0.0 < val_fraction < 1.0:
+    raise ValueError(f"data.val_fraction={val_fraction} must be between 0 and 1 (the share of "
+                     "the text held out for validation).")
+
+
+def hold_out(documents: list[str], val_fraction: float, what: str
+             ) -> tuple[list[str], list[str]]:
+  """Train and validation documents: the last ``val_fraction`` of the characters is validation,
+  the documents there and the end of the one the cut falls in."""
+  check_val_fraction(val_fraction)
   cut = int(sum(len(d) for d in documents) * (1.0 - val_fraction))
   train, validation, seen = [], [], 0
   for doc in documents:
@@ -201,7 +213,10 @@ def read_text_files(pattern: str, val_fraction: float, separator: str = ""
 
 def source_texts(source: str, cfg, data_dir: str) -> tuple[list[str], list[str]]:
   """Train and validation documents of one source (``austen``, ``kjv``, ``tfds:NAME``,
-  ``text:GLOB``)."""
+  ``text:GLOB``, ``hf:NAME_OR_PATH``)."""
+  if source.startswith("hf:"):
+    from arch_zoo.data import hf
+    return hf.read_texts(source[len("hf:"):], cfg)
   if source.startswith("text:"):
     return read_text_files(source[len("text:"):], cfg.val_fraction,
                            cfg.get("doc_separator", ""))
@@ -222,9 +237,9 @@ def load_splits(cfg) -> tuple[Documents, Documents, object]:
   tokenizer = tokenizers.build(cfg.tokenizer)
   data_dir = cfg.data_dir or default_data_dir()
   sources = cfg.name.split("+")
-  if not all(s.removeprefix("tfds:").removeprefix("text:") for s in sources):
+  if not all(s.removeprefix("tfds:").removeprefix("text:").removeprefix("hf:") for s in sources):
     raise ValueError(f"data={cfg.name!r} names an empty source; sources are `austen`, `kjv`, "
-                     "`tfds:NAME` or `text:GLOB`, joined by `+`.")
+                     "`tfds:NAME`, `text:GLOB` or `hf:NAME_OR_PATH`, joined by `+`.")
   train, validation = [], []
   for source in sources:
     t, v = source_texts(source, cfg, data_dir)
