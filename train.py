@@ -31,6 +31,7 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from arch_zoo import checkpoint, config_checks, data as data_lib, interrupts as interrupts_lib
+from arch_zoo.data import loader
 from arch_zoo import metrics as metrics_lib, optim, perf, provenance, sharding, steps, tasks
 from arch_zoo import train_state, workdir as workdir_lib
 from arch_zoo.attention import ops
@@ -147,6 +148,7 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   failed = aborting = False
+  batches = None
   try:
     # ---------------------------------------------------------------- compiled steps
     base_rng = jax.random.key(config.seed)
@@ -166,7 +168,10 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
     last_step = min(total_steps, config.train.stop_at_step or total_steps)
     batch, kernels = None, []
     if start_step < last_step:
-      batch = put(data.train_batch(samples_seen, batch_size))
+      # grain's loader from the sample the checkpoint says comes next (arch_zoo/data/loader.py).
+      batches = loader.train_batches(data, samples_seen, batch_size,
+                                     **loader.loader_options(config.data))
+      batch = put(next(batches))
       # Traced, not compiled: shape errors show here, and `auto` says which kernels it chose.
       with sharding.use(mesh, rules), ops.recording() as choices:
         jax.eval_shape(train_step, state, batch)
@@ -238,7 +243,7 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
         # runs: on a CPU mesh, which must wait for each step, the ViT demo then trained 8-20%
         # faster.
         if step + 1 < last_step:
-          batch = put(data.train_batch(samples_seen, batch_size))
+          batch = put(next(batches))
         state, step_metrics = sharding.wait_if_cpu_mesh((state, step_metrics))
         pending.append(step_metrics)
         step += 1
@@ -314,6 +319,7 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
           raise
       finally:
         writer.close()
+        loader.close(batches)  # grain's worker processes, if any
 
 
 def nonfinite_message(loss: float, window: tuple[int, int], ckpt: checkpoint.Checkpointer,

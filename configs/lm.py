@@ -75,6 +75,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
       # pack only: at most this many documents share a row. It bounds cuDNN's packed layout
       # (model.max_segments = this + 1, padding included), whose statistics grow with it.
       max_documents_per_row=32,
+      # grain's loader (arch_zoo/data/loader.py): worker processes and prefetching threads that
+      # make the batches (0 and 0: the training thread does). Neither changes a batch.
+      workers=0,
+      threads=0,
   ))
   config.optim = common.optim_config(size)
   config.train = common.train_config(size)

@@ -126,7 +126,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
       std=dataset["std"],
       eval_crop_fraction=dataset["eval_crop_fraction"],  # eval: resize to size/f, centre crop
       cache="auto",  # auto | memory | none: keep decoded splits in memory (auto: if <= 2 GiB)
-      workers=0,  # threads that decode and augment images (0: the main thread)
+      # grain's loader (arch_zoo/data/loader.py): worker processes that decode and augment
+      # images, and threads that prefetch rows (0 and 0: the training thread makes each batch).
+      # Neither changes a batch.
+      workers=0,
+      threads=0,
       augment=ConfigDict(dict(
           crop=size["crop"],  # none | pad | random_resized
           crop_padding=2,  # pad: pixels of zero padding around the image before the crop

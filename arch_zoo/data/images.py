@@ -24,14 +24,13 @@ central ``image_size`` square (images already at ``image_size`` are left alone);
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
-from arch_zoo.data import batching, default_data_dir, require_prepared
+from arch_zoo.data import batching, default_data_dir, loader, require_prepared
 from arch_zoo.registry import check_choice
 
 CROPS = ("none", "pad", "random_resized")
@@ -63,10 +62,11 @@ class EpochSampler:
     self._epoch_cache: tuple[int, np.ndarray] | None = None
 
   def _order(self, epoch: int) -> np.ndarray:
-    if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+    cache = self._epoch_cache  # one read: grain's threads may replace it meanwhile
+    if cache is None or cache[0] != epoch:
       order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-      self._epoch_cache = (epoch, order)
-    return self._epoch_cache[1]
+      cache = self._epoch_cache = (epoch, order)
+    return cache[1]
 
   def examples(self, indices: np.ndarray) -> np.ndarray:
     out = np.empty(len(indices), dtype=np.int64)
@@ -162,12 +162,12 @@ class ImageSplit:
   """Random access to one split's (image, label) pairs, decoded in memory or read on demand."""
 
   def __init__(self, name: str, split: str, data_dir: str, image_key: str, label_key: str,
-               image_shape: tuple, cache: str, pool: concurrent.futures.Executor | None):
+               image_shape: tuple, cache: str):
     import tensorflow_datasets as tfds
 
+    # TFDS's ArrayRecord-backed random-access source, the kind grain reads.
     self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     self.image_key, self.label_key = image_key, label_key
-    self.pool = pool
     self.images: np.ndarray | None = None
     self.labels: np.ndarray | None = None
     example = self.source[0]
@@ -181,25 +181,19 @@ class ImageSplit:
                        "Use data.cache='auto' or 'none'.")
     if cache == "memory" or (cache == "auto" and fixed and
                              len(self.source) * math.prod(image_shape) <= AUTO_CACHE_BYTES):
-      records = self._read(range(len(self.source)))
+      records = self.source.__getitems__(list(range(len(self.source))))
       self.images = np.stack([r[image_key] for r in records])
       self.labels = np.array([r[label_key] for r in records], np.int32)
 
   def __len__(self) -> int:
     return len(self.source)
 
-  def _read(self, indices) -> list[dict]:
-    indices = [int(i) for i in indices]
-    if self.pool is None:
-      return self.source.__getitems__(indices)
-    return list(self.pool.map(self.source.__getitem__, indices))
-
-  def get(self, indices: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+  def get(self, index: int) -> tuple[np.ndarray, np.int32]:
+    """Example ``index``: its image (uint8 HWC, as stored) and label."""
     if self.images is not None:
-      return list(self.images[indices]), self.labels[indices]
-    records = self._read(indices)
-    return ([r[self.image_key] for r in records],
-            np.array([r[self.label_key] for r in records], np.int32))
+      return self.images[index], self.labels[index]
+    record = self.source[int(index)]
+    return record[self.image_key], np.int32(record[self.label_key])
 
 
 class ImageClassificationData:
@@ -228,9 +222,6 @@ class ImageClassificationData:
     self._check_model(model_cfg)
     self.mean = np.broadcast_to(np.asarray(cfg.mean, np.float32), (self.channels,))
     self.std = np.broadcast_to(np.asarray(cfg.std, np.float32), (self.channels,))
-    # Decoding and resizing (PIL) release the GIL, so threads spread them over the cores.
-    self.pool = (concurrent.futures.ThreadPoolExecutor(cfg.workers) if cfg.workers > 0
-                 else None)
     self._splits: dict[str, ImageSplit] = {}
     self._sampler: EpochSampler | None = None
 
@@ -258,8 +249,7 @@ class ImageClassificationData:
   def split(self, split: str) -> ImageSplit:
     if split not in self._splits:
       self._splits[split] = ImageSplit(self.name, split, self.data_dir, self.cfg.image_key,
-                                       self.cfg.label_key, self.image_shape, self.cfg.cache,
-                                       self.pool)
+                                       self.cfg.label_key, self.image_shape, self.cfg.cache)
     return self._splits[split]
 
   def local_rows(self, global_batch: int) -> slice:
@@ -293,22 +283,21 @@ class ImageClassificationData:
       image = image[:, ::-1]
     return image
 
-  def normalize(self, images: list[np.ndarray]) -> np.ndarray:
-    batch = np.stack(images).astype(np.float32) / 255.0
-    return (batch - self.mean) / self.std
-
-  def _map(self, fn, *args) -> list:
-    return list(self.pool.map(fn, *args)) if self.pool is not None else list(map(fn, *args))
+  def normalize(self, image: np.ndarray) -> np.ndarray:
+    return (image.astype(np.float32) / 255.0 - self.mean) / self.std
 
   # ---------------------------------------------------------------- batches
 
+  def train_example(self, index: int) -> dict[str, np.ndarray]:
+    """Global training sample ``index``: a pure function of (seed, ``index``)."""
+    image, label = self.train.get(self.sampler.examples(np.array([index], np.int64))[0])
+    draws = augmentation_draws(self.seed, np.array([index], np.int64))[0]
+    return {"inputs": self.normalize(self.train_transform(image, draws)),
+            "targets": np.int32(label), "weights": np.float32(1.0)}
+
   def train_batch(self, first_sample: int, global_batch: int) -> dict[str, np.ndarray]:
     """This process's rows of global samples ``[first_sample, first_sample + global_batch)``."""
-    indices = np.arange(first_sample, first_sample + global_batch)[self.local_rows(global_batch)]
-    images, labels = self.train.get(self.sampler.examples(indices))
-    images = self._map(self.train_transform, images, augmentation_draws(self.seed, indices))
-    return {"inputs": self.normalize(images), "targets": labels.astype(np.int32),
-            "weights": np.ones(len(labels), np.float32)}
+    return loader.train_batch(self, first_sample, global_batch)
 
   def num_eval_batches(self, global_batch: int, split: str | None = None) -> int:
     return math.ceil(len(self.split(split or self.cfg.eval_split)) / global_batch)
@@ -318,13 +307,19 @@ class ImageClassificationData:
     """Every example of ``split`` (default ``data.eval_split``) once, in order; the last batch is
     padded with zero-weight rows so that every batch has the same shape (one compilation)."""
     source = self.split(split or self.cfg.eval_split)
-    total = self.num_eval_batches(global_batch, split)
-    if max_batches:
-      total = min(total, max_batches)
-    rows = self.local_rows(global_batch)
-    for b in range(total):
-      indices = np.arange(b * global_batch, (b + 1) * global_batch)[rows]
-      valid = indices < len(source)
-      images, labels = source.get(np.where(valid, indices, 0))
-      yield {"inputs": self.normalize(self._map(self.eval_transform, images)),
-             "targets": labels.astype(np.int32), "weights": valid.astype(np.float32)}
+    dataset = loader.eval_dataset(EvalExample(self, source), len(source), global_batch,
+                                  self.process_index, self.process_count)
+    return loader.eval_batches(dataset, max_batches, loader.loader_options(self.cfg)["threads"])
+
+
+class EvalExample:
+  """Row ``r`` of an evaluation split; past its end, example 0 with weight 0 (padding)."""
+
+  def __init__(self, data: ImageClassificationData, source: ImageSplit):
+    self.data, self.source = data, source
+
+  def __call__(self, row: int) -> dict[str, np.ndarray]:
+    valid = row < len(self.source)
+    image, label = self.source.get(row if valid else 0)
+    return {"inputs": self.data.normalize(self.data.eval_transform(image)),
+            "targets": np.int32(label), "weights": np.float32(valid)}

@@ -2,7 +2,8 @@
 
 **Documents.** Every source keeps its documents: ``austen`` and ``kjv`` by chapter (their TFDS
 builders give one example per chapter; see their docstrings for why chapters), ``tfds:NAME`` by
-example, ``text:GLOB`` by file, or by ``data.doc_separator`` within the files. Sources joined by
+example, ``hf:NAME_OR_PATH`` (Hugging Face ``datasets``, :mod:`arch_zoo.data.hf`) by example,
+``text:GLOB`` by file, or by ``data.doc_separator`` within the files. Sources joined by
 ``+`` (``data=austen+kjv``) are mixed by concatenating their documents, in the order given.
 Documents that are empty or only whitespace are dropped; a source or split left with none is an
 error. A split is tokenised once into a stream ``d_1 EOD d_2 EOD ... d_N EOD``: the tokenizer's
@@ -51,7 +52,7 @@ from typing import Iterator
 
 import numpy as np
 
-from arch_zoo.data import DATASETS, batching, require_prepared, tokenizers
+from arch_zoo.data import DATASETS, batching, loader, require_prepared, tokenizers
 from arch_zoo.registry import check_choice
 
 PACKINGS = ("concat", "pack", "none")
@@ -164,17 +165,14 @@ def separator_value(separator: str) -> str:
 def read_text_files(pattern: str, val_fraction: float, separator: str = ""
                     ) -> tuple[list[str], list[str]]:
   """Train and validation documents of ``text:GLOB``: one per file (or per ``separator``-split
-  piece of a file), in sorted path order. The last ``val_fraction`` of the characters is
-  validation: the documents there, and the end of the one the cut falls in (with one file, the
-  file's last ``val_fraction``)."""
+  piece of a file), in sorted path order; the last ``val_fraction`` of the characters is
+  validation (:func:`hold_out`; with one file, the file's last ``val_fraction``)."""
   paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
                  if os.path.isfile(p))
   if not paths:
     raise FileNotFoundError(f"data=text:{pattern} matches no files (the glob is expanded from "
                             f"{os.getcwd()}; ** matches across directories).")
-  if not 0.0 < val_fraction < 1.0:
-    raise ValueError(f"data.val_fraction={val_fraction} must be between 0 and 1 (the share of "
-                     "the text held out for validation).")
+  check_val_fraction(val_fraction)
   documents = []
   for path in paths:
     text = read_text_file(path)
@@ -182,6 +180,20 @@ def read_text_files(pattern: str, val_fraction: float, separator: str = ""
   what = f"data=text:{pattern} ({len(paths)} file{'s' * (len(paths) > 1)})"
   documents = nonempty(documents, what, "point the glob at non-empty UTF-8 text files"
                        + (" or check data.doc_separator" if separator else "") + ".")
+  return hold_out(documents, val_fraction, what)
+
+
+def check_val_fraction(val_fraction: float) -> None:
+  if not 0.0 < val_fraction < 1.0:
+    raise ValueError(f"data.val_fraction={val_fraction} must be between 0 and 1 (the share of "
+                     "the text held out for validation).")
+
+
+def hold_out(documents: list[str], val_fraction: float, what: str
+             ) -> tuple[list[str], list[str]]:
+  """Train and validation documents: the last ``val_fraction`` of the characters is validation,
+  the documents there and the end of the one the cut falls in."""
+  check_val_fraction(val_fraction)
   cut = int(sum(len(d) for d in documents) * (1.0 - val_fraction))
   train, validation, seen = [], [], 0
   for doc in documents:
@@ -201,7 +213,10 @@ def read_text_files(pattern: str, val_fraction: float, separator: str = ""
 
 def source_texts(source: str, cfg, data_dir: str) -> tuple[list[str], list[str]]:
   """Train and validation documents of one source (``austen``, ``kjv``, ``tfds:NAME``,
-  ``text:GLOB``)."""
+  ``text:GLOB``, ``hf:NAME_OR_PATH``)."""
+  if source.startswith("hf:"):
+    from arch_zoo.data import hf
+    return hf.read_texts(source[len("hf:"):], cfg)
   if source.startswith("text:"):
     return read_text_files(source[len("text:"):], cfg.val_fraction,
                            cfg.get("doc_separator", ""))
@@ -222,9 +237,9 @@ def load_splits(cfg) -> tuple[Documents, Documents, object]:
   tokenizer = tokenizers.build(cfg.tokenizer)
   data_dir = cfg.data_dir or default_data_dir()
   sources = cfg.name.split("+")
-  if not all(s.removeprefix("tfds:").removeprefix("text:") for s in sources):
+  if not all(s.removeprefix("tfds:").removeprefix("text:").removeprefix("hf:") for s in sources):
     raise ValueError(f"data={cfg.name!r} names an empty source; sources are `austen`, `kjv`, "
-                     "`tfds:NAME` or `text:GLOB`, joined by `+`.")
+                     "`tfds:NAME`, `text:GLOB` or `hf:NAME_OR_PATH`, joined by `+`.")
   train, validation = [], []
   for source in sources:
     t, v = source_texts(source, cfg, data_dir)
@@ -348,12 +363,12 @@ class WindowSampler:
     self._epoch_cache: tuple[int, int, np.ndarray] | None = None
 
   def _epoch(self, epoch: int) -> tuple[int, np.ndarray]:
-    if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+    cache = self._epoch_cache  # one read: grain's threads may replace it meanwhile
+    if cache is None or cache[0] != epoch:
       rng = np.random.default_rng([self.seed, epoch])
       shift = int(rng.integers(self.seq_len))
-      order = rng.permutation(self.windows_per_epoch)
-      self._epoch_cache = (epoch, shift, order)
-    return self._epoch_cache[1], self._epoch_cache[2]
+      cache = self._epoch_cache = (epoch, shift, rng.permutation(self.windows_per_epoch))
+    return cache[1], cache[2]
 
   def starts(self, indices: np.ndarray) -> np.ndarray:
     out = np.empty(len(indices), dtype=np.int64)
@@ -374,10 +389,11 @@ class RowSampler:
     self._epoch_cache: tuple[int, np.ndarray] | None = None
 
   def _order(self, epoch: int) -> np.ndarray:
-    if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-      self._epoch_cache = (epoch, np.random.default_rng([self.seed, epoch])
-                           .permutation(self.rows_per_epoch))
-    return self._epoch_cache[1]
+    cache = self._epoch_cache  # one read: grain's threads may replace it meanwhile
+    if cache is None or cache[0] != epoch:
+      cache = self._epoch_cache = (epoch, np.random.default_rng([self.seed, epoch])
+                                   .permutation(self.rows_per_epoch))
+    return cache[1]
 
   def rows(self, indices: np.ndarray) -> np.ndarray:
     out = np.empty(len(indices), dtype=np.int64)
@@ -439,17 +455,26 @@ class LanguageModelingData:
   def local_rows(self, global_batch: int) -> slice:
     return batching.local_rows(global_batch, self.process_index, self.process_count)
 
+  def __getstate__(self) -> dict:
+    # What grain's worker processes unpickle: the tokens and samplers, not the tokenizer (an
+    # extension object that need not pickle, and that making batches never uses).
+    return {**self.__dict__, "tokenizer": None}
+
+  def train_example(self, index: int) -> dict[str, np.ndarray]:
+    """Global training sample ``index``: one row, a pure function of (seed, ``index``)."""
+    indices = np.array([index], np.int64)
+    if self.packing != "concat":
+      batch = rows_batch(self._train_tokens, self.train_rows, self.sampler.rows(indices),
+                         segments=self.packing == "pack")
+      return {key: value[0] for key, value in batch.items()}
+    start = int(self.sampler.starts(indices)[0])
+    window = self.train.tokens[start:start + self.seq_len + 1].astype(np.int32)
+    return {"inputs": window[:-1], "targets": window[1:],
+            "weights": np.ones(self.seq_len, np.float32)}
+
   def train_batch(self, first_sample: int, global_batch: int) -> dict[str, np.ndarray]:
     """This process's rows of global samples ``[first_sample, first_sample + global_batch)``."""
-    indices = np.arange(first_sample, first_sample + global_batch)[self.local_rows(global_batch)]
-    if self.packing != "concat":
-      return rows_batch(self._train_tokens, self.train_rows, self.sampler.rows(indices),
-                        segments=self.packing == "pack")
-    starts = self.sampler.starts(indices)
-    offsets = np.arange(self.seq_len + 1)
-    windows = self.train.tokens[starts[:, None] + offsets].astype(np.int32)
-    return {"inputs": windows[:, :-1], "targets": windows[:, 1:],
-            "weights": np.ones(windows[:, 1:].shape, np.float32)}
+    return loader.train_batch(self, first_sample, global_batch)
 
   def _num_eval_rows(self) -> int:
     if self.validation_rows is not None:
@@ -459,22 +484,22 @@ class LanguageModelingData:
   def num_eval_batches(self, global_batch: int) -> int:
     return math.ceil(self._num_eval_rows() / global_batch)
 
+  def eval_example(self, row: int) -> dict[str, np.ndarray]:
+    """Validation row ``row`` of the training segmentation; past the last row, zero weight."""
+    ids = np.array([row if row < self._num_eval_rows() else -1], np.int64)
+    if self.validation_rows is not None:
+      batch = rows_batch(self._validation_tokens, self.validation_rows, ids,
+                         segments=self.packing == "pack")
+    else:
+      batch = self._stream_windows(ids)
+    return {key: value[0] for key, value in batch.items()}
+
   def eval_batches(self, global_batch: int, max_batches: int | None = None
                    ) -> Iterator[dict[str, np.ndarray]]:
     """Every validation target once: the training segmentation, zero-weight padding."""
-    total = self.num_eval_batches(global_batch)
-    if max_batches:
-      total = min(total, max_batches)
-    rows = self.local_rows(global_batch)
-    num_rows = self._num_eval_rows()
-    for b in range(total):
-      ids = np.arange(b * global_batch, (b + 1) * global_batch)
-      ids = np.where(ids < num_rows, ids, -1)[rows]
-      if self.validation_rows is not None:
-        yield rows_batch(self._validation_tokens, self.validation_rows, ids,
-                         segments=self.packing == "pack")
-      else:
-        yield self._stream_windows(ids)
+    dataset = loader.eval_dataset(self.eval_example, self._num_eval_rows(), global_batch,
+                                  self.process_index, self.process_count)
+    return loader.eval_batches(dataset, max_batches, loader.loader_options(self.cfg)["threads"])
 
   def _stream_windows(self, ids: np.ndarray) -> dict[str, np.ndarray]:
     """``concat``: non-overlapping windows ``ids`` of the validation stream (-1: empty)."""
