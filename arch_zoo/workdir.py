@@ -27,7 +27,8 @@ CONFIG_FILE = "config.json"
 LOCK_FILE = "train.lock"
 # Config keys that define the run; a workdir holding a run with different values is refused.
 IDENTITY_KEYS = ("task", "seed", "model", "data.name", "data.seq_len", "data.tokenizer",
-                 "data.seed", "data.vocab_size", "data.train_slices", "data.random_non_queries")
+                 "data.seed", "data.vocab_size", "data.train_slices", "data.random_non_queries",
+                 "data.packing", "data.doc_separator", "data.max_documents_per_row")
 
 
 class WorkdirError(UserError, ValueError):

@@ -504,3 +504,11 @@ def test_an_lm_config_saved_before_documents_and_packing_is_upgraded():
     del old["data"][key]
   del old["model"]["max_segments"]
   assert workdir_lib.differences(workdir_lib.upgrade_config(old), current) == {}
+
+
+def test_another_packing_is_another_run():
+  saved = json.loads(lm.get_config("attn=mha,size=test").to_json_best_effort())
+  config = lm.get_config("attn=mha,size=test")
+  config.data.packing = "pack"
+  with pytest.raises(workdir_lib.WorkdirError, match="data.packing"):
+    workdir_lib.check_identity(saved, config, "runs/x")
