@@ -92,8 +92,7 @@ def describe_changes(saved: dict[str, Any], config: ConfigDict, changed: dict[st
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in ``workdir``; returns the final validation metrics, or
   ``{"step": N}`` (plus ``"interrupted": SIGNAL`` after a signal) when it stopped early."""
-  if config.train.get("xla_flags"):
-    perf.apply_xla_flags(config.train.xla_flags)  # before anything starts a JAX backend
+  perf.apply_xla_flags(perf.resolve_xla_flags(config))  # before anything starts a JAX backend
   maybe_initialize_distributed()
   config_checks.check(config)
   tasks.get(config.task).resolve(config)  # e.g. model.vocab_size from the tokenizer
@@ -111,6 +110,7 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
                                  keep=config.train.keep_checkpoints,
                                  async_save=config.train.async_checkpoint)
   saved = workdir_lib.saved_config(workdir, has_checkpoints=ckpt.latest_step() is not None)
+  perf.resolve_auto_settings(config, saved)  # fused_qkv=auto: the run's layout, else this device's
   changed = workdir_lib.check_identity(saved, config, workdir)
 
   mesh = sharding.make_mesh(config.mesh)

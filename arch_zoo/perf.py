@@ -5,6 +5,17 @@ before anything touches a device (``train.py`` calls it first thing). An unknown
 XLA abort at start, so every flag below is checked against the pinned jaxlib by
 ``tests/test_perf.py`` (which starts a CPU backend with all of them).
 
+``auto`` (the default of ``train.xla_flags``) is :func:`auto_xla_flags`: the sets measured fastest
+on one H100 where JAX will run on a CUDA GPU (``cublas``, plus ``cudnn_ln`` for layer-norm models),
+nothing elsewhere. It is decided before any backend starts, from the installed CUDA plugin and
+``JAX_PLATFORMS``; a CUDA plugin on a machine without a GPU only adds GPU flags, which the CPU
+backend accepts and ignores.
+
+:func:`resolve_auto_settings` resolves the model's ``auto`` performance settings that change its
+parameters (``fused_qkv``) once the backend is known, before the model is built, and writes the
+values into the config, so that ``config.json`` records them and a resume or ``eval.py`` rebuilds
+the same parameters on any device.
+
 The sets (combine with commas, e.g. ``cublas,lhs``):
 
 * ``default``: nothing added.
@@ -39,7 +50,10 @@ The sets (combine with commas, e.g. ``cublas,lhs``):
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import pkgutil
+from typing import Any, Mapping
 
 XLA_FLAG_SETS: dict[str, tuple[str, ...]] = {
     "default": (),
@@ -57,6 +71,9 @@ XLA_FLAG_SETS: dict[str, tuple[str, ...]] = {
 def xla_flags_for(names: str) -> list[str]:
   """``"cublas,lhs"`` -> the flags of both sets, in order, without duplicates."""
   flags: list[str] = []
+  if names == "auto":
+    raise ValueError("train.xla_flags=auto names no flags by itself: resolve it first with "
+                     "arch_zoo.perf.resolve_xla_flags(config) (train.py does).")
   for name in filter(None, (n.strip() for n in (names or "").split(","))):
     if name not in XLA_FLAG_SETS:
       raise ValueError(f"Unknown XLA flag set {name!r}; valid: {', '.join(XLA_FLAG_SETS)} "
@@ -82,3 +99,80 @@ def apply_xla_flags(names: str, environ=os.environ) -> str:
   existing = environ.get("XLA_FLAGS", "").split()
   environ["XLA_FLAGS"] = " ".join(existing + [f for f in flags if f not in existing])
   return environ["XLA_FLAGS"]
+
+
+AUTO_GPU_FLAG_SETS = "cublas"  # the 124M LM's best set on one H100 (docs/performance.md)
+AUTO_GPU_LAYERNORM_FLAG_SETS = "cublas,cudnn_ln"  # ViT-B/16 and S/16's best sets
+
+
+def cuda_expected(environ: Mapping[str, str] = os.environ) -> bool:
+  """Whether JAX will start a CUDA backend, known without starting one: a CUDA PJRT plugin is
+  installed and ``JAX_PLATFORMS`` (when set) names ``cuda`` or ``gpu``."""
+  platforms = environ.get("JAX_PLATFORMS", "").strip()
+  if platforms and not {"cuda", "gpu"} & {p.strip() for p in platforms.split(",")}:
+    return False
+  names = [entry.name for entry in importlib.metadata.entry_points(group="jax_plugins")]
+  try:
+    import jax_plugins  # the namespace package of the PJRT plugins (jax_plugins.xla_cuda12, ...)
+    names += [module.name for module in pkgutil.iter_modules(jax_plugins.__path__)]
+  except ImportError:
+    pass
+  return any("cuda" in name for name in names)
+
+
+def auto_xla_flags(norm: str, cuda: bool) -> str:
+  """``train.xla_flags=auto``: ``cublas`` on a CUDA GPU (+``cudnn_ln`` for layer-norm models),
+  nothing elsewhere."""
+  if not cuda:
+    return ""
+  return AUTO_GPU_LAYERNORM_FLAG_SETS if norm == "layernorm" else AUTO_GPU_FLAG_SETS
+
+
+def resolve_xla_flags(config, environ: Mapping[str, str] = os.environ) -> str:
+  """The named flag sets of ``config.train.xla_flags`` with ``auto`` resolved; writes them back
+  into the config (recorded in config.json). Call it before JAX starts a backend."""
+  names = config.train.get("xla_flags", "")
+  if names == "auto":
+    names = auto_xla_flags(config.model.get("norm", "rmsnorm"), cuda_expected(environ))
+    config.train.xla_flags = names
+  return names
+
+
+def resolve_auto_settings(config, saved: Mapping[str, Any] | None = None,
+                          backend: str | None = None) -> dict[str, Any]:
+  """Resolves ``fused_qkv=auto`` in ``model.attention`` and ``model.attention_options.*`` in
+  place; returns ``{dotted key: value}`` of what it resolved.
+
+  The parameters' layout depends on it (one QKV kernel or three), so a resumed run takes the
+  value of the run in its workdir (``saved``, its config.json; a key it lacks meant the family's
+  default), whatever this device would pick; a new run takes :func:`fused_qkv_for` of this backend
+  and the config's sharding rules."""
+  from arch_zoo import attention, sharding
+  from arch_zoo.attention.parts import fused_qkv_for
+
+  backend = backend or _default_backend()
+  rules = sharding.rules_for(config.get("sharding", "dp"))
+  saved_model = (saved or {}).get("model") or {}
+  places = [("model.attention", config.model.attention, saved_model.get("attention"))]
+  for name, options in config.model.get("attention_options", {}).items():
+    saved_options = (saved_model.get("attention_options") or {}).get(name)
+    places.append((f"model.attention_options.{name}", options, saved_options))
+  resolved = {}
+  for where, options, saved_options in places:
+    if options.get("fused_qkv") != "auto":
+      continue
+    if saved is not None and saved_options is not None:
+      family = attention.family(options.get("name", where.rsplit(".", 1)[-1]))
+      value = saved_options.get("fused_qkv", family.defaults()["fused_qkv"])
+      value = fused_qkv_for(value, backend=backend, rules=rules)  # an "auto" saved by hand
+    else:
+      value = fused_qkv_for("auto", backend=backend, rules=rules)
+    options.fused_qkv = value
+    resolved[f"{where}.fused_qkv"] = value
+  return resolved
+
+
+def _default_backend() -> str:
+  import jax
+
+  return jax.default_backend()

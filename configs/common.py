@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, FieldReference
 
 from arch_zoo import attention, plugins
 from arch_zoo.registry import check_choice
@@ -44,20 +44,29 @@ def size_row(sizes: dict[str, dict[str, Any]], size: str, what: str) -> dict[str
   return sizes[size]
 
 
-def family_options(name: str, **overrides: Any) -> ConfigDict:
+def family_options(name: str, **overrides: Any) -> dict[str, Any]:
   """The registry's defaults for family ``name``, with the backbone's ``overrides`` applied where
   the family has the option (e.g. the ViT's ``rope=False``; lightning has no RoPE)."""
-  cfg = ConfigDict(attention.family(name).defaults())
+  options = attention.family(name).defaults()
   for key, value in overrides.items():
-    if key in cfg:
-      cfg[key] = value
-  return cfg
+    if key in options:
+      # An on/off option set to auto (fused_qkv) takes True, False and auto: a field of type
+      # object, so that --config...=True parses to True (a str field would keep the text "True").
+      if isinstance(options[key], bool) and value == "auto":
+        value = FieldReference(value, field_type=object)
+      options[key] = value
+  return options
 
 
 def attention_config(name: str, *, causal: bool, **overrides: Any) -> ConfigDict:
   """``model.attention``: ``name`` and its options, checked for the causal/bidirectional mode."""
   attention.family(name).check_mode(causal)
   return ConfigDict({"name": name, **family_options(name, **overrides)})
+
+
+# The backbone's settings for every family that has the option: the performance settings whose
+# auto picks the measured fastest form of the same function (docs/performance.md).
+FAST_ATTENTION_DEFAULTS = dict(fused_qkv="auto")
 
 
 # The backbone block's defaults; a size row (a config's SIZES) may set any of them.
@@ -73,7 +82,7 @@ def backbone_config(size: dict[str, Any], attn: str, *, causal: bool,
   layer pattern, and the attention of every family (``attention_overrides``: the backbone's
   settings for every family that has the option, e.g. the ViT's ``rope=False``)."""
   stack = {key: size.get(key, default) for key, default in STACK_DEFAULTS.items()}
-  overrides = attention_overrides or {}
+  overrides = {**FAST_ATTENTION_DEFAULTS, **(attention_overrides or {})}
   return ConfigDict(dict(
       **own,
       d_model=size["d_model"],
@@ -102,7 +111,7 @@ def backbone_config(size: dict[str, Any], attn: str, *, causal: bool,
       attention=attention_config(attn, causal=causal, **overrides),
       # The options of every other registered family, for the layers of layer_pattern that are
       # not attention.name: --config.model.attention_options.routing.num_clusters=8.
-      attention_options={name: family_options(name, **overrides)
+      attention_options={name: ConfigDict(family_options(name, **overrides))
                          for name in attention.names() if name != attn},
   ))
 
@@ -151,14 +160,16 @@ def train_config(size: dict[str, Any], **overrides: Any) -> ConfigDict:
       # else XLA's form (the same function).
       loss_impl="auto",
       # Named XLA flag sets, comma separated (arch_zoo/perf.py), e.g. "cublas": cuBLAS GEMMs
-      # instead of Triton. Applied by train.py before JAX starts; "" adds nothing.
-      xla_flags="",
+      # instead of Triton. Applied by train.py before JAX starts; "" adds nothing. auto: the
+      # measured best on a CUDA GPU (cublas; cublas,cudnn_ln for layer-norm models), nothing
+      # elsewhere; config.json records the sets it chose.
+      xla_flags="auto",
       # Every N steps, each layer's attention entropy (min and mean over heads) on a few rows of
       # the batch, in a separate program (arch_zoo/analysis/training.py); 0: off, nothing built.
       log_attention_entropy_every=0,
   ))
   cfg.update(steps=size["steps"], batch_size=size["batch_size"],
-             xla_flags=size.get("xla_flags", ""))
+             xla_flags=size.get("xla_flags", "auto"))
   cfg.update(overrides)
   return cfg
 

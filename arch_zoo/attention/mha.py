@@ -30,11 +30,15 @@ class MHAOptions:
   # One [d_model, (H + 2 H_kv) D] matmul instead of three: the same function (a fused kernel is
   # the three kernels concatenated along the output axis); fewer, larger GEMMs for the GPU. Under
   # tensor parallelism (sharding fsdp_tp) the fused output is resharded before the split, so keep
-  # separate projections there.
-  fused_qkv: bool = False
+  # separate projections there. auto: fused on a GPU except under tensor parallelism
+  # (parts.fused_qkv_for); the configs default to auto, a bare layer to separate projections.
+  fused_qkv: bool | str = False
 
   def __post_init__(self):
     ops.check_impl(self.impl, ops.softmax.IMPLS)
+    if not (isinstance(self.fused_qkv, bool) or self.fused_qkv == "auto"):
+      raise ValueError(f"attention.fused_qkv must be auto, True or False; got "
+                       f"{self.fused_qkv!r}.")
 
 
 @register("mha", options=MHAOptions, bidirectional=True, scannable=True,

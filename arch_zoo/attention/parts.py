@@ -9,10 +9,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from arch_zoo import sharding
 from arch_zoo.attention import ops
 from arch_zoo.attention.base import Context, Dims
 from arch_zoo.layers import Dense, RMSNorm, apply_rope
 from arch_zoo.layers.linear import DEFAULT_STDDEV
+
+
+def fused_qkv_for(choice, *, backend: str, rules) -> bool:
+  """``fused_qkv``: ``True``/``False`` as given; ``auto`` = one QKV GEMM on a GPU unless the heads
+  are sharded (tensor parallelism, sharding ``fsdp_tp``, where the fused output would be resharded
+  before the split), separate projections elsewhere (on a CPU it does not matter; TPUs were not
+  measured). Either way the same function (docs/performance.md), but not the same parameters:
+  ``train.py`` resolves ``auto`` before building the model and records the value in config.json
+  (:func:`arch_zoo.perf.resolve_auto_settings`), so a resumed run or ``eval.py`` rebuilds the
+  run's layout on any device. ``rules``: the logical-axis rules of the sharding (or None)."""
+  if choice is True or choice is False:
+    return choice
+  if choice != "auto":
+    raise ValueError(f"fused_qkv must be auto, True or False; got {choice!r}.")
+  tensor_parallel = bool(rules) and rules.get("heads") is not None
+  return backend == "gpu" and not tensor_parallel
 
 
 def kv_heads(dims: Dims, num_kv_heads: int) -> int:
@@ -65,10 +82,14 @@ class QKVProjection(nnx.Module):
   """
 
   def __init__(self, dims: Dims, *, num_kv_heads: int, qk_norm: bool, rope: bool,
-               rope_base: float, rngs: nnx.Rngs, fused: bool = False):
+               rope_base: float, rngs: nnx.Rngs, fused: bool | str = False):
     self.num_heads, self.head_dim = dims.num_heads, dims.head_dim
     self.num_kv_heads = kv_heads(dims, num_kv_heads)
     self.rope_base = rope_base if rope else None
+    if fused == "auto":  # a model built straight from a config that train.py did not resolve
+      active = sharding.active()
+      fused = fused_qkv_for(fused, backend=jax.default_backend(),
+                            rules=active[1] if active else None)
     if fused:  # columns [queries | keys | values], each head-major as in the separate kernels
       self.fused = head_projection(dims, self.num_heads + 2 * self.num_kv_heads, rngs)
       self.query = self.key = self.value = None

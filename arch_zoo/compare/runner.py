@@ -21,7 +21,7 @@ import time
 import traceback
 from typing import Any
 
-from arch_zoo import config_files, errors, tasks
+from arch_zoo import config_files, errors, perf, tasks
 from arch_zoo.compare.spec import SweepError, build_config, describe, member_dir, member_identity
 
 MEMBER_FILE = "compare_member.json"
@@ -136,9 +136,9 @@ def run_member(member: dict, workdir: str, in_process: bool) -> None:
   record = prepare_workdir(member, workdir)
   path = os.path.join(workdir, MEMBER_FILE)
   config = build_config(member["config_file"], member["arg"], member["overrides"])
-  # XLA flag sets (train.xla_flags, e.g. the ViT demo's cpu2) only act before a JAX backend
-  # starts, so such a member runs in processes of its own.
-  in_process = in_process and not config.train.get("xla_flags")
+  # XLA flag sets (train.xla_flags, e.g. the ViT demo's cpu2; auto's on a GPU) only act before a
+  # JAX backend starts, so such a member runs in processes of its own.
+  in_process = in_process and not perf.resolve_xla_flags(config)
   if not training_finished(workdir):
     start = time.perf_counter()
     if in_process:
