@@ -144,13 +144,14 @@ def resolve_auto_settings(config, saved: Mapping[str, Any] | None = None,
   place; returns ``{dotted key: value}`` of what it resolved.
 
   The parameters' layout depends on it (one QKV kernel or three), so a resumed run takes the
-  value of the run in its workdir (``saved``, its config.json; a key it lacks meant the family's
-  default), whatever this device would pick; a new run takes :func:`fused_qkv_for` of this backend
-  and the config's sharding rules."""
-  from arch_zoo import attention, sharding
+  value of the run in its workdir (``saved``, its config.json), whatever this device would pick.
+  train.py writes only resolved values there, so a saved config without the key or with ``auto``
+  (filled in by ``workdir.upgrade_config`` from today's defaults) comes from a version whose
+  default was ``False``. A new run takes :func:`fused_qkv_for` of this backend (``backend``, else
+  JAX's default backend, queried only when needed) and the config's sharding rules."""
+  from arch_zoo import sharding
   from arch_zoo.attention.parts import fused_qkv_for
 
-  backend = backend or _default_backend()
   rules = sharding.rules_for(config.get("sharding", "dp"))
   saved_model = (saved or {}).get("model") or {}
   places = [("model.attention", config.model.attention, saved_model.get("attention"))]
@@ -161,13 +162,14 @@ def resolve_auto_settings(config, saved: Mapping[str, Any] | None = None,
   for where, options, saved_options in places:
     if options.get("fused_qkv") != "auto":
       continue
-    if saved is not None and saved_options is not None:
-      family = attention.family(options.get("name", where.rsplit(".", 1)[-1]))
-      value = saved_options.get("fused_qkv", family.defaults()["fused_qkv"])
-      value = fused_qkv_for(value, backend=backend, rules=rules)  # an "auto" saved by hand
+    if saved_options is not None:
+      value = saved_options.get("fused_qkv", False)
+      value = False if value == "auto" else value
     else:
+      backend = backend or _default_backend()
       value = fused_qkv_for("auto", backend=backend, rules=rules)
-    options.fused_qkv = value
+    with options.ignore_type():  # a config read from JSON types the field by its value
+      options.fused_qkv = value
     resolved[f"{where}.fused_qkv"] = value
   return resolved
 

@@ -11,7 +11,7 @@ import os
 
 from ml_collections import ConfigDict
 
-from arch_zoo import checkpoint, optim, plugins, train_state, workdir as workdir_lib
+from arch_zoo import checkpoint, optim, perf, plugins, train_state, workdir as workdir_lib
 
 
 def load_config(workdir: str) -> ConfigDict:
@@ -21,7 +21,10 @@ def load_config(workdir: str) -> ConfigDict:
                             "training has started)?")
   saved = workdir_lib.read_json(path)
   plugins.load(saved.get("plugins", ""))  # the families the run's config imported
-  return ConfigDict(workdir_lib.upgrade_config(saved))
+  saved = workdir_lib.upgrade_config(saved)
+  config = ConfigDict(saved)
+  perf.resolve_auto_settings(config, saved)  # an `auto` that an older config.json implies
+  return config
 
 
 def restore(workdir: str, config: ConfigDict, step: int | None, mesh, rules):

@@ -158,6 +158,8 @@ def run_jax(args, shape, rec: Recorder) -> None:
     options = dict(attention.family(name).defaults())
     if variant in ("mha_norope", "mha_fused_qkv_norope"):
       options["rope"] = False
+    if variant == "mha_norope" and "fused_qkv" in options:
+      options["fused_qkv"] = False  # three projections, as recorded before fused_qkv became auto
     if variant == "mha_fused_qkv_norope":
       if "fused_qkv" not in options:
         return None, "this checkout's mha has no fused_qkv option"

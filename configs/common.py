@@ -44,17 +44,19 @@ def size_row(sizes: dict[str, dict[str, Any]], size: str, what: str) -> dict[str
   return sizes[size]
 
 
+# Family options that take True, False or auto (arch_zoo/perf.py resolves auto).
+AUTO_OR_BOOL_OPTIONS = {"fused_qkv"}
+
+
 def family_options(name: str, **overrides: Any) -> dict[str, Any]:
   """The registry's defaults for family ``name``, with the backbone's ``overrides`` applied where
   the family has the option (e.g. the ViT's ``rope=False``; lightning has no RoPE)."""
   options = attention.family(name).defaults()
-  for key, value in overrides.items():
-    if key in options:
-      # An on/off option set to auto (fused_qkv) takes True, False and auto: a field of type
-      # object, so that --config...=True parses to True (a str field would keep the text "True").
-      if isinstance(options[key], bool) and value == "auto":
-        value = FieldReference(value, field_type=object)
-      options[key] = value
+  options.update({key: value for key, value in overrides.items() if key in options})
+  for key in AUTO_OR_BOOL_OPTIONS & set(options):
+    # True, False or auto: a field of type object, so that --config...=True parses to True (a
+    # field of type str would keep the text "True").
+    options[key] = FieldReference(options[key], field_type=object)
   return options
 
 
@@ -62,11 +64,6 @@ def attention_config(name: str, *, causal: bool, **overrides: Any) -> ConfigDict
   """``model.attention``: ``name`` and its options, checked for the causal/bidirectional mode."""
   attention.family(name).check_mode(causal)
   return ConfigDict({"name": name, **family_options(name, **overrides)})
-
-
-# The backbone's settings for every family that has the option: the performance settings whose
-# auto picks the measured fastest form of the same function (docs/performance.md).
-FAST_ATTENTION_DEFAULTS = dict(fused_qkv="auto")
 
 
 # The backbone block's defaults; a size row (a config's SIZES) may set any of them.
@@ -82,7 +79,7 @@ def backbone_config(size: dict[str, Any], attn: str, *, causal: bool,
   layer pattern, and the attention of every family (``attention_overrides``: the backbone's
   settings for every family that has the option, e.g. the ViT's ``rope=False``)."""
   stack = {key: size.get(key, default) for key, default in STACK_DEFAULTS.items()}
-  overrides = {**FAST_ATTENTION_DEFAULTS, **(attention_overrides or {})}
+  overrides = attention_overrides or {}
   return ConfigDict(dict(
       **own,
       d_model=size["d_model"],

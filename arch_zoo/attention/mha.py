@@ -31,8 +31,9 @@ class MHAOptions:
   # the three kernels concatenated along the output axis); fewer, larger GEMMs for the GPU. Under
   # tensor parallelism (sharding fsdp_tp) the fused output is resharded before the split, so keep
   # separate projections there. auto: fused on a GPU except under tensor parallelism
-  # (parts.fused_qkv_for); the configs default to auto, a bare layer to separate projections.
-  fused_qkv: bool | str = False
+  # (parts.fused_qkv_for), resolved by train.py before the model is built (it sets the layout of
+  # the parameters, so config.json records the value).
+  fused_qkv: bool | str = "auto"
 
   def __post_init__(self):
     ops.check_impl(self.impl, ops.softmax.IMPLS)
