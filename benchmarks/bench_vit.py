@@ -2,11 +2,12 @@ r"""ViT training throughput at 224x224: arch_zoo (JAX) against timm's VisionTran
 
     python benchmarks/bench_vit.py --out /tmp/vit_default.json   # default settings, H100, ~4-5 min
     python benchmarks/bench_vit.py --smoke --out /tmp/vit_smoke.json        # tiny shapes, any CPU
-    python benchmarks/bench_vit.py --batch 512 --xla_flags cublas,cudnn_ln --fused_qkv \
-        --out benchmarks/results/vit_h100.json           # the best settings found (performance.md)
+    python benchmarks/bench_vit.py --batch 512 --out benchmarks/results/vit_h100.json
+                                          # the best settings found (performance.md): the defaults
 
-``--xla_flags`` (named sets of ``arch_zoo/perf.py``) and ``--fused_qkv`` change our side only; the
-peer is the same in every run.
+``--xla_flags`` (named sets of ``arch_zoo/perf.py``; default ``auto``: ``cublas,cudnn_ln`` on a GPU
+for these layer-norm models) and ``--fused_qkv`` (default ``auto``: fused on a GPU) change our
+side only; the JSON records what ``auto`` resolved to. The peer is the same in every run.
 
 Each (size, side) runs in its own subprocess, so neither framework holds GPU memory the other
 needs, and the JSON file is rewritten after every measurement (a killed job keeps what it has).
@@ -16,7 +17,8 @@ needs, and the JSON file is rewritten after every measurement (a killed job keep
   step with donation, the same step ``train.py`` runs.
 * peer: ``timm.models.vision_transformer.VisionTransformer`` with the same image, patch, width,
   depth, heads, MLP ratio and classes (``B/16`` is ``vit_base_patch16_224``'s shape), random init,
-  ``torch.compile``, bf16 autocast, fused AdamW.
+  in timm's fastest documented training form: channels-last images and weights, the model and its
+  loss compiled together (``torch.compile``, mode ``--peer_mode``), bf16 autocast, fused AdamW.
 
 Both train on the same batch of random images and labels that stay on the device: only the
 training step is timed. ``--pool gap`` (default) gives 196 tokens on both sides (timm:
@@ -58,7 +60,9 @@ def our_config(args):
   config = vit.get_config(f"attn={args.attn},size={args.size},data=tfds:imagenet2012")
   config.model.pool = args.pool
   config.model.remat = args.remat
-  config.model.attention.fused_qkv = args.fused_qkv
+  if args.fused_qkv != "auto":
+    config.model.attention.fused_qkv = args.fused_qkv == "true"
+  config.train.xla_flags = args.xla_flags
   config.train.batch_size = args.batch
   return config
 
@@ -77,7 +81,11 @@ def run_ours(args) -> dict:
   from arch_zoo.attention.ops import softmax
   from benchmarks.bench_lm import jax_matmul_peak
 
+  from arch_zoo import perf
+
   config = our_config(args)
+  perf.apply_xla_flags(perf.resolve_xla_flags(config))  # before JAX starts a backend
+  perf.resolve_auto_settings(config)
   m = config.model
   batch = common.random_image_batch(args.batch, m)
   trainer = common.TrainStep(config, batch)
@@ -91,6 +99,8 @@ def run_ours(args) -> dict:
           "flops_per_image": flops["train_flops_per_image"],
           "attention_kernel": "cudnn" if refusal is None else f"xla ({refusal})",
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "settings": {"fused_qkv": m.attention.get("fused_qkv"),
+                       "xla_flag_sets": config.train.xla_flags},
           # Same init, batch and step count under any flags: a numerics change would show here.
           "last_loss": float(trainer.metrics["train/loss"]),
           "matmul_peak_flops": None if args.smoke else jax_matmul_peak(),
@@ -110,17 +120,25 @@ def run_peer(args) -> dict:
       num_classes=m["num_classes"], embed_dim=m["d_model"], depth=m["num_layers"],
       num_heads=m["num_heads"], mlp_ratio=m["d_ff"] / m["d_model"],
       class_token=m["pool"] == "cls", global_pool="token" if m["pool"] == "cls" else "avg",
-  ).to(device)
+  ).to(device, memory_format=torch.channels_last)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device == "cuda")
-  compiled = torch.compile(model) if args.compile else model
+
+  def loss_of(images, labels):  # compiled with the model: the loss is in the graph
+    with torch.autocast(device, dtype=torch.bfloat16):
+      return torch.nn.functional.cross_entropy(model(images).float(), labels)
+
+  mode = None if args.peer_mode == "default" else args.peer_mode
+  compiled = torch.compile(loss_of, mode=mode) if args.compile else loss_of
   images = torch.randn(args.batch, m["num_channels"], m["image_size"], m["image_size"],
-                       device=device)
+                       device=device).contiguous(memory_format=torch.channels_last)
   labels = torch.randint(0, m["num_classes"], (args.batch,), device=device)
+  # CUDA graphs (max-autotune) reuse their output buffers: each step is marked as a new one.
+  mark_step = (torch.compiler.cudagraph_mark_step_begin if args.peer_mode == "max-autotune"
+               else lambda: None)
 
   def train_step():
-    with torch.autocast(device, dtype=torch.bfloat16):
-      logits = compiled(images)
-    loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+    mark_step()
+    loss = compiled(images, labels)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -138,6 +156,7 @@ def run_peer(args) -> dict:
   print(f"peer compiled and warmed up in {compile_s:.0f}s", flush=True)
   stats = common.time_steps(run_block, steps_per_sample=args.steps, samples=args.samples)
   return {"stats": stats, "compile_s": compile_s, "compiled": bool(args.compile),
+          "mode": args.peer_mode, "channels_last": True, "loss_in_graph": True,
           "tokens": model.patch_embed.num_patches + (m["pool"] == "cls"),
           "parameters": sum(p.numel() for p in model.parameters()),
           "fused_attention": bool(getattr(model.blocks[0].attn, "fused_attn", False)),
@@ -145,10 +164,6 @@ def run_peer(args) -> dict:
 
 
 def child(args) -> None:
-  if args.side == "ours":
-    from arch_zoo import perf
-
-    perf.apply_xla_flags(args.xla_flags)  # before JAX starts a backend
   result = run_ours(args) if args.side == "ours" else run_peer(args)
   with open(args.child_out, "w") as f:
     json.dump(result, f)
@@ -176,9 +191,14 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=256, help="images per step, both sides")
   parser.add_argument("--pool", default="gap", choices=("gap", "cls"))
   parser.add_argument("--remat", default="none")
-  parser.add_argument("--fused_qkv", action="store_true", help="ours: one QKV projection")
-  parser.add_argument("--xla_flags", default="",
-                      help="ours: named XLA flag sets (arch_zoo/perf.py), e.g. cublas")
+  parser.add_argument("--fused_qkv", nargs="?", const="true", default="auto",
+                      choices=("auto", "true", "false"),
+                      help="ours: model.attention.fused_qkv (bare flag: true)")
+  parser.add_argument("--xla_flags", default="auto",
+                      help="ours: named XLA flag sets (arch_zoo/perf.py), e.g. cublas; '' none")
+  parser.add_argument("--peer_mode", default="default",
+                      choices=("default", "max-autotune", "max-autotune-no-cudagraphs"),
+                      help="the peer's torch.compile mode")
   parser.add_argument("--steps", type=int, default=10, help="steps per timed sample")
   parser.add_argument("--samples", type=int, default=5)
   parser.add_argument("--sides", default="ours,peer")
@@ -209,6 +229,8 @@ def main() -> None:
                            "arch_zoo/models/vit.py",
             "attention": args.attn, "pool": args.pool, "remat": args.remat,
             "fused_qkv": args.fused_qkv, "xla_flag_sets": args.xla_flags, "smoke": args.smoke,
+            "peer_form": "timm VisionTransformer, channels-last, model and loss compiled "
+                         "together, bf16 autocast, fused AdamW", "peer_mode": args.peer_mode,
             "rows": rows}
   for size in args.sizes.split(","):
     args.size = size
@@ -223,7 +245,7 @@ def main() -> None:
                "--xla_flags", args.xla_flags, "--steps", str(args.steps), "--samples",
                str(args.samples), "--child_out", tmp.name, "--shape", json.dumps(shape)]
         cmd += (["--smoke"] if args.smoke else []) + ([] if args.compile else ["--no_compile"])
-        cmd += ["--fused_qkv"] if args.fused_qkv else []
+        cmd += ["--fused_qkv", args.fused_qkv, "--peer_mode", args.peer_mode]
         try:
           ok = subprocess.run(cmd, timeout=args.child_timeout).returncode == 0
         except subprocess.TimeoutExpired:
