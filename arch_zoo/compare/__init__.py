@@ -22,20 +22,28 @@ and ``metric_vs_params.png`` (``report``, ``plots``; the numbers from ``analysis
 from __future__ import annotations
 
 from arch_zoo.compare import report, runner, spec
-from arch_zoo.compare.runner import Preempted
+from arch_zoo.compare.runner import BudgetReached, Preempted
 from arch_zoo.compare.spec import SweepError
 
 
 def run_sweep(sweep_path: str, root: str, in_process: bool = True, out_dir: str | None = None,
-              report_only: bool = False, group_names: str | None = None
-              ) -> tuple[str, list[str]]:
+              report_only: bool = False, group_names: str | None = None,
+              budget_s: float | None = None) -> tuple[str, list[str]]:
   """Checks every member of the sweep, runs the unfinished ones, then writes the report; returns
-  the path of comparison.md and the workdirs that failed."""
+  the path of comparison.md and the workdirs that failed. A sweep stopped by its time budget
+  (``budget_s``) or SIGTERM still writes the report of what finished, then raises ``Preempted``
+  (``BudgetReached``): unfinished members are listed apart, never in a table."""
   groups, claims = spec.select_groups(*spec.load_sweep(sweep_path), group_names)
   planned = spec.plan(groups)
-  failed = [] if report_only else runner.run_members(
-      [m for members in planned.values() for m in members], root, in_process)
+  failed = []
+  if not report_only:
+    try:
+      failed = runner.run_members([m for members in planned.values() for m in members], root,
+                                  in_process, budget_s)
+    except Preempted:
+      report.report(root, groups, claims, planned, out_dir or root, sweep_path)
+      raise
   return report.report(root, groups, claims, planned, out_dir or root, sweep_path), failed
 
 
-__all__ = ["Preempted", "SweepError", "run_sweep"]
+__all__ = ["BudgetReached", "Preempted", "SweepError", "run_sweep"]
