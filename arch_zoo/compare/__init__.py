@@ -14,9 +14,13 @@ matching included) before any member trains, so a mistake anywhere in the sweep 
 with one ``SweepError``. The members then run (``runner``), each an ordinary train.py run followed
 by eval.py in its own workdir; finished members are skipped and part-done ones resume.
 
-Output (default: the workdir root): ``comparison.md`` and ``comparison.csv`` (one row per variant;
-metrics as mean ± sample std over seeds; the workdirs every number comes from), ``loss_curves.png``
-and ``metric_vs_params.png`` (``report``, ``plots``; the numbers from ``analysis``).
+Output (default: the workdir root): ``comparison.md`` and ``comparison.csv`` (one table row per
+variant at its best learning rate, the CSV every grid point; metrics as mean ± 95% Student-t
+interval over seeds; the workdirs every number comes from; members that did not finish listed
+apart) and the plots of ``plots.PLOT_FILES`` (``report``, ``plots``; the numbers from
+``analysis``). Groups may sweep learning rates, must train equal budgets, and may train a
+variant's seeds and learning rates together as one vmapped program (``batched``); a time budget
+(``budget_s``) stops a sweep that the same call resumes later (docs/comparisons.md).
 """
 
 from __future__ import annotations

@@ -41,6 +41,12 @@ def family_color(family: str) -> str:
   return SPARE_COLORS[zlib.crc32(family.encode()) % len(SPARE_COLORS)]
 
 
+def family_marker(family: str) -> str:
+  names = list(FAMILY_COLORS)
+  index = names.index(family) if family in names else zlib.crc32(family.encode())
+  return MARKERS[index % len(MARKERS)]
+
+
 def plain_number(value: float, _position=None) -> str:
   """``1,234,567`` -> ``1.23M``, ``0.4266`` -> ``0.4266``: short, plain, no offset."""
   magnitude = abs(value)
@@ -77,7 +83,8 @@ def pad_limits(ax, values: list[float], axis: str, log: bool = False) -> None:
 
 def family_legend(ax, families: list[str]) -> None:
   from matplotlib.lines import Line2D
-  handles = [Line2D([], [], color=family_color(f), marker="o", label=f) for f in families]
+  handles = [Line2D([], [], color=family_color(f), marker=family_marker(f), label=f)
+             for f in families]
   if handles:
     ax.legend(handles=handles, fontsize=8, title="family", title_fontsize=8)
 
@@ -168,7 +175,7 @@ def validation_curves(plt, groups: dict[str, list[VariantResult]]):
 COST_AXES = {
     "params": ("parameters", lambda run: run["params"], False),
     "flops": ("training FLOPs per token", lambda run: run["flops_per_token"], False),
-    "state": ("decode state of the model at the training length (elements, log scale)",
+    "state": ("decode state at the training length (elements, log scale)",
               lambda run: run["state_at_seq_len"], True),
 }
 
@@ -193,11 +200,11 @@ def metric_vs(plt, groups: dict[str, list[VariantResult]], cost: str):
       families.setdefault(variant.attention, []).append(
           (x, mean, variant.interval(metric), len(variant.runs)))
     xs, ys = [], []
-    for i, (family, points) in enumerate(families.items()):
+    for family, points in families.items():
       points.sort()
       color = family_color(family)
       px, py, pe, _ = zip(*points)
-      ax.errorbar(px, py, yerr=[e or 0.0 for e in pe], color=color, marker=MARKERS[i % 6],
+      ax.errorbar(px, py, yerr=[e or 0.0 for e in pe], color=color, marker=family_marker(family),
                   markersize=6, capsize=4, linewidth=1.3 if len(points) > 1 else 0,
                   elinewidth=1.2)
       xs += px
@@ -209,7 +216,9 @@ def metric_vs(plt, groups: dict[str, list[VariantResult]], cost: str):
     ax.set_ylabel(metric.label + f"\n(error bars: 95% interval, {'/'.join(map(str, seeds))} "
                   f"seed{'s' if seeds != [1] else ''})")
     if log:
+      from matplotlib.ticker import LogLocator
       ax.set_xscale("log")
+      ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     pad_limits(ax, xs, "x", log=log)
     pad_limits(ax, ys, "y")
     plain_axes(ax)
