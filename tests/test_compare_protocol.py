@@ -169,3 +169,41 @@ def test_a_grid_and_a_learning_rate_override_conflict(tmp_path):
                  "overrides={'optim.learning_rate': 1e-2})]\n")
   with pytest.raises(spec.SweepError, match="the grid sets it"):
     spec.load_sweep(str(bad))
+
+
+def fake_result(group, family, params, state, values, variant=None):
+  """A finished variant with the numbers the plots read (no training)."""
+  runs = [{"final": {"accuracy": v}, "evaluated": {}, "task": "mqar", "params": params,
+           "flops_per_token": 3 * params, "state_at_seq_len": state,
+           "curve": [(10, 2.0), (20, 1.0)], "validation": {"accuracy": [(10, v / 2), (20, v)]}}
+          for v in values]
+  return analysis.VariantResult(group, variant or family, family, runs, [])
+
+
+def test_plots_are_readable_with_matched_parameters(tmp_path):
+  """Parameters matched within a few parts per million (``match="params"``) once gave ticks like
+  ``1e-6+4.266e-1``: every tick label is now a plain number and no axis has an offset."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  groups = {f"d{w}": [fake_result(f"d{w}", "mha", 426_600 + w, 2 * w * 64 * 2,
+                                  [0.97, 0.98, 0.99]),
+                      fake_result(f"d{w}", "lightning", 426_601 + w, 2 * w * w // 2,
+                                  [0.3 + w / 1000, 0.32 + w / 1000, 0.31 + w / 1000])]
+            for w in (64, 128)}
+  for cost in ("params", "flops", "state"):
+    fig = plots.metric_vs(plt, groups, cost)
+    fig.canvas.draw()
+    for ax in fig.axes:
+      for axis in (ax.xaxis, ax.yaxis):
+        assert axis.get_offset_text().get_text() == "", (cost, axis.get_offset_text())
+        labels = [t.get_text() for t in axis.get_ticklabels() if t.get_text()]
+        assert labels, cost
+        assert all("e" not in t and "+" not in t for t in labels), (cost, labels)
+      # One line per family, in its own colour, whatever the order of the sweep.
+      colors = {line.get_color() for line in ax.get_lines() if len(line.get_xdata()) == 2}
+      assert colors == {plots.family_color("mha"), plots.family_color("lightning")}, cost
+    plt.close(fig)
+  plots.plot(groups, str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == sorted(plots.PLOT_FILES)
+  assert plots.family_color("mha") != plots.family_color("lightning")
