@@ -81,7 +81,7 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tup
 
 # Model keys that earlier versions of arch_zoo did not write, with the value they then implied.
 IMPLIED_MODEL_KEYS = {"recompute_activation": "auto", "norm_impl": "auto", "scan_layers": False,
-                      "layer_pattern": ""}
+                      "layer_pattern": "", "short_conv": 0}
 # attention.impl values renamed when the kernels became one layer (docs/attention/kernels.md).
 RENAMED_IMPLS = {"lightning": {"naive": "reference"},
                  "dynamic_mask": {"xla": "reference", "sparse": "xla"}}
