@@ -156,7 +156,8 @@ def validation_curves(plt, groups: dict[str, list[VariantResult]]):
         continue
       values = np.asarray([[s[step] for step in steps] for s in series])
       color = family_color(variant.attention)
-      ax.plot(steps, values.mean(axis=0), color=color, marker=".", linewidth=1.4)
+      ax.plot(steps, values.mean(axis=0), color=color, marker=family_marker(variant.attention),
+              markersize=4, linewidth=1.4)
       if len(series) > 1:
         ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=color, alpha=0.15)
       families.append(variant.attention)

@@ -11,7 +11,7 @@ import os
 from arch_zoo.compare import plots
 from arch_zoo.compare.analysis import (VariantResult, collect_all, select_learning_rates,
                                        selection_metric, task_metrics)
-from arch_zoo.compare.spec import Claim, lr_text
+from arch_zoo.compare.spec import Claim, lr_text, where
 
 
 def fmt(value: float | None, digits: int = 4) -> str:
@@ -147,7 +147,8 @@ def report(root: str, groups: list[dict], claims: list[Claim], planned: dict[str
       "at the end.", ""]
   for group in groups:
     variants = results[group["name"]]
-    metric = selection_metric(variants, group["select_by"])
+    with where(f"sweep group {group['name']!r}"):  # a select_by that names no column
+      metric = selection_metric(variants, group["select_by"])
     chosen = select_learning_rates(variants, metric)
     selected[group["name"]] = chosen
     lines += group_lines(group, variants, chosen, metric, csv_rows)

@@ -12,7 +12,8 @@ so a family added to arch_zoo joins the sweep; one loaded as a plugin before thi
 a few hundred steps at one learning rate, far from convergence, so their tables rank how fast each
 attention starts to learn, not the papers' claims. The MQAR group is the exception that shows a
 real effect on a CPU: ``configs/recall.py``'s size ``cpu`` is small enough that softmax attention
-solves recall within minutes, where the fixed-state family does not (docs/results has the run).
+solves recall within minutes, where the fixed-state family does not within the same 800 steps
+(docs/results/recall_cpu_2026-12-06.md).
 Evidence at the papers' scale is the GPU sweeps' (docs/comparisons.md).
 
 The step counts come from CPU timings of one member per task (docs/comparisons.md has the
