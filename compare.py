@@ -47,6 +47,9 @@ def parse_args(argv):
                       help="run nothing; rebuild the table and plots from the finished members")
   parser.add_argument("--groups", default=None,
                       help="comma-separated group names: run and report only these")
+  parser.add_argument("--variants", default=None,
+                      help="comma-separated variant names: run only their members (the report "
+                           "still lists every member; the others wait for a later call)")
   parser.add_argument("--budget_s", type=float, default=None,
                       help="time budget of this call in seconds: no member starts after it and "
                            "the one training checkpoints and stops; the report lists unfinished "
@@ -60,7 +63,7 @@ def main(argv=None) -> int:
   logging.set_verbosity(logging.WARNING)  # as train.py: orbax logs every file it renames at INFO
   try:
     path, failed = run_sweep(args.sweep, args.workdir, not args.subprocess, args.out,
-                             args.report_only, args.groups, args.budget_s)
+                             args.report_only, args.groups, args.budget_s, args.variants)
   except SweepError as e:
     if errors.debug():
       raise

@@ -197,6 +197,21 @@ def select_groups(groups: list[dict], claims: list[Claim], names: str | None):
           [c for c in claims if c.group in wanted])
 
 
+def select_members(planned: dict[str, list[dict]], names: str | None) -> list[dict]:
+  """The members to run: all of them, or those of the variants named in ``names`` (comma
+  separated), e.g. to finish the variants a comparison needs first; the others wait."""
+  everyone = [m for members in planned.values() for m in members]
+  if not names:
+    return everyone
+  wanted = [n.strip() for n in names.split(",") if n.strip()]
+  known = list(dict.fromkeys(m["variant"] for m in everyone))
+  unknown = sorted(set(wanted) - set(known))
+  if unknown or not wanted:
+    raise SweepError(f"--variants names {unknown or repr(names)}; pass some of the sweep's "
+                     f"variants, comma separated: {','.join(known)}.")
+  return [m for m in everyone if m["variant"] in wanted]
+
+
 # ---------------------------------------------------------------------------- members
 
 def config_arg(group: dict, attention: str) -> str:
