@@ -27,6 +27,8 @@ def fmt_mean_std(mean: float | None, std: float | None) -> str:
     return "—"
   if std is None:
     return fmt(mean)
+  if std <= 1e-9 * abs(mean):  # equal values (members trained together share a throughput)
+    return f"{fmt(mean)} ± 0"
   return f"{fmt(mean)} ± {f'{std:,.0f}' if abs(std) >= 100 else f'{std:.2g}'}"
 
 
