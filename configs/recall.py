@@ -7,8 +7,8 @@ Sizes are Zoology's: 2 layers at widths 64/128/256/512 (``d64`` ... ``d512``), v
 training on the slices (64, 4), (128, 8), (256, 16) and testing on those plus longer ones
 (512, 32) and (1024, 64). ``test`` is for unit tests; ``cpu`` is the 2-core CPU setting where
 ``mha`` solves MQAR (100% in 800 steps, about 2 minutes) and the fixed-state ``lightning`` does
-not within that budget (54%; the quick sweep's MQAR group); ``S`` is a longer CPU run at Zoology's vocabulary scale that stays on the
-plateau (docs/recall.md).
+not within that budget (54%; the quick sweep's MQAR group); ``S`` is a longer CPU run at a larger
+vocabulary that stays on the plateau (docs/recall.md).
 Accuracy is reported per (sequence length, kv pairs) slice; only answers carry loss.
 """
 

@@ -35,10 +35,10 @@ def run_sweep(sweep_path: str, root: str, in_process: bool = True, out_dir: str 
               budget_s: float | None = None, variant_names: str | None = None
               ) -> tuple[str, list[str]]:
   """Checks every member of the sweep, runs the unfinished ones, then writes the report; returns
-  the path of comparison.md and the workdirs that failed; ``variant_names`` (comma separated)
-  runs only those variants' members, the report still covering every member. A sweep stopped by its time budget
-  (``budget_s``) or SIGTERM still writes the report of what finished, then raises ``Preempted``
-  (``BudgetReached``): unfinished members are listed apart, never in a table."""
+  the path of comparison.md and the workdirs that failed. ``variant_names`` (comma separated)
+  runs only those variants' members, the report still covering every member. A sweep stopped by
+  its time budget (``budget_s``) or SIGTERM still writes the report of what finished, then raises
+  ``Preempted`` (``BudgetReached``): unfinished members are listed apart, never in a table."""
   groups, claims = spec.select_groups(*spec.load_sweep(sweep_path), group_names)
   planned = spec.plan(groups)
   failed = []
