@@ -14,8 +14,9 @@ train.py's, and train.py resumes them). Each workdir gets what train.py writes: 
 ``run_info.json``, ``metrics.jsonl``, checkpoints and ``final_metrics.json``; ``eval.py`` then
 evaluates each member as usual.
 
-SIGTERM and SIGINT stop all members at the same step, checkpointed; the program resumes when every
-member's latest checkpoint is at one step (else the runner resumes each with train.py).
+SIGTERM and SIGINT stop all members at the same step, checkpointed; the runner then resumes each
+member alone with train.py (the checkpoints are its own), so only members that have not started
+train together.
 """
 
 from __future__ import annotations
@@ -78,19 +79,18 @@ def unstack(tree: Any, index: int) -> Any:
   return jax.tree.map(lambda x: x[index], tree)
 
 
-def resumable_step(workdirs: list[str]) -> int | None:
-  """The step every member can resume from together: 0 for none started, the common latest
-  checkpoint, or None when they differ (then each resumes alone with train.py)."""
-  latest = {checkpoint.Checkpointer(os.path.join(w, "checkpoints"), keep=1,
-                                    async_save=False).latest_step() for w in workdirs}
-  if latest == {None}:
-    return 0
-  return latest.pop() if len(latest) == 1 and None not in latest else None
+def check_fresh(workdirs: list[str]) -> None:
+  started = [w for w in workdirs if checkpoint.Checkpointer(
+      os.path.join(w, "checkpoints"), keep=1, async_save=False).latest_step() is not None]
+  if started:
+    raise ValueError(f"{', '.join(started)} already started: members train together only from "
+                     "scratch; resume each with train.py.")
 
 
 def train_together(configs: list[ConfigDict], workdirs: list[str]) -> list[dict[str, Any]]:
-  """Trains (or resumes) the members ``configs[i]`` in ``workdirs[i]`` as one vmapped program;
-  returns each one's final metrics (or ``{"step": N, "interrupted": ...}`` when stopped)."""
+  """Trains the members ``configs[i]`` in ``workdirs[i]`` (none started yet) as one vmapped
+  program; returns each one's final metrics (or ``{"step": N, "interrupted": ...}`` when
+  stopped)."""
   check_batchable(configs)
   for config in configs:
     config_checks.check(config)
@@ -124,16 +124,9 @@ def _train(configs: list[ConfigDict], workdirs: list[str],
   ckpts = [checkpoint.Checkpointer(os.path.join(w, "checkpoints"),
                                    keep=base.train.keep_checkpoints,
                                    async_save=base.train.async_checkpoint) for w in workdirs]
-  start = resumable_step(workdirs)
-  if start is None:
-    raise ValueError(f"the members in {workdirs} stopped at different steps; resume each alone.")
-  if start == 0:
-    states = [b.initialize() for b in blueprints]
-    samples_seen = 0
-  else:
-    restored = [c.restore(b.abstract) for c, b in zip(ckpts, blueprints)]
-    states = [state for state, _ in restored]
-    samples_seen = int(restored[0][1]["samples_seen"])
+  check_fresh(workdirs)
+  start, samples_seen = 0, 0
+  states = [b.initialize() for b in blueprints]
   state = stack(states)
   del states
   learning_rates = jnp.asarray([c.optim.learning_rate for c in configs], jnp.float32)
