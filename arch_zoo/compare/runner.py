@@ -255,6 +255,8 @@ def train_batch(batch: list[dict], root: str) -> None:
   workdirs = [member_dir(root, m) for m in batch]
   records = [prepare_workdir(m, w) for m, w in zip(batch, workdirs)]
   configs = [build_config(m["config_file"], m["arg"], m["overrides"]) for m in batch]
+  for config in configs:
+    config.train.progress = False  # as run_member's: a later resume by train.py sees no change
   start = time.perf_counter()
   batched.train_together(configs, workdirs)
   share = (time.perf_counter() - start) / len(batch)  # the members shared the device
