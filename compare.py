@@ -14,8 +14,10 @@ subprocesses (``--subprocess``). Re-running the command skips finished members a
 others from their last checkpoint. A mistake in the sweep prints one ``error:`` line (the
 traceback with ``ARCH_ZOO_DEBUG=1``).
 
-Output (``--out``, default the workdir root): ``comparison.md``, ``comparison.csv``,
-``loss_curves.png`` and ``metric_vs_params.png``.
+Output (``--out``, default the workdir root): ``comparison.md``, ``comparison.csv`` and the plots
+(``loss_curves.png``, ``validation_curves.png``, ``metric_vs_params.png``, ``metric_vs_flops.png``,
+``metric_vs_state.png``). ``--budget_s`` bounds one call: the member training then checkpoints,
+the report lists it apart, and the same command resumes it (docs/comparisons.md).
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ def parse_args(argv):
                       help="run nothing; rebuild the table and plots from the finished members")
   parser.add_argument("--groups", default=None,
                       help="comma-separated group names: run and report only these")
+  parser.add_argument("--variants", default=None,
+                      help="comma-separated variant names: run only their members (the report "
+                           "still lists every member; the others wait for a later call)")
+  parser.add_argument("--budget_s", type=float, default=None,
+                      help="time budget of this call in seconds: no member starts after it and "
+                           "the one training checkpoints and stops; the report lists unfinished "
+                           "members apart; run again to resume")
   return parser.parse_args(argv)
 
 
@@ -54,16 +63,16 @@ def main(argv=None) -> int:
   logging.set_verbosity(logging.WARNING)  # as train.py: orbax logs every file it renames at INFO
   try:
     path, failed = run_sweep(args.sweep, args.workdir, not args.subprocess, args.out,
-                             args.report_only, args.groups)
+                             args.report_only, args.groups, args.budget_s, args.variants)
   except SweepError as e:
     if errors.debug():
       raise
     print(f"error: {errors.one_line(str(e))}", file=sys.stderr)
     return 1
   except Preempted as e:
-    print(f"stopped: {e}", file=sys.stderr)
+    print(f"stopped: {e} The report of the finished members is written.", file=sys.stderr)
     return 1
-  print(f"wrote {path} (+ comparison.csv, loss_curves.png, metric_vs_params.png)")
+  print(f"wrote {path} (+ comparison.csv and the plots)")
   if failed:
     print(f"{len(failed)} member(s) failed: {', '.join(failed)}. Fix the cause each one printed "
           "(ARCH_ZOO_DEBUG=1 adds the tracebacks), then run the same command again: finished "

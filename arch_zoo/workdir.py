@@ -82,7 +82,7 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tup
 
 # Model keys that earlier versions of arch_zoo did not write, with the value they then implied.
 IMPLIED_MODEL_KEYS = {"recompute_activation": "auto", "norm_impl": "auto", "scan_layers": False,
-                      "layer_pattern": "", "max_segments": 0}
+                      "layer_pattern": "", "max_segments": 0, "short_conv": 0}
 # The same for the LM's data keys (documents and packing came with issue 24).
 IMPLIED_LM_DATA_KEYS = {"packing": "concat", "doc_separator": "", "max_documents_per_row": 32}
 # attention.impl values renamed when the kernels became one layer (docs/attention/kernels.md).

@@ -67,7 +67,7 @@ def attention_config(name: str, *, causal: bool, **overrides: Any) -> ConfigDict
 
 
 # The backbone block's defaults; a size row (a config's SIZES) may set any of them.
-STACK_DEFAULTS = dict(head_dim=0, d_ff=0, mlp="gelu", norm="rmsnorm", dtype="auto")
+STACK_DEFAULTS = dict(head_dim=0, d_ff=0, mlp="gelu", norm="rmsnorm", dtype="auto", short_conv=0)
 
 
 def backbone_config(size: dict[str, Any], attn: str, *, causal: bool,
@@ -89,6 +89,9 @@ def backbone_config(size: dict[str, Any], attn: str, *, causal: bool,
       d_ff=stack["d_ff"],  # 0: 4 * d_model
       mlp=stack["mlp"],  # gelu (GPT-2) | relu | relu2 | swiglu
       norm=stack["norm"],  # rmsnorm | layernorm
+      # >0: a causal depthwise convolution of this kernel size on each attention's input (as
+      # Based and fla give linear attention); 0: off. Not supported by cached decoding yet.
+      short_conv=stack["short_conv"],
       dropout=0.0,
       # auto: bf16 matmuls on GPU/TPU, float32 on CPU; parameters are always float32
       dtype=stack["dtype"],

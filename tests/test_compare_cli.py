@@ -123,3 +123,9 @@ def test_a_member_that_fails_resumes_when_run_again(capsys, tmp_path):
   code, out, err = run_cli(capsys, tmp_path, text)
   assert code == 0, err
   assert os.path.exists(tmp_path / "runs" / "lm" / "mha" / "seed0" / "final_metrics.json")
+
+
+def test_bad_variants(capsys, tmp_path):
+  result = run_cli(capsys, tmp_path, f"def get_sweep():\n  return [{GOOD_GROUP}]\n",
+                   "--variants", "mha,lightnin")
+  assert_one_error_line(*result, "--variants names ['lightnin']", "mha")

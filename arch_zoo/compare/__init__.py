@@ -14,28 +14,42 @@ matching included) before any member trains, so a mistake anywhere in the sweep 
 with one ``SweepError``. The members then run (``runner``), each an ordinary train.py run followed
 by eval.py in its own workdir; finished members are skipped and part-done ones resume.
 
-Output (default: the workdir root): ``comparison.md`` and ``comparison.csv`` (one row per variant;
-metrics as mean ± sample std over seeds; the workdirs every number comes from), ``loss_curves.png``
-and ``metric_vs_params.png`` (``report``, ``plots``; the numbers from ``analysis``).
+Output (default: the workdir root): ``comparison.md`` and ``comparison.csv`` (one table row per
+variant at its best learning rate, the CSV every grid point; metrics as mean ± 95% Student-t
+interval over seeds; the workdirs every number comes from; members that did not finish listed
+apart) and the plots of ``plots.PLOT_FILES`` (``report``, ``plots``; the numbers from
+``analysis``). Groups may sweep learning rates, must train equal budgets, and may train a
+variant's seeds and learning rates together as one vmapped program (``batched``); a time budget
+(``budget_s``) stops a sweep that the same call resumes later (docs/comparisons.md).
 """
 
 from __future__ import annotations
 
 from arch_zoo.compare import report, runner, spec
-from arch_zoo.compare.runner import Preempted
+from arch_zoo.compare.runner import BudgetReached, Preempted
 from arch_zoo.compare.spec import SweepError
 
 
 def run_sweep(sweep_path: str, root: str, in_process: bool = True, out_dir: str | None = None,
-              report_only: bool = False, group_names: str | None = None
+              report_only: bool = False, group_names: str | None = None,
+              budget_s: float | None = None, variant_names: str | None = None
               ) -> tuple[str, list[str]]:
   """Checks every member of the sweep, runs the unfinished ones, then writes the report; returns
-  the path of comparison.md and the workdirs that failed."""
+  the path of comparison.md and the workdirs that failed. ``variant_names`` (comma separated)
+  runs only those variants' members, the report still covering every member. A sweep stopped by
+  its time budget (``budget_s``) or SIGTERM still writes the report of what finished, then raises
+  ``Preempted`` (``BudgetReached``): unfinished members are listed apart, never in a table."""
   groups, claims = spec.select_groups(*spec.load_sweep(sweep_path), group_names)
   planned = spec.plan(groups)
-  failed = [] if report_only else runner.run_members(
-      [m for members in planned.values() for m in members], root, in_process)
+  failed = []
+  if not report_only:
+    to_run = spec.select_members(planned, variant_names)
+    try:
+      failed = runner.run_members(to_run, root, in_process, budget_s)
+    except Preempted:
+      report.report(root, groups, claims, planned, out_dir or root, sweep_path)
+      raise
   return report.report(root, groups, claims, planned, out_dir or root, sweep_path), failed
 
 
-__all__ = ["Preempted", "SweepError", "run_sweep"]
+__all__ = ["BudgetReached", "Preempted", "SweepError", "run_sweep"]

@@ -107,16 +107,55 @@ def collect(root: str, member: dict) -> dict[str, Any] | None:
       "final": final, "evaluated": evaluated,
       "seconds": record["train_seconds"] + record["eval_seconds"],
       "curve": [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r],
+      "validation": validation_series(rows),
+      "learning_rate": config["optim"]["learning_rate"],
+      "steps": final.get("step"),
   }
+
+
+def validation_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+  """``{KEY: [(step, value), ...]}`` of train.py's validations (``val/KEY``, then the final
+  validation over the whole split, ``final/KEY``): the validation curves."""
+  out: dict[str, list[tuple[int, float]]] = {}
+  for row in rows:
+    for name, value in row.items():
+      prefix, _, key = name.partition("/")
+      if prefix in ("val", "final") and isinstance(value, (int, float)) and math.isfinite(value):
+        out.setdefault(key, []).append((row["step"], float(value)))
+  return out
+
+
+def partial_progress(root: str, member: dict) -> dict[str, Any]:
+  """How far an unfinished member got: its last logged step (0 if none) of its planned steps."""
+  workdir = member_dir(root, member)
+  steps = [r["step"] for r in metrics_lib.read_metrics(workdir)] \
+      if os.path.exists(workdir) else []
+  return {"workdir": workdir, "step": max(steps, default=0), "steps": member.get("steps"),
+          "variant": member["variant"], "seed": member["seed"],
+          "learning_rate": member.get("learning_rate")}
+
+
+def t_interval(values: list[float], confidence: float = 0.95) -> float | None:
+  """Half-width of the Student-t confidence interval of the mean of ``values`` (None below two
+  values): ``t_{(1+c)/2, n-1} * s / sqrt(n)`` with ``s`` the sample standard deviation."""
+  if len(values) < 2:
+    return None
+  from scipy import stats
+  quantile = float(stats.t.ppf((1 + confidence) / 2, len(values) - 1))
+  return quantile * float(np.std(values, ddof=1)) / math.sqrt(len(values))
 
 
 @dataclasses.dataclass
 class VariantResult:
+  """The seeds of one variant at one learning rate (``None``: the config's own, no grid)."""
+
   group: str
   variant: str
   attention: str
   runs: list[dict[str, Any]]  # collected members (finished seeds)
   missing: list[str]  # workdirs of unfinished seeds
+  learning_rate: float | None = None
+  unfinished: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # partial_progress
 
   @property
   def first(self) -> dict[str, Any]:
@@ -132,19 +171,67 @@ class VariantResult:
       return None, None
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
+  def interval(self, metric: Metric) -> float | None:
+    """Half-width of the 95% Student-t interval of the mean over seeds (None below 2 seeds)."""
+    return t_interval(self.values(metric))
+
 
 def collect_all(root: str, planned: dict[str, list[dict]]) -> dict[str, list[VariantResult]]:
   """Per group (``spec.plan``'s members), its variants' finished runs."""
   results = {}
   for group, members in planned.items():
-    by_variant: dict[str, VariantResult] = {}
+    by_variant: dict[tuple, VariantResult] = {}
     for member in members:
-      result = by_variant.setdefault(member["variant"], VariantResult(
-          group, member["variant"], member["attention"], [], []))
+      lr = member.get("learning_rate")
+      result = by_variant.setdefault((member["variant"], lr), VariantResult(
+          group, member["variant"], member["attention"], [], [], lr))
       collected = collect(root, member)
+      if collected is not None and member.get("steps") not in (None, collected["steps"]):
+        collected = None  # trained another number of steps: never in a table of equal budgets
       if collected is None:
         result.missing.append(member_dir(root, member))
+        result.unfinished.append(partial_progress(root, member))
       else:
         result.runs.append(collected)
     results[group] = list(by_variant.values())
   return results
+
+
+def selection_metric(results: list[VariantResult], select_by: str | None) -> Metric | None:
+  """The metric that picks each variant's learning rate: ``select_by`` (a column id) or the
+  task's headline metric; None while nothing has finished."""
+  finished = [r for r in results if r.runs]
+  if not finished:
+    return None
+  task = finished[0].first["task"]
+  if select_by is None:
+    return tasks.get(task).headline_metric()
+  found = {m.key: m for m in task_metrics(task, [r["evaluated"] for v in finished
+                                                 for r in v.runs])}
+  if select_by not in found:
+    raise ValueError(f"select_by={select_by!r} is not a column of task {task!r}; valid: "
+                     f"{', '.join(found)}.")
+  return found[select_by]
+
+
+def select_learning_rates(results: list[VariantResult], metric: Metric | None
+                          ) -> list[VariantResult]:
+  """One result per variant, in sweep order: the learning rate with the best mean of ``metric``
+  over its finished seeds (Zoology's protocol: the grid's best by validation). A learning rate
+  is a candidate only once all its seeds finished, so a half-done grid point never wins on fewer
+  seeds; with no complete point the variant's first result stands (reported as unfinished)."""
+  chosen: dict[str, VariantResult] = {}
+  for result in results:
+    current = chosen.get(result.variant)
+    if current is None:
+      chosen[result.variant] = result
+      continue
+    if metric is None or result.missing or not result.runs:
+      continue
+    if current.missing or not current.runs:
+      chosen[result.variant] = result
+      continue
+    new, old = result.mean_std(metric)[0], current.mean_std(metric)[0]
+    if new is not None and (old is None or (new < old if metric.lower_is_better else new > old)):
+      chosen[result.variant] = result
+  return list(chosen.values())

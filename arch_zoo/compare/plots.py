@@ -1,58 +1,228 @@
-"""The comparison's plots: every member's training loss, and each group's headline metric (the
-task's, ``arch_zoo.tasks``) against parameters."""
+"""The comparison's plots, as a paper would show them.
+
+* ``loss_curves.png``: every member's training loss, one panel per group;
+* ``validation_curves.png``: the headline metric on the validation data over training (mean over
+  seeds, the band spans the seeds' range), one panel per group;
+* ``metric_vs_params.png``, ``metric_vs_flops.png``: the headline metric against parameters and
+  against training FLOPs per token, one panel per task;
+* ``metric_vs_state.png``: the headline metric against the decode-time state of the whole model at
+  the training length (log scale), one panel per task: Zoology's and Based's accuracy against
+  state size, one line per family through its points (its widths, when the sweep has them).
+
+Each family keeps one colour in every plot (``family_color``: a fixed map, not the sweep's order),
+the legends name families, error bars are the 95% Student-t interval of the mean over seeds
+(none for a single seed), and every axis prints plain numbers (``1.2M``, ``0.43``), never an
+offset such as ``1e-6+4.266e-1``. Only the selected learning rate of each variant is plotted, and
+only finished members (``analysis``).
+"""
 
 from __future__ import annotations
 
+import math
 import os
+import zlib
 
 from arch_zoo import tasks
 from arch_zoo.compare.analysis import VariantResult
 
+PLOT_FILES = ("loss_curves.png", "validation_curves.png", "metric_vs_params.png",
+              "metric_vs_flops.png", "metric_vs_state.png")
+# Colour-blind-safe (Okabe-Ito) colours for the built-in families; any other family gets one of
+# the spare colours from its name, so it too is the same in every plot and every sweep.
+FAMILY_COLORS = {"mha": "#000000", "moh": "#E69F00", "lightning": "#0072B2",
+                 "routing": "#009E73", "dynamic_mask": "#D55E00", "masa": "#CC79A7"}
+SPARE_COLORS = ("#56B4E9", "#F0E442", "#999999", "#882255", "#44AA99", "#117733")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def family_color(family: str) -> str:
+  if family in FAMILY_COLORS:
+    return FAMILY_COLORS[family]
+  return SPARE_COLORS[zlib.crc32(family.encode()) % len(SPARE_COLORS)]
+
+
+def family_marker(family: str) -> str:
+  names = list(FAMILY_COLORS)
+  index = names.index(family) if family in names else zlib.crc32(family.encode())
+  return MARKERS[index % len(MARKERS)]
+
+
+def plain_number(value: float, _position=None) -> str:
+  """``1,234,567`` -> ``1.23M``, ``0.4266`` -> ``0.4266``: short, plain, no offset."""
+  magnitude = abs(value)
+  for limit, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if magnitude >= limit:
+      return f"{value / limit:.3g}{suffix}"
+  return f"{value:.4g}"
+
+
+def plain_axes(ax, x: bool = True, y: bool = True) -> None:
+  from matplotlib.ticker import FuncFormatter
+  if x:
+    ax.xaxis.set_major_formatter(FuncFormatter(plain_number))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda *_: ""))
+  if y:
+    ax.yaxis.set_major_formatter(FuncFormatter(plain_number))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda *_: ""))
+
+
+def pad_limits(ax, values: list[float], axis: str, log: bool = False) -> None:
+  """Limits that leave room around the points, at least 10% of their value on each side: points
+  matched within 2% (``match="params"``) then sit in a readable range with round ticks."""
+  values = [v for v in values if v is not None and math.isfinite(v)]
+  if not values:
+    return
+  low, high = min(values), max(values)
+  if log:
+    low, high = low / 1.6, high * 1.6
+  else:
+    pad = max(0.1 * max(abs(low), abs(high)), 0.08 * (high - low))
+    low, high = low - pad, high + pad
+  (ax.set_xlim if axis == "x" else ax.set_ylim)(low, high)
+
+
+def family_legend(ax, families: list[str]) -> None:
+  from matplotlib.lines import Line2D
+  handles = [Line2D([], [], color=family_color(f), marker=family_marker(f), label=f)
+             for f in families]
+  if handles:
+    ax.legend(handles=handles, fontsize=8, title="family", title_fontsize=8)
+
+
+def headline(results: list[VariantResult]):
+  task = next(v for v in results if v.runs).first["task"]
+  return task, tasks.get(task).headline_metric()
+
 
 def plot(results: dict[str, list[VariantResult]], out_dir: str) -> None:
+  """Writes every file of ``PLOT_FILES`` from ``results`` (per group, one result per variant:
+  its selected learning rate)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  names = [n for n, variants in results.items() if any(v.runs for v in variants)]
-  if not names:
-    return
-  fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.8), squeeze=False)
-  for ax, name in zip(axes[0], names):
-    for i, variant in enumerate(results[name]):
-      for j, run in enumerate(variant.runs):
-        if not run["curve"]:
-          continue
-        steps, losses = zip(*run["curve"])
-        ax.plot(steps, losses, color=f"C{i}", alpha=1.0 if j == 0 else 0.45, linewidth=1.2,
-                linestyle="-" if j == 0 else "--", label=variant.variant if j == 0 else None)
-    ax.set_title(f"{name}: training loss (dashed: other seeds)", fontsize=9)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss")
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "loss_curves.png"), dpi=110)
-  plt.close(fig)
+  groups = {name: variants for name, variants in results.items() if any(v.runs for v in variants)}
+  for name in PLOT_FILES:
+    path = os.path.join(out_dir, name)
+    if not groups:
+      if os.path.exists(path):
+        os.remove(path)  # never leave another sweep's plot next to this report
+      continue
+    maker = {"loss_curves.png": loss_curves, "validation_curves.png": validation_curves,
+             "metric_vs_params.png": lambda f, g: metric_vs(f, g, "params"),
+             "metric_vs_flops.png": lambda f, g: metric_vs(f, g, "flops"),
+             "metric_vs_state.png": lambda f, g: metric_vs(f, g, "state")}[name]
+    fig = maker(plt, groups)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
-  fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.8), squeeze=False)
-  for ax, name in zip(axes[0], names):
-    variants = [v for v in results[name] if v.runs]
-    task = variants[0].first["task"]
-    metric = tasks.get(task).headline_metric()
-    for i, variant in enumerate(results[name]):
-      mean, std = variant.mean_std(metric) if variant.runs else (None, None)
-      if mean is None:
+
+def panels(plt, count: int):
+  fig, axes = plt.subplots(1, count, figsize=(5.4 * count, 4.2), squeeze=False)
+  return fig, list(axes[0])
+
+
+def loss_curves(plt, groups: dict[str, list[VariantResult]]):
+  fig, axes = panels(plt, len(groups))
+  for ax, (name, variants) in zip(axes, groups.items()):
+    families = []
+    for variant in (v for v in variants if v.runs):
+      families.append(variant.attention)
+      for j, run in enumerate(variant.runs):
+        if run["curve"]:
+          steps, losses = zip(*run["curve"])
+          ax.plot(steps, losses, color=family_color(variant.attention), linewidth=1.1,
+                  alpha=0.9 if j == 0 else 0.45)
+    ax.set_title(f"{name}: training loss (every seed)", fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    plain_axes(ax)
+    family_legend(ax, list(dict.fromkeys(families)))
+  return fig
+
+
+def validation_curves(plt, groups: dict[str, list[VariantResult]]):
+  import numpy as np
+  fig, axes = panels(plt, len(groups))
+  for ax, (name, variants) in zip(axes, groups.items()):
+    _, metric = headline(variants)
+    keys = [source[1] for source in metric.sources if source[0] == "final"]
+    families, drew = [], False
+    for variant in (v for v in variants if v.runs):
+      series = [dict(run["validation"].get(keys[0], [])) if keys else {} for run in variant.runs]
+      steps = sorted(set.intersection(*[set(s) for s in series])) if series else []
+      if len(steps) < 2:
         continue
-      x = variant.first["params"] / 1e6
-      ax.errorbar([x], [mean], yerr=[std] if std else None, fmt="o", color=f"C{i}",
-                  capsize=3, label=variant.variant)
-      ax.annotate(variant.variant, (x, mean), fontsize=7, xytext=(4, 3),
-                  textcoords="offset points")
-    ax.set_title(f"{name}: {metric.label} vs parameters "
-                 f"({'lower' if metric.lower_is_better else 'higher'} is better)", fontsize=9)
-    ax.set_xlabel("parameters (M)")
-    ax.set_ylabel(metric.label)
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "metric_vs_params.png"), dpi=110)
-  plt.close(fig)
+      values = np.asarray([[s[step] for step in steps] for s in series])
+      color = family_color(variant.attention)
+      ax.plot(steps, values.mean(axis=0), color=color, marker=family_marker(variant.attention),
+              markersize=4, linewidth=1.4)
+      if len(series) > 1:
+        ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=color, alpha=0.15)
+      families.append(variant.attention)
+      drew = True
+    ax.set_title(f"{name}: validation {metric.label} (band: seeds' range)", fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"validation {metric.label}")
+    if not drew:
+      ax.text(0.5, 0.5, "no validation during training\n(train.eval_every = 0)",
+              ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.4")
+    plain_axes(ax)
+    family_legend(ax, list(dict.fromkeys(families)))
+  return fig
+
+
+COST_AXES = {
+    "params": ("parameters", lambda run: run["params"], False),
+    "flops": ("training FLOPs per token", lambda run: run["flops_per_token"], False),
+    "state": ("decode state at the training length (elements, log scale)",
+              lambda run: run["state_at_seq_len"], True),
+}
+
+
+def metric_vs(plt, groups: dict[str, list[VariantResult]], cost: str):
+  """The headline metric against a cost, one panel per task: every variant of every group at its
+  selected learning rate; the points of one family joined in order of cost."""
+  by_task: dict[str, list[VariantResult]] = {}
+  for variants in groups.values():
+    task, _ = headline(variants)
+    by_task.setdefault(task, []).extend(v for v in variants if v.runs)
+  label, cost_of, log = COST_AXES[cost]
+  fig, axes = panels(plt, len(by_task))
+  for ax, (task, variants) in zip(axes, by_task.items()):
+    metric = tasks.get(task).headline_metric()
+    families: dict[str, list[tuple]] = {}
+    for variant in variants:
+      mean, _ = variant.mean_std(metric)
+      x = cost_of(variant.first)
+      if mean is None or x is None:
+        continue
+      families.setdefault(variant.attention, []).append(
+          (x, mean, variant.interval(metric), len(variant.runs)))
+    xs, ys = [], []
+    for family, points in families.items():
+      points.sort()
+      color = family_color(family)
+      px, py, pe, _ = zip(*points)
+      ax.errorbar(px, py, yerr=[e or 0.0 for e in pe], color=color, marker=family_marker(family),
+                  markersize=6, capsize=4, linewidth=1.3 if len(points) > 1 else 0,
+                  elinewidth=1.2)
+      xs += px
+      ys += [y + s * (e or 0.0) for y, e in zip(py, pe) for s in (-1, 1)]
+    seeds = sorted({p[3] for points in families.values() for p in points})
+    ax.set_title(f"{task}: {metric.label} vs {cost} "
+                 f"({'lower' if metric.lower_is_better else 'higher'} is better)", fontsize=10)
+    ax.set_xlabel(label)
+    ax.set_ylabel(metric.label + f"\n(error bars: 95% interval, {'/'.join(map(str, seeds))} "
+                  f"seed{'s' if seeds != [1] else ''})")
+    if log:
+      from matplotlib.ticker import LogLocator
+      ax.set_xscale("log")
+      ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    pad_limits(ax, xs, "x", log=log)
+    pad_limits(ax, ys, "y")
+    plain_axes(ax)
+    ax.grid(alpha=0.3)
+    family_legend(ax, list(families))
+  return fig

@@ -9,8 +9,9 @@ import math
 import os
 
 from arch_zoo.compare import plots
-from arch_zoo.compare.analysis import VariantResult, collect_all, task_metrics
-from arch_zoo.compare.spec import Claim
+from arch_zoo.compare.analysis import (VariantResult, collect_all, select_learning_rates,
+                                       selection_metric, task_metrics)
+from arch_zoo.compare.spec import Claim, lr_text, where
 
 
 def fmt(value: float | None, digits: int = 4) -> str:
@@ -26,15 +27,37 @@ def fmt_mean_std(mean: float | None, std: float | None) -> str:
     return "—"
   if std is None:
     return fmt(mean)
+  if std <= 1e-9 * abs(mean):  # equal values (members trained together share a throughput)
+    return f"{fmt(mean)} ± 0"
   return f"{fmt(mean)} ± {f'{std:,.0f}' if abs(std) >= 100 else f'{std:.2g}'}"
 
 
+def fmt_interval(result: VariantResult, metric) -> str:
+  """``mean ± half-width of the 95% t-interval`` over the seeds (a single value for one seed)."""
+  return fmt_mean_std(result.mean_std(metric)[0], result.interval(metric))
+
+
+def verdict(variant: VariantResult, baseline: VariantResult, metric) -> str:
+  """better / worse when the 95% intervals of the two means do not overlap, else "cannot tell
+  apart" (also with fewer than two seeds on a side: no interval)."""
+  (vm, _), (bm, _) = variant.mean_std(metric), baseline.mean_std(metric)
+  vi, bi = variant.interval(metric), baseline.interval(metric)
+  if vi is None or bi is None:
+    return "cannot tell apart (fewer than 2 seeds on a side: no interval)"
+  if vm - vi > bm + bi or bm - bi > vm + vi:
+    better = (vm < bm) == metric.lower_is_better
+    return f"{'better' if better else 'worse'} (the 95% intervals do not overlap)"
+  return "cannot tell apart (the 95% intervals overlap)"
+
+
 def claim_lines(claims: list[Claim], results: dict[str, list[VariantResult]]) -> list[str]:
+  """``results``: per group, one result per variant (its selected learning rate)."""
   lines = ["## Claims, as measured", "",
            "Each line restates a paper's claim and gives what this sweep measured, whatever it "
            "shows; every number is computed from the table above (Δ = variant − baseline, means "
-           "over seeds). \"Seed ranges overlap\" means the variant's per-seed values and the "
-           "baseline's interleave, so the sweep cannot tell them apart at this scale.", ""]
+           "over seeds ± the half-width of their 95% Student-t interval). The verdict is "
+           "\"better\" or \"worse\" only when the two intervals do not overlap, else \"cannot "
+           "tell apart\" at this scale.", ""]
   for claim in claims:
     by_name = {r.variant: r for r in results[claim.group]}
     variant, baseline = by_name[claim.variant], by_name[claim.baseline]
@@ -42,8 +65,9 @@ def claim_lines(claims: list[Claim], results: dict[str, list[VariantResult]]) ->
     lines.append("")
     lines.append(f"Paper: {claim.paper}")
     lines.append("")
-    if not variant.runs or not baseline.runs:
-      lines += ["Not measured: a member of this comparison has not finished.", ""]
+    if not variant.runs or not baseline.runs or variant.missing or baseline.missing:
+      lines += ["Not measured: a member of this comparison has not finished (see \"Not in the "
+                "tables\").", ""]
       continue
     v, b = variant.first, baseline.first
     lines.append(
@@ -55,7 +79,9 @@ def claim_lines(claims: list[Claim], results: dict[str, list[VariantResult]]) ->
         + (f"{v['flops_per_token'] / b['flops_per_token']:.3f}x the training FLOPs per token."
            if v["flops_per_token"] and b["flops_per_token"] else "FLOPs per token unknown.")
         + f" State per layer: {state_text(v['state_per_token'], v['state_fixed'])} vs "
-          f"{state_text(b['state_per_token'], b['state_fixed'])}.")
+          f"{state_text(b['state_per_token'], b['state_fixed'])}."
+        + (f" Learning rates (best of the grid): {lr_text(variant.learning_rate)} vs "
+           f"{lr_text(baseline.learning_rate)}." if variant.learning_rate is not None else ""))
     metrics = {m.key: m for m in task_metrics(v["task"], [r["evaluated"] for r in
                                                           variant.runs + baseline.runs])}
     for key in claim.metrics:
@@ -63,22 +89,21 @@ def claim_lines(claims: list[Claim], results: dict[str, list[VariantResult]]) ->
         lines.append(f"- {key}: not a column of this group ({', '.join(metrics)}).")
         continue
       metric = metrics[key]
-      (vm, vs), (bm, bs) = variant.mean_std(metric), baseline.mean_std(metric)
+      (vm, _), (bm, _) = variant.mean_std(metric), baseline.mean_std(metric)
       if vm is None or bm is None:
         lines.append(f"- {metric.label}: not measured.")
         continue
       delta = vm - bm
-      better = (delta < 0) == metric.lower_is_better and delta != 0
-      vv, bv = variant.values(metric), baseline.values(metric)
-      separated = max(vv) < min(bv) or max(bv) < min(vv)
-      verdict = (f"{claim.variant} is {'better' if better else 'worse'}"
-                 if delta != 0 else "equal")
-      spread = ("seed ranges do not overlap" if separated else "seed ranges overlap")
+      seeds = (len(variant.values(metric)), len(baseline.values(metric)))
       lines.append(
           f"- {metric.label} ({'lower' if metric.lower_is_better else 'higher'} is better): "
-          f"{claim.variant} {fmt_mean_std(vm, vs)} vs {claim.baseline} {fmt_mean_std(bm, bs)}; "
+          f"{claim.variant} {fmt_interval(variant, metric)} vs {claim.baseline} "
+          f"{fmt_interval(baseline, metric)}; "
           f"Δ = {delta:+.4g} ({100 * delta / abs(bm) if bm else float('nan'):+.1f}%): "
-          f"{verdict}, {spread} ({len(vv)} vs {len(bv)} seeds).")
+          f"{claim.variant} vs {claim.baseline}: {verdict(variant, baseline, metric)} "
+          f"({seeds[0]} vs {seeds[1]} seeds"
+          + ("; fewer than 3 seeds is below this protocol's minimum" if min(seeds) < 3 else "")
+          + ").")
     lines.append("")
   return lines
 
@@ -101,13 +126,17 @@ def report(root: str, groups: list[dict], claims: list[Claim], planned: dict[str
   returns the path of comparison.md."""
   os.makedirs(out_dir, exist_ok=True)
   results = collect_all(root, planned)
-  csv_rows = []
+  selected, csv_rows = {}, []
   lines = [
       "# Attention comparison", "",
       f"Made by `python compare.py --sweep {sweep_path or 'SWEEP'} --workdir {root}`. Each row "
-      "is one attention variant; metrics are the mean ± sample std over seeds (a single value "
-      "when one seed finished). Within a group only the attention differs (and, with matching, "
-      "the MLP width `d_ff`); data order, steps, optimizer and evaluation are identical.", "",
+      "is one attention variant; metrics are the mean over seeds ± the half-width of its 95% "
+      "Student-t interval (a single value when one seed finished; the CSV also has the sample "
+      "std). Within a group only the attention differs (and, with matching, the MLP width "
+      "`d_ff`; with a learning-rate grid, the learning rate: each row is the variant's best by "
+      "validation, the whole grid below it); data order, steps, batch, optimizer and evaluation "
+      "are identical, and every row trained the same steps: a member that did not finish is "
+      "never in a table (\"Not in the tables\" lists it).", "",
       "Columns: **params** and **attn params** (attention layers plus cross-layer shared "
       "tensors) from each run's `run_info.json`; **FLOPs/token**: model training FLOPs per token "
       "(matmuls, 3 x forward; a ViT's FLOPs per image over its tokens); **state/layer**: what "
@@ -120,66 +149,14 @@ def report(root: str, groups: list[dict], claims: list[Claim], planned: dict[str
       "at the end.", ""]
   for group in groups:
     variants = results[group["name"]]
-    finished = [r for r in variants if r.runs]
-    lines += [f"## {group['name']}", "",
-              f"`{group['config']}:{group['arg']}` with overrides "
-              f"`{json.dumps(group['overrides'])}`; seeds {group['seeds']}; matching: "
-              f"{group['match']}" + (f" (reference {group['reference']}, d_ff adjusted)"
-                                     if group["match"] != "none" else "")
-              + (f"; eval suite `{group['suite']}`" if group["suite"] else
-                 "; metrics from train.py's final validation") + ".", ""]
-    per_family = {k: v for k, v in group["attention_overrides"].items()
-                  if k in {x.attention for x in variants}}
-    if per_family or any(v["overrides"] for v in group["variants"]):
-      notes = [f"{k}: `{json.dumps(v)}`" for k, v in per_family.items()]
-      notes += [f"{v['name']}: `{json.dumps(v['overrides'])}`" for v in group["variants"]
-                if v["overrides"]]
-      lines += ["Attention settings: " + "; ".join(notes) + ".", ""]
-    if not finished:
-      lines += ["No member has finished yet.", ""]
-      continue
-    task = finished[0].first["task"]
-    metrics = task_metrics(task, [r["evaluated"] for v in finished for r in v.runs])
-    reference = next((v for v in finished if v.variant == group["reference"]), None)
-    header = ["variant", "seeds", "params", "Δparams", "attn params", "d_ff", "FLOPs/token",
-              "state/layer", *[m.label for m in metrics], "runs"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for result in variants:
-      if not result.runs:
-        lines.append(f"| {result.variant} | 0 | not finished: "
-                     f"{', '.join(result.missing)} |" + " |" * (len(header) - 3))
-        continue
-      first = result.first
-      delta = (f"{100 * (first['params'] / reference.first['params'] - 1):+.1f}%"
-               if reference else "—")
-      stats = [result.mean_std(m) for m in metrics]
-      seeds = f"{len(result.runs)}" + (f" (of {len(result.runs) + len(result.missing)})"
-                                       if result.missing else "")
-      cells = [result.variant if result.variant == result.attention
-               else f"{result.variant} ({result.attention})", seeds,
-               f"{first['params']:,}", delta, f"{first['attention_params']:,}",
-               str(first["d_ff"]),
-               f"{first['flops_per_token']:.3g}" if first["flops_per_token"] else "—",
-               state_text(first["state_per_token"], first["state_fixed"]),
-               *[fmt_mean_std(mean, std) for mean, std in stats],
-               "<br>".join(f"`{r['workdir']}`" for r in result.runs)]
-      lines.append("| " + " | ".join(cells) + " |")
-      row = {"group": group["name"], "variant": result.variant, "attention": result.attention,
-             "task": task, "seeds": len(result.runs), "params": first["params"],
-             "attention_params": first["attention_params"], "d_ff": first["d_ff"],
-             "train_flops_per_token": first["flops_per_token"],
-             "train_flops_per_image": first["flops_per_image"],
-             "state_per_token_per_layer": first["state_per_token"],
-             "state_fixed_per_layer": first["state_fixed"],
-             "state_elements_at_seq_len": first["state_at_seq_len"], "seq_len": first["seq_len"]}
-      for metric, (mean, std) in zip(metrics, stats):
-        row[f"{metric.key}_mean"], row[f"{metric.key}_std"] = mean, std
-      row["seconds_total"] = sum(r["seconds"] for r in result.runs)
-      row["workdirs"] = ";".join(r["workdir"] for r in result.runs)
-      csv_rows.append(row)
-    lines.append("")
+    with where(f"sweep group {group['name']!r}"):  # a select_by that names no column
+      metric = selection_metric(variants, group["select_by"])
+    chosen = select_learning_rates(variants, metric)
+    selected[group["name"]] = chosen
+    lines += group_lines(group, variants, chosen, metric, csv_rows)
   if claims:
-    lines += claim_lines(claims, results)
+    lines += claim_lines(claims, selected)
+  lines += unfinished_lines(groups, results)
   lines += run_lines(groups, results)
   md_path = os.path.join(out_dir, "comparison.md")
   with open(md_path, "w") as f:
@@ -189,8 +166,134 @@ def report(root: str, groups: list[dict], claims: list[Claim], planned: dict[str
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     writer.writerows(csv_rows)
-  plots.plot(results, out_dir)
+  plots.plot(selected, out_dir)
   return md_path
+
+
+def group_lines(group: dict, variants: list[VariantResult], chosen: list[VariantResult],
+                selection, csv_rows: list[dict]) -> list[str]:
+  """The group's heading, its table (one row per variant, at its selected learning rate), the
+  learning-rate grid when there is one; appends the group's CSV rows (every grid point)."""
+  grid = group["learning_rates"]
+  lines = [f"## {group['name']}", "",
+           f"`{group['config']}:{group['arg']}` with overrides "
+           f"`{json.dumps(group['overrides'])}`; seeds {group['seeds']}; matching: "
+           f"{group['match']}" + (f" (reference {group['reference']}, d_ff adjusted)"
+                                  if group["match"] != "none" else "")
+           + (f"; eval suite `{group['suite']}`" if group["suite"] else
+              "; metrics from train.py's final validation")
+           + (f"; learning rates {[lr_text(lr) for lr in grid]}, each variant's best by "
+              f"{selection.label if selection else group['select_by'] or 'the headline metric'}"
+              if grid else "") + ".", ""]
+  per_family = {k: v for k, v in group["attention_overrides"].items()
+                if k in {x.attention for x in variants}}
+  if per_family or any(v["overrides"] for v in group["variants"]):
+    notes = [f"{k}: `{json.dumps(v)}`" for k, v in per_family.items()]
+    notes += [f"{v['name']}: `{json.dumps(v['overrides'])}`" for v in group["variants"]
+              if v["overrides"]]
+    lines += ["Attention settings: " + "; ".join(notes) + ".", ""]
+  finished = [r for r in variants if r.runs]
+  if not finished:
+    return lines + ["No member has finished yet.", ""]
+  task = finished[0].first["task"]
+  metrics = task_metrics(task, [r["evaluated"] for v in finished for r in v.runs])
+  reference = next((v for v in chosen if v.variant == group["reference"] and v.runs), None)
+  header = ["variant", *(["lr"] if grid else []), "seeds", "params", "Δparams", "attn params",
+            "d_ff", "FLOPs/token", "state/layer", *[m.label for m in metrics], "runs"]
+  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  incomplete = {v.variant for v in variants if v.missing}
+  for result in chosen:
+    name = (result.variant if result.variant == result.attention
+            else f"{result.variant} ({result.attention})")
+    if not result.runs:
+      lines.append(f"| {name} | not finished (see \"Not in the tables\") |"
+                   + " |" * (len(header) - 2))
+      continue
+    first = result.first
+    delta = (f"{100 * (first['params'] / reference.first['params'] - 1):+.1f}%"
+             if reference else "—")
+    seeds = f"{len(result.runs)}" + (f" (of {len(result.runs) + len(result.missing)})"
+                                     if result.missing else "")
+    lr = ([lr_text(result.learning_rate)
+           + (" (grid incomplete)" if result.variant in incomplete else "")] if grid else [])
+    cells = [name, *lr, seeds, f"{first['params']:,}", delta, f"{first['attention_params']:,}",
+             str(first["d_ff"]),
+             f"{first['flops_per_token']:.3g}" if first["flops_per_token"] else "—",
+             state_text(first["state_per_token"], first["state_fixed"]),
+             *[fmt_interval(result, m) for m in metrics],
+             "<br>".join(f"`{r['workdir']}`" for r in result.runs)]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines.append("")
+  if grid and selection is not None:
+    lines += grid_lines(variants, chosen, selection)
+  for result in variants:
+    if result.runs:
+      csv_rows.append(csv_row(group, task, result, metrics, result in chosen))
+  return lines
+
+
+def grid_lines(variants: list[VariantResult], chosen: list[VariantResult], metric) -> list[str]:
+  """The whole learning-rate grid: the selection metric at every point, the chosen one marked."""
+  rates = list(dict.fromkeys(v.learning_rate for v in variants))
+  lines = [f"Learning-rate grid ({metric.label}, mean ± 95% interval over seeds; **bold**: the "
+           "row above):", "",
+           "| variant | " + " | ".join(lr_text(lr) for lr in rates) + " |",
+           "|" + "---|" * (len(rates) + 1)]
+  by_key = {(v.variant, v.learning_rate): v for v in variants}
+  for name in dict.fromkeys(v.variant for v in variants):
+    cells = []
+    for lr in rates:
+      result = by_key.get((name, lr))
+      if result is None or not result.runs:
+        cells.append("not finished")
+        continue
+      text = fmt_interval(result, metric) + (f" ({len(result.runs)} of "
+                                             f"{len(result.runs) + len(result.missing)} seeds)"
+                                             if result.missing else "")
+      cells.append(f"**{text}**" if result in chosen else text)
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return lines + [""]
+
+
+def csv_row(group: dict, task: str, result: VariantResult, metrics, selected: bool) -> dict:
+  first = result.first
+  row = {"group": group["name"], "variant": result.variant, "attention": result.attention,
+         "task": task, "learning_rate": first["learning_rate"], "selected": selected,
+         "steps": first["steps"], "seeds": len(result.runs),
+         "seeds_planned": len(result.runs) + len(result.missing), "params": first["params"],
+         "attention_params": first["attention_params"], "d_ff": first["d_ff"],
+         "train_flops_per_token": first["flops_per_token"],
+         "train_flops_per_image": first["flops_per_image"],
+         "state_per_token_per_layer": first["state_per_token"],
+         "state_fixed_per_layer": first["state_fixed"],
+         "state_elements_at_seq_len": first["state_at_seq_len"], "seq_len": first["seq_len"]}
+  for metric in metrics:
+    mean, std = result.mean_std(metric)
+    row[f"{metric.key}_mean"], row[f"{metric.key}_std"] = mean, std
+    row[f"{metric.key}_ci95"] = result.interval(metric)
+  row["seconds_total"] = sum(r["seconds"] for r in result.runs)
+  row["workdirs"] = ";".join(r["workdir"] for r in result.runs)
+  return row
+
+
+def unfinished_lines(groups: list[dict], results: dict[str, list[VariantResult]]) -> list[str]:
+  """Every member that did not train its whole budget (stopped by a budget guard, preempted,
+  failed, or not started): listed here, never in a table."""
+  rows = [(group["name"], u) for group in groups for v in results[group["name"]]
+          for u in v.unfinished]
+  if not rows:
+    return []
+  lines = ["## Not in the tables", "",
+           "These members did not finish their budget (a budget guard stopped the sweep, it was "
+           "preempted or failed, or it has not started); they are in no table, claim or plot "
+           "above. Running the same command again resumes them.", "",
+           "| group | variant | lr | seed | reached step | of | workdir |",
+           "|---|---|---|---|---|---|---|"]
+  for name, u in rows:
+    lr = "—" if u["learning_rate"] is None else lr_text(u["learning_rate"])
+    lines.append(f"| {name} | {u['variant']} | {lr} | {u['seed']} | {u['step']} | "
+                 f"{u['steps'] if u['steps'] is not None else '—'} | `{u['workdir']}` |")
+  return lines + [""]
 
 
 def run_lines(groups: list[dict], results: dict[str, list[VariantResult]]) -> list[str]:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -32,6 +34,63 @@ REPO = config_files.REPO  # where train.py and eval.py are
 
 class Preempted(RuntimeError):
   """train.py stopped early on SIGTERM: the whole sweep stops, to be resumed later."""
+
+
+class BudgetReached(Preempted):
+  """The sweep's time budget (``--budget_s``) ran out: the member in training checkpointed, the
+  others wait; running the command again resumes them."""
+
+
+class Guard:
+  """The sweep's stop signal: SIGTERM (a cluster's preemption, ``timeout``) or the end of the time
+  budget. While a member trains, train.py's own handler checkpoints and stops it; between
+  members this one notes the request, and the sweep starts no further member. A member run as a
+  subprocess gets the signal passed on."""
+
+  def __init__(self, budget_s: float | None):
+    self.budget_s = budget_s
+    self.deadline = None if budget_s is None else time.monotonic() + budget_s
+    self.requested: str | None = None
+    self.child: subprocess.Popen | None = None
+    self._previous = None
+    self._timer = None
+
+  def __enter__(self) -> "Guard":
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if self.budget_s is not None:
+      self._timer = threading.Timer(self.budget_s, self._expire)
+      self._timer.daemon = True
+      self._timer.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._timer is not None:
+      self._timer.cancel()
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.requested = self.requested or signal.Signals(signum).name
+    if self.child is not None and self.child.poll() is None:
+      self.child.send_signal(signum)
+
+  def _expire(self) -> None:
+    self.requested = self.requested or "budget"
+    if threading.current_thread() is not threading.main_thread():
+      # Reaches train.py's handler (or ours) in the main thread: the member checkpoints.
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def out_of_time(self) -> bool:
+    return self.requested is not None or (self.deadline is not None
+                                          and time.monotonic() >= self.deadline)
+
+  def stop(self, where: str) -> Preempted:
+    if self.requested == "budget" or (self.requested is None and self.out_of_time()):
+      return BudgetReached(f"the time budget of {self.budget_s:g} s ran out {where}; run the "
+                           "same command again to resume (finished members are kept).")
+    return Preempted(f"{self.requested or 'SIGTERM'} {where}; run the sweep again to resume it.")
 
 
 def read_json(path: str) -> dict:
@@ -124,14 +183,21 @@ def prepare_workdir(member: dict, workdir: str) -> dict[str, Any]:
   return record
 
 
-def run_subprocess(cmd: list[str], workdir: str) -> None:
-  result = subprocess.run(cmd, cwd=REPO)
-  if result.returncode != 0:
-    raise RuntimeError(f"{shlex.join(cmd)} failed with exit code {result.returncode} (its error "
+def run_subprocess(cmd: list[str], workdir: str, guard: Guard | None = None) -> None:
+  child = subprocess.Popen(cmd, cwd=REPO)
+  if guard is not None:
+    guard.child = child
+  try:
+    returncode = child.wait()
+  finally:
+    if guard is not None:
+      guard.child = None
+  if returncode != 0:
+    raise RuntimeError(f"{shlex.join(cmd)} failed with exit code {returncode} (its error "
                        f"is above); {workdir} keeps what was saved.")
 
 
-def run_member(member: dict, workdir: str, in_process: bool) -> None:
+def run_member(member: dict, workdir: str, in_process: bool, guard: Guard | None = None) -> None:
   """Trains (or resumes) a member, then evaluates it; adds the seconds to its record."""
   record = prepare_workdir(member, workdir)
   path = os.path.join(workdir, MEMBER_FILE)
@@ -146,7 +212,7 @@ def run_member(member: dict, workdir: str, in_process: bool) -> None:
       config.train.progress = False  # one line per member from compare.py instead
       train.train_and_evaluate(config, workdir)
     else:
-      run_subprocess(train_command(member, workdir), workdir)
+      run_subprocess(train_command(member, workdir), workdir, guard)
     record["train_seconds"] += time.perf_counter() - start
     write_json(path, record)
     if not training_finished(workdir):
@@ -158,35 +224,110 @@ def run_member(member: dict, workdir: str, in_process: bool) -> None:
       import eval as eval_lib  # noqa: A004  (the repository's eval.py)
       eval_lib.evaluate_run(workdir, max_batches=member["eval_max_batches"], suite=member["suite"])
     else:
-      run_subprocess(eval_command(member, workdir), workdir)
+      run_subprocess(eval_command(member, workdir), workdir, guard)
     record["eval_seconds"] += time.perf_counter() - start
     write_json(path, record)
 
 
-def run_members(members: list[dict], root: str, in_process: bool) -> list[str]:
+def batches(members: list[dict], root: str) -> list[list[dict]]:
+  """The members in running order, as lists: members of one variant of a ``batch_members`` group
+  (its seeds and learning rates) that have not started training form one list, trained together
+  (``batched``); every other member is a list of one."""
+  out, together = [], {}
+  for member in members:
+    workdir = member_dir(root, member)
+    fresh = not (training_finished(workdir)
+                 or os.path.isdir(os.path.join(workdir, "checkpoints")))
+    if member.get("batch_members") and fresh:
+      key = (member["group"], member["variant"])
+      if key not in together:
+        together[key] = []
+        out.append(together[key])
+      together[key].append(member)
+    else:
+      out.append([member])
+  return out
+
+
+def train_batch(batch: list[dict], root: str) -> None:
+  """Trains the members of ``batch`` as one vmapped program (``batched.train_together``)."""
+  from arch_zoo.compare import batched
+  workdirs = [member_dir(root, m) for m in batch]
+  records = [prepare_workdir(m, w) for m, w in zip(batch, workdirs)]
+  configs = [build_config(m["config_file"], m["arg"], m["overrides"]) for m in batch]
+  for config in configs:
+    config.train.progress = False  # as run_member's: a later resume by train.py sees no change
+  start = time.perf_counter()
+  batched.train_together(configs, workdirs)
+  share = (time.perf_counter() - start) / len(batch)  # the members shared the device
+  for workdir, record in zip(workdirs, records):
+    record["train_seconds"] += share
+    record["trained_with"] = workdirs
+    write_json(os.path.join(workdir, MEMBER_FILE), record)
+  if not all(training_finished(w) for w in workdirs):
+    raise Preempted(f"{', '.join(workdirs)}: training stopped before its last step (SIGTERM: "
+                    "checkpointed); run the sweep again to resume.")
+
+
+def run_members(members: list[dict], root: str, in_process: bool,
+                budget_s: float | None = None) -> list[str]:
   """Runs every unfinished member; returns the workdirs that failed (the others still run). A
-  failure is one line (with its traceback under ``ARCH_ZOO_DEBUG=1``)."""
+  failure is one line (with its traceback under ``ARCH_ZOO_DEBUG=1``). With ``budget_s``, no
+  member starts after that many seconds, and the one training then checkpoints and stops
+  (``BudgetReached``); SIGTERM does the same (``Preempted``)."""
   check_workdirs(members, root)
   failed = []
-  for i, member in enumerate(members):
-    workdir = member_dir(root, member)
-    label = f"[{i + 1}/{len(members)}] {workdir}"
-    if is_finished(workdir, member):
-      print(f"{label}: finished, skipped", flush=True)
-      continue
-    state = ("evaluating" if training_finished(workdir) else
-             "resuming" if os.path.isdir(os.path.join(workdir, "checkpoints")) else "starting")
-    print(f"{label}: {state}", flush=True)
-    start = time.perf_counter()
-    try:
-      run_member(member, workdir, in_process)
-    except Preempted:
-      raise
-    except Exception as e:  # noqa: BLE001  one failed member must not stop the sweep
-      if errors.debug():
-        traceback.print_exc()
-      failed.append(workdir)
-      print(f"{label}: FAILED: {type(e).__name__}: {describe(e)}", flush=True)
-      continue
-    print(f"{label}: done in {time.perf_counter() - start:.0f} s", flush=True)
+  index = {id(m): i for i, m in enumerate(members)}
+  with Guard(budget_s) as guard:
+    for batch in batches(members, root):
+      if len(batch) > 1:
+        if guard.out_of_time():
+          raise guard.stop("before the next member started")
+        label = (f"[{index[id(batch[0])] + 1}-{index[id(batch[-1])] + 1}/{len(members)}] "
+                 f"{len(batch)} members trained together: "
+                 f"{', '.join(member_dir(root, m) for m in batch)}")
+        print(f"{label}: starting", flush=True)
+        start = time.perf_counter()
+        try:
+          train_batch(batch, root)
+        except Preempted:
+          raise guard.stop("while members trained together") from None
+        except Exception as e:  # noqa: BLE001  each member then trains alone below
+          if errors.debug():
+            traceback.print_exc()
+          print(f"{label}: FAILED together ({type(e).__name__}: {describe(e)}); each member "
+                "now runs on its own.", flush=True)
+        else:
+          print(f"{label}: trained in {time.perf_counter() - start:.0f} s", flush=True)
+      for member in batch:
+        failed += run_one(member, root, in_process, guard, index[id(member)], len(members))
   return failed
+
+
+def run_one(member: dict, root: str, in_process: bool, guard: Guard, i: int,
+            count: int) -> list[str]:
+  """Runs one member (or only evaluates it); returns ``[workdir]`` if it failed."""
+  workdir = member_dir(root, member)
+  label = f"[{i + 1}/{count}] {workdir}"
+  if is_finished(workdir, member):
+    print(f"{label}: finished, skipped", flush=True)
+    return []
+  if guard.out_of_time():
+    raise guard.stop("before the next member started")
+  state = ("evaluating" if training_finished(workdir) else
+           "resuming" if os.path.isdir(os.path.join(workdir, "checkpoints")) else "starting")
+  print(f"{label}: {state}", flush=True)
+  start = time.perf_counter()
+  try:
+    run_member(member, workdir, in_process, guard)
+  except Preempted:
+    if guard.requested is not None:
+      raise guard.stop(f"while {workdir} trained (it checkpointed)") from None
+    raise
+  except Exception as e:  # noqa: BLE001  one failed member must not stop the sweep
+    if errors.debug():
+      traceback.print_exc()
+    print(f"{label}: FAILED: {type(e).__name__}: {describe(e)}", flush=True)
+    return [workdir]
+  print(f"{label}: done in {time.perf_counter() - start:.0f} s", flush=True)
+  return []

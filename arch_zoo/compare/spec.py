@@ -22,7 +22,10 @@ MATCH_TOLERANCE = 0.02
 MATCH_KINDS = ("none", "params", "flops")
 GROUP_KEYS = dict(name=None, config=None, arg="", variants=None, seeds=(0,), overrides={},
                   attention_overrides={}, match="none", reference="mha", suite="default",
-                  eval_max_batches=None)
+                  eval_max_batches=None, learning_rates=(), select_by=None, batch_members=False)
+# What every member of a group must share: the training budget (steps x batch = tokens or images
+# seen), so that no row of a table trained longer than another.
+BUDGET_KEYS = ("train.steps", "train.batch_size")
 # What a mistake in a sweep or config file raises while its members are built.
 USER_ERRORS = (ValueError, KeyError, TypeError, AttributeError, FileNotFoundError)
 
@@ -150,7 +153,35 @@ def normalize_group(raw: dict) -> dict[str, Any]:
     raise ValueError(f"Group {group['name']!r}: the reference {group['reference']!r} must be "
                      f"one of its variants {labels}.")
   group["seeds"] = [int(s) for s in group["seeds"]]
+  group["learning_rates"] = learning_rate_grid(group)
+  if group["select_by"] is not None and not isinstance(group["select_by"], str):
+    raise ValueError(f"select_by must be a column id (e.g. 'mqar_accuracy', 'loss'), got "
+                     f"{group['select_by']!r}.")
+  if not isinstance(group["batch_members"], bool):
+    raise ValueError(f"batch_members must be True or False, got {group['batch_members']!r}.")
   return group
+
+
+def learning_rate_grid(group: dict) -> list[float]:
+  """The group's learning rates (empty: each member keeps its config's own), checked."""
+  grid = group["learning_rates"]
+  if isinstance(grid, (int, float)) or not isinstance(grid, (list, tuple)):
+    raise ValueError(f"learning_rates must be a list of numbers, e.g. [1e-3, 3e-3]; got {grid!r}.")
+  if not all(isinstance(lr, (int, float)) and lr > 0 for lr in grid):
+    raise ValueError(f"learning_rates must be positive numbers; got {list(grid)}.")
+  if len(set(grid)) != len(grid):
+    raise ValueError(f"learning_rates repeats a value: {list(grid)}.")
+  overridden = [f"{where}" for where, overrides in
+                [("overrides", group["overrides"]),
+                 *[(f"attention_overrides[{k!r}]", v)
+                   for k, v in group["attention_overrides"].items()],
+                 *[(f"variant {v['name']!r}", v["overrides"]) for v in group["variants"]]]
+                if "optim.learning_rate" in overrides]
+  if grid and overridden:
+    raise ValueError(f"Group {group['name']!r} has a learning_rates grid and also sets "
+                     f"optim.learning_rate in {', '.join(overridden)}; the grid sets it: remove "
+                     "the override.")
+  return [float(lr) for lr in grid]
 
 
 def select_groups(groups: list[dict], claims: list[Claim], names: str | None):
@@ -166,16 +197,34 @@ def select_groups(groups: list[dict], claims: list[Claim], names: str | None):
           [c for c in claims if c.group in wanted])
 
 
+def select_members(planned: dict[str, list[dict]], names: str | None) -> list[dict]:
+  """The members to run: all of them, or those of the variants named in ``names`` (comma
+  separated), e.g. to finish the variants a comparison needs first; the others wait."""
+  everyone = [m for members in planned.values() for m in members]
+  if not names:
+    return everyone
+  wanted = [n.strip() for n in names.split(",") if n.strip()]
+  known = list(dict.fromkeys(m["variant"] for m in everyone))
+  unknown = sorted(set(wanted) - set(known))
+  if unknown or not wanted:
+    raise SweepError(f"--variants names {unknown or repr(names)}; pass some of the sweep's "
+                     f"variants, comma separated: {','.join(known)}.")
+  return [m for m in everyone if m["variant"] in wanted]
+
+
 # ---------------------------------------------------------------------------- members
 
 def config_arg(group: dict, attention: str) -> str:
   return ",".join(filter(None, [f"attn={attention}", group["arg"]]))
 
 
-def variant_overrides(group: dict, variant: dict, seed: int) -> dict[str, Any]:
-  """Every config change of a member: group, family, variant, then the seed."""
+def variant_overrides(group: dict, variant: dict, seed: int,
+                      learning_rate: float | None = None) -> dict[str, Any]:
+  """Every config change of a member: group, family, variant, the grid's learning rate, then the
+  seed."""
+  grid = {} if learning_rate is None else {"optim.learning_rate": learning_rate}
   return {**group["overrides"], **group["attention_overrides"].get(variant["attention"], {}),
-          **variant["overrides"], "seed": seed}
+          **variant["overrides"], **grid, "seed": seed}
 
 
 def build_config(config_file: str, arg: str, overrides: dict[str, Any]) -> ConfigDict:
@@ -239,21 +288,40 @@ def members(group: dict) -> list[dict[str, Any]]:
         config = build_config(group["config"], config_arg(group, variant["attention"]),
                               variant_overrides(group, variant, 0))
         matched_d_ff = match_d_ff(config, target, group["match"])
-    for seed in group["seeds"]:
-      overrides = variant_overrides(group, variant, seed)
-      if matched_d_ff is not None:
-        overrides["model.d_ff"] = matched_d_ff
-      out.append({"group": group["name"], "variant": variant["name"],
-                  "attention": variant["attention"], "seed": seed, "config_file": group["config"],
-                  "arg": config_arg(group, variant["attention"]), "overrides": overrides,
-                  "suite": group["suite"], "eval_max_batches": group["eval_max_batches"]})
+    for learning_rate in group["learning_rates"] or [None]:
+      for seed in group["seeds"]:
+        overrides = variant_overrides(group, variant, seed, learning_rate)
+        if matched_d_ff is not None:
+          overrides["model.d_ff"] = matched_d_ff
+        out.append({"group": group["name"], "variant": variant["name"],
+                    "attention": variant["attention"], "seed": seed,
+                    "learning_rate": learning_rate, "config_file": group["config"],
+                    "arg": config_arg(group, variant["attention"]), "overrides": overrides,
+                    "suite": group["suite"], "eval_max_batches": group["eval_max_batches"],
+                    "batch_members": group["batch_members"]})
   return out
 
 
-def check_member(member: dict, checked_models: set[str]) -> None:
+def budget(config: ConfigDict) -> dict[str, Any]:
+  """What a member trains for (``BUDGET_KEYS``: steps and batch size, hence tokens or images)."""
+  return {key: config[key.split(".")[0]][key.split(".")[1]] for key in BUDGET_KEYS}
+
+
+def check_equal_budgets(group: str, budgets: dict[str, dict[str, Any]]) -> None:
+  """Every member of a group trains the same steps on batches of the same size, else no table of
+  it compares like with like."""
+  distinct = {json.dumps(b, sort_keys=True) for b in budgets.values()}
+  if len(distinct) > 1:
+    listed = "; ".join(f"{who}: {b}" for who, b in budgets.items())
+    raise SweepError(f"sweep group {group!r}: its members must train equal budgets "
+                     f"({', '.join(BUDGET_KEYS)}), but they differ ({listed}). Set steps and batch "
+                     "size in the group's overrides, not per variant or family.")
+
+
+def check_member(member: dict, checked_models: set[str]) -> ConfigDict:
   """Builds the member's config, checks that its task has its evaluation suite, and builds its
   model abstractly (once per distinct model config): what ``train.py`` would refuse at start-up,
-  found before anything trains."""
+  found before anything trains. Returns the config."""
   config = build_config(member["config_file"], member["arg"], member["overrides"])
   if member["suite"] is not None:
     tasks.get(config.task).suite(member["suite"])
@@ -261,6 +329,7 @@ def check_member(member: dict, checked_models: set[str]) -> None:
   if model not in checked_models:
     count_params(config.model)
     checked_models.add(model)
+  return config
 
 
 def plan(groups: list[dict]) -> dict[str, list[dict[str, Any]]]:
@@ -268,17 +337,32 @@ def plan(groups: list[dict]) -> dict[str, list[dict[str, Any]]]:
   anything trains: a mistake in any member stops the sweep with one SweepError."""
   planned, checked_models = {}, set()
   for group in groups:
-    found = members(group)
+    found, budgets = members(group), {}
     for member in found:
-      with where(f"sweep group {member['group']!r}, variant {member['variant']!r}, "
-                 f"seed {member['seed']}"):
-        check_member(member, checked_models)
+      label = member_label(member)
+      with where(f"sweep group {member['group']!r}, {label}"):
+        config = check_member(member, checked_models)
+      member["steps"] = int(config.train.steps)
+      budgets[label] = budget(config)
+    check_equal_budgets(group["name"], budgets)
     planned[group["name"]] = found
   return planned
 
 
+def lr_text(learning_rate: float) -> str:
+  return f"{learning_rate:g}"
+
+
+def member_label(member: dict) -> str:
+  lr = member.get("learning_rate")
+  return (f"variant {member['variant']!r}, " + (f"lr {lr_text(lr)}, " if lr is not None else "")
+          + f"seed {member['seed']}")
+
+
 def member_dir(root: str, member: dict) -> str:
-  return os.path.join(root, member["group"], member["variant"], f"seed{member['seed']}")
+  """``ROOT/GROUP/VARIANT/seedS``, with ``lrLR/`` before the seed in a learning-rate grid."""
+  grid = [] if member.get("learning_rate") is None else [f"lr{lr_text(member['learning_rate'])}"]
+  return os.path.join(root, member["group"], member["variant"], *grid, f"seed{member['seed']}")
 
 
 def member_identity(member: dict) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from arch_zoo.attention.base import Context, Dims
 from arch_zoo.layers import MLP, LayerNorm, RMSNorm
 from arch_zoo.layers.linear import DEFAULT_STDDEV
 from arch_zoo.layers.norms import resolve_norm_impl
+from arch_zoo.layers.short_conv import ShortConv
 from arch_zoo.registry import check_choice
 
 NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
@@ -35,6 +36,9 @@ def compute_dtype(name: str):
 
 
 RECOMPUTE_ACTIVATION = ("auto", "always", "never")
+SHORT_CONV_DECODE = ("Cached decoding does not support model.short_conv yet (its state would keep "
+                     "each layer's last K - 1 inputs); generate with decoder='reference', which "
+                     "recomputes the forward pass, or train with model.short_conv=0.")
 
 
 def recompute_activation(cfg: ConfigDict) -> bool:
@@ -106,10 +110,21 @@ def flops_per_token(cfg: ConfigDict, seq_len: int, causal: bool) -> float:
   return total
 
 
+def short_conv_size(cfg: ConfigDict) -> int:
+  """``model.short_conv``'s kernel size (0: off; configs older than the option have none)."""
+  size = cfg.get("short_conv", 0) or 0
+  if not isinstance(size, int) or size < 0:
+    raise ValueError(f"model.short_conv is a kernel size (0 = off, e.g. 4), got {size!r}.")
+  return size
+
+
 def state_sizes(cfg: ConfigDict) -> list[attention.StateSize]:
-  """The decode-time state of each layer's attention (its family's ``state_size``)."""
-  return [attention.family(layer.name).state_size(layer.dims, layer.options)
-          for layer in layer_specs(cfg)]
+  """The decode-time state of each layer's attention (its family's ``state_size``), plus the
+  K - 1 inputs a short convolution of kernel K would keep."""
+  conv = max(short_conv_size(cfg) - 1, 0) * cfg.d_model
+  return [dataclasses.replace(size, fixed=size.fixed + conv) if conv else size
+          for size in (attention.family(layer.name).state_size(layer.dims, layer.options)
+                       for layer in layer_specs(cfg))]
 
 
 def dropout(x: jax.Array, rate: float, ctx: Context, salt: int) -> jax.Array:
@@ -146,6 +161,8 @@ class Block(nnx.Module):
     self.attention_name = name
     self.dropout_rate = cfg.dropout
     self.attn_norm = make_norm(cfg)
+    kernel_size = short_conv_size(cfg)
+    self.short_conv = ShortConv(cfg.d_model, kernel_size, rngs=rngs) if kernel_size else None
     self.attn = attention.build(name, rngs=rngs, **dataclasses.asdict(dims),
                                 **attention_options(cfg, name))
     self.mlp_norm = make_norm(cfg)
@@ -162,6 +179,8 @@ class Block(nnx.Module):
     # is that of layer 0); it only salts dropout.
     index = self.layer_index if layer_index is None else layer_index
     x, h = self.attn_norm.add_and_norm(x, pending)
+    if self.short_conv is not None:
+      h = self.short_conv(h, ctx.segment_ids)
     y, aux = self.attn(h, ctx)
     x, h = self.mlp_norm.add_and_norm(x, dropout(y, self.dropout_rate, ctx, 2 * index))
     branch = dropout(self.mlp(h), self.dropout_rate, ctx, 2 * index + 1)
@@ -177,6 +196,8 @@ class Block(nnx.Module):
              prompt: bool):
     """``(x, branch, state)``: the block's computation with the attention's ``prefill``
     (``prompt``) or ``decode_step`` (evaluation: no dropout)."""
+    if self.short_conv is not None:
+      raise ValueError(SHORT_CONV_DECODE)
     x, h = self.attn_norm.add_and_norm(x, pending)
     hook = self.attn.prefill if prompt else self.attn.decode_step
     y, state = hook(h, ctx, state)
@@ -263,6 +284,8 @@ class Stack(nnx.Module):
       raise ValueError("Decoding needs model.scan_layers=False (the decode loop runs the layers "
                        "one by one, each with its own state); build the model with "
                        "model.scan_layers=False.")
+    if any(block.short_conv is not None for block in self.blocks):
+      raise ValueError(SHORT_CONV_DECODE)
     for name in dict.fromkeys(block.attention_name for block in self.blocks):
       reason = attention.family(name).decode
       if reason is not True:

@@ -1,0 +1,236 @@
+"""Several members of a sweep trained as one program: members that differ only in their seed and
+learning rate (a variant's learning-rate grid and seeds) are stacked along a leading axis and
+trained by one ``jax.vmap``-ped train step. A 2-layer, width-64 model leaves a GPU mostly idle;
+K members at once cost little more than one.
+
+Each member is the run ``train.py`` would make from its config, up to float rounding (a batched
+matmul sums in another order): the same initial weights (its seed), the same batches in the same
+order (its seed's data order), the same per-step randomness, the same optimizer. The learning
+rate enters as a factor: AdamW's update is the schedule's value times a direction that does not
+depend on it, and the schedule (warm-up, cosine to ``min_lr_ratio`` of the peak) is the peak times
+a curve that does not depend on the peak; so one optimizer built with peak 1 and each update
+scaled by the member's peak is each member's own optimizer, with the same state (checkpoints are
+train.py's, and train.py resumes them). Each workdir gets what train.py writes: ``config.json``,
+``run_info.json``, ``metrics.jsonl``, checkpoints and ``final_metrics.json``; ``eval.py`` then
+evaluates each member as usual.
+
+SIGTERM and SIGINT stop all members at the same step, checkpointed; the runner then resumes each
+member alone with train.py (the checkpoints are its own), so only members that have not started
+train together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from ml_collections import ConfigDict
+
+from arch_zoo import checkpoint, config_checks, data as data_lib, interrupts as interrupts_lib
+from arch_zoo import metrics as metrics_lib, optim, provenance, sharding, steps, tasks
+from arch_zoo import train_state, workdir as workdir_lib
+
+# What may differ between members trained together.
+MEMBER_KEYS = ("seed", "optim.learning_rate")
+FINAL_METRICS_FILE = "final_metrics.json"
+
+
+def shared_config(config: ConfigDict) -> dict[str, Any]:
+  """The config without ``MEMBER_KEYS`` (what members trained together must share)."""
+  flat = workdir_lib.flatten(workdir_lib.config_dict(config))
+  return {k: v for k, v in flat.items() if k not in MEMBER_KEYS}
+
+
+def check_batchable(configs: list[ConfigDict]) -> None:
+  first = shared_config(configs[0])
+  for config in configs[1:]:
+    other = shared_config(config)
+    differing = sorted(k for k in {*first, *other} if first.get(k) != other.get(k))
+    if differing:
+      raise ValueError(f"Members trained together may differ only in {', '.join(MEMBER_KEYS)}; "
+                       f"these differ too: {', '.join(differing)}.")
+  if configs[0].train.get("xla_flags"):
+    raise ValueError("train.xla_flags must be set before JAX starts: members with XLA flags "
+                     "train one by one (batch_members=False).")
+
+
+def scaled(tx: optax.GradientTransformation, factor) -> optax.GradientTransformation:
+  """``tx`` with its updates multiplied by ``factor``; the same state as ``tx``."""
+
+  def update(grads, state, params=None):
+    updates, state = tx.update(grads, state, params)
+    return jax.tree.map(lambda u: factor * u, updates), state
+
+  return optax.GradientTransformation(tx.init, update)
+
+
+def stack(trees: list[Any]) -> Any:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(tree: Any, index: int) -> Any:
+  return jax.tree.map(lambda x: x[index], tree)
+
+
+def check_fresh(workdirs: list[str]) -> None:
+  started = [w for w in workdirs if checkpoint.Checkpointer(
+      os.path.join(w, "checkpoints"), keep=1, async_save=False).latest_step() is not None]
+  if started:
+    raise ValueError(f"{', '.join(started)} already started: members train together only from "
+                     "scratch; resume each with train.py.")
+
+
+def train_together(configs: list[ConfigDict], workdirs: list[str]) -> list[dict[str, Any]]:
+  """Trains the members ``configs[i]`` in ``workdirs[i]`` (none started yet) as one vmapped
+  program; returns each one's final metrics (or ``{"step": N, "interrupted": ...}`` when
+  stopped)."""
+  check_batchable(configs)
+  for config in configs:
+    config_checks.check(config)
+  with contextlib.ExitStack() as stack_:
+    for workdir in workdirs:
+      os.makedirs(workdir, exist_ok=True)
+      stack_.enter_context(workdir_lib.RunLock(workdir))
+    interrupts = stack_.enter_context(interrupts_lib.Interrupts())
+    return _train(configs, workdirs, interrupts)
+
+
+def _train(configs: list[ConfigDict], workdirs: list[str],
+           interrupts: interrupts_lib.Interrupts) -> list[dict[str, Any]]:
+  base = configs[0]
+  count = len(configs)
+  # One device: the members, not the batch, are what is parallel here.
+  mesh = sharding.make_mesh(base.mesh, devices=jax.devices()[:1])
+  rules = sharding.rules_for(base.sharding)
+  total_steps, batch_size = base.train.steps, base.train.batch_size
+  task = tasks.get(base.task)
+  datas = [data_lib.build(config) for config in configs]
+  for config, data in zip(configs, datas):
+    task.check_data(config, data)
+
+  unit_optim = base.optim.copy_and_resolve_references()
+  with unit_optim.unlocked():
+    unit_optim.learning_rate = 1.0
+  tx, unit_schedule = optim.build(unit_optim, total_steps)
+  blueprints = [train_state.trace(config, mesh, rules, tx) for config in configs]
+  graphdef = blueprints[0].graphdef
+  ckpts = [checkpoint.Checkpointer(os.path.join(w, "checkpoints"),
+                                   keep=base.train.keep_checkpoints,
+                                   async_save=base.train.async_checkpoint) for w in workdirs]
+  check_fresh(workdirs)
+  start, samples_seen = 0, 0
+  states = [b.initialize() for b in blueprints]
+  state = stack(states)
+  del states
+  learning_rates = jnp.asarray([c.optim.learning_rate for c in configs], jnp.float32)
+  seeds = jnp.asarray([c.seed for c in configs], jnp.uint32)
+
+  def member_step(state, batch, learning_rate, seed):
+    train_step = steps.make_train_step(
+        graphdef, scaled(tx, learning_rate), lambda s: learning_rate * unit_schedule(s),
+        jax.random.key(seed), label_smoothing=base.train.label_smoothing,
+        loss_impl=base.train.loss_impl)
+    return train_step(state, batch)
+
+  batched_step = jax.jit(jax.vmap(member_step), donate_argnums=(0,))
+  eval_step = jax.jit(steps.make_eval_step(graphdef))
+  writers = [metrics_lib.MetricWriter(w) for w in workdirs]
+  for writer in writers:
+    writer.truncate_after(start)
+
+  def put(batch):
+    return sharding.global_batch_from_local(batch, mesh)
+
+  def train_batches(seen: int) -> dict[str, jax.Array]:
+    return jax.device_put(stack([data.train_batch(seen, batch_size) for data in datas]))
+
+  def save(step: int) -> None:
+    for i, ckpt in enumerate(ckpts):
+      ckpt.save(step, unstack(state, i), {"samples_seen": samples_seen, "seed": configs[i].seed})
+
+  try:
+    for workdir, config in zip(workdirs, configs):
+      workdir_lib.write_json(os.path.join(workdir, workdir_lib.CONFIG_FILE),
+                             workdir_lib.config_dict(config))
+    for i, (workdir, config) in enumerate(zip(workdirs, configs)):
+      provenance.write_run_info(workdir, config, unstack(state.params, i),
+                                {"resumed_from": start, "trained_with": workdirs,
+                                 "starts": workdir_lib.record_start(workdir, start, {})})
+    step, pending, clock = start, [], None
+    units_per_step = batch_size * datas[0].units_per_example
+    with sharding.use(mesh, rules):
+      while step < total_steps and not interrupts.requested:
+        batch = train_batches(samples_seen)
+        samples_seen += batch_size
+        state, step_metrics = batched_step(state, batch, learning_rates, seeds)
+        pending.append(step_metrics)
+        step += 1
+        if clock is None:
+          jax.block_until_ready(state)  # compilation is over: time from here
+          clock = (time.perf_counter(), step)
+        if step % base.train.log_every == 0 or step == total_steps:
+          log(writers, pending, step, units_per_step, clock)
+        if (base.train.eval_every and step % base.train.eval_every == 0
+            and step < total_steps):
+          for i, (writer, data) in enumerate(zip(writers, datas)):
+            val = task.validator.evaluate(eval_step, unstack(state, i), data,
+                                          configs[i].eval.batch_size,
+                                          configs[i].train.eval_batches, put)
+            writer.write(step, {f"val/{k}": v for k, v in val.items()})
+        if ((base.train.checkpoint_every and step % base.train.checkpoint_every == 0)
+            or step == total_steps):
+          save(step)
+      if interrupts.requested:
+        log(writers, pending, step, units_per_step, clock)
+        save(step)
+        return [{"step": step, "interrupted": interrupts.requested} for _ in configs]
+      throughput = rate(step, units_per_step, clock)
+      finals = []
+      for i, (workdir, writer, data) in enumerate(zip(workdirs, writers, datas)):
+        begin = time.perf_counter()
+        final: dict[str, Any] = {"step": step}
+        final.update(task.validator.evaluate(eval_step, unstack(state, i), data,
+                                             configs[i].eval.batch_size, None, put))
+        final["eval_seconds"] = time.perf_counter() - begin
+        final["train_throughput"] = throughput
+        final["trained_with"] = count
+        writer.write(step, {f"final/{k}": v for k, v in final.items() if k != "step"})
+        workdir_lib.write_json(os.path.join(workdir, FINAL_METRICS_FILE), final)
+        finals.append(final)
+      return finals
+  finally:
+    for ckpt in ckpts:
+      ckpt.close()
+    for writer in writers:
+      writer.close()
+
+
+def rate(step: int, units_per_step: int, clock: tuple[float, int] | None) -> float:
+  """Units (tokens or images) per second of one member since compilation: the members share the
+  device, so K members trained together each report the program's rate, not K times it."""
+  if clock is None or step <= clock[1]:
+    return float("nan")
+  return (step - clock[1]) * units_per_step / (time.perf_counter() - clock[0])
+
+
+def log(writers, pending: list, step: int, units_per_step: int, clock) -> None:
+  """Each member's mean metrics over the steps since the last log (as train.py logs them)."""
+  if not pending:
+    return
+  fetched = jax.device_get(pending)
+  pending.clear()
+  for i, writer in enumerate(writers):
+    logged = {k: float(np.mean([m[k][i] for m in fetched])) for k in fetched[0]}
+    if not math.isfinite(logged["train/loss"]):
+      raise FloatingPointError(f"member {i} (of those trained together): the training loss "
+                               f"became {logged['train/loss']} before step {step}. Lower "
+                               "optim.learning_rate or raise optim.warmup_steps.")
+    logged["train/throughput"] = rate(step, units_per_step, clock)
+    writer.write(step, logged)

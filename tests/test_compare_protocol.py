@@ -1,0 +1,209 @@
+"""The comparison protocol end to end on the CPU: a learning-rate grid (2 values), 3 seeds and
+equal budgets, trained as vmapped programs (``batch_members``); the table reports each variant's
+best learning rate by validation with 95% Student-t intervals, the CSV holds the whole grid,
+every plot is written, and a member stopped by the budget guard is listed apart, never in a
+table."""
+
+import csv
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from arch_zoo import compare
+from arch_zoo.compare import analysis, plots, report, spec
+from arch_zoo.compare.runner import BudgetReached
+from arch_zoo.tasks import Metric
+
+STEPS = 12
+LEARNING_RATES = (3e-3, 1e-2)
+SEEDS = (0, 1, 2)
+SWEEP = f'''
+def get_sweep():
+  return [dict(name="mqar", config="configs/recall.py", arg="size=test,task=mqar",
+               variants=["mha", "lightning"], seeds={list(SEEDS)},
+               learning_rates={list(LEARNING_RATES)}, batch_members=True,
+               overrides={{"train.steps": {STEPS}, "train.log_every": 3, "train.eval_every": 4,
+                          "train.checkpoint_every": 6, "train.keep_checkpoints": 2}},
+               suite=None)]
+
+
+def get_claims():
+  return [dict(title="lightning vs mha", paper="a claim", group="mqar", variant="lightning",
+               baseline="mha", metrics=["mqar_accuracy"])]
+'''
+# t_{0.975, 2}: the 97.5% quantile of Student's t with 2 degrees of freedom (statistical tables).
+T_975_DF2 = 4.302652729749462
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+  root = tmp_path_factory.mktemp("protocol")
+  path = root / "sweep.py"
+  path.write_text(SWEEP)
+  md_path, failed = compare.run_sweep(str(path), str(root / "runs"), out_dir=str(root / "out"))
+  assert failed == []
+  return root, path, md_path
+
+
+def accuracy(workdir):
+  """train.py's final validation (the group runs no eval.py: ``suite=None``)."""
+  with open(os.path.join(workdir, "final_metrics.json")) as f:
+    return json.load(f)["accuracy"]
+
+
+def section(text, title):
+  start = text.index(title)
+  end = text.find("\n## ", start + 1)
+  return text[start:end if end >= 0 else len(text)]
+
+
+def test_grid_in_csv_best_by_validation_with_intervals(sweep):
+  root, _, md_path = sweep
+  with open(root / "out" / "comparison.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert sorted((r["variant"], float(r["learning_rate"])) for r in rows) == sorted(
+      (v, lr) for v in ("mha", "lightning") for lr in LEARNING_RATES)
+  for variant in ("mha", "lightning"):
+    grid = [r for r in rows if r["variant"] == variant]
+    means = {}
+    for row in grid:
+      assert row["seeds"] == "3" and int(row["steps"]) == STEPS
+      workdirs = row["workdirs"].split(";")
+      assert workdirs == [str(root / "runs" / "mqar" / variant /
+                              f"lr{float(row['learning_rate']):g}" / f"seed{s}") for s in SEEDS]
+      values = [accuracy(w) for w in workdirs]
+      mean, std = np.mean(values), np.std(values, ddof=1)
+      assert float(row["mqar_accuracy_mean"]) == pytest.approx(mean)
+      assert float(row["mqar_accuracy_std"]) == pytest.approx(std)
+      assert float(row["mqar_accuracy_ci95"]) == pytest.approx(T_975_DF2 * std / math.sqrt(3))
+      means[float(row["learning_rate"])] = mean
+    chosen = [float(r["learning_rate"]) for r in grid if r["selected"] == "True"]
+    assert chosen == [max(means, key=means.get)]  # the best by validation accuracy
+  text = open(md_path).read()
+  table = section(text, "## mqar")
+  assert "Learning-rate grid" in table and " ± " in table
+  assert "## Claims, as measured" in text and ("cannot tell apart" in text or
+                                               "intervals do not overlap" in text)
+  assert "## Not in the tables" not in text
+
+
+def test_every_plot_is_written(sweep):
+  root, _, _ = sweep
+  for name in plots.PLOT_FILES:
+    assert (root / "out" / name).stat().st_size > 10_000, name
+
+
+def test_members_were_trained_together(sweep):
+  root, _, _ = sweep
+  record = json.load(open(root / "runs" / "mqar" / "mha" / "lr0.01" / "seed1" /
+                          "compare_member.json"))
+  assert len(record["trained_with"]) == len(SEEDS) * len(LEARNING_RATES)
+
+
+def test_a_member_stopped_by_the_budget_guard_is_never_in_a_table(sweep):
+  root, path, _ = sweep
+  runs = root / "runs"
+  cut = runs / "mqar" / "mha" / "lr0.01" / "seed2"
+  # What a guard leaves when it stops this member after step 6: the step-6 checkpoint, metrics up
+  # to there, no final metrics. A budget of 0 s then starts nothing.
+  shutil.rmtree(cut / "checkpoints" / str(STEPS))
+  (cut / "final_metrics.json").unlink()
+  from arch_zoo import metrics
+  metrics.MetricWriter(str(cut)).truncate_after(6)
+  out = root / "out_cut"
+  with pytest.raises(BudgetReached, match="time budget of 0 s ran out"):
+    compare.run_sweep(str(path), str(runs), out_dir=str(out), budget_s=0)
+  text = open(out / "comparison.md").read()
+  apart = section(text, "## Not in the tables")
+  assert f"| mqar | mha | 0.01 | 2 | 6 | {STEPS} | `{cut}` |" in apart
+  for title in ("## mqar", "## Claims, as measured", "## Runs"):
+    assert str(cut) not in section(text, title), title
+  with open(out / "comparison.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert all(str(cut) not in r["workdirs"] for r in rows)
+  mha = {float(r["learning_rate"]): r for r in rows if r["variant"] == "mha"}
+  assert mha[0.01]["seeds"] == "2" and mha[0.01]["seeds_planned"] == "3"
+  # An incomplete grid point never wins on fewer seeds: mha's row is its complete learning rate.
+  assert mha[0.003]["selected"] == "True" and mha[0.01]["selected"] == "False"
+  # Running again (no budget) resumes the member from its checkpoint and finishes the sweep.
+  md_path, failed = compare.run_sweep(str(path), str(runs), out_dir=str(out))
+  assert failed == [] and "## Not in the tables" not in open(md_path).read()
+  assert json.load(open(cut / "run_info.json"))["resumed_from"] == 6
+
+
+def result(values, variant="v"):
+  runs = [{"final": {"x": v}, "evaluated": {}} for v in values]
+  return analysis.VariantResult("g", variant, variant, runs, [])
+
+
+@pytest.mark.parametrize("lower_is_better", [True, False])
+def test_verdicts_follow_the_intervals(lower_is_better):
+  metric = Metric("x", "x", (("final", "x"),), lower_is_better=lower_is_better)
+  low, high = result([1.0, 1.1, 1.2]), result([5.0, 5.1, 5.2])
+  assert report.verdict(low, high, metric).startswith("better" if lower_is_better else "worse")
+  assert report.verdict(high, low, metric).startswith("worse" if lower_is_better else "better")
+  # Means differ (2 vs 2.5) but the intervals overlap.
+  assert report.verdict(result([1.0, 2.0, 3.0]), result([1.5, 2.5, 3.5]),
+                        metric).startswith("cannot tell apart")
+  assert report.verdict(result([1.0]), high, metric).startswith("cannot tell apart")
+
+
+def test_unequal_budgets_are_refused(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_sweep():\n  return [dict(name='x', config='configs/recall.py', "
+                 "arg='size=test,task=mqar', variants=['mha', dict(name='long', attention='mha',"
+                 " overrides={'train.steps': 20})])]\n")
+  groups, _ = spec.load_sweep(str(bad))
+  with pytest.raises(spec.SweepError, match="equal budgets"):
+    spec.plan(groups)
+
+
+def test_a_grid_and_a_learning_rate_override_conflict(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_sweep():\n  return [dict(name='x', config='configs/recall.py', "
+                 "variants=['mha'], learning_rates=[1e-3], "
+                 "overrides={'optim.learning_rate': 1e-2})]\n")
+  with pytest.raises(spec.SweepError, match="the grid sets it"):
+    spec.load_sweep(str(bad))
+
+
+def fake_result(group, family, params, state, values, variant=None):
+  """A finished variant with the numbers the plots read (no training)."""
+  runs = [{"final": {"accuracy": v}, "evaluated": {}, "task": "mqar", "params": params,
+           "flops_per_token": 3 * params, "state_at_seq_len": state,
+           "curve": [(10, 2.0), (20, 1.0)], "validation": {"accuracy": [(10, v / 2), (20, v)]}}
+          for v in values]
+  return analysis.VariantResult(group, variant or family, family, runs, [])
+
+
+def test_plots_are_readable_with_matched_parameters(tmp_path):
+  """Parameters matched within a few parts per million (``match="params"``) once gave ticks like
+  ``1e-6+4.266e-1``: every tick label is now a plain number and no axis has an offset."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  groups = {f"d{w}": [fake_result(f"d{w}", "mha", 426_600 + w, 2 * w * 64 * 2,
+                                  [0.97, 0.98, 0.99]),
+                      fake_result(f"d{w}", "lightning", 426_601 + w, 2 * w * w // 2,
+                                  [0.3 + w / 1000, 0.32 + w / 1000, 0.31 + w / 1000])]
+            for w in (64, 128)}
+  for cost in ("params", "flops", "state"):
+    fig = plots.metric_vs(plt, groups, cost)
+    fig.canvas.draw()
+    for ax in fig.axes:
+      for axis in (ax.xaxis, ax.yaxis):
+        assert axis.get_offset_text().get_text() == "", (cost, axis.get_offset_text())
+        labels = [t.get_text() for t in axis.get_ticklabels() if t.get_text()]
+        assert labels, cost
+        assert all("e" not in t and "+" not in t for t in labels), (cost, labels)
+      # One line per family, in its own colour, whatever the order of the sweep.
+      colors = {line.get_color() for line in ax.get_lines() if len(line.get_xdata()) == 2}
+      assert colors == {plots.family_color("mha"), plots.family_color("lightning")}, cost
+    plt.close(fig)
+  plots.plot(groups, str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == sorted(plots.PLOT_FILES)
+  assert plots.family_color("mha") != plots.family_color("lightning")
