@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from arch_zoo import checkpoint, config_checks, data as data_lib, interrupts as interrupts_lib
+from arch_zoo import perf, checkpoint, config_checks, data as data_lib, interrupts as interrupts_lib
 from arch_zoo import metrics as metrics_lib, optim, provenance, sharding, steps, tasks
 from arch_zoo import train_state, workdir as workdir_lib
 
@@ -56,9 +56,14 @@ def check_batchable(configs: list[ConfigDict]) -> None:
     if differing:
       raise ValueError(f"Members trained together may differ only in {', '.join(MEMBER_KEYS)}; "
                        f"these differ too: {', '.join(differing)}.")
-  if configs[0].train.get("xla_flags"):
-    raise ValueError("train.xla_flags must be set before JAX starts: members with XLA flags "
-                     "train one by one (batch_members=False).")
+  names = [perf.resolve_xla_flags(config) for config in configs][0]  # "auto" -> its sets
+  wanted = perf.xla_flags_for(names)
+  if wanted and not set(wanted) <= set(os.environ.get("XLA_FLAGS", "").split()):
+    try:
+      perf.apply_xla_flags(names)
+    except RuntimeError as e:
+      raise ValueError(f"train.xla_flags={names!r} must be set before JAX starts, and it has "
+                       "started: these members train one by one.") from e
 
 
 def scaled(tx: optax.GradientTransformation, factor) -> optax.GradientTransformation:
