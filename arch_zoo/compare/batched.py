@@ -33,8 +33,8 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from arch_zoo import perf, checkpoint, config_checks, data as data_lib, interrupts as interrupts_lib
-from arch_zoo import metrics as metrics_lib, optim, provenance, sharding, steps, tasks
+from arch_zoo import checkpoint, config_checks, data as data_lib, interrupts as interrupts_lib
+from arch_zoo import metrics as metrics_lib, optim, perf, provenance, sharding, steps, tasks
 from arch_zoo import train_state, workdir as workdir_lib
 
 # What may differ between members trained together.
