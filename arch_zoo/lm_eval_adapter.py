@@ -16,11 +16,11 @@ adapter and then hands its arguments to lm_eval's command line as they are. From
 What each request type computes, on the run's own tokenizer and training length ``L =
 data.seq_len``:
 
-* ``loglikelihood(context, continuation)``: the sum of log-probabilities of the continuation's tokens
-  given the context, and whether greedy decoding would produce exactly them. The two are encoded
-  separately (trailing spaces of the context move to the continuation, lm_eval's convention); an
-  empty context starts from the end-of-document token. Where context plus continuation exceed
-  ``L + 1`` tokens, the oldest context tokens are dropped.
+* ``loglikelihood(context, continuation)``: the sum of log-probabilities of the continuation's
+  tokens given the context, and whether greedy decoding would produce exactly them. The two are
+  encoded separately (trailing spaces of the context move to the continuation, lm_eval's
+  convention); an empty context starts from the end-of-document token. Where context plus
+  continuation exceed ``L + 1`` tokens, the oldest context tokens are dropped.
 * ``loglikelihood_rolling(text)``: the log-likelihood of the whole text, after the end-of-document
   token, in windows of ``L`` predicted tokens; each window reads as many earlier tokens as fit.
 * ``generate_until(context, {until, max_gen_toks, do_sample, temperature})``: arch_zoo's
