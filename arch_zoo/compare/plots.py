@@ -66,9 +66,12 @@ def plain_axes(ax, x: bool = True, y: bool = True) -> None:
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda *_: ""))
 
 
-def pad_limits(ax, values: list[float], axis: str, log: bool = False) -> None:
+def pad_limits(ax, values: list[float], axis: str, log: bool = False,
+               bounds: tuple[float, float] | None = None) -> None:
   """Limits that leave room around the points, at least 10% of their value on each side: points
-  matched within 2% (``match="params"``) then sit in a readable range with round ticks."""
+  matched within 2% (``match="params"``) then sit in a readable range with round ticks.
+  ``bounds``: the values the quantity can take (an accuracy's [0, 1]); the limits stay within a
+  small margin of them even where an interval reaches past them."""
   values = [v for v in values if v is not None and math.isfinite(v)]
   if not values:
     return
@@ -78,6 +81,9 @@ def pad_limits(ax, values: list[float], axis: str, log: bool = False) -> None:
   else:
     pad = max(0.1 * max(abs(low), abs(high)), 0.08 * (high - low))
     low, high = low - pad, high + pad
+  if bounds is not None:
+    margin = 0.03 * (bounds[1] - bounds[0])
+    low, high = max(low, bounds[0] - margin), min(high, bounds[1] + margin)
   (ax.set_xlim if axis == "x" else ax.set_ylim)(low, high)
 
 
@@ -221,8 +227,13 @@ def metric_vs(plt, groups: dict[str, list[VariantResult]], cost: str):
       ax.set_xscale("log")
       ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     pad_limits(ax, xs, "x", log=log)
-    pad_limits(ax, ys, "y")
+    pad_limits(ax, ys, "y", bounds=(0.0, 1.0) if is_fraction(metric) else None)
     plain_axes(ax)
     ax.grid(alpha=0.3)
     family_legend(ax, list(families))
   return fig
+
+
+def is_fraction(metric) -> bool:
+  """Accuracies live in [0, 1]; an axis past them only shows where an interval overshoots."""
+  return "accuracy" in f"{metric.key} {metric.label}".lower()
