@@ -1,0 +1,284 @@
+"""The block-sparse Pallas kernel of ``dynamic_mask`` (``ops/dynamic_mask_pallas.py``).
+
+Its selection (ranks, per-query thresholds, active tiles) against independent definitions: a
+sort per prefix, the reference's materialised top-w mask, the tiles that hold a kept pair. The
+kernels, run by the Pallas interpreter on CPU, against the float32 reference
+(``ops.dynamic_mask.reference``): the output and the gradients w.r.t. q, k, v and the bias, with
+lengths that are not multiples of the tiles, windows below and above the length, causal and
+bidirectional, GQA ratios 1, 2 and 4, ties in both orders. The ``gpu`` tests compile the kernels
+(``python -m pytest -m gpu tests/test_dynamic_mask_pallas.py`` on the device).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from arch_zoo import attention, sharding
+from arch_zoo.attention.base import Context
+from arch_zoo.attention.ops import dynamic_mask as dmk
+from arch_zoo.attention.ops import dynamic_mask_pallas as dmp
+
+INTERPRET = dmp.KernelConfig(block_q=16, block_k=16, interpret=True)
+
+
+def inputs(b=1, t=37, h=4, g=2, d=16, seed=0, ties=False):
+  keys = jax.random.split(jax.random.key(seed), 5)
+  q = jax.random.normal(keys[0], (b, t, h, d))
+  k = jax.random.normal(keys[1], (b, t, g, d))
+  v = jax.random.normal(keys[2], (b, t, g, d))
+  score = jax.random.normal(keys[3], (b, t, g))
+  if ties:  # few distinct values (and both zeros): ties decided by position
+    score = jnp.round(score) * jnp.where(jnp.arange(t) % 2 == 0, 1.0, -1.0)[None, :, None]
+  return q, k, v, jax.random.normal(keys[4], (b, t, g)), score
+
+
+def assert_close(actual, expected, tol=1e-5):
+  """Largest error relative to the largest reference value."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  scale = np.abs(expected).max()
+  assert scale > 0
+  error = np.abs(actual - expected).max() / scale
+  assert error <= tol, f"relative error {error:.2e} > {tol:.0e}"
+
+
+def kept_from_thresholds(score, keep_window, causal, tie_break):
+  """``[B, G, T, S]`` mask ``allowed & rank[j] <= tau[i]``: the kernel's rule, materialised."""
+  rank = dmp.selection_ranks(score, tie_break)
+  tau = dmp.thresholds(rank, keep_window, causal=causal)
+  kept = rank[:, :, None, :] <= tau[:, :, :, None]
+  if causal:
+    t = score.shape[1]
+    kept &= jnp.tril(jnp.ones((t, t), bool))
+  return kept
+
+
+# --------------------------------------------------------------------------- selection
+
+
+@pytest.mark.parametrize("tie_break", ["recent", "earliest"])
+def test_ranks_follow_the_selection_order(tie_break):
+  """rank[a] < rank[b] exactly when key a beats key b (dynamic_mask.beats), ties included."""
+  *_, score = inputs(t=29, ties=True)
+  rank = np.asarray(dmp.selection_ranks(score, tie_break))
+  s = np.asarray(dmk.selection_score(score))
+  pos = np.arange(29)
+  for g in range(2):
+    beats = np.asarray(dmk.beats(s[0, :, g][:, None], pos[:, None], s[0, :, g][None, :],
+                                 pos[None, :], tie_break))
+    assert sorted(rank[0, g]) == list(range(29))
+    np.testing.assert_array_equal(rank[0, g][:, None] < rank[0, g][None, :], beats)
+
+
+@pytest.mark.parametrize("length", [1, 2, 37, 64, 100])
+def test_prefix_order_statistic_is_the_kth_of_each_sorted_prefix(length):
+  values = np.stack([np.random.default_rng(seed).permutation(length) for seed in range(3)])
+  for k in sorted({0, 1, length // 3, length - 1}):
+    got = np.asarray(dmp.prefix_order_statistic(jnp.asarray(values).reshape(3, 1, length), k))
+    for row in range(3):
+      want = [np.sort(values[row, :i + 1])[k] for i in range(k, length)]
+      np.testing.assert_array_equal(got[row, 0, k:], want)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("tie_break", ["recent", "earliest"])
+@pytest.mark.parametrize("keep_window,ties", [(5, False), (5, True), (1, True), (36, False),
+                                               (37, False), (50, True)])
+def test_thresholds_select_the_reference_mask(causal, tie_break, keep_window, ties):
+  """``rank <= tau`` over the allowed keys is the published top-w mask, row by row."""
+  *_, score = inputs(b=2, t=37, ties=ties, seed=1)
+  got = kept_from_thresholds(score, keep_window, causal, tie_break)
+  want = dmk.selection_mask(score, keep_window, causal=causal, tie_break=tie_break)
+  if want is None:  # S <= w: every allowed key
+    want = jnp.broadcast_to(jnp.tril(jnp.ones((37, 37), bool)) if causal else True, got.shape)
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("ties", [False, True])
+def test_active_tiles_cover_every_kept_pair_and_skip_the_rest(causal, ties):
+  """Every tile with a kept pair runs; off the diagonal, only those (the diagonal may run with
+  none); padded query blocks never run."""
+  t, w, bq, bk = 75, 12, 16, 16
+  *_, score = inputs(b=2, t=t, ties=ties, seed=2)
+  rank, tau, q_lists, k_lists = dmp.selection_plan(
+      score, causal=causal, keep_window=w, config=dmp.KernelConfig(block_q=bq, block_k=bk))
+  active = np.asarray(dmp.active_blocks(rank, tau, causal=causal, block_q=bq, block_k=bk))
+  kept = np.zeros((2, 2, 80, 80), bool)
+  kept[:, :, :t, :t] = kept_from_thresholds(score, w, causal, "recent")
+  truth = kept.reshape(2, 2, 5, bq, 5, bk).any(axis=(3, 5))
+  assert (active >= truth).all()
+  off_diagonal = ~np.eye(5, dtype=bool)
+  np.testing.assert_array_equal(active[..., off_diagonal], truth[..., off_diagonal])
+  # The lists: a count, then the active indices in order (the transposed ones per key block).
+  for lists, bitmap in ((q_lists, active), (k_lists, active.swapaxes(-1, -2))):
+    lists = np.asarray(lists)
+    for index in np.ndindex(bitmap.shape[:3]):
+      count = lists[index][0]
+      np.testing.assert_array_equal(lists[index][1:count + 1], np.flatnonzero(bitmap[index]))
+
+
+def test_a_sliding_window_runs_a_band_of_tiles():
+  """All scores tied, ties to the recent key: each query keeps its last w keys, so a query block
+  runs only the key blocks that meet [first query - w + 1, last query]."""
+  t, w, block = 256, 32, 16
+  score = jnp.zeros((1, t, 2))
+  cfg = dmp.KernelConfig(block_q=block, block_k=block)
+  rank, tau, _, _ = dmp.selection_plan(score, causal=True, keep_window=w, config=cfg)
+  active = np.asarray(dmp.active_blocks(rank, tau, causal=True, block_q=block, block_k=block))
+  for i in range(t // block):
+    first_key = max(0, i * block - w + 1) // block
+    np.testing.assert_array_equal(np.flatnonzero(active[0, 0, i]), np.arange(first_key, i + 1))
+  rows = t // block  # 1, 2, then 3 tiles a row, against 1, 2, ..., 16 for dense causal
+  fraction = float(dmp.active_fraction(score, causal=True, keep_window=w, config=cfg))
+  assert fraction == pytest.approx((3 + 3 * (rows - 2)) / (rows * (rows + 1) / 2))
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def value_and_grads(fn, q, k, v, bias, cotangent):
+  out, vjp = jax.vjp(fn, q, k, v, bias)
+  return (out, *vjp(cotangent.astype(out.dtype)))
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "keep_window", "tie_break"))
+def kernel_and_reference(q, k, v, bias, score, cotangent, *, causal, keep_window, tie_break):
+  options = dict(causal=causal, keep_window=keep_window, tie_break=tie_break)
+  kernel = value_and_grads(lambda q, k, v, b: dmp.dynamic_mask_attention(
+      q, k, v, b, score, config=INTERPRET, **options), q, k, v, bias, cotangent)
+  reference = value_and_grads(lambda q, k, v, b: dmk.reference(q, k, v, b, score, **options),
+                              q, k, v, bias, cotangent)
+  return kernel, reference
+
+
+CASES = [  # (t, heads, kv_heads, keep_window, causal, ties, tie_break)
+    (37, 4, 2, 8, True, False, "recent"),  # 3 tiles a row, a padded tail
+    (37, 4, 2, 8, True, True, "recent"),  # ties by position
+    (37, 4, 2, 8, True, True, "earliest"),
+    (37, 4, 4, 5, True, False, "recent"),  # GQA ratio 1
+    (37, 4, 1, 5, True, True, "recent"),  # GQA ratio 4
+    (37, 4, 2, 64, True, False, "recent"),  # w > T: every allowed key
+    (37, 4, 2, 8, False, True, "recent"),  # bidirectional: the same w keys for every query
+    (50, 2, 1, 16, False, False, "earliest"),
+]
+
+
+@pytest.mark.parametrize("t,heads,kv_heads,keep_window,causal,ties,tie_break", CASES)
+def test_kernel_equals_the_reference_output_and_gradients(t, heads, kv_heads, keep_window,
+                                                          causal, ties, tie_break):
+  q, k, v, bias, score = inputs(t=t, h=heads, g=kv_heads, ties=ties, seed=t + keep_window)
+  cotangent = jax.random.normal(jax.random.key(7), q.shape)
+  kernel, reference = kernel_and_reference(q, k, v, bias, score, cotangent, causal=causal,
+                                           keep_window=keep_window, tie_break=tie_break)
+  for name, got, want in zip(("out", "dq", "dk", "dv", "dbias"), kernel, reference):
+    assert got.shape == want.shape, name
+    assert_close(got, want)
+
+
+def test_only_the_bias_path_carries_gradients_to_the_scores():
+  """The selection is made on detached scores: the score gets no gradient (as the reference)."""
+  q, k, v, bias, score = inputs(t=20)
+  grad = jax.grad(lambda s: jnp.sum(dmp.dynamic_mask_attention(
+      q, k, v, bias, s, causal=True, keep_window=4, config=INTERPRET)))(score)
+  np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_the_layer_runs_the_kernel_as_impl_pallas(monkeypatch):
+  """``impl='pallas'`` end to end through the layer (the kernels interpreted): output and every
+  parameter gradient equal the layer on the reference kernel."""
+  monkeypatch.setattr(dmp, "KernelConfig",
+                      functools.partial(dmp.KernelConfig, block_q=16, block_k=16, interpret=True))
+  x = jax.random.normal(jax.random.key(0), (1, 24, 32))
+  ctx = Context.for_inputs(1, 24)
+
+  def loss_and_grads(impl):
+    layer = attention.build("dynamic_mask", rngs=nnx.Rngs(0), d_model=32, num_heads=2,
+                            num_kv_heads=1, keep_window_size=6, a_init=0.5, impl=impl)
+    graphdef, params = nnx.split(layer)
+
+    def loss(params):
+      y, _ = nnx.merge(graphdef, params)(x, ctx)
+      return jnp.sum(y * jnp.cos(y))
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (value, grads), (ref_value, ref_grads) = loss_and_grads("pallas"), loss_and_grads("reference")
+  assert_close(value, ref_value)
+  # Absolute floor: A's gradient is a sum over keys whose terms nearly cancel (each row's dS sums
+  # to zero), about 1e-4 from terms of order 1, so its float32 rounding is relative noise.
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_refusals_say_why(monkeypatch):
+  q, k, v, bias, score = inputs(t=16)
+  with pytest.raises(ValueError, match="impl='pallas' cannot run here: the backend is 'cpu'"):
+    dmk.apply(q, k, v, bias, score, causal=True, keep_window=4, impl="pallas")
+  segments = jnp.zeros((1, 16), jnp.int32)
+  assert "segment_ids" in dmp.unsupported_reason(q, k, segment_ids=segments, interpret=True)
+  assert "head_dim 8" in dmp.unsupported_reason(q[..., :8], k[..., :8], interpret=True)
+  assert "self-attention" in dmp.unsupported_reason(q, k[:, :8], interpret=True)
+  # Where the kernel could run (interpreted here), a device mesh still refuses it.
+  monkeypatch.setattr(dmp, "KernelConfig", functools.partial(dmp.KernelConfig, interpret=True))
+  assert dmk.supports("pallas", q, k, causal=True, keep_window=4) is None
+  with sharding.use(sharding.make_mesh({"data": 8}), sharding.rules_for("dp")):
+    assert "mesh" in dmk.supports("pallas", q, k, causal=True, keep_window=4)
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_compiled_kernel_in_bf16_is_within_xlas_own_bf16_error(causal):
+  """The compiled kernels in bf16 (default tiles) against the float32 reference, outputs and
+  every gradient: at most twice the error of the ``xla`` form run in bf16 on the same inputs (plus
+  1e-3 of the largest value), at a length that is not a multiple of the tiles, GQA 2."""
+  t, w = 1500, 256
+  q, k, v, bias, score = inputs(b=2, t=t, h=8, g=4, d=128, seed=3)
+  bias = jnp.exp(0.5 * jnp.tanh(bias))  # the exp form's positive bias
+  cotangent = jax.random.normal(jax.random.key(4), q.shape)
+  bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  options = dict(causal=causal, keep_window=w)
+  expected = jax.jit(lambda *a: value_and_grads(
+      lambda q, k, v, b: dmk.reference(q, k, v, b, score, **options), *a))(
+          *(x.astype(jnp.float32) for x in bf16), bias, cotangent)
+  kernel = jax.jit(lambda *a: value_and_grads(
+      lambda q, k, v, b: dmk.apply(q, k, v, b, score, impl="pallas", **options), *a))(
+          *bf16, bias, cotangent)
+  xla = jax.jit(lambda *a: value_and_grads(
+      lambda q, k, v, b: dmk.apply(q, k, v, b, score, impl="xla", **options), *a))(
+          *bf16, bias, cotangent)
+  for name, got, base, want in zip(("out", "dq", "dk", "dv", "dbias"), kernel, xla, expected):
+    want = np.asarray(want, np.float64)
+    err = np.abs(np.asarray(got, np.float64) - want).max()
+    base_err = np.abs(np.asarray(base, np.float64) - want).max()
+    assert err <= 2 * base_err + 1e-3 * np.abs(want).max(), (name, err, base_err)
+
+
+@pytest.mark.gpu
+def test_compiled_kernel_in_float32_equals_the_reference():
+  q, k, v, bias, score = inputs(b=1, t=700, h=4, g=2, d=64, seed=5)
+  cotangent = jax.random.normal(jax.random.key(6), q.shape)
+  options = dict(causal=True, keep_window=200)
+  got = jax.jit(lambda *a: value_and_grads(
+      lambda q, k, v, b: dmk.apply(q, k, v, b, score, impl="pallas", **options), *a))(
+          q, k, v, bias, cotangent)
+  want = value_and_grads(lambda q, k, v, b: dmk.reference(q, k, v, b, score, **options),
+                         q, k, v, bias, cotangent)
+  for a, b in zip(got, want):
+    assert_close(a, b, 1e-4)
+
+
+@pytest.mark.gpu
+def test_auto_picks_the_kernel_on_a_gpu_when_the_mask_is_active():
+  q = jax.ShapeDtypeStruct((1, 4096, 16, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, 4096, 8, 128), jnp.bfloat16)
+  choice = lambda **kw: dmk.base.resolve(  # noqa: E731
+      "dynamic_mask", "auto", dmk.IMPLS, lambda impl: dmk.supports(impl, q, k, **kw))
+  assert choice(causal=True, keep_window=2048) == "pallas"
+  assert choice(causal=True, keep_window=4096) == "cudnn"  # the dense limit
