@@ -1,7 +1,8 @@
 """The block-sparse Pallas kernel of ``dynamic_mask`` (``ops/dynamic_mask_pallas.py``).
 
-Its selection (ranks, per-query thresholds, active tiles) against independent definitions: a
-sort per prefix, the reference's materialised top-w mask, the tiles that hold a kept pair. The
+Its selection (ranks, per-query thresholds, each key's interval of queries, the key lists of the
+query blocks, the key tiles of dK/dV) against independent definitions: a sort per prefix, the
+reference's materialised top-w mask, the keys each query block keeps. The
 kernels, run by the Pallas interpreter on CPU, against the float32 reference
 (``ops.dynamic_mask.reference``): the output and the gradients w.r.t. q, k, v and the bias, with
 lengths that are not multiples of the tiles, windows below and above the length, causal and
@@ -22,7 +23,8 @@ from arch_zoo.attention.base import Context
 from arch_zoo.attention.ops import dynamic_mask as dmk
 from arch_zoo.attention.ops import dynamic_mask_pallas as dmp
 
-INTERPRET = dmp.KernelConfig(block_q=16, block_k=16, interpret=True)
+# end_bucket 16: the dK/dV tiles group keys by where their query intervals end (several groups).
+INTERPRET = dmp.KernelConfig(block_q=16, block_k=16, end_bucket=16, interpret=True)
 
 
 def inputs(b=1, t=37, h=4, g=2, d=16, seed=0, ties=False):
@@ -97,44 +99,82 @@ def test_thresholds_select_the_reference_mask(causal, tie_break, keep_window, ti
   np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("ties", [False, True])
-def test_active_tiles_cover_every_kept_pair_and_skip_the_rest(causal, ties):
-  """Every tile with a kept pair runs; off the diagonal, only those (the diagonal may run with
-  none); padded query blocks never run."""
-  t, w, bq, bk = 75, 12, 16, 16
+def padded_plan(score, keep_window, causal, cfg):
+  """The kernels' plan and the reference's mask padded to the plan's length ``[B, G, L, L]``."""
+  plan = dmp.selection_plan(score, causal=causal, keep_window=keep_window, config=cfg)
+  b, t, g = score.shape
+  length = plan["rank"].shape[-1]
+  kept = np.zeros((b, g, length, length), bool)
+  want = dmk.selection_mask(score, keep_window, causal=causal)
+  if want is None:
+    want = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)) if causal else True, (b, g, t, t))
+  kept[:, :, :t, :t] = want
+  return plan, kept
+
+
+PLAN_CASES = [(75, 12, True, False), (75, 12, True, True), (75, 1, True, True),
+              (75, 12, False, True), (75, 100, True, False), (64, 64, False, False)]
+
+
+@pytest.mark.parametrize("t,keep_window,causal,ties", PLAN_CASES)
+def test_each_key_is_kept_by_one_interval_of_queries(t, keep_window, causal, ties):
+  """The queries that keep key j (in the reference's mask) are exactly [start_j, end_j)."""
   *_, score = inputs(b=2, t=t, ties=ties, seed=2)
-  rank, tau, q_lists, k_lists = dmp.selection_plan(
-      score, causal=causal, keep_window=w, config=dmp.KernelConfig(block_q=bq, block_k=bk))
-  active = np.asarray(dmp.active_blocks(rank, tau, causal=causal, block_q=bq, block_k=bk))
-  kept = np.zeros((2, 2, 80, 80), bool)
-  kept[:, :, :t, :t] = kept_from_thresholds(score, w, causal, "recent")
-  truth = kept.reshape(2, 2, 5, bq, 5, bk).any(axis=(3, 5))
-  assert (active >= truth).all()
-  off_diagonal = ~np.eye(5, dtype=bool)
-  np.testing.assert_array_equal(active[..., off_diagonal], truth[..., off_diagonal])
-  # The lists: a count, then the active indices in order (the transposed ones per key block).
-  for lists, bitmap in ((q_lists, active), (k_lists, active.swapaxes(-1, -2))):
-    lists = np.asarray(lists)
-    for index in np.ndindex(bitmap.shape[:3]):
-      count = lists[index][0]
-      np.testing.assert_array_equal(lists[index][1:count + 1], np.flatnonzero(bitmap[index]))
+  plan, kept = padded_plan(score, keep_window, causal, dmp.KernelConfig(block_q=16, block_k=16))
+  query = np.arange(kept.shape[-1])[:, None]
+  start, end = np.asarray(plan["start"])[:, :, None, :], np.asarray(plan["end"])[:, :, None, :]
+  np.testing.assert_array_equal((query >= start) & (query < end), kept)
 
 
-def test_a_sliding_window_runs_a_band_of_tiles():
-  """All scores tied, ties to the recent key: each query keeps its last w keys, so a query block
-  runs only the key blocks that meet [first query - w + 1, last query]."""
-  t, w, block = 256, 32, 16
-  score = jnp.zeros((1, t, 2))
-  cfg = dmp.KernelConfig(block_q=block, block_k=block)
-  rank, tau, _, _ = dmp.selection_plan(score, causal=True, keep_window=w, config=cfg)
-  active = np.asarray(dmp.active_blocks(rank, tau, causal=True, block_q=block, block_k=block))
-  for i in range(t // block):
-    first_key = max(0, i * block - w + 1) // block
-    np.testing.assert_array_equal(np.flatnonzero(active[0, 0, i]), np.arange(first_key, i + 1))
-  rows = t // block  # 1, 2, then 3 tiles a row, against 1, 2, ..., 16 for dense causal
-  fraction = float(dmp.active_fraction(score, causal=True, keep_window=w, config=cfg))
-  assert fraction == pytest.approx((3 + 3 * (rows - 2)) / (rows * (rows + 1) / 2))
+@pytest.mark.parametrize("t,keep_window,causal,ties", PLAN_CASES)
+def test_query_lists_hold_the_keys_kept_by_the_block(t, keep_window, causal, ties):
+  """Per query block: the count, then exactly the keys some query of the block keeps, in order,
+  within the capacity (w + block_q - 1 keys at most)."""
+  cfg = dmp.KernelConfig(block_q=16, block_k=16)
+  *_, score = inputs(b=2, t=t, ties=ties, seed=3)
+  plan, kept = padded_plan(score, keep_window, causal, cfg)
+  lists = np.asarray(plan["query_lists"])
+  length = kept.shape[-1]
+  assert lists.shape[-1] - 1 == dmp.query_list_capacity(length, keep_window, cfg)
+  by_block = kept.reshape(2, 2, length // 16, 16, length).any(axis=3)
+  for index in np.ndindex(by_block.shape[:3]):
+    want = np.flatnonzero(by_block[index])
+    assert len(want) <= keep_window + 15 or len(want) <= t
+    assert lists[index][0] == len(want)
+    np.testing.assert_array_equal(lists[index][1:1 + len(want)], want)
+
+
+@pytest.mark.parametrize("t,keep_window,causal,ties", PLAN_CASES)
+def test_key_tiles_hold_each_key_once_and_run_every_query_that_keeps_it(t, keep_window, causal,
+                                                                        ties):
+  cfg = dmp.KernelConfig(block_q=16, block_k=16, end_bucket=32)
+  *_, score = inputs(b=2, t=t, ties=ties, seed=4)
+  plan, kept = padded_plan(score, keep_window, causal, cfg)
+  order, tiles = np.asarray(plan["order"]), np.asarray(plan["tiles"])
+  length = kept.shape[-1]
+  for index in np.ndindex(order.shape[:2]):
+    assert sorted(order[index]) == list(range(length))
+    for tile, (first, count) in enumerate(tiles[index]):
+      keys = order[index][tile * 16:(tile + 1) * 16]
+      blocks = np.flatnonzero(kept[index][:, keys].any(axis=1)) // 16
+      if count == 0:
+        assert len(blocks) == 0
+      else:
+        assert first <= blocks.min() and blocks.max() < first + count
+
+
+def test_the_work_follows_the_kept_keys_wherever_they_lie():
+  """Random scores (kept keys spread over the whole prefix) and tied ones (a sliding window):
+  the forward runs at most ceil((w + block_q - 1) / block_k) tiles a query block, a small
+  fraction of dense causal attention's at T = 16 w; dK/dV stays close to it."""
+  t, w, block = 512, 32, 16
+  cfg = dmp.KernelConfig(block_q=block, block_k=block, end_bucket=64)
+  rows = t // block
+  dense = rows * (rows + 1) / 2
+  for score in (jax.random.normal(jax.random.key(0), (1, t, 2)), jnp.zeros((1, t, 2))):
+    work = dmp.work_fraction(score, causal=True, keep_window=w, config=cfg)
+    assert float(work["forward"]) <= rows * -(-(w + block - 1) // block) / dense  # 0.18
+    assert float(work["dkv"]) < 0.3
 
 
 # --------------------------------------------------------------------------- kernels

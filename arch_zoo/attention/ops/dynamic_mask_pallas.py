@@ -1,12 +1,13 @@
-"""A block-sparse flash kernel (Pallas, Triton backend) for Dynamic Mask Attention's exact top-w
-mask: the operator of :func:`arch_zoo.attention.ops.dynamic_mask.reference`.
+"""Flash kernels (Pallas, Triton backend) for Dynamic Mask Attention's exact top-w mask that
+compute only the kept pairs' tiles, wherever the kept keys lie: the operator of
+:func:`arch_zoo.attention.ops.dynamic_mask.reference`.
 
 Query ``i`` of KV group ``g`` keeps the ``w`` best allowed keys (causal: ``j <= i``) by the
 per-key score, ties by position (``tie_break``); every key adds its bias to the logits.
 
-**Selection as one integer per key and one per query.** The selection order is a strict total
-order of the keys (score, then position), so each key gets its *rank* in it (0 = best), from two
-sorts per row (:func:`selection_ranks`). Query ``i`` then keeps key ``j`` exactly when ``j`` is
+**Selection as one integer per key and one per query.** The selection order (score, then
+position) is a strict total order of the keys, so each key gets its *rank* in it (0 = best), from
+two sorts per row (:func:`selection_ranks`). Query ``i`` keeps key ``j`` exactly when ``j`` is
 allowed and ``rank[j] <= tau[i]``, with ``tau[i]`` the ``w``-th smallest rank among the keys it
 may see (:func:`thresholds`):
 
@@ -19,35 +20,35 @@ may see (:func:`thresholds`):
 
 Inside a tile the mask is then ``rank[j] <= tau[i]`` (and ``j <= i``): two small integer loads.
 
-**Which tiles run.** A (query block, key block) tile has a kept pair only if the block's best key
-rank is at most the block's largest threshold (exact for key blocks before the query block, a
-superset on the diagonal); causally, key blocks after the query block never run. From that
-bitmap :func:`block_lists` makes, per query block, the list of its active key blocks (forward
-and dQ) and, per key block, the list of query blocks that use it (dK, dV, dbias). Every other
-tile is skipped: not loaded, not multiplied.
+**Each key is kept by one interval of queries.** A prefix's ``w``-th smallest rank can only fall
+as the prefix grows, so key ``j`` is kept by the queries ``[j, end_j)`` (causal; ``end_j`` by a
+binary search of ``rank[j]`` in the falling thresholds) and, bidirectionally, by all queries or
+none (:func:`key_intervals`). The kernels follow the kept pairs, not the positions:
 
-**How much that skips** depends on where the kept keys lie, as in the paper's kernel (spec 5.3).
-A query block's kept keys are at most ``w + block_q`` keys (the ``w`` its first query keeps and
-the block's own), but they can lie in every earlier key block: with scores that rank keys in no
-order related to position (random scores), nearly every causal tile has a kept key and the kernel
-does the work of dense causal flash attention plus the masks. With scores that favour recent keys
-(all tied at ``A = 0`` with ``tie_break=recent``: a sliding window) or a few positions, a row of
-query blocks runs about ``(w + block_q) / block_k`` tiles instead of ``i / block_k``.
+* forward and dQ, one program per (query block, batch, query head): the keys kept by some query
+  of the block, gathered into dense tiles of ``block_k`` (:func:`query_lists`). They are at most
+  ``w + block_q - 1``: the ``w`` that the block's first query keeps and the block's own (any
+  other kept key would be kept by the first query too). So a query block costs
+  ``(w + block_q) / block_k`` tiles at any length, against ``i / block_k`` for dense causal
+  attention;
+* dK, dV and the bias gradient, one program per (tile of keys, batch, KV group): the keys sorted
+  by the end of their query interval (in buckets of ``end_bucket`` queries) and then by
+  position, cut into tiles of ``block_k`` (:func:`key_tiles`); a tile runs over the query blocks
+  from its earliest key to its latest interval end, over the group's query heads. Keys that no
+  query keeps form empty tiles (their gradients are zero). Each key is in exactly one tile, so the
+  gathered rows are stored without atomics.
 
-**Kernels**, all Pallas (Triton), GQA native (a program reads its group's K/V; nothing is
-repeated in memory), matmul inputs in the input dtype with float32 accumulation, online softmax
-in float32:
+Per (batch, head) the tiles computed are about ``T (w + block_q) / (block_q block_k)`` for the
+forward and dQ, and about the number of kept pairs over the tile area (plus the buckets' slack)
+for dK/dV, instead of ``T^2 / (2 block_q block_k)``: the advantage grows as ``T / (2 w)``.
+:func:`work_fraction` counts both on given scores.
 
-* forward, one program per (query block, batch, query head): the active key blocks of the query
-  block, the per-key bias added to the logits, the per-query mask in the tile; writes the output
-  and the float32 log-sum-exp;
-* dQ, same grid and key blocks: ``dS = P (dP - delta)``, ``dQ = scale dS K``;
-* dK, dV and the bias gradient, one program per (key block, batch, KV group): over the group's
-  query heads and the query blocks that use the key block; ``dbias[j] = sum_{h in g, i} dS``.
-
-``delta = rowsum(dO * O)`` and the selection are XLA. The score gets no gradient (the selection is
-made on detached scores, as in the paper); the bias does. ``interpret=True`` runs the kernels on
-any backend (the CPU tests).
+All kernels are Pallas (Triton), GQA native (a program reads its KV group's keys and values;
+nothing is repeated in memory), matmul inputs in the input dtype with float32 accumulation,
+online softmax in float32, the log-sum-exp saved by the forward. ``delta = rowsum(dO * O)``,
+the selection and the lists are XLA. The score gets no gradient (the selection is made on
+detached scores, as in the paper); the bias does. ``interpret=True`` runs the kernels on any
+backend (the CPU tests).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class KernelConfig:
 
   block_q: int = 64  # queries per tile (and the granularity of the per-query-block key lists)
   block_k: int = 64  # keys per tile
+  # dK/dV tiles group keys whose query intervals end within this many queries (then by position)
+  end_bucket: int = 256
   num_warps: int = 4
   num_stages: int = 2
   interpret: bool = False  # run the kernels through the Pallas interpreter (any backend)
@@ -108,7 +111,7 @@ def unsupported_reason(q, k, *, segment_ids=None, config: KernelConfig | None = 
 
 
 # --------------------------------------------------------------------------------------------
-# Selection (XLA): ranks, thresholds, block lists.
+# Selection (XLA): ranks, thresholds, key intervals, the lists the kernels follow.
 # --------------------------------------------------------------------------------------------
 
 
@@ -182,39 +185,89 @@ def thresholds(rank, keep_window: int, *, causal: bool):
                    prefix_order_statistic(rank, keep_window - 1), KEEP_ALL)
 
 
-def _compact(active):
-  """``active [..., N]`` bool -> ``[..., N_list]`` int32: the count, then the indices of the
-  active entries in increasing order (``N_list``: a power of two, the kernels' load size)."""
-  n = active.shape[-1]
-  index = lax.broadcasted_iota(jnp.int32, active.shape, active.ndim - 1)
-  _, order = lax.sort(((~active).astype(jnp.int32), index), dimension=active.ndim - 1,
-                      num_keys=1, is_stable=True)
-  count = jnp.sum(active, axis=-1, dtype=jnp.int32)[..., None]
-  width = 1 << n.bit_length()  # >= n + 1
-  pad = [(0, 0)] * (active.ndim - 1) + [(0, width - n - 1)]
-  return jnp.pad(jnp.concatenate([count, order], axis=-1), pad)
+def _per_row(fn, *arrays):
+  """``fn`` on each ``[B, G]`` row of ``[B, G, ...]`` arrays (vmapped); the results reshaped back."""
+  lead = arrays[0].shape[:2]
+  flat = [x.reshape((-1,) + x.shape[2:]) for x in arrays]
+  out = jax.vmap(fn)(*flat)
+  return jax.tree.map(lambda y: y.reshape(lead + y.shape[1:]), out)
 
 
-def active_blocks(rank, tau, *, causal: bool, block_q: int, block_k: int):
-  """``[B, G, nQ, nK]`` bool: the tiles that may hold a kept pair (exact for key blocks before
-  the query block, a superset on the diagonal). ``rank`` and ``tau`` padded to whole blocks."""
-  b, g, s_pad = rank.shape
-  t_pad = tau.shape[-1]
-  best_rank = jnp.min(rank.reshape(b, g, s_pad // block_k, block_k), axis=-1)
-  loosest = jnp.max(tau.reshape(b, g, t_pad // block_q, block_q), axis=-1)
-  active = best_rank[:, :, None, :] <= loosest[..., None]
-  if causal:
-    first_key = jnp.arange(s_pad // block_k) * block_k
-    last_query = jnp.arange(t_pad // block_q) * block_q + block_q - 1
-    active &= first_key[None, :] <= last_query[:, None]
-  return active
+def key_intervals(rank, tau, *, seq_len: int, keep_window: int, causal: bool):
+  """``(start, end)``, each ``[B, G, L]`` int32: key ``j`` is kept by the queries
+  ``[start_j, end_j)`` (none when ``end_j <= start_j``). ``rank`` and ``tau`` padded to ``L``
+  (padded keys rank last, padded queries have ``tau = -1``); ``seq_len``: the real length."""
+  position = lax.broadcasted_iota(jnp.int32, rank.shape, 2)
+  real = position < seq_len
+  zeros = jnp.zeros(rank.shape, jnp.int32)
+  if seq_len <= keep_window:  # every allowed key
+    return (position if causal else zeros), jnp.where(real, seq_len, 0)
+  if not causal:  # the same w keys for every query
+    return zeros, jnp.where(rank <= keep_window - 1, seq_len, 0)
+  # From query w - 1 on, tau falls (weakly): key j stays kept while tau >= rank[j], i.e. for the
+  # first `count` of those queries. Before w - 1 every query keeps every key it sees.
+  falling = tau[..., keep_window - 1:seq_len]
+  count = _per_row(lambda row, r: jnp.searchsorted(-row, -r, side="right"), falling, rank)
+  end = jnp.maximum(position, keep_window - 1 + count.astype(jnp.int32))
+  return position, jnp.where(real, end, 0)
 
 
-def block_lists(rank, tau, *, causal: bool, block_q: int, block_k: int):
-  """(per query block: its active key blocks ``[B, G, nQ, L]``; per key block: the query blocks
-  that use it ``[B, G, nK, L']``), each row the count then the indices (:func:`_compact`)."""
-  active = active_blocks(rank, tau, causal=causal, block_q=block_q, block_k=block_k)
-  return _compact(active), _compact(active.swapaxes(-1, -2))
+def query_list_capacity(length: int, keep_window: int, cfg: KernelConfig) -> int:
+  """Key slots per query block: ``w + block_q - 1`` kept keys at most (module docstring), in
+  whole tiles, and never more than the padded length ``length``."""
+  most = min(length, keep_window + cfg.block_q - 1)
+  return -(-most // cfg.block_k) * cfg.block_k
+
+
+def query_lists(start, end, *, block_q: int, capacity: int):
+  """``[B, G, nQ, 1 + capacity]`` int32: per query block, the number of keys kept by some query
+  of the block, then their positions in increasing order (zeros after the count).
+
+  Each key is a member of the query blocks its interval meets (a run of blocks); the memberships
+  are enumerated in key order, stably sorted by block and written to the block's next slot.
+  """
+  length = start.shape[-1]
+  num_blocks = length // block_q
+
+  def one_row(start, end):
+    kept = end > start
+    first = start // block_q
+    count = jnp.where(kept, (end - 1) // block_q - first + 1, 0)
+    through = jnp.cumsum(count)
+    member = jnp.arange(num_blocks * capacity, dtype=jnp.int32)
+    key = jnp.minimum(jnp.searchsorted(through, member, side="right"), length - 1)
+    block = first[key] + member - (through[key] - count[key])
+    block = jnp.where(member < through[-1], block, num_blocks).astype(jnp.int32)
+    block, key = lax.sort((block, key.astype(jnp.int32)), num_keys=1, is_stable=True)
+    slot = member - jnp.searchsorted(block, block, side="left").astype(jnp.int32)
+    lists = jnp.zeros((num_blocks + 1, 1 + capacity), jnp.int32)
+    lists = lists.at[block, 1 + slot].set(key, mode="drop")
+    counts = jnp.zeros((num_blocks + 1,), jnp.int32).at[block].add(1)
+    return lists.at[:, 0].set(counts)[:num_blocks]
+
+  return _per_row(one_row, start, end)
+
+
+def key_tiles(start, end, *, block_q: int, block_k: int, end_bucket: int):
+  """``(order [B, G, L], tiles [B, G, L / block_k, 2])``: the keys in tile order (sorted by the
+  bucket of their interval's end, then by position; keys no query keeps first) and, per tile of
+  ``block_k`` keys, its first query block and how many query blocks it runs."""
+  position = lax.broadcasted_iota(jnp.int32, start.shape, 2)
+  kept = end > start
+  bucket = jnp.where(kept, (end - 1) // end_bucket, -1)
+  _, _, order = lax.sort((bucket, position, position), dimension=2, num_keys=2)
+  tile_shape = start.shape[:2] + (start.shape[-1] // block_k, block_k)
+
+  def in_tiles(x):
+    return jnp.take_along_axis(x, order, axis=2).reshape(tile_shape)
+
+  kept_t = in_tiles(kept)
+  first = jnp.min(jnp.where(kept_t, in_tiles(start), 2 ** 30), axis=-1) // block_q
+  last = jnp.max(jnp.where(kept_t, in_tiles(end) - 1, 0), axis=-1) // block_q
+  any_kept = jnp.any(kept_t, axis=-1)
+  tiles = jnp.stack([jnp.where(any_kept, first, 0), jnp.where(any_kept, last - first + 1, 0)],
+                    axis=-1)
+  return order, tiles.astype(jnp.int32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,32 +281,40 @@ def _dot(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
 
-def _tile_logits(q, k, bias, key_rank, tau, q_start, k_start, *, scale: float, causal: bool):
-  """Biased float32 logits of one tile and the mask of the pairs kept."""
-  block_q, block_k = q.shape[0], k.shape[0]
+def _tile_logits(q, k, bias, key_rank, tau, q_pos, k_pos, *, scale: float, causal: bool):
+  """Biased float32 logits of one tile and the mask of the pairs kept (positions: ``q_pos [bq]``
+  and ``k_pos [bk]``)."""
   logits = _dot(q, k, transpose_b=True) * scale + bias[None, :]
   keep = key_rank[None, :] <= tau[:, None]
   if causal:
-    q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
-    k_pos = k_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-    keep &= k_pos <= q_pos
+    keep &= k_pos[None, :] <= q_pos[:, None]
   return logits, keep
+
+
+def _gathered_keys(list_ref, n, block_k: int):
+  """Tile ``n`` of a query block's key list: positions ``[bk]`` and which slots are real."""
+  slot = n * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+  return list_ref[pl.ds(1 + n * block_k, block_k)], slot < list_ref[0]
+
+
+def _num_tiles(list_ref, block_k: int):
+  return (list_ref[0] + block_k - 1) // block_k
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, tau_ref, list_ref, o_ref, lse_ref,
                     *, scale: float, causal: bool, block_k: int):
   block_q, d = q_ref.shape
-  q_start = pl.program_id(0) * block_q
+  q_pos = pl.program_id(0) * block_q + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
   q = q_ref[...]
   tau = tau_ref[...]
 
   def body(n, carry):
     peak, total, acc = carry
-    k_start = pl.multiple_of(list_ref[n + 1] * block_k, block_k)
-    keys = pl.ds(k_start, block_k)
+    keys, real = _gathered_keys(list_ref, n, block_k)
     v = v_ref[keys, :]
-    logits, keep = _tile_logits(q, k_ref[keys, :], bias_ref[keys], rank_ref[keys], tau, q_start,
-                                k_start, scale=scale, causal=causal)
+    logits, keep = _tile_logits(q, k_ref[keys, :], bias_ref[keys], rank_ref[keys], tau, q_pos,
+                                keys, scale=scale, causal=causal)
+    keep &= real[None, :]
     logits = jnp.where(keep, logits, MASK_VALUE)
     new_peak = jnp.maximum(peak, jnp.max(logits, axis=1))
     p = jnp.where(keep, jnp.exp(logits - new_peak[:, None]), 0.0)
@@ -264,7 +325,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, tau_ref, list_ref, 
 
   init = (jnp.full((block_q,), MASK_VALUE, F32), jnp.zeros((block_q,), F32),
           jnp.zeros((block_q, d), F32))
-  peak, total, acc = lax.fori_loop(0, list_ref[0], body, init)
+  peak, total, acc = lax.fori_loop(0, _num_tiles(list_ref, block_k), body, init)
   kept_any = total > 0  # false only on padded query rows
   safe_total = jnp.where(kept_any, total, 1.0)
   o_ref[...] = (acc / safe_total[:, None]).astype(o_ref.dtype)
@@ -274,45 +335,47 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, tau_ref, list_ref, 
 def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, tau_ref, list_ref, do_ref, lse_ref,
                delta_ref, dq_ref, *, scale: float, causal: bool, block_k: int):
   block_q, d = q_ref.shape
-  q_start = pl.program_id(0) * block_q
+  q_pos = pl.program_id(0) * block_q + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
   q, do, tau = q_ref[...], do_ref[...], tau_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
 
   def body(n, dq):
-    k_start = pl.multiple_of(list_ref[n + 1] * block_k, block_k)
-    keys = pl.ds(k_start, block_k)
+    keys, real = _gathered_keys(list_ref, n, block_k)
     k, v = k_ref[keys, :], v_ref[keys, :]
-    logits, keep = _tile_logits(q, k, bias_ref[keys], rank_ref[keys], tau, q_start, k_start,
+    logits, keep = _tile_logits(q, k, bias_ref[keys], rank_ref[keys], tau, q_pos, keys,
                                 scale=scale, causal=causal)
-    p = jnp.where(keep, jnp.exp(logits - lse[:, None]), 0.0)
+    p = jnp.where(keep & real[None, :], jnp.exp(logits - lse[:, None]), 0.0)
     d_logits = p * (_dot(do, v, transpose_b=True) - delta[:, None])
     return dq + _dot(d_logits.astype(k.dtype), k)
 
-  dq = lax.fori_loop(0, list_ref[0], body, jnp.zeros((block_q, d), F32))
+  dq = lax.fori_loop(0, _num_tiles(list_ref, block_k), body, jnp.zeros((block_q, d), F32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, tau_ref, list_ref, do_ref, lse_ref,
-                delta_ref, dk_ref, dv_ref, dbias_ref, *, scale: float, causal: bool,
+def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, tau_ref, order_ref, tile_ref, do_ref,
+                lse_ref, delta_ref, dk_ref, dv_ref, dbias_ref, *, scale: float, causal: bool,
                 block_q: int, group: int):
-  """One key block of one KV group: sums over the group's query heads (``q_ref [T, R, D]``)
-  and the query blocks that use the key block."""
-  block_k, d = k_ref.shape
-  k_start = pl.program_id(0) * block_k
-  k, v = k_ref[...], v_ref[...]
-  bias, key_rank = bias_ref[...], rank_ref[...]
+  """One tile of keys (``order_ref``: their positions) of one KV group: over the group's query
+  heads (``q_ref [T, R, D]``) and the run of query blocks that keeps any of them."""
+  keys = order_ref[...]
+  block_k = keys.shape[0]
+  d = k_ref.shape[-1]
+  k, v = k_ref[keys, :], v_ref[keys, :]
+  bias, key_rank = bias_ref[keys], rank_ref[keys]
+  first_block, num_blocks = tile_ref[0], tile_ref[1]
   dk = jnp.zeros((block_k, d), F32)
   dv = jnp.zeros((block_k, d), F32)
   dbias = jnp.zeros((block_k,), F32)
-  for head in range(group):  # the group's query heads read this key block
+  for head in range(group):  # the group's query heads read these keys
 
     def body(n, carry, head=head):
       dk, dv, dbias = carry
-      q_start = pl.multiple_of(list_ref[n + 1] * block_q, block_q)
+      q_start = pl.multiple_of((first_block + n) * block_q, block_q)
       queries = pl.ds(q_start, block_q)
       q, do = q_ref[queries, head, :], do_ref[queries, head, :]
       lse, delta = lse_ref[head, queries], delta_ref[head, queries]
-      logits, keep = _tile_logits(q, k, bias, key_rank, tau_ref[queries], q_start, k_start,
+      q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+      logits, keep = _tile_logits(q, k, bias, key_rank, tau_ref[queries], q_pos, keys,
                                   scale=scale, causal=causal)
       p = jnp.where(keep, jnp.exp(logits - lse[:, None]), 0.0)
       dv = dv + _dot(p.astype(do.dtype), do, transpose_a=True)
@@ -320,10 +383,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, tau_ref, list_ref, do_r
       dk = dk + _dot(d_logits.astype(q.dtype), q, transpose_a=True)
       return dk, dv, dbias + jnp.sum(d_logits, axis=0)
 
-    dk, dv, dbias = lax.fori_loop(0, list_ref[0], body, (dk, dv, dbias))
-  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
-  dbias_ref[...] = dbias
+    dk, dv, dbias = lax.fori_loop(0, num_blocks, body, (dk, dv, dbias))
+  dk_ref[keys, :] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[keys, :] = dv.astype(dv_ref.dtype)
+  dbias_ref[keys] = dbias
 
 
 def _compiler_params(cfg: KernelConfig):
@@ -334,35 +397,30 @@ def _compiler_params(cfg: KernelConfig):
   return pl_triton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _query_specs(b, h, g, t_pad, s_pad, d, cfg):
-  """Block specs of the query-block grid ``(nQ, B, H)``: a query block of head ``h``, and the
-  whole key axis of its group ``h // (H // G)`` (read tile by tile through the block lists)."""
+def _query_grid_specs(h, g, length, d, width, cfg):
+  """Block specs of the query-block grid ``(nQ, B, H)``: a query block of head ``h``, the whole
+  key axis of its group ``h // (H // G)`` (read through the block's key list), the list."""
   group = h // g
-  rows = pl.BlockSpec((None, cfg.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0))
-  keys = pl.BlockSpec((None, s_pad, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0))
-  per_key = pl.BlockSpec((None, None, s_pad), lambda i, bi, hi: (bi, hi // group, 0))
-  per_query = pl.BlockSpec((None, None, cfg.block_q), lambda i, bi, hi: (bi, hi // group, i))
-  per_head_query = pl.BlockSpec((None, None, cfg.block_q), lambda i, bi, hi: (bi, hi, i))
-  return rows, keys, per_key, per_query, per_head_query
+  rows = pl.BlockSpec((None, cfg.block_q, None, d), lambda i, b, hi: (b, i, hi, 0))
+  keys = pl.BlockSpec((None, length, None, d), lambda i, b, hi: (b, 0, hi // group, 0))
+  per_key = pl.BlockSpec((None, None, length), lambda i, b, hi: (b, hi // group, 0))
+  per_query = pl.BlockSpec((None, None, cfg.block_q), lambda i, b, hi: (b, hi // group, i))
+  per_head_query = pl.BlockSpec((None, None, cfg.block_q), lambda i, b, hi: (b, hi, i))
+  lists = pl.BlockSpec((None, None, None, width), lambda i, b, hi: (b, hi // group, i, 0))
+  return rows, keys, per_key, per_query, per_head_query, lists
 
 
-def _list_spec(lists, grid_axis_heads_to_group):
-  width = lists.shape[-1]
-  return pl.BlockSpec((None, None, None, width),
-                      lambda i, bi, x: (bi, grid_axis_heads_to_group(x), i, 0))
-
-
-def _forward(q, k, v, bias, rank, tau, q_lists, scale, causal, cfg):
-  b, t_pad, h, d = q.shape
-  s_pad, g = k.shape[1], k.shape[2]
-  rows, keys, per_key, per_query, per_head_query = _query_specs(b, h, g, t_pad, s_pad, d, cfg)
+def _forward(q, k, v, bias, rank, tau, q_lists, order, tiles, scale, causal, cfg):
+  del order, tiles  # the backward's
+  b, length, h, d = q.shape
+  rows, keys, per_key, per_query, per_head_query, lists = _query_grid_specs(
+      h, k.shape[2], length, d, q_lists.shape[-1], cfg)
   return pl.pallas_call(
       functools.partial(_forward_kernel, scale=scale, causal=causal, block_k=cfg.block_k),
       out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, t_pad), F32)),
-      grid=(t_pad // cfg.block_q, b, h),
-      in_specs=[rows, keys, keys, per_key, per_key, per_query,
-                _list_spec(q_lists, lambda hi: hi // (h // g))],
+                 jax.ShapeDtypeStruct((b, h, length), F32)),
+      grid=(length // cfg.block_q, b, h),
+      in_specs=[rows, keys, keys, per_key, per_key, per_query, lists],
       out_specs=(rows, per_head_query),
       compiler_params=_compiler_params(cfg),
       interpret=cfg.interpret,
@@ -370,18 +428,19 @@ def _forward(q, k, v, bias, rank, tau, q_lists, scale, causal, cfg):
   )(q, k, v, bias, rank, tau, q_lists)
 
 
-def _backward(q, k, v, bias, rank, tau, q_lists, k_lists, out, lse, d_out, scale, causal, cfg):
-  b, t_pad, h, d = q.shape
-  s_pad, g = k.shape[1], k.shape[2]
+def _backward(q, k, v, bias, rank, tau, q_lists, order, tiles, out, lse, d_out, scale, causal,
+              cfg):
+  b, length, h, d = q.shape
+  g = k.shape[2]
   group = h // g
   delta = jnp.einsum("bthd,bthd->bht", out.astype(F32), d_out.astype(F32))
-  rows, keys, per_key, per_query, per_head_query = _query_specs(b, h, g, t_pad, s_pad, d, cfg)
+  rows, keys, per_key, per_query, per_head_query, lists = _query_grid_specs(
+      h, g, length, d, q_lists.shape[-1], cfg)
   d_q = pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, causal=causal, block_k=cfg.block_k),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      grid=(t_pad // cfg.block_q, b, h),
-      in_specs=[rows, keys, keys, per_key, per_key, per_query,
-                _list_spec(q_lists, lambda hi: hi // group), rows, per_head_query,
+      grid=(length // cfg.block_q, b, h),
+      in_specs=[rows, keys, keys, per_key, per_key, per_query, lists, rows, per_head_query,
                 per_head_query],
       out_specs=rows,
       compiler_params=_compiler_params(cfg),
@@ -389,48 +448,49 @@ def _backward(q, k, v, bias, rank, tau, q_lists, k_lists, out, lse, d_out, scale
       name="dynamic_mask_dq",
   )(q, k, v, bias, rank, tau, q_lists, d_out, lse, delta)
 
-  # Grid (nK, B, G): a key block of a group, and all the queries of the group's heads.
+  # Grid (key tiles, B, G): a tile of keys of a group, and all the queries of the group's heads.
   bk = cfg.block_k
-  grouped = lambda x: x.reshape(b, t_pad, g, group, d)  # noqa: E731
-  per_group = lambda x: x.reshape(b, g, group, t_pad)  # noqa: E731
-  queries = pl.BlockSpec((None, t_pad, None, group, d), lambda j, bi, gi: (bi, 0, gi, 0, 0))
-  head_rows = pl.BlockSpec((None, None, group, t_pad), lambda j, bi, gi: (bi, gi, 0, 0))
-  key_rows = pl.BlockSpec((None, bk, None, d), lambda j, bi, gi: (bi, j, gi, 0))
-  key_block = pl.BlockSpec((None, None, bk), lambda j, bi, gi: (bi, gi, j))
-  all_tau = pl.BlockSpec((None, None, t_pad), lambda j, bi, gi: (bi, gi, 0))
+  grouped = lambda x: x.reshape(b, length, g, group, d)  # noqa: E731
+  per_group = lambda x: x.reshape(b, g, group, length)  # noqa: E731
+  queries = pl.BlockSpec((None, length, None, group, d), lambda j, bi, gi: (bi, 0, gi, 0, 0))
+  head_rows = pl.BlockSpec((None, None, group, length), lambda j, bi, gi: (bi, gi, 0, 0))
+  group_keys = pl.BlockSpec((None, length, None, d), lambda j, bi, gi: (bi, 0, gi, 0))
+  group_per_key = pl.BlockSpec((None, None, length), lambda j, bi, gi: (bi, gi, 0))
+  tile_keys = pl.BlockSpec((None, None, bk), lambda j, bi, gi: (bi, gi, j))
+  tile_info = pl.BlockSpec((None, None, None, 2), lambda j, bi, gi: (bi, gi, j, 0))
   d_k, d_v, d_bias = pl.pallas_call(
       functools.partial(_dkv_kernel, scale=scale, causal=causal, block_q=cfg.block_q,
                         group=group),
       out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
                  jax.ShapeDtypeStruct(bias.shape, F32)),
-      grid=(s_pad // bk, b, g),
-      in_specs=[queries, key_rows, key_rows, key_block, key_block, all_tau,
-                _list_spec(k_lists, lambda gi: gi), queries, head_rows, head_rows],
-      out_specs=(key_rows, key_rows, key_block),
+      grid=(length // bk, b, g),
+      in_specs=[queries, group_keys, group_keys, group_per_key, group_per_key, group_per_key,
+                tile_keys, tile_info, queries, head_rows, head_rows],
+      out_specs=(group_keys, group_keys, group_per_key),
       compiler_params=_compiler_params(cfg),
       interpret=cfg.interpret,
       name="dynamic_mask_dkv",
-  )(grouped(q), k, v, bias, rank, tau, k_lists, grouped(d_out), per_group(lse),
+  )(grouped(q), k, v, bias, rank, tau, order, tiles, grouped(d_out), per_group(lse),
     per_group(delta))
   return d_q, d_k, d_v, d_bias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def _attention(q, k, v, bias, rank, tau, q_lists, k_lists, scale, causal, cfg):
-  out, _ = _forward(q, k, v, bias, rank, tau, q_lists, scale, causal, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
+def _attention(q, k, v, bias, rank, tau, q_lists, order, tiles, scale, causal, cfg):
+  out, _ = _forward(q, k, v, bias, rank, tau, q_lists, order, tiles, scale, causal, cfg)
   return out
 
 
-def _attention_fwd(q, k, v, bias, rank, tau, q_lists, k_lists, scale, causal, cfg):
-  out, lse = _forward(q, k, v, bias, rank, tau, q_lists, scale, causal, cfg)
-  return out, (q, k, v, bias, rank, tau, q_lists, k_lists, out, lse)
+def _attention_fwd(q, k, v, bias, rank, tau, q_lists, order, tiles, scale, causal, cfg):
+  out, lse = _forward(q, k, v, bias, rank, tau, q_lists, order, tiles, scale, causal, cfg)
+  return out, (q, k, v, bias, rank, tau, q_lists, order, tiles, out, lse)
 
 
 def _attention_bwd(scale, causal, cfg, residuals, d_out):
-  q, k, v, bias, rank, tau, q_lists, k_lists, out, lse = residuals
-  d_q, d_k, d_v, d_bias = _backward(q, k, v, bias, rank, tau, q_lists, k_lists, out, lse,
+  q, k, v, bias, rank, tau, q_lists, order, tiles, out, lse = residuals
+  d_q, d_k, d_v, d_bias = _backward(q, k, v, bias, rank, tau, q_lists, order, tiles, out, lse,
                                     d_out.astype(q.dtype), scale, causal, cfg)
-  return d_q, d_k, d_v, d_bias, None, None, None, None
+  return d_q, d_k, d_v, d_bias, None, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -443,9 +503,10 @@ def _pad_to(x, length: int, axis: int, value=0):
 
 
 def selection_plan(score, *, causal: bool, keep_window: int, tie_break: str = "recent",
-                   config: KernelConfig | None = None):
-  """The selection the kernels run on, padded to whole blocks: ``(rank [B, G, L], tau
-  [B, G, L], per-query-block key lists, per-key-block query lists)`` (module docstring)."""
+                   config: KernelConfig | None = None) -> dict:
+  """Everything the kernels select by, padded to whole blocks (length ``L``): ``rank``, ``tau``
+  ``[B, G, L]``; ``start``, ``end`` (each key's query interval); ``query_lists`` (forward, dQ);
+  ``order`` and ``tiles`` (dK, dV, dbias). See the module docstring."""
   cfg = config or KernelConfig()
   s = score.shape[1]
   length = -(-s // max(cfg.block_q, cfg.block_k)) * max(cfg.block_q, cfg.block_k)
@@ -453,27 +514,39 @@ def selection_plan(score, *, causal: bool, keep_window: int, tie_break: str = "r
   tau = thresholds(rank, keep_window, causal=causal)
   rank = _pad_to(rank, length, 2, PADDED_KEY_RANK)
   tau = _pad_to(tau, length, 2, -1)
-  q_lists, k_lists = block_lists(rank, tau, causal=causal, block_q=cfg.block_q,
-                                 block_k=cfg.block_k)
-  return rank, tau, q_lists, k_lists
+  start, end = key_intervals(rank, tau, seq_len=s, keep_window=keep_window, causal=causal)
+  q_lists = query_lists(start, end, block_q=cfg.block_q,
+                        capacity=query_list_capacity(length, keep_window, cfg))
+  order, tiles = key_tiles(start, end, block_q=cfg.block_q, block_k=cfg.block_k,
+                           end_bucket=cfg.end_bucket)
+  return dict(rank=rank, tau=tau, start=start, end=end, query_lists=q_lists, order=order,
+              tiles=tiles)
 
 
-def active_fraction(score, *, causal: bool, keep_window: int, tie_break: str = "recent",
-                    config: KernelConfig | None = None) -> jax.Array:
-  """The fraction of (query block, key block) tiles the kernel runs, over those a dense causal
-  (or bidirectional) flash kernel runs: what the skipping saves on these scores."""
+def work_fraction(score, *, causal: bool, keep_window: int, tie_break: str = "recent",
+                  config: KernelConfig | None = None) -> dict[str, jax.Array]:
+  """Tiles the kernels compute on these scores over the tiles of dense flash attention (causal:
+  the tiles on or below the diagonal) at the same tile sizes: ``forward`` (also dQ's) and
+  ``dkv``."""
   cfg = config or KernelConfig()
-  rank, tau, _, _ = selection_plan(score, causal=causal, keep_window=keep_window,
-                                   tie_break=tie_break, config=cfg)
-  active = active_blocks(rank, tau, causal=causal, block_q=cfg.block_q, block_k=cfg.block_k)
-  dense = active_blocks(jnp.zeros_like(rank), jnp.full_like(tau, KEEP_ALL), causal=causal,
-                        block_q=cfg.block_q, block_k=cfg.block_k)
-  return jnp.sum(active) / jnp.sum(dense)
+  plan = selection_plan(score, causal=causal, keep_window=keep_window, tie_break=tie_break,
+                        config=cfg)
+  b, g, length = plan["rank"].shape
+  t = score.shape[1]
+  query_blocks = -(-t // cfg.block_q)
+  if causal:
+    ends = jnp.minimum((jnp.arange(query_blocks) + 1) * cfg.block_q, t)
+    dense = jnp.sum(-(-ends // cfg.block_k))
+  else:
+    dense = query_blocks * -(-t // cfg.block_k)
+  forward = jnp.sum(-(-plan["query_lists"][..., 0] // cfg.block_k))
+  dkv = jnp.sum(plan["tiles"][..., 1])  # one block_q x block_k tile per query block run
+  return {"forward": forward / (b * g * dense), "dkv": dkv / (b * g * dense)}
 
 
 def dynamic_mask_attention(q, k, v, bias, score, *, causal: bool, keep_window: int,
                            tie_break: str = "recent", config: KernelConfig | None = None):
-  """DMA on the block-sparse kernels; differentiable w.r.t. ``q``, ``k``, ``v`` and ``bias``.
+  """DMA on the Pallas kernels; differentiable w.r.t. ``q``, ``k``, ``v`` and ``bias``.
 
   Args:
     q: ``[B, T, H, D]``; k, v: ``[B, T, G, D]`` with ``H % G == 0``.
@@ -493,15 +566,16 @@ def dynamic_mask_attention(q, k, v, bias, score, *, causal: bool, keep_window: i
     raise ValueError(f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}.")
   t = q.shape[1]
   k, v = k.astype(q.dtype), v.astype(q.dtype)
-  rank, tau, q_lists, k_lists = selection_plan(score, causal=causal, keep_window=keep_window,
-                                               tie_break=tie_break, config=cfg)
-  length = rank.shape[-1]
+  plan = selection_plan(score, causal=causal, keep_window=keep_window, tie_break=tie_break,
+                        config=cfg)
+  length = plan["rank"].shape[-1]
   q, k, v = (_pad_to(x, length, 1) for x in (q, k, v))
   bias = _pad_to(bias.astype(F32).transpose(0, 2, 1), length, 2)
-  out = _attention(q, k, v, bias, rank, tau, q_lists, k_lists, q.shape[-1] ** -0.5, causal, cfg)
+  out = _attention(q, k, v, bias, plan["rank"], plan["tau"], plan["query_lists"], plan["order"],
+                   plan["tiles"], q.shape[-1] ** -0.5, causal, cfg)
   return out[:, :t]
 
 
-__all__ = ["KernelConfig", "active_blocks", "active_fraction", "block_lists",
-           "dynamic_mask_attention", "prefix_order_statistic", "selection_plan",
-           "selection_ranks", "thresholds", "unsupported_reason"]
+__all__ = ["KernelConfig", "dynamic_mask_attention", "key_intervals", "key_tiles",
+           "prefix_order_statistic", "query_lists", "selection_plan", "selection_ranks",
+           "thresholds", "unsupported_reason", "work_fraction"]
