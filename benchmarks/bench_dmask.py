@@ -9,10 +9,11 @@ One attention layer (projections included) of the DMA paper's 1.7B shape: d_mode
 heads, 8 KV heads, head_dim 128, QK-norm and RoPE, bf16 matmuls with float32 parameters.
 
 * ``dynamic_mask``: keep_window_size 2048, ``impl=auto`` (on a GPU beyond the window: the
-  block-sparse Pallas kernel), A initialised at 0.5 so that scores differ. A side
-  ``dynamic_mask:IMPL`` names the kernel (``pallas``: the block-sparse Triton kernels; ``xla``:
-  the chunked form that never builds a [T, T] tensor); a ``pallas`` side also records the
-  fraction of causal tiles its kernels run on the layer's own scores (``active_tile_fraction``).
+  Pallas kernels over the kept keys), A initialised at 0.5 so that scores differ. A side
+  ``dynamic_mask:IMPL`` names the kernel (``pallas``: the Triton kernels over the kept keys;
+  ``xla``: the chunked form that never builds a [T, T] tensor); a ``pallas`` side records the
+  tiles its kernels compute on the layer's own scores, as a fraction of dense causal flash
+  attention's (``work_fraction``: forward and dQ, dK/dV).
 * ``mha``: the same projections, ``impl=cudnn`` (JAX's cuDNN flash attention, causal).
 
 At T = 4K, 8K, 16K and 32K (and 2K = the window, where DMA takes its dense-limit path: cuDNN
@@ -122,15 +123,15 @@ def run_timing(args) -> dict:
   stats = jax.devices()[0].memory_stats() or {}
   result["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
   if args.side.endswith(":pallas"):
-    result["active_tile_fraction"] = active_tile_fraction(graphdef, params, x, args)
+    result["work_fraction"] = work_fraction(graphdef, params, x, args)
   result["bytes_limit"] = stats.get("bytes_limit")
   result["versions"] = common.versions("jax", "jaxlib", "flax")
   return result
 
 
-def active_tile_fraction(graphdef, params, x, args) -> float:
-  """The fraction of causal (query block, key block) tiles the Pallas kernels run on the scores
-  this layer computes for ``x`` (1.0: as many as dense causal flash attention)."""
+def work_fraction(graphdef, params, x, args) -> dict[str, float]:
+  """The tiles the Pallas kernels compute on the scores this layer computes for ``x``, over dense
+  causal flash attention's (1.0: as many): ``forward`` (and dQ), ``dkv``."""
   import jax
   from flax import nnx
 
@@ -141,10 +142,9 @@ def active_tile_fraction(graphdef, params, x, args) -> float:
     layer = nnx.merge(graphdef, params)
     _, _, v = layer.qkv(x, Context.for_inputs(*x.shape[:2]))
     _, score = layer.key_scores(v)
-    return dynamic_mask_pallas.active_fraction(score, causal=True,
-                                               keep_window=args.keep_window)
+    return dynamic_mask_pallas.work_fraction(score, causal=True, keep_window=args.keep_window)
 
-  return float(jax.jit(fraction)(params, x))
+  return {key: float(value) for key, value in jax.jit(fraction)(params, x).items()}
 
 
 def rel_err(a, b) -> float:

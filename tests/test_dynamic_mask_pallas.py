@@ -1,4 +1,4 @@
-"""The block-sparse Pallas kernel of ``dynamic_mask`` (``ops/dynamic_mask_pallas.py``).
+"""The Pallas kernels of ``dynamic_mask`` (``ops/dynamic_mask_pallas.py``).
 
 Its selection (ranks, per-query thresholds, each key's interval of queries, the key lists of the
 query blocks, the key tiles of dK/dV) against independent definitions: a sort per prefix, the

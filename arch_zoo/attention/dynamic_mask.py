@@ -18,9 +18,9 @@ family runs causally and bidirectionally.
 ``impl`` picks the kernel (:mod:`arch_zoo.attention.ops.dynamic_mask`): ``reference``
 materialises the ``[B, H_kv, T, S]`` mask (the oracle, small T); ``xla`` never builds a
 ``[T, S]`` tensor (dense with a per-key bias while every key is kept, the sparse forms beyond);
-``cudnn`` folds the bias into cuDNN's flash attention where no per-query mask is needed; ``pallas``
-runs block-sparse flash kernels (Triton) for the exact mask on a GPU; ``auto`` takes the first
-that can run (docs/attention/kernels.md).
+``cudnn`` folds the bias into cuDNN's flash attention where no per-query mask is needed;
+``pallas`` runs flash kernels (Triton) over the kept keys only, for the exact mask on a GPU;
+``auto`` takes the first that can run (docs/attention/kernels.md).
 """
 
 from __future__ import annotations

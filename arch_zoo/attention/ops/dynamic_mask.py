@@ -8,10 +8,11 @@ Implementations, in the order ``auto`` tries them:
 * ``cudnn``: while every allowed key is kept (``S <= w``), or bidirectionally (every query keeps
   the same ``w`` keys, gathered once), the per-key bias rides inside the dot product
   (:func:`fold_key_bias`) and cuDNN's flash kernel runs it without a ``[T, S]`` tensor. GPU.
-* ``pallas``: :mod:`arch_zoo.attention.ops.dynamic_mask_pallas`, block-sparse flash kernels
-  (Triton) for the exact mask, forward and backward: each key's rank in the selection order and
-  each query's threshold rank make the mask two integer compares inside a tile, and tiles with no
-  kept pair are skipped. GPU, one device (no mesh), no segment ids.
+* ``pallas``: :mod:`arch_zoo.attention.ops.dynamic_mask_pallas`, flash kernels (Triton) for the
+  exact mask that compute only the kept keys' tiles, forward and backward: each key's rank in the
+  selection order and each query's threshold rank make the mask two integer compares inside a
+  tile; each query block gathers its at most ``w + block_q - 1`` kept keys. GPU, one device (no
+  mesh), no segment ids.
 * ``xla``: the same dense form on XLA while ``S <= w``; beyond, the sparse forms, which never
   build a ``[T, S]`` tensor: :func:`chunked_causal_attention` (query chunks attend to the ``w``
   best keys before the chunk plus the chunk itself; memory O(chunk x (w + chunk))) and

@@ -186,7 +186,7 @@ def thresholds(rank, keep_window: int, *, causal: bool):
 
 
 def _per_row(fn, *arrays):
-  """``fn`` on each ``[B, G]`` row of ``[B, G, ...]`` arrays (vmapped); the results reshaped back."""
+  """``fn`` on each ``[B, G]`` row of ``[B, G, ...]`` arrays (vmapped), reshaped back."""
   lead = arrays[0].shape[:2]
   flat = [x.reshape((-1,) + x.shape[2:]) for x in arrays]
   out = jax.vmap(fn)(*flat)
