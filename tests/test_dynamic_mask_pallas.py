@@ -269,6 +269,35 @@ def test_refusals_say_why(monkeypatch):
     assert "mesh" in dmk.supports("pallas", q, k, causal=True, keep_window=4)
 
 
+def test_the_kernels_lower_to_triton_without_a_gpu(monkeypatch):
+  """The forward, dQ and dK/dV kernels at the default tiles (bf16, head_dim 128, GQA) lower
+  through Pallas to Triton IR for an H100 (cross-lowered here: the GPU is described to Pallas
+  through its private ``gpu_info``, so recheck this on a JAX upgrade). It catches an operation
+  the Triton backend cannot lower without a GPU; Triton's own compile still needs one."""
+  from jax import export
+  from jax._src.pallas.triton import gpu_info
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(gpu_info, "get_gpu_info",
+                      lambda: gpu_info.GpuInfo(gpu_version=gpu_info.GpuVersion.H100,
+                                               arch_name="sm_90a", compute_capability=90))
+  q = jax.ShapeDtypeStruct((1, 300, 4, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
+  per_key = jax.ShapeDtypeStruct((1, 300, 2), jnp.float32)
+
+  def value_and_grads(q, k, v, bias, score, cotangent):
+    out, vjp = jax.vjp(lambda q, k, v, bias: dmp.dynamic_mask_attention(
+        q, k, v, bias, score, causal=True, keep_window=100), q, k, v, bias)
+    return out, vjp(cotangent)
+
+  exported = export.export(jax.jit(value_and_grads), platforms=["cuda"], disabled_checks=[
+      export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+          q, k, k, per_key, per_key, q)
+  module = exported.mlir_module()
+  for kernel in ("dynamic_mask_forward", "dynamic_mask_dq", "dynamic_mask_dkv"):
+    assert f'name = "{kernel}"' in module, kernel
+
+
 # --------------------------------------------------------------------------- GPU
 
 
