@@ -123,28 +123,47 @@ def run_timing(args) -> dict:
   stats = jax.devices()[0].memory_stats() or {}
   result["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
   if args.side.endswith(":pallas"):
-    result["work_fraction"] = work_fraction(graphdef, params, x, args)
+    result.update(selection_cost(graphdef, params, x, args))
   result["bytes_limit"] = stats.get("bytes_limit")
   result["versions"] = common.versions("jax", "jaxlib", "flax")
   return result
 
 
-def work_fraction(graphdef, params, x, args) -> dict[str, float]:
-  """The tiles the Pallas kernels compute on the scores this layer computes for ``x``, over dense
-  causal flash attention's (1.0: as many): ``forward`` (and dQ), ``dkv``."""
+def configure_pallas(args) -> None:
+  """``--pallas_config block_q=128,num_warps=8``: the tiling the layer's Pallas kernels run."""
+  import dataclasses
+
+  from arch_zoo.attention.ops import dynamic_mask_pallas
+
+  fields = dict(item.split("=") for item in filter(None, args.pallas_config.split(",")))
+  dynamic_mask_pallas.DEFAULT_CONFIG = dataclasses.replace(
+      dynamic_mask_pallas.DEFAULT_CONFIG, **{key: int(value) for key, value in fields.items()})
+
+
+def selection_cost(graphdef, params, x, args) -> dict:
+  """On the scores this layer computes for ``x``: the tiles the Pallas kernels compute over dense
+  causal flash attention's (``work_fraction``: ``forward`` and dQ, ``dkv``; 1.0 = as many), and
+  the seconds of the selection alone (ranks, thresholds, lists: ``selection_s``), part of the
+  timed step."""
   import jax
   from flax import nnx
 
   from arch_zoo.attention.base import Context
   from arch_zoo.attention.ops import dynamic_mask_pallas
 
-  def fraction(params, x):
+  @jax.jit
+  def scores(params, x):
     layer = nnx.merge(graphdef, params)
     _, _, v = layer.qkv(x, Context.for_inputs(*x.shape[:2]))
-    _, score = layer.key_scores(v)
-    return dynamic_mask_pallas.work_fraction(score, causal=True, keep_window=args.keep_window)
+    return layer.key_scores(v)[1]
 
-  return {key: float(value) for key, value in jax.jit(fraction)(params, x).items()}
+  score = scores(params, x)
+  options = dict(causal=True, keep_window=args.keep_window)
+  fraction = jax.jit(lambda s: dynamic_mask_pallas.work_fraction(s, **options))(score)
+  plan = jax.jit(lambda s: dynamic_mask_pallas.selection_plan(s, **options))
+  return {"work_fraction": {key: float(value) for key, value in fraction.items()},
+          "selection_s": common.best_call_seconds(plan, score),
+          "pallas_config": str(dynamic_mask_pallas.DEFAULT_CONFIG)}
 
 
 def rel_err(a, b) -> float:
@@ -203,6 +222,8 @@ def run_parity(args) -> dict:
 
 
 def child(args) -> None:
+  if args.pallas_config:
+    configure_pallas(args)
   result = run_parity(args) if args.side == "parity" else run_timing(args)
   with open(args.child_out, "w") as f:
     json.dump(result, f)
@@ -229,7 +250,7 @@ def run_child(args, side: str, extra: list[str]) -> dict:
 def shared_flags(args) -> list[str]:
   flags = []
   for name in ("d_model", "heads", "kv_heads", "keep_window", "chunk_size", "mha_impl", "steps",
-               "samples"):
+               "samples", "pallas_config"):
     flags += [f"--{name}", str(getattr(args, name))]
   return flags + (["--smoke"] if args.smoke else [])
 
@@ -249,6 +270,8 @@ def main() -> None:
   parser.add_argument("--chunk_size", type=int, default=512)
   parser.add_argument("--mha_impl", default="cudnn")
   parser.add_argument("--sides", default=",".join(SIDES))
+  parser.add_argument("--pallas_config", default="",
+                      help="tiling of the Pallas kernels, e.g. block_q=128,num_warps=8")
   parser.add_argument("--parity", type=int, default=1, help="1: the GPU parity check, last")
   parser.add_argument("--steps", type=int, default=3, help="steps per timed sample")
   parser.add_argument("--samples", type=int, default=5)
@@ -276,7 +299,8 @@ def main() -> None:
                           dtype="float32" if args.smoke else "bfloat16"),
             "dynamic_mask": dict(keep_window_size=args.keep_window, chunk_size=args.chunk_size,
                                  impl="auto", bias_form="exp", a_init=0.5),
-            "sides": args.sides.split(","), "mha_impl": args.mha_impl,
+            "sides": args.sides.split(","), "pallas_config": args.pallas_config,
+            "mha_impl": args.mha_impl,
             "tokens_per_step": args.tokens_per_step,
             "timing": "median seconds per step of jitted value_and_grad (params and input) and of "
                       "the forward; peak_bytes_in_use from the device allocator, per subprocess",

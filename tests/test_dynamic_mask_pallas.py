@@ -230,8 +230,8 @@ def test_only_the_bias_path_carries_gradients_to_the_scores():
 def test_the_layer_runs_the_kernel_as_impl_pallas(monkeypatch):
   """``impl='pallas'`` end to end through the layer (the kernels interpreted): output and every
   parameter gradient equal the layer on the reference kernel."""
-  monkeypatch.setattr(dmp, "KernelConfig",
-                      functools.partial(dmp.KernelConfig, block_q=16, block_k=16, interpret=True))
+  monkeypatch.setattr(dmp, "DEFAULT_CONFIG",
+                      dmp.KernelConfig(block_q=16, block_k=16, interpret=True))
   x = jax.random.normal(jax.random.key(0), (1, 24, 32))
   ctx = Context.for_inputs(1, 24)
 
@@ -263,7 +263,7 @@ def test_refusals_say_why(monkeypatch):
   assert "head_dim 8" in dmp.unsupported_reason(q[..., :8], k[..., :8], interpret=True)
   assert "self-attention" in dmp.unsupported_reason(q, k[:, :8], interpret=True)
   # Where the kernel could run (interpreted here), a device mesh still refuses it.
-  monkeypatch.setattr(dmp, "KernelConfig", functools.partial(dmp.KernelConfig, interpret=True))
+  monkeypatch.setattr(dmp, "DEFAULT_CONFIG", dmp.KernelConfig(interpret=True))
   assert dmk.supports("pallas", q, k, causal=True, keep_window=4) is None
   with sharding.use(sharding.make_mesh({"data": 8}), sharding.rules_for("dp")):
     assert "mesh" in dmk.supports("pallas", q, k, causal=True, keep_window=4)

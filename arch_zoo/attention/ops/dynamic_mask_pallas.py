@@ -85,6 +85,11 @@ class KernelConfig:
   interpret: bool = False  # run the kernels through the Pallas interpreter (any backend)
 
 
+# What ``dynamic_mask_attention`` runs without a ``config`` (``impl=pallas`` from the layer): tiles
+# of 64 x 64 and 4 warps, untuned; a benchmark may replace it to try other tilings.
+DEFAULT_CONFIG = KernelConfig()
+
+
 def _is_power_of_two(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
@@ -92,7 +97,7 @@ def _is_power_of_two(n: int) -> bool:
 def unsupported_reason(q, k, *, segment_ids=None, config: KernelConfig | None = None,
                        interpret: bool = False) -> str | None:
   """None if the kernel can run on these arrays, else the reason it cannot."""
-  cfg = config or KernelConfig()
+  cfg = config or DEFAULT_CONFIG
   if not (interpret or cfg.interpret) and jax.default_backend() != "gpu":
     return f"the backend is {jax.default_backend()!r}, not 'gpu'"
   if segment_ids is not None:
@@ -251,13 +256,17 @@ def query_lists(start, end, *, block_q: int, capacity: int):
 
 def key_tiles(start, end, *, block_q: int, block_k: int, end_bucket: int):
   """``(order [B, G, L], tiles [B, G, L / block_k, 2])``: the keys in tile order (sorted by the
-  bucket of their interval's end, then by position; keys no query keeps first) and, per tile of
-  ``block_k`` keys, its first query block and how many query blocks it runs."""
+  bucket of their interval's end, then by position, keys no query keeps last, cut into tiles that
+  are then taken last to first) and, per tile of ``block_k`` keys, its first query block and how
+  many query blocks it runs."""
   position = lax.broadcasted_iota(jnp.int32, start.shape, 2)
   kept = end > start
-  bucket = jnp.where(kept, (end - 1) // end_bucket, -1)
+  bucket = jnp.where(kept, (end - 1) // end_bucket, 2 ** 30)  # keys no query keeps: last
   _, _, order = lax.sort((bucket, position, position), dimension=2, num_keys=2)
   tile_shape = start.shape[:2] + (start.shape[-1] // block_k, block_k)
+  # Then the tiles in reverse: the latest ends run longest, and the grid starts them first (a
+  # shorter tail). Cutting the tiles from the first bucket keeps them aligned with its keys.
+  order = jnp.flip(order.reshape(tile_shape), axis=2).reshape(start.shape)
 
   def in_tiles(x):
     return jnp.take_along_axis(x, order, axis=2).reshape(tile_shape)
@@ -508,7 +517,7 @@ def selection_plan(score, *, causal: bool, keep_window: int, tie_break: str = "r
   """Everything the kernels select by, padded to whole blocks (length ``L``): ``rank``, ``tau``
   ``[B, G, L]``; ``start``, ``end`` (each key's query interval); ``query_lists`` (forward, dQ);
   ``order`` and ``tiles`` (dK, dV, dbias). See the module docstring."""
-  cfg = config or KernelConfig()
+  cfg = config or DEFAULT_CONFIG
   s = score.shape[1]
   length = -(-s // max(cfg.block_q, cfg.block_k)) * max(cfg.block_q, cfg.block_k)
   rank = selection_ranks(score, tie_break)
@@ -529,7 +538,7 @@ def work_fraction(score, *, causal: bool, keep_window: int, tie_break: str = "re
   """Tiles the kernels compute on these scores over the tiles of dense flash attention (causal:
   the tiles on or below the diagonal) at the same tile sizes: ``forward`` (also dQ's) and
   ``dkv``."""
-  cfg = config or KernelConfig()
+  cfg = config or DEFAULT_CONFIG
   plan = selection_plan(score, causal=causal, keep_window=keep_window, tie_break=tie_break,
                         config=cfg)
   b, g, length = plan["rank"].shape
@@ -559,7 +568,7 @@ def dynamic_mask_attention(q, k, v, bias, score, *, causal: bool, keep_window: i
   Returns:
     ``[B, T, H, D]`` in ``q.dtype``.
   """
-  cfg = config or KernelConfig()
+  cfg = config or DEFAULT_CONFIG
   reason = unsupported_reason(q, k, config=cfg)
   if reason is not None:
     raise ValueError(f"The Pallas dynamic_mask kernel cannot run: {reason}.")
@@ -577,6 +586,6 @@ def dynamic_mask_attention(q, k, v, bias, score, *, causal: bool, keep_window: i
   return out[:, :t]
 
 
-__all__ = ["KernelConfig", "dynamic_mask_attention", "key_intervals", "key_tiles",
+__all__ = ["DEFAULT_CONFIG", "KernelConfig", "dynamic_mask_attention", "key_intervals", "key_tiles",
            "prefix_order_statistic", "query_lists", "selection_plan", "selection_ranks",
            "thresholds", "unsupported_reason", "work_fraction"]
