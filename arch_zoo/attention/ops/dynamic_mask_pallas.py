@@ -33,10 +33,10 @@ none (:func:`key_intervals`). The kernels follow the kept pairs, not the positio
   attention;
 * dK, dV and the bias gradient, one program per (tile of keys, batch, KV group): the keys sorted
   by the end of their query interval (in buckets of ``end_bucket`` queries, ``w / 2`` by default)
-  and then by position, cut into tiles of ``block_k`` (:func:`key_tiles`); a tile runs over the query blocks
-  from its earliest key to its latest interval end, over the group's query heads. Keys that no
-  query keeps form empty tiles (their gradients are zero). Each key is in exactly one tile, so the
-  gathered rows are stored without atomics.
+  and then by position, cut into tiles of ``block_k`` (:func:`key_tiles`); a tile runs over the
+  query blocks from its earliest key to its latest interval end, over the group's query heads.
+  Keys that no query keeps form empty tiles (their gradients are zero). Each key is in exactly
+  one tile, so the gathered rows are stored without atomics.
 
 Per (batch, head) the tiles computed are about ``T (w + block_q) / (block_q block_k)`` for the
 forward and dQ, and about the number of kept pairs over the tile area (plus the buckets' slack)
@@ -245,11 +245,13 @@ def query_lists(start, end, *, block_q: int, capacity: int):
     block = first[key] + member - (through[key] - count[key])
     block = jnp.where(member < through[-1], block, num_blocks).astype(jnp.int32)
     block, key = lax.sort((block, key.astype(jnp.int32)), num_keys=1, is_stable=True)
-    slot = member - jnp.searchsorted(block, block, side="left").astype(jnp.int32)
-    lists = jnp.zeros((num_blocks + 1, 1 + capacity), jnp.int32)
-    lists = lists.at[block, 1 + slot].set(key, mode="drop")
-    counts = jnp.zeros((num_blocks + 1,), jnp.int32).at[block].add(1)
-    return lists.at[:, 0].set(counts)[:num_blocks]
+    # Where each block's memberships begin in the sorted order (the last "block" holds the unused
+    # slots): a membership's slot is its distance from there.
+    begins = jnp.searchsorted(block, jnp.arange(num_blocks + 2), side="left").astype(jnp.int32)
+    slot = member - begins[block]
+    lists = jnp.zeros((num_blocks, 1 + capacity), jnp.int32)
+    lists = lists.at[block, 1 + slot].set(key, mode="drop")  # drops the unused slots' row
+    return lists.at[:, 0].set(begins[1:num_blocks + 1] - begins[:num_blocks])
 
   return _per_row(one_row, start, end)
 
