@@ -22,6 +22,7 @@ from arch_zoo import attention, sharding
 from arch_zoo.attention.base import Context
 from arch_zoo.attention.ops import dynamic_mask as dmk
 from arch_zoo.attention.ops import dynamic_mask_pallas as dmp
+from arch_zoo.attention.ops import softmax
 
 # end_bucket 16: the dK/dV tiles group keys by where their query intervals end (several groups).
 INTERPRET = dmp.KernelConfig(block_q=16, block_k=16, end_bucket=16, interpret=True)
@@ -47,15 +48,35 @@ def assert_close(actual, expected, tol=1e-5):
   assert error <= tol, f"relative error {error:.2e} > {tol:.0e}"
 
 
-def kept_from_thresholds(score, keep_window, causal, tie_break):
-  """``[B, G, T, S]`` mask ``allowed & rank[j] <= tau[i]``: the kernel's rule, materialised."""
-  rank = dmp.selection_ranks(score, tie_break)
-  tau = dmp.thresholds(rank, keep_window, causal=causal)
-  kept = rank[:, :, None, :] <= tau[:, :, :, None]
+# Packed rows: three documents, then two (the second row's last one longer than the window).
+SEGMENTS = {37: np.array([[0] * 10 + [1] * 17 + [2] * 10, [0] * 5 + [3] * 32]),
+            75: np.array([[0] * 30 + [1] * 25 + [2] * 20, [4] * 9 + [5] * 66])}
+
+
+def segments(t, packed):
+  return jnp.asarray(SEGMENTS[t], jnp.int32) if packed else None
+
+
+def reference_mask(score, keep_window, causal, tie_break="recent", segment_ids=None):
+  """The published mask ``[B, G, T, T]`` (the reference's), every allowed key when S <= w."""
+  b, t, g = score.shape
+  kept = dmk.selection_mask(score, keep_window, causal=causal, segment_ids=segment_ids,
+                            tie_break=tie_break)
+  if kept is None:
+    allowed = softmax.allowed_mask(t, t, causal=causal, q_segment_ids=segment_ids,
+                                   kv_segment_ids=segment_ids)
+    kept = jnp.ones((b, g, t, t), bool) if allowed is None else allowed
+  return np.asarray(jnp.broadcast_to(kept, (b, g, t, t)))
+
+
+def kernel_mask(plan, t, causal):
+  """``rank[j] <= tau[i]``, the same document and causal: the kernels' rule, materialised."""
+  rank, tau, doc = (np.asarray(plan[name]) for name in ("rank", "tau", "doc"))
+  kept = (rank[:, :, None, :] <= tau[:, :, :, None]) & (doc[:, None, None, :]
+                                                       == doc[:, None, :, None])
   if causal:
-    t = score.shape[1]
-    kept &= jnp.tril(jnp.ones((t, t), bool))
-  return kept
+    kept &= np.tri(rank.shape[-1], dtype=bool)
+  return kept[:, :, :t, :t]
 
 
 # --------------------------------------------------------------------------- selection
@@ -76,13 +97,27 @@ def test_ranks_follow_the_selection_order(tie_break):
 
 
 @pytest.mark.parametrize("length", [1, 2, 37, 64, 100])
-def test_prefix_order_statistic_is_the_kth_of_each_sorted_prefix(length):
-  values = np.stack([np.random.default_rng(seed).permutation(length) for seed in range(3)])
+def test_range_order_statistic_is_the_kth_of_each_sorted_range(length):
+  rng = np.random.default_rng(length)
+  values = np.stack([rng.permutation(length) for _ in range(3)]).reshape(3, 1, length)
+  lo = rng.integers(0, length, size=(3, 1, length))
+  hi = np.minimum(lo + rng.integers(1, length + 1, size=lo.shape), length)
   for k in sorted({0, 1, length // 3, length - 1}):
-    got = np.asarray(dmp.prefix_order_statistic(jnp.asarray(values).reshape(3, 1, length), k))
-    for row in range(3):
-      want = [np.sort(values[row, :i + 1])[k] for i in range(k, length)]
-      np.testing.assert_array_equal(got[row, 0, k:], want)
+    prefix = dmp.range_order_statistic(jnp.asarray(values), k, 0, jnp.arange(1, length + 1))
+    ranged = dmp.range_order_statistic(jnp.asarray(values), k, jnp.asarray(lo), jnp.asarray(hi))
+    for row, i in np.ndindex(3, length):
+      if i >= k:
+        assert prefix[row, 0, i] == np.sort(values[row, 0, :i + 1])[k]
+      if hi[row, 0, i] - lo[row, 0, i] > k:
+        assert ranged[row, 0, i] == np.sort(values[row, 0, lo[row, 0, i]:hi[row, 0, i]])[k]
+
+
+def test_document_bounds_follow_runs_of_equal_ids():
+  first, end = dmp.document_bounds(segments(37, True), 2, 37, 48)
+  np.testing.assert_array_equal(first[0], [0] * 10 + [10] * 17 + [27] * 10 + [37] * 11)
+  np.testing.assert_array_equal(end[1], [5] * 5 + [37] * 32 + [48] * 11)
+  first, end = dmp.document_bounds(None, 2, 37, 48)
+  np.testing.assert_array_equal(first[1], [0] * 37 + [37] * 11)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -90,49 +125,52 @@ def test_prefix_order_statistic_is_the_kth_of_each_sorted_prefix(length):
 @pytest.mark.parametrize("keep_window,ties", [(5, False), (5, True), (1, True), (36, False),
                                                (37, False), (50, True)])
 def test_thresholds_select_the_reference_mask(causal, tie_break, keep_window, ties):
-  """``rank <= tau`` over the allowed keys is the published top-w mask, row by row."""
+  """``rank <= tau`` over the allowed keys is the published top-w mask, row by row (packed
+  rows causally)."""
   *_, score = inputs(b=2, t=37, ties=ties, seed=1)
-  got = kept_from_thresholds(score, keep_window, causal, tie_break)
-  want = dmk.selection_mask(score, keep_window, causal=causal, tie_break=tie_break)
-  if want is None:  # S <= w: every allowed key
-    want = jnp.broadcast_to(jnp.tril(jnp.ones((37, 37), bool)) if causal else True, got.shape)
-  np.testing.assert_array_equal(got, want)
+  for packed in (False, True) if causal else (False,):
+    plan = dmp.selection_plan(score, causal=causal, keep_window=keep_window, tie_break=tie_break,
+                              segment_ids=segments(37, packed))
+    np.testing.assert_array_equal(
+        kernel_mask(plan, 37, causal),
+        reference_mask(score, keep_window, causal, tie_break, segments(37, packed)))
 
 
-def padded_plan(score, keep_window, causal, cfg):
+def padded_plan(score, keep_window, causal, cfg, segment_ids=None):
   """The kernels' plan and the reference's mask padded to the plan's length ``[B, G, L, L]``."""
-  plan = dmp.selection_plan(score, causal=causal, keep_window=keep_window, config=cfg)
+  plan = dmp.selection_plan(score, causal=causal, keep_window=keep_window,
+                            segment_ids=segment_ids, config=cfg)
   b, t, g = score.shape
   length = plan["rank"].shape[-1]
   kept = np.zeros((b, g, length, length), bool)
-  want = dmk.selection_mask(score, keep_window, causal=causal)
-  if want is None:
-    want = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)) if causal else True, (b, g, t, t))
-  kept[:, :, :t, :t] = want
+  kept[:, :, :t, :t] = reference_mask(score, keep_window, causal, segment_ids=segment_ids)
   return plan, kept
 
 
-PLAN_CASES = [(75, 12, True, False), (75, 12, True, True), (75, 1, True, True),
-              (75, 12, False, True), (75, 100, True, False), (64, 64, False, False)]
+PLAN_CASES = [  # (t, keep_window, causal, ties, packed)
+    (75, 12, True, False, False), (75, 12, True, True, False), (75, 1, True, True, False),
+    (75, 12, False, True, False), (75, 100, True, False, False), (64, 64, False, False, False),
+    (75, 12, True, False, True), (75, 12, True, True, True)]
 
 
-@pytest.mark.parametrize("t,keep_window,causal,ties", PLAN_CASES)
-def test_each_key_is_kept_by_one_interval_of_queries(t, keep_window, causal, ties):
+@pytest.mark.parametrize("t,keep_window,causal,ties,packed", PLAN_CASES)
+def test_each_key_is_kept_by_one_interval_of_queries(t, keep_window, causal, ties, packed):
   """The queries that keep key j (in the reference's mask) are exactly [start_j, end_j)."""
   *_, score = inputs(b=2, t=t, ties=ties, seed=2)
-  plan, kept = padded_plan(score, keep_window, causal, dmp.KernelConfig(block_q=16, block_k=16))
+  plan, kept = padded_plan(score, keep_window, causal, dmp.KernelConfig(block_q=16, block_k=16),
+                           segments(t, packed))
   query = np.arange(kept.shape[-1])[:, None]
   start, end = np.asarray(plan["start"])[:, :, None, :], np.asarray(plan["end"])[:, :, None, :]
   np.testing.assert_array_equal((query >= start) & (query < end), kept)
 
 
-@pytest.mark.parametrize("t,keep_window,causal,ties", PLAN_CASES)
-def test_query_lists_hold_the_keys_kept_by_the_block(t, keep_window, causal, ties):
+@pytest.mark.parametrize("t,keep_window,causal,ties,packed", PLAN_CASES)
+def test_query_lists_hold_the_keys_kept_by_the_block(t, keep_window, causal, ties, packed):
   """Per query block: the count, then exactly the keys some query of the block keeps, in order,
   within the capacity (w + block_q - 1 keys at most)."""
   cfg = dmp.KernelConfig(block_q=16, block_k=16)
   *_, score = inputs(b=2, t=t, ties=ties, seed=3)
-  plan, kept = padded_plan(score, keep_window, causal, cfg)
+  plan, kept = padded_plan(score, keep_window, causal, cfg, segments(t, packed))
   lists = np.asarray(plan["query_lists"])
   length = kept.shape[-1]
   assert lists.shape[-1] - 1 == dmp.query_list_capacity(length, keep_window, cfg)
@@ -144,12 +182,12 @@ def test_query_lists_hold_the_keys_kept_by_the_block(t, keep_window, causal, tie
     np.testing.assert_array_equal(lists[index][1:1 + len(want)], want)
 
 
-@pytest.mark.parametrize("t,keep_window,causal,ties", PLAN_CASES)
+@pytest.mark.parametrize("t,keep_window,causal,ties,packed", PLAN_CASES)
 def test_key_tiles_hold_each_key_once_and_run_every_query_that_keeps_it(t, keep_window, causal,
-                                                                        ties):
+                                                                        ties, packed):
   cfg = dmp.KernelConfig(block_q=16, block_k=16, end_bucket=32)
   *_, score = inputs(b=2, t=t, ties=ties, seed=4)
-  plan, kept = padded_plan(score, keep_window, causal, cfg)
+  plan, kept = padded_plan(score, keep_window, causal, cfg, segments(t, packed))
   order, tiles = np.asarray(plan["order"]), np.asarray(plan["tiles"])
   length = kept.shape[-1]
   for index in np.ndindex(order.shape[:2]):
@@ -186,8 +224,10 @@ def value_and_grads(fn, q, k, v, bias, cotangent):
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "keep_window", "tie_break"))
-def kernel_and_reference(q, k, v, bias, score, cotangent, *, causal, keep_window, tie_break):
-  options = dict(causal=causal, keep_window=keep_window, tie_break=tie_break)
+def kernel_and_reference(q, k, v, bias, score, cotangent, segment_ids, *, causal, keep_window,
+                         tie_break):
+  options = dict(causal=causal, keep_window=keep_window, tie_break=tie_break,
+                 segment_ids=segment_ids)
   kernel = value_and_grads(lambda q, k, v, b: dmp.dynamic_mask_attention(
       q, k, v, b, score, config=INTERPRET, **options), q, k, v, bias, cotangent)
   reference = value_and_grads(lambda q, k, v, b: dmk.reference(q, k, v, b, score, **options),
@@ -195,25 +235,29 @@ def kernel_and_reference(q, k, v, bias, score, cotangent, *, causal, keep_window
   return kernel, reference
 
 
-CASES = [  # (t, heads, kv_heads, keep_window, causal, ties, tie_break)
-    (37, 4, 2, 8, True, False, "recent"),  # 3 tiles a row, a padded tail
-    (37, 4, 2, 8, True, True, "recent"),  # ties by position
-    (37, 4, 2, 8, True, True, "earliest"),
-    (37, 4, 4, 5, True, False, "recent"),  # GQA ratio 1
-    (37, 4, 1, 5, True, True, "recent"),  # GQA ratio 4
-    (37, 4, 2, 64, True, False, "recent"),  # w > T: every allowed key
-    (37, 4, 2, 8, False, True, "recent"),  # bidirectional: the same w keys for every query
-    (50, 2, 1, 16, False, False, "earliest"),
+CASES = [  # (t, heads, kv_heads, keep_window, causal, ties, tie_break, packed)
+    (37, 4, 2, 8, True, False, "recent", False),  # 3 tiles a row, a padded tail
+    (37, 4, 2, 8, True, True, "recent", False),  # ties by position
+    (37, 4, 2, 8, True, True, "earliest", False),
+    (37, 4, 4, 5, True, False, "recent", False),  # GQA ratio 1
+    (37, 4, 1, 5, True, True, "recent", False),  # GQA ratio 4
+    (37, 4, 2, 64, True, False, "recent", False),  # w > T: every allowed key
+    (37, 4, 2, 8, False, True, "recent", False),  # bidirectional: the same w keys for all
+    (50, 2, 1, 16, False, False, "earliest", False),
+    (37, 4, 2, 8, True, True, "recent", True),  # packed documents, shorter and longer than w
+    (37, 4, 1, 64, True, False, "recent", True),  # packed, every key of the document
 ]
 
 
-@pytest.mark.parametrize("t,heads,kv_heads,keep_window,causal,ties,tie_break", CASES)
+@pytest.mark.parametrize("t,heads,kv_heads,keep_window,causal,ties,tie_break,packed", CASES)
 def test_kernel_equals_the_reference_output_and_gradients(t, heads, kv_heads, keep_window,
-                                                          causal, ties, tie_break):
-  q, k, v, bias, score = inputs(t=t, h=heads, g=kv_heads, ties=ties, seed=t + keep_window)
+                                                          causal, ties, tie_break, packed):
+  q, k, v, bias, score = inputs(b=2 if packed else 1, t=t, h=heads, g=kv_heads, ties=ties,
+                                seed=t + keep_window)
   cotangent = jax.random.normal(jax.random.key(7), q.shape)
-  kernel, reference = kernel_and_reference(q, k, v, bias, score, cotangent, causal=causal,
-                                           keep_window=keep_window, tie_break=tie_break)
+  kernel, reference = kernel_and_reference(q, k, v, bias, score, cotangent, segments(t, packed),
+                                           causal=causal, keep_window=keep_window,
+                                           tie_break=tie_break)
   for name, got, want in zip(("out", "dq", "dk", "dv", "dbias"), kernel, reference):
     assert got.shape == want.shape, name
     assert_close(got, want)
@@ -258,8 +302,10 @@ def test_refusals_say_why(monkeypatch):
   q, k, v, bias, score = inputs(t=16)
   with pytest.raises(ValueError, match="impl='pallas' cannot run here: the backend is 'cpu'"):
     dmk.apply(q, k, v, bias, score, causal=True, keep_window=4, impl="pallas")
-  segments = jnp.zeros((1, 16), jnp.int32)
-  assert "segment_ids" in dmp.unsupported_reason(q, k, segment_ids=segments, interpret=True)
+  ids = jnp.zeros((1, 16), jnp.int32)
+  assert dmp.unsupported_reason(q, k, causal=True, segment_ids=ids, interpret=True) is None
+  assert "only causally" in dmp.unsupported_reason(q, k, causal=False, segment_ids=ids,
+                                                   interpret=True)
   assert "head_dim 8" in dmp.unsupported_reason(q[..., :8], k[..., :8], interpret=True)
   assert "self-attention" in dmp.unsupported_reason(q, k[:, :8], interpret=True)
   # Where the kernel could run (interpreted here), a device mesh still refuses it.

@@ -12,7 +12,7 @@ Implementations, in the order ``auto`` tries them:
   exact mask that compute only the kept keys' tiles, forward and backward: each key's rank in the
   selection order and each query's threshold rank make the mask two integer compares inside a
   tile; each query block gathers its at most ``w + block_q - 1`` kept keys. GPU, one device (no
-  mesh), no segment ids.
+  mesh); segment ids causally only.
 * ``xla``: the same dense form on XLA while ``S <= w``; beyond, the sparse forms, which never
   build a ``[T, S]`` tensor: :func:`chunked_causal_attention` (query chunks attend to the ``w``
   best keys before the chunk plus the chunk itself; memory O(chunk x (w + chunk))) and
@@ -317,7 +317,7 @@ def supports(impl: str, q, k, *, causal: bool, keep_window: int, segment_ids=Non
   if impl == "pallas":
     from arch_zoo.attention.ops import dynamic_mask_pallas  # GPU kernel; imported when asked for
 
-    reason = dynamic_mask_pallas.unsupported_reason(q, k, segment_ids=segment_ids)
+    reason = dynamic_mask_pallas.unsupported_reason(q, k, causal=causal, segment_ids=segment_ids)
     if reason is None and not sharding.one_device():
       reason = ("the Pallas kernel is not partitioned over a device mesh yet (XLA would gather "
                 "every shard onto each device); run on one device or use impl='xla'")
@@ -357,7 +357,8 @@ def apply(q, k, v, bias, score, *, causal: bool, keep_window: int, impl: str = "
 
     return dynamic_mask_pallas.dynamic_mask_attention(q, k, v, bias, score, causal=causal,
                                                       keep_window=keep_window,
-                                                      tie_break=tie_break)
+                                                      tie_break=tie_break,
+                                                      segment_ids=segment_ids)
   if k.shape[1] <= keep_window:
     return key_bias_attention(q, k, v, bias, causal=causal, impl=impl, segment_ids=segment_ids)
   if causal:

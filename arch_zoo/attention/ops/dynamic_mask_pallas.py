@@ -12,18 +12,20 @@ allowed and ``rank[j] <= tau[i]``, with ``tau[i]`` the ``w``-th smallest rank am
 may see (:func:`thresholds`):
 
 * causal: the ``w``-th smallest rank of the prefix ``[0, i]`` (every key while ``i < w``). All
-  prefixes at once by a wavelet matrix over the ranks (:func:`prefix_order_statistic`):
+  prefixes at once by a wavelet matrix over the ranks (:func:`range_order_statistic`):
   ``log2 S`` levels, each a prefix sum and a scatter to build, two gathers to query, so
   O(S log S) work and no ``[T, S]`` tensor;
 * bidirectional: ``w - 1`` for every query (every query keeps the same ``w`` keys);
 * key length ``S <= w``: every allowed key (no selection, as the reference).
 
-Inside a tile the mask is then ``rank[j] <= tau[i]`` (and ``j <= i``): two small integer loads.
+With segment ids (packed documents, causal only) the prefix starts at the query's document's
+first token: the wavelet matrix answers any range. Inside a tile the mask is then
+``rank[j] <= tau[i]``, ``j <= i`` and the same document: three small integer loads.
 
 **Each key is kept by one interval of queries.** A prefix's ``w``-th smallest rank can only fall
 as the prefix grows, so key ``j`` is kept by the queries ``[j, end_j)`` (causal; ``end_j`` by a
-binary search of ``rank[j]`` in the falling thresholds) and, bidirectionally, by all queries or
-none (:func:`key_intervals`). The kernels follow the kept pairs, not the positions:
+bisection of ``rank[j]`` in its document's falling thresholds) and, bidirectionally, by all
+queries or none (:func:`key_intervals`). The kernels follow the kept pairs, not the positions:
 
 * forward and dQ, one program per (query block, batch, query head): the keys kept by some query
   of the block, gathered into dense tiles of ``block_k`` (:func:`query_lists`). They are at most
@@ -63,10 +65,8 @@ from jax.experimental import pallas as pl
 
 F32 = jnp.float32
 HIGHEST = lax.Precision.HIGHEST
-# A query's threshold when it keeps every allowed key; padded keys rank above it and padded
-# queries keep nothing (threshold -1).
+# A query's threshold when it keeps every allowed key (padded queries keep nothing: -1).
 KEEP_ALL = 2 ** 30
-PADDED_KEY_RANK = 2 ** 31 - 1
 # Masked logits: finite, so that a row with nothing kept yet never computes inf - inf.
 MASK_VALUE = -1e30
 
@@ -94,15 +94,15 @@ def _is_power_of_two(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
 
-def unsupported_reason(q, k, *, segment_ids=None, config: KernelConfig | None = None,
-                       interpret: bool = False) -> str | None:
+def unsupported_reason(q, k, *, causal: bool = True, segment_ids=None,
+                       config: KernelConfig | None = None, interpret: bool = False) -> str | None:
   """None if the kernel can run on these arrays, else the reason it cannot."""
   cfg = config or DEFAULT_CONFIG
   if not (interpret or cfg.interpret) and jax.default_backend() != "gpu":
     return f"the backend is {jax.default_backend()!r}, not 'gpu'"
-  if segment_ids is not None:
-    return ("the Pallas kernel does not take segment_ids (packed sequences) yet; feed unpacked "
-            "sequences or use impl='reference'")
+  if segment_ids is not None and not causal:
+    return ("the Pallas kernel takes segment_ids (packed sequences) only causally: a block of "
+            "queries spanning several documents would keep w keys of each")
   if q.shape[1] != k.shape[1]:
     return f"it needs self-attention (query length {q.shape[1]} != key length {k.shape[1]})"
   if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
@@ -136,15 +136,16 @@ def selection_ranks(score, tie_break: str):
   return rank
 
 
-def prefix_order_statistic(values, k: int):
-  """``out[..., i]``: the ``k``-th smallest (0-based) of ``values[..., :i + 1]``, for values that
-  are distinct integers in ``[0, S)`` (ranks). Meaningless where ``i < k``.
+def range_order_statistic(values, k: int, lo, hi):
+  """``out[..., i]``: the ``k``-th smallest (0-based) of ``values[..., lo[..., i]:hi[..., i]]``,
+  for values that are distinct integers in ``[0, S)`` (ranks). Meaningless where the range holds
+  ``k`` values or fewer. ``lo`` and ``hi`` broadcast to ``values``.
 
   A wavelet matrix: level by level from the most significant bit, each level records how many
   zero bits precede every slot, then stably moves the zeros first. A query walks down the
-  levels keeping its range ``[lo, hi)`` of the current level (``[0, i + 1)`` at the top): if at
-  least ``k + 1`` of its values have a zero bit it follows them, else it takes the ones and drops
-  the zeros from ``k``. Every query at once, ``log2 S`` steps of prefix sums and gathers.
+  levels keeping its range ``[lo, hi)`` of the current level: if at least ``k + 1`` of its
+  values have a zero bit it follows them, else it takes the ones and drops the zeros from ``k``.
+  Every query at once, ``log2 S`` steps of prefix sums and gathers.
   """
   shape = values.shape
   s = shape[-1]
@@ -162,8 +163,8 @@ def prefix_order_statistic(values, k: int):
     destination = jnp.where(bit == 0, zeros_before[:, :-1],
                             num_zeros + slot - zeros_before[:, :-1])
     seq = jnp.zeros_like(seq).at[rows, destination].set(seq, unique_indices=True)
-  lo = jnp.zeros((n, s), jnp.int32)
-  hi = jnp.broadcast_to(slot + 1, (n, s))
+  lo = jnp.broadcast_to(lo, shape).reshape(n, s).astype(jnp.int32)
+  hi = jnp.broadcast_to(hi, shape).reshape(n, s).astype(jnp.int32)
   rank = jnp.full((n, s), k, jnp.int32)
   out = jnp.zeros((n, s), jnp.int32)
   for level, zeros_before, num_zeros in levels:
@@ -178,17 +179,39 @@ def prefix_order_statistic(values, k: int):
   return out.reshape(shape)
 
 
-def thresholds(rank, keep_window: int, *, causal: bool):
-  """``rank [B, G, S]`` -> ``tau [B, G, S]`` int32: query ``i`` keeps the allowed keys with
-  ``rank <= tau[i]`` (module docstring)."""
-  s = rank.shape[-1]
-  if s <= keep_window:
-    return jnp.full(rank.shape, KEEP_ALL, jnp.int32)
-  if not causal:
-    return jnp.full(rank.shape, keep_window - 1, jnp.int32)
+def thresholds(rank, keep_window: int, *, causal: bool, first, end, seq_len: int):
+  """``rank [B, G, L]`` -> ``tau [B, G, L]`` int32: query ``i`` keeps the allowed keys with
+  ``rank <= tau[i]`` (module docstring); ``first``, ``end`` ``[B, L]``: the documents
+  (:func:`document_bounds`); padded queries (from ``seq_len``) keep nothing."""
   position = lax.broadcasted_iota(jnp.int32, rank.shape, 2)
-  return jnp.where(position >= keep_window - 1,
-                   prefix_order_statistic(rank, keep_window - 1), KEEP_ALL)
+  first, end = first[:, None], end[:, None]
+  if seq_len <= keep_window:  # no document holds more than w keys
+    tau = jnp.full(rank.shape, KEEP_ALL, jnp.int32)
+  elif causal:  # the w-th best of the document so far
+    tau = jnp.where(position - first + 1 >= keep_window,
+                    range_order_statistic(rank, keep_window - 1, first, position + 1), KEEP_ALL)
+  else:  # the w-th best of the whole document
+    tau = jnp.where(end - first > keep_window,
+                    range_order_statistic(rank, keep_window - 1, first, end), KEEP_ALL)
+  return jnp.where(position < seq_len, tau, -1)
+
+
+def document_bounds(segment_ids, batch: int, seq_len: int, length: int):
+  """``(first, end)``, each ``[B, L]`` int32: where each position's document starts and ends
+  (one past its last position). A document is a run of equal segment ids; without ids the row
+  is one document; the padding ``[seq_len, L)`` is one more."""
+  position = jnp.arange(length, dtype=jnp.int32)
+  if segment_ids is None:
+    starts = (position == 0) | (position == seq_len)
+    starts = jnp.broadcast_to(starts, (batch, length))
+  else:
+    ids = segment_ids
+    starts = jnp.concatenate([jnp.ones((batch, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+    starts = _pad_to(starts, length, 1, False).at[:, seq_len:seq_len + 1].set(True)
+  first = lax.cummax(jnp.where(starts, position, 0), axis=1)
+  next_start = lax.cummin(jnp.where(starts, position, length), axis=1, reverse=True)
+  end = jnp.concatenate([next_start[:, 1:], jnp.full((batch, 1), length, jnp.int32)], axis=1)
+  return first, end
 
 
 def _per_row(fn, *arrays):
@@ -199,23 +222,27 @@ def _per_row(fn, *arrays):
   return jax.tree.map(lambda y: y.reshape(lead + y.shape[1:]), out)
 
 
-def key_intervals(rank, tau, *, seq_len: int, keep_window: int, causal: bool):
-  """``(start, end)``, each ``[B, G, L]`` int32: key ``j`` is kept by the queries
-  ``[start_j, end_j)`` (none when ``end_j <= start_j``). ``rank`` and ``tau`` padded to ``L``
-  (padded keys rank last, padded queries have ``tau = -1``); ``seq_len``: the real length."""
+def key_intervals(rank, tau, *, first, end, seq_len: int, keep_window: int, causal: bool):
+  """``(start, stop)``, each ``[B, G, L]`` int32: key ``j`` is kept by the queries
+  ``[start_j, stop_j)`` (none when ``stop_j <= start_j``). ``rank``, ``tau`` ``[B, G, L]`` and
+  the documents ``first``, ``end`` ``[B, L]`` (:func:`document_bounds`); ``seq_len``: the real
+  length (padded keys are never kept)."""
   position = lax.broadcasted_iota(jnp.int32, rank.shape, 2)
   real = position < seq_len
-  zeros = jnp.zeros(rank.shape, jnp.int32)
-  if seq_len <= keep_window:  # every allowed key
-    return (position if causal else zeros), jnp.where(real, seq_len, 0)
-  if not causal:  # the same w keys for every query
-    return zeros, jnp.where(rank <= keep_window - 1, seq_len, 0)
-  # From query w - 1 on, tau falls (weakly): key j stays kept while tau >= rank[j], i.e. for the
-  # first `count` of those queries. Before w - 1 every query keeps every key it sees.
-  falling = tau[..., keep_window - 1:seq_len]
-  count = _per_row(lambda row, r: jnp.searchsorted(-row, -r, side="right"), falling, rank)
-  end = jnp.maximum(position, keep_window - 1 + count.astype(jnp.int32))
-  return position, jnp.where(real, end, 0)
+  first, end = (jnp.broadcast_to(x[:, None], rank.shape) for x in (first, end))
+  if not causal:  # the document's own w best keys, for all its queries
+    return first, jnp.where(real & (rank <= tau), end, 0)
+  # Within a document tau is KEEP_ALL for its first w - 1 queries, then falls (weakly): key j is
+  # kept from query j until the first query from there on whose tau is below its rank.
+  lo = jnp.minimum(first + keep_window - 1, end)
+  hi = end
+  for _ in range(rank.shape[-1].bit_length() + 1):  # bisection for that first query
+    mid = (lo + hi) // 2
+    above = jnp.take_along_axis(tau, jnp.minimum(mid, rank.shape[-1] - 1), axis=2) >= rank
+    searching = lo < hi
+    lo = jnp.where(searching & above, mid + 1, lo)
+    hi = jnp.where(searching & ~above, mid, hi)
+  return position, jnp.where(real, jnp.maximum(position, lo), 0)
 
 
 def query_list_capacity(length: int, keep_window: int, cfg: KernelConfig) -> int:
@@ -293,11 +320,12 @@ def _dot(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
 
-def _tile_logits(q, k, bias, key_rank, tau, q_pos, k_pos, *, scale: float, causal: bool):
-  """Biased float32 logits of one tile and the mask of the pairs kept (positions: ``q_pos [bq]``
-  and ``k_pos [bk]``)."""
+def _tile_logits(q, k, bias, key_rank, tau, q_pos, k_pos, q_doc, k_doc, *, scale: float,
+                 causal: bool):
+  """Biased float32 logits of one tile and the mask of the pairs kept (positions ``q_pos [bq]``,
+  ``k_pos [bk]``; documents, each named by its first position, ``q_doc``, ``k_doc``)."""
   logits = _dot(q, k, transpose_b=True) * scale + bias[None, :]
-  keep = key_rank[None, :] <= tau[:, None]
+  keep = (key_rank[None, :] <= tau[:, None]) & (k_doc[None, :] == q_doc[:, None])
   if causal:
     keep &= k_pos[None, :] <= q_pos[:, None]
   return logits, keep
@@ -313,10 +341,12 @@ def _num_tiles(list_ref, block_k: int):
   return lax.div(list_ref[0] + block_k - 1, block_k)  # counts are >= 0: no floor rounding
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, tau_ref, list_ref, o_ref, lse_ref,
-                    *, scale: float, causal: bool, block_k: int):
+def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, list_ref, o_ref,
+                    lse_ref, *, scale: float, causal: bool, block_k: int):
   block_q, d = q_ref.shape
-  q_pos = pl.program_id(0) * block_q + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  q_start = pl.program_id(0) * block_q
+  q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  q_doc = doc_ref[pl.ds(pl.multiple_of(q_start, block_q), block_q)]
   q = q_ref[...]
   tau = tau_ref[...]
 
@@ -325,7 +355,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, tau_ref, list_ref, 
     keys, real = _gathered_keys(list_ref, n, block_k)
     v = v_ref[keys, :]
     logits, keep = _tile_logits(q, k_ref[keys, :], bias_ref[keys], rank_ref[keys], tau, q_pos,
-                                keys, scale=scale, causal=causal)
+                                keys, q_doc, doc_ref[keys], scale=scale, causal=causal)
     keep &= real[None, :]
     logits = jnp.where(keep, logits, MASK_VALUE)
     new_peak = jnp.maximum(peak, jnp.max(logits, axis=1))
@@ -344,18 +374,20 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, tau_ref, list_ref, 
   lse_ref[...] = jnp.where(kept_any, peak + jnp.log(safe_total), -MASK_VALUE)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, tau_ref, list_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, *, scale: float, causal: bool, block_k: int):
+def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, list_ref, do_ref,
+               lse_ref, delta_ref, dq_ref, *, scale: float, causal: bool, block_k: int):
   block_q, d = q_ref.shape
-  q_pos = pl.program_id(0) * block_q + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  q_start = pl.program_id(0) * block_q
+  q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  q_doc = doc_ref[pl.ds(pl.multiple_of(q_start, block_q), block_q)]
   q, do, tau = q_ref[...], do_ref[...], tau_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
 
   def body(n, dq):
     keys, real = _gathered_keys(list_ref, n, block_k)
     k, v = k_ref[keys, :], v_ref[keys, :]
-    logits, keep = _tile_logits(q, k, bias_ref[keys], rank_ref[keys], tau, q_pos, keys,
-                                scale=scale, causal=causal)
+    logits, keep = _tile_logits(q, k, bias_ref[keys], rank_ref[keys], tau, q_pos, keys, q_doc,
+                                doc_ref[keys], scale=scale, causal=causal)
     p = jnp.where(keep & real[None, :], jnp.exp(logits - lse[:, None]), 0.0)
     d_logits = p * (_dot(do, v, transpose_b=True) - delta[:, None])
     return dq + _dot(d_logits.astype(k.dtype), k)
@@ -364,16 +396,16 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, tau_ref, list_ref, do_re
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, tau_ref, order_ref, tile_ref, do_ref,
-                lse_ref, delta_ref, dk_ref, dv_ref, dbias_ref, *, scale: float, causal: bool,
-                block_q: int, group: int):
+def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, order_ref, tile_ref,
+                do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dbias_ref, *, scale: float,
+                causal: bool, block_q: int, group: int):
   """One tile of keys (``order_ref``: their positions) of one KV group: over the group's query
   heads (``q_ref [T, R, D]``) and the run of query blocks that keeps any of them."""
   keys = order_ref[...]
   block_k = keys.shape[0]
   d = k_ref.shape[-1]
   k, v = k_ref[keys, :], v_ref[keys, :]
-  bias, key_rank = bias_ref[keys], rank_ref[keys]
+  bias, key_rank, key_doc = bias_ref[keys], rank_ref[keys], doc_ref[keys]
   first_block, num_blocks = tile_ref[0], tile_ref[1]
   dk = jnp.zeros((block_k, d), F32)
   dv = jnp.zeros((block_k, d), F32)
@@ -388,7 +420,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, tau_ref, order_ref, til
       lse, delta = lse_ref[head, queries], delta_ref[head, queries]
       q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
       logits, keep = _tile_logits(q, k, bias, key_rank, tau_ref[queries], q_pos, keys,
-                                  scale=scale, causal=causal)
+                                  doc_ref[queries], key_doc, scale=scale, causal=causal)
       p = jnp.where(keep, jnp.exp(logits - lse[:, None]), 0.0)
       dv = dv + _dot(p.astype(do.dtype), do, transpose_a=True)
       d_logits = p * (_dot(do, v, transpose_b=True) - delta[:, None])
@@ -419,46 +451,47 @@ def _query_grid_specs(h, g, length, d, width, cfg):
   per_query = pl.BlockSpec((None, None, cfg.block_q), lambda i, b, hi: (b, hi // group, i))
   per_head_query = pl.BlockSpec((None, None, cfg.block_q), lambda i, b, hi: (b, hi, i))
   lists = pl.BlockSpec((None, None, None, width), lambda i, b, hi: (b, hi // group, i, 0))
-  return rows, keys, per_key, per_query, per_head_query, lists
+  docs = pl.BlockSpec((None, length), lambda i, b, hi: (b, 0))
+  return rows, keys, per_key, per_query, per_head_query, lists, docs
 
 
-def _forward(q, k, v, bias, rank, tau, q_lists, order, tiles, scale, causal, cfg):
+def _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, cfg):
   del order, tiles  # the backward's
   b, length, h, d = q.shape
-  rows, keys, per_key, per_query, per_head_query, lists = _query_grid_specs(
+  rows, keys, per_key, per_query, per_head_query, lists, docs = _query_grid_specs(
       h, k.shape[2], length, d, q_lists.shape[-1], cfg)
   return pl.pallas_call(
       functools.partial(_forward_kernel, scale=scale, causal=causal, block_k=cfg.block_k),
       out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, length), F32)),
       grid=(length // cfg.block_q, b, h),
-      in_specs=[rows, keys, keys, per_key, per_key, per_query, lists],
+      in_specs=[rows, keys, keys, per_key, per_key, docs, per_query, lists],
       out_specs=(rows, per_head_query),
       compiler_params=_compiler_params(cfg),
       interpret=cfg.interpret,
       name="dynamic_mask_forward",
-  )(q, k, v, bias, rank, tau, q_lists)
+  )(q, k, v, bias, rank, doc, tau, q_lists)
 
 
-def _backward(q, k, v, bias, rank, tau, q_lists, order, tiles, out, lse, d_out, scale, causal,
-              cfg):
+def _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse, d_out, scale,
+              causal, cfg):
   b, length, h, d = q.shape
   g = k.shape[2]
   group = h // g
   delta = jnp.einsum("bthd,bthd->bht", out.astype(F32), d_out.astype(F32))
-  rows, keys, per_key, per_query, per_head_query, lists = _query_grid_specs(
+  rows, keys, per_key, per_query, per_head_query, lists, docs = _query_grid_specs(
       h, g, length, d, q_lists.shape[-1], cfg)
   d_q = pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, causal=causal, block_k=cfg.block_k),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       grid=(length // cfg.block_q, b, h),
-      in_specs=[rows, keys, keys, per_key, per_key, per_query, lists, rows, per_head_query,
+      in_specs=[rows, keys, keys, per_key, per_key, docs, per_query, lists, rows, per_head_query,
                 per_head_query],
       out_specs=rows,
       compiler_params=_compiler_params(cfg),
       interpret=cfg.interpret,
       name="dynamic_mask_dq",
-  )(q, k, v, bias, rank, tau, q_lists, d_out, lse, delta)
+  )(q, k, v, bias, rank, doc, tau, q_lists, d_out, lse, delta)
 
   # Grid (key tiles, B, G): a tile of keys of a group, and all the queries of the group's heads.
   bk = cfg.block_k
@@ -470,39 +503,40 @@ def _backward(q, k, v, bias, rank, tau, q_lists, order, tiles, out, lse, d_out, 
   group_per_key = pl.BlockSpec((None, None, length), lambda j, bi, gi: (bi, gi, 0))
   tile_keys = pl.BlockSpec((None, None, bk), lambda j, bi, gi: (bi, gi, j))
   tile_info = pl.BlockSpec((None, None, None, 2), lambda j, bi, gi: (bi, gi, j, 0))
+  batch_docs = pl.BlockSpec((None, length), lambda j, bi, gi: (bi, 0))
   d_k, d_v, d_bias = pl.pallas_call(
       functools.partial(_dkv_kernel, scale=scale, causal=causal, block_q=cfg.block_q,
                         group=group),
       out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
                  jax.ShapeDtypeStruct(bias.shape, F32)),
       grid=(length // bk, b, g),
-      in_specs=[queries, group_keys, group_keys, group_per_key, group_per_key, group_per_key,
-                tile_keys, tile_info, queries, head_rows, head_rows],
+      in_specs=[queries, group_keys, group_keys, group_per_key, group_per_key, batch_docs,
+                group_per_key, tile_keys, tile_info, queries, head_rows, head_rows],
       out_specs=(group_keys, group_keys, group_per_key),
       compiler_params=_compiler_params(cfg),
       interpret=cfg.interpret,
       name="dynamic_mask_dkv",
-  )(grouped(q), k, v, bias, rank, tau, order, tiles, grouped(d_out), per_group(lse),
+  )(grouped(q), k, v, bias, rank, doc, tau, order, tiles, grouped(d_out), per_group(lse),
     per_group(delta))
   return d_q, d_k, d_v, d_bias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
-def _attention(q, k, v, bias, rank, tau, q_lists, order, tiles, scale, causal, cfg):
-  out, _ = _forward(q, k, v, bias, rank, tau, q_lists, order, tiles, scale, causal, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
+def _attention(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, cfg):
+  out, _ = _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, cfg)
   return out
 
 
-def _attention_fwd(q, k, v, bias, rank, tau, q_lists, order, tiles, scale, causal, cfg):
-  out, lse = _forward(q, k, v, bias, rank, tau, q_lists, order, tiles, scale, causal, cfg)
-  return out, (q, k, v, bias, rank, tau, q_lists, order, tiles, out, lse)
+def _attention_fwd(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, cfg):
+  out, lse = _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, cfg)
+  return out, (q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse)
 
 
 def _attention_bwd(scale, causal, cfg, residuals, d_out):
-  q, k, v, bias, rank, tau, q_lists, order, tiles, out, lse = residuals
-  d_q, d_k, d_v, d_bias = _backward(q, k, v, bias, rank, tau, q_lists, order, tiles, out, lse,
-                                    d_out.astype(q.dtype), scale, causal, cfg)
-  return d_q, d_k, d_v, d_bias, None, None, None, None, None
+  q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse = residuals
+  d_q, d_k, d_v, d_bias = _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out,
+                                    lse, d_out.astype(q.dtype), scale, causal, cfg)
+  return d_q, d_k, d_v, d_bias, None, None, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -515,34 +549,39 @@ def _pad_to(x, length: int, axis: int, value=0):
 
 
 def selection_plan(score, *, causal: bool, keep_window: int, tie_break: str = "recent",
-                   config: KernelConfig | None = None) -> dict:
+                   segment_ids=None, config: KernelConfig | None = None) -> dict:
   """Everything the kernels select by, padded to whole blocks (length ``L``): ``rank``, ``tau``
-  ``[B, G, L]``; ``start``, ``end`` (each key's query interval); ``query_lists`` (forward, dQ);
-  ``order`` and ``tiles`` (dK, dV, dbias). See the module docstring."""
+  ``[B, G, L]``; ``doc`` ``[B, L]`` (each position's document, named by its first position);
+  ``start``, ``end`` (each key's query interval); ``query_lists`` (forward, dQ); ``order`` and
+  ``tiles`` (dK, dV, dbias). See the module docstring."""
   cfg = config or DEFAULT_CONFIG
-  s = score.shape[1]
+  b, s, _ = score.shape
   length = -(-s // max(cfg.block_q, cfg.block_k)) * max(cfg.block_q, cfg.block_k)
-  rank = selection_ranks(score, tie_break)
-  tau = thresholds(rank, keep_window, causal=causal)
-  rank = _pad_to(rank, length, 2, PADDED_KEY_RANK)
-  tau = _pad_to(tau, length, 2, -1)
-  start, end = key_intervals(rank, tau, seq_len=s, keep_window=keep_window, causal=causal)
+  # Padded keys rank after every real key (and never meet a real query: causally they come
+  # after it, and they form their own document).
+  padding = jnp.broadcast_to(jnp.arange(s, length, dtype=jnp.int32),
+                             (b, score.shape[2], length - s))
+  rank = jnp.concatenate([selection_ranks(score, tie_break), padding], axis=2)
+  first, doc_end = document_bounds(segment_ids, b, s, length)
+  tau = thresholds(rank, keep_window, causal=causal, first=first, end=doc_end, seq_len=s)
+  start, end = key_intervals(rank, tau, first=first, end=doc_end, seq_len=s,
+                             keep_window=keep_window, causal=causal)
   q_lists = query_lists(start, end, block_q=cfg.block_q,
                         capacity=query_list_capacity(length, keep_window, cfg))
   order, tiles = key_tiles(start, end, block_q=cfg.block_q, block_k=cfg.block_k,
                            end_bucket=cfg.end_bucket or max(1, keep_window // 2))
-  return dict(rank=rank, tau=tau, start=start, end=end, query_lists=q_lists, order=order,
+  return dict(rank=rank, doc=first, tau=tau, start=start, end=end, query_lists=q_lists, order=order,
               tiles=tiles)
 
 
 def work_fraction(score, *, causal: bool, keep_window: int, tie_break: str = "recent",
-                  config: KernelConfig | None = None) -> dict[str, jax.Array]:
+                  segment_ids=None, config: KernelConfig | None = None) -> dict[str, jax.Array]:
   """Tiles the kernels compute on these scores over the tiles of dense flash attention (causal:
   the tiles on or below the diagonal) at the same tile sizes: ``forward`` (also dQ's) and
   ``dkv``."""
   cfg = config or DEFAULT_CONFIG
   plan = selection_plan(score, causal=causal, keep_window=keep_window, tie_break=tie_break,
-                        config=cfg)
+                        segment_ids=segment_ids, config=cfg)
   b, g, length = plan["rank"].shape
   t = score.shape[1]
   query_blocks = -(-t // cfg.block_q)
@@ -557,21 +596,24 @@ def work_fraction(score, *, causal: bool, keep_window: int, tie_break: str = "re
 
 
 def dynamic_mask_attention(q, k, v, bias, score, *, causal: bool, keep_window: int,
-                           tie_break: str = "recent", config: KernelConfig | None = None):
+                           tie_break: str = "recent", segment_ids=None,
+                           config: KernelConfig | None = None):
   """DMA on the Pallas kernels; differentiable w.r.t. ``q``, ``k``, ``v`` and ``bias``.
 
   Args:
     q: ``[B, T, H, D]``; k, v: ``[B, T, G, D]`` with ``H % G == 0``.
     bias: ``[B, T, G]`` added to the logits of each key; score: ``[B, T, G]`` the selection
       score (detached here).
-    causal, keep_window, tie_break: as :func:`arch_zoo.attention.ops.dynamic_mask.reference`.
+    causal, keep_window, tie_break, segment_ids: as
+      :func:`arch_zoo.attention.ops.dynamic_mask.reference` (segment ids ``[B, T]``, causal only:
+      a document is a run of equal ids).
     config: tiling; ``interpret=True`` runs anywhere.
 
   Returns:
     ``[B, T, H, D]`` in ``q.dtype``.
   """
   cfg = config or DEFAULT_CONFIG
-  reason = unsupported_reason(q, k, config=cfg)
+  reason = unsupported_reason(q, k, causal=causal, segment_ids=segment_ids, config=cfg)
   if reason is not None:
     raise ValueError(f"The Pallas dynamic_mask kernel cannot run: {reason}.")
   if q.shape[2] % k.shape[2]:
@@ -579,15 +621,15 @@ def dynamic_mask_attention(q, k, v, bias, score, *, causal: bool, keep_window: i
   t = q.shape[1]
   k, v = k.astype(q.dtype), v.astype(q.dtype)
   plan = selection_plan(score, causal=causal, keep_window=keep_window, tie_break=tie_break,
-                        config=cfg)
+                        segment_ids=segment_ids, config=cfg)
   length = plan["rank"].shape[-1]
   q, k, v = (_pad_to(x, length, 1) for x in (q, k, v))
   bias = _pad_to(bias.astype(F32).transpose(0, 2, 1), length, 2)
-  out = _attention(q, k, v, bias, plan["rank"], plan["tau"], plan["query_lists"], plan["order"],
-                   plan["tiles"], q.shape[-1] ** -0.5, causal, cfg)
+  out = _attention(q, k, v, bias, plan["rank"], plan["doc"], plan["tau"], plan["query_lists"],
+                   plan["order"], plan["tiles"], q.shape[-1] ** -0.5, causal, cfg)
   return out[:, :t]
 
 
-__all__ = ["DEFAULT_CONFIG", "KernelConfig", "dynamic_mask_attention", "key_intervals", "key_tiles",
-           "prefix_order_statistic", "query_lists", "selection_plan", "selection_ranks",
-           "thresholds", "unsupported_reason", "work_fraction"]
+__all__ = ["DEFAULT_CONFIG", "KernelConfig", "document_bounds", "dynamic_mask_attention",
+           "key_intervals", "key_tiles", "query_lists", "range_order_statistic", "selection_plan",
+           "selection_ranks", "thresholds", "unsupported_reason", "work_fraction"]
