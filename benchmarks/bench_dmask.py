@@ -1,13 +1,19 @@
 r"""Dynamic Mask Attention at long context: fwd+bwd time and memory against ``mha`` on cuDNN.
 
     python benchmarks/bench_dmask.py --out benchmarks/results/dmask_h100.json
+    python benchmarks/bench_dmask.py --seq_lens 4096,8192,32768 \
+        --sides dynamic_mask:pallas,mha --out benchmarks/results/dmask_pallas_h100.json
     python benchmarks/bench_dmask.py --smoke --out /tmp/dmask_smoke.json   # CPU, tiny shapes
 
 One attention layer (projections included) of the DMA paper's 1.7B shape: d_model 2048, 16 query
 heads, 8 KV heads, head_dim 128, QK-norm and RoPE, bf16 matmuls with float32 parameters.
 
-* ``dynamic_mask``: keep_window_size 2048, ``impl=auto`` (beyond the window: the chunked sparse
-  kernel, which never builds a [T, T] tensor), A initialised at 0.5 so that scores differ.
+* ``dynamic_mask``: keep_window_size 2048, ``impl=auto`` (on a GPU beyond the window: the
+  Pallas kernels over the kept keys), A initialised at 0.5 so that scores differ. A side
+  ``dynamic_mask:IMPL`` names the kernel (``pallas``: the Triton kernels over the kept keys;
+  ``xla``: the chunked form that never builds a [T, T] tensor); a ``pallas`` side records the
+  tiles its kernels compute on the layer's own scores, as a fraction of dense causal flash
+  attention's (``work_fraction``: forward and dQ, dK/dV).
 * ``mha``: the same projections, ``impl=cudnn`` (JAX's cuDNN flash attention, causal).
 
 At T = 4K, 8K, 16K and 32K (and 2K = the window, where DMA takes its dense-limit path: cuDNN
@@ -37,19 +43,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
 
-SIDES = ("dynamic_mask", "mha")
+SIDES = ("dynamic_mask", "mha")  # a side "dynamic_mask:IMPL" names the kernel
 START = time.perf_counter()
 PARITY_TOLERANCE = 2e-2
 
 
 def build_layer(name: str, args, dtype, **overrides):
-  """The attention layer's graphdef and parameters (created on the host, then put on device)."""
+  """The attention layer's graphdef and parameters (created on the host, then put on device).
+  ``name``: a family, or ``dynamic_mask:IMPL``."""
   import jax
   from flax import nnx
 
   from arch_zoo import attention
 
+  name, _, impl = name.partition(":")
   options = dict(num_kv_heads=args.kv_heads, qk_norm=True)
+  if impl:
+    options.update(impl=impl)
   if name == "dynamic_mask":
     options.update(keep_window_size=args.keep_window, chunk_size=args.chunk_size, a_init=0.5)
   else:
@@ -112,9 +122,48 @@ def run_timing(args) -> dict:
   }
   stats = jax.devices()[0].memory_stats() or {}
   result["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
+  if args.side.endswith(":pallas"):
+    result.update(selection_cost(graphdef, params, x, args))
   result["bytes_limit"] = stats.get("bytes_limit")
   result["versions"] = common.versions("jax", "jaxlib", "flax")
   return result
+
+
+def configure_pallas(args) -> None:
+  """``--pallas_config block_q=128,num_warps=8``: the tiling the layer's Pallas kernels run."""
+  import dataclasses
+
+  from arch_zoo.attention.ops import dynamic_mask_pallas
+
+  fields = dict(item.split("=") for item in filter(None, args.pallas_config.split(",")))
+  dynamic_mask_pallas.DEFAULT_CONFIG = dataclasses.replace(
+      dynamic_mask_pallas.DEFAULT_CONFIG, **{key: int(value) for key, value in fields.items()})
+
+
+def selection_cost(graphdef, params, x, args) -> dict:
+  """On the scores this layer computes for ``x``: the tiles the Pallas kernels compute over dense
+  causal flash attention's (``work_fraction``: ``forward`` and dQ, ``dkv``; 1.0 = as many), and
+  the seconds of the selection alone (ranks, thresholds, lists: ``selection_s``), part of the
+  timed step."""
+  import jax
+  from flax import nnx
+
+  from arch_zoo.attention.base import Context
+  from arch_zoo.attention.ops import dynamic_mask_pallas
+
+  @jax.jit
+  def scores(params, x):
+    layer = nnx.merge(graphdef, params)
+    _, _, v = layer.qkv(x, Context.for_inputs(*x.shape[:2]))
+    return layer.key_scores(v)[1]
+
+  score = scores(params, x)
+  options = dict(causal=True, keep_window=args.keep_window)
+  fraction = jax.jit(lambda s: dynamic_mask_pallas.work_fraction(s, **options))(score)
+  plan = jax.jit(lambda s: dynamic_mask_pallas.selection_plan(s, **options))
+  return {"work_fraction": {key: float(value) for key, value in fraction.items()},
+          "selection_s": common.best_call_seconds(plan, score),
+          "pallas_config": str(dynamic_mask_pallas.DEFAULT_CONFIG)}
 
 
 def rel_err(a, b) -> float:
@@ -142,7 +191,10 @@ def run_parity(args) -> dict:
     runs = {}
     # The floor: the float32 reference attention on the bf16 model (bf16 projections), the error
     # no bf16 kernel avoids. (Before the kernel layer it was the materialised mask in bf16.)
-    for run, (dtype, impl) in {"kernel": (compute_dtype(args), "auto"),
+    kernels = {"kernel": (compute_dtype(args), "auto")}  # auto: pallas (sparse), cudnn (dense)
+    if t > args.keep_window and not args.smoke:
+      kernels["kernel_xla"] = (compute_dtype(args), "xla")
+    for run, (dtype, impl) in {**kernels,
                                "reference_bf16": (compute_dtype(args), "reference"),
                                "reference_f32": (jnp.float32, "reference")}.items():
       graphdef, params = build_layer("dynamic_mask", args, dtype, impl=impl)
@@ -157,18 +209,21 @@ def run_parity(args) -> dict:
           "/value"): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(d_params)[0]}
       runs[run] = {"out": y, "dx": d_x, **named}
     ref = runs["reference_f32"]
-    kernel = {k: rel_err(v, ref[k]) for k, v in runs["kernel"].items()}
     floor = {k: rel_err(v, ref[k]) for k, v in runs["reference_bf16"].items()}
-    ok = all(e <= max(PARITY_TOLERANCE, 2 * floor[k]) for k, e in kernel.items())
-    cases.append({"case": label, "seq_len": t, "kernel_error": kernel,
-                  "reference_bf16_error": floor, "pass": ok})
-    print(label, "PASS" if ok else "FAIL", {k: f"{v:.1e}" for k, v in kernel.items()},
-          flush=True)
+    for run in kernels:
+      kernel = {k: rel_err(v, ref[k]) for k, v in runs[run].items()}
+      ok = all(e <= max(PARITY_TOLERANCE, 2 * floor[k]) for k, e in kernel.items())
+      cases.append({"case": label, "impl": kernels[run][1], "seq_len": t,
+                    "kernel_error": kernel, "reference_bf16_error": floor, "pass": ok})
+      print(label, kernels[run][1], "PASS" if ok else "FAIL",
+            {k: f"{v:.1e}" for k, v in kernel.items()}, flush=True)
   return {"cases": cases, "all_pass": all(c["pass"] for c in cases),
           "versions": common.versions("jax", "jaxlib", "flax")}
 
 
 def child(args) -> None:
+  if args.pallas_config:
+    configure_pallas(args)
   result = run_parity(args) if args.side == "parity" else run_timing(args)
   with open(args.child_out, "w") as f:
     json.dump(result, f)
@@ -195,7 +250,7 @@ def run_child(args, side: str, extra: list[str]) -> dict:
 def shared_flags(args) -> list[str]:
   flags = []
   for name in ("d_model", "heads", "kv_heads", "keep_window", "chunk_size", "mha_impl", "steps",
-               "samples"):
+               "samples", "pallas_config"):
     flags += [f"--{name}", str(getattr(args, name))]
   return flags + (["--smoke"] if args.smoke else [])
 
@@ -215,6 +270,8 @@ def main() -> None:
   parser.add_argument("--chunk_size", type=int, default=512)
   parser.add_argument("--mha_impl", default="cudnn")
   parser.add_argument("--sides", default=",".join(SIDES))
+  parser.add_argument("--pallas_config", default="",
+                      help="tiling of the Pallas kernels, e.g. block_q=128,num_warps=8")
   parser.add_argument("--parity", type=int, default=1, help="1: the GPU parity check, last")
   parser.add_argument("--steps", type=int, default=3, help="steps per timed sample")
   parser.add_argument("--samples", type=int, default=5)
@@ -242,7 +299,9 @@ def main() -> None:
                           dtype="float32" if args.smoke else "bfloat16"),
             "dynamic_mask": dict(keep_window_size=args.keep_window, chunk_size=args.chunk_size,
                                  impl="auto", bias_form="exp", a_init=0.5),
-            "mha_impl": args.mha_impl, "tokens_per_step": args.tokens_per_step,
+            "sides": args.sides.split(","), "pallas_config": args.pallas_config,
+            "mha_impl": args.mha_impl,
+            "tokens_per_step": args.tokens_per_step,
             "timing": "median seconds per step of jitted value_and_grad (params and input) and of "
                       "the forward; peak_bytes_in_use from the device allocator, per subprocess",
             "smoke": args.smoke, "rows": rows}
@@ -253,9 +312,10 @@ def main() -> None:
     for side in args.sides.split(","):
       print(f"--- {side}: T={seq_len}, batch={batch}", flush=True)
       row[side] = run_child(args, side, ["--seq_len", str(seq_len), "--batch", str(batch)])
-      if "fwd_bwd" in row.get("dynamic_mask", {}) and "fwd_bwd" in row.get("mha", {}):
-        row["fwd_bwd_speedup_vs_mha"] = (row["mha"]["fwd_bwd"]["median_s"]
-                                         / row["dynamic_mask"]["fwd_bwd"]["median_s"])
+      for dm_side in [name for name in row if name.partition(":")[0] == "dynamic_mask"]:
+        if "fwd_bwd" in row[dm_side] and "fwd_bwd" in row.get("mha", {}):
+          key = "fwd_bwd_speedup_vs_mha" + dm_side.partition("dynamic_mask")[2].replace(":", "_")
+          row[key] = row["mha"]["fwd_bwd"]["median_s"] / row[dm_side]["fwd_bwd"]["median_s"]
       common.write(args.out, record)  # after every measurement: a killed job keeps its results
       if "fwd_bwd" in row[side]:
         print(f"    fwd+bwd {row[side]['fwd_bwd']['median_s'] * 1e3:.2f} ms, forward "

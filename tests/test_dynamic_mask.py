@@ -304,7 +304,7 @@ def test_bad_options_list_the_choices():
   with pytest.raises(ValueError, match="Valid: exp, log"):
     build_dma(bias_form="linear")
   with pytest.raises(ValueError, match="Valid: auto, reference, xla, cudnn"):
-    build_dma(impl="pallas")
+    build_dma(impl="flash")
   with pytest.raises(ValueError, match="keep_window_size must be a positive"):
     build_dma(keep_window_size=0)
 

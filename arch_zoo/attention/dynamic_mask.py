@@ -18,8 +18,9 @@ family runs causally and bidirectionally.
 ``impl`` picks the kernel (:mod:`arch_zoo.attention.ops.dynamic_mask`): ``reference``
 materialises the ``[B, H_kv, T, S]`` mask (the oracle, small T); ``xla`` never builds a
 ``[T, S]`` tensor (dense with a per-key bias while every key is kept, the sparse forms beyond);
-``cudnn`` folds the bias into cuDNN's flash attention where no per-query mask is needed; ``auto``
-takes the first that can run (docs/attention/kernels.md).
+``cudnn`` folds the bias into cuDNN's flash attention where no per-query mask is needed;
+``pallas`` runs flash kernels (Triton) over the kept keys only, for the exact mask on a GPU;
+``auto`` takes the first that can run (docs/attention/kernels.md).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class DynamicMaskOptions:
   qk_norm: bool = True  # Doge QK-norms queries and keys
   rope: bool = True
   rope_base: float = 10_000.0
-  impl: str = "auto"  # auto | reference | xla | cudnn (docs/attention/kernels.md)
+  impl: str = "auto"  # auto | reference | xla | cudnn | pallas (docs/attention/kernels.md)
   chunk_size: int = 512  # query chunk of the causal sparse kernel
 
   def __post_init__(self):

@@ -8,6 +8,11 @@ Implementations, in the order ``auto`` tries them:
 * ``cudnn``: while every allowed key is kept (``S <= w``), or bidirectionally (every query keeps
   the same ``w`` keys, gathered once), the per-key bias rides inside the dot product
   (:func:`fold_key_bias`) and cuDNN's flash kernel runs it without a ``[T, S]`` tensor. GPU.
+* ``pallas``: :mod:`arch_zoo.attention.ops.dynamic_mask_pallas`, flash kernels (Triton) for the
+  exact mask that compute only the kept keys' tiles, forward and backward: each key's rank in the
+  selection order and each query's threshold rank make the mask two integer compares inside a
+  tile; each query block gathers its at most ``w + block_q - 1`` kept keys. GPU, one device (no
+  mesh); segment ids causally only.
 * ``xla``: the same dense form on XLA while ``S <= w``; beyond, the sparse forms, which never
   build a ``[T, S]`` tensor: :func:`chunked_causal_attention` (query chunks attend to the ``w``
   best keys before the chunk plus the chunk itself; memory O(chunk x (w + chunk))) and
@@ -26,9 +31,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from arch_zoo import sharding
 from arch_zoo.attention.ops import base, kv_cache, softmax
 
-IMPLS = ("cudnn", "xla", "reference")
+IMPLS = ("cudnn", "pallas", "xla", "reference")
 # Width of the features appended by fold_key_bias: one carries the bias, the rest pad the head
 # dimension to the multiple of 8 that cuDNN needs.
 FOLD_WIDTH = 8
@@ -308,6 +314,14 @@ def cached_selection(score, query_slots, start, *, keep_window: int, tie_break: 
 def supports(impl: str, q, k, *, causal: bool, keep_window: int, segment_ids=None) -> str | None:
   """None if ``impl`` can run this call, else the reason it cannot."""
   masked = k.shape[1] > keep_window  # some allowed keys are dropped
+  if impl == "pallas":
+    from arch_zoo.attention.ops import dynamic_mask_pallas  # GPU kernel; imported when asked for
+
+    reason = dynamic_mask_pallas.unsupported_reason(q, k, causal=causal, segment_ids=segment_ids)
+    if reason is None and not sharding.one_device():
+      reason = ("the Pallas kernel is not partitioned over a device mesh yet (XLA would gather "
+                "every shard onto each device); run on one device or use impl='xla'")
+    return reason
   if impl == "xla" and masked and segment_ids is not None:
     return ("its sparse form (key length > keep_window_size) does not support segment_ids "
             "(packed sequences) yet; feed unpacked sequences")
@@ -338,6 +352,13 @@ def apply(q, k, v, bias, score, *, causal: bool, keep_window: int, impl: str = "
   if impl == "reference":
     return reference(q, k, v, bias, score, causal=causal, keep_window=keep_window,
                      segment_ids=segment_ids, tie_break=tie_break)
+  if impl == "pallas":
+    from arch_zoo.attention.ops import dynamic_mask_pallas
+
+    return dynamic_mask_pallas.dynamic_mask_attention(q, k, v, bias, score, causal=causal,
+                                                      keep_window=keep_window,
+                                                      tie_break=tie_break,
+                                                      segment_ids=segment_ids)
   if k.shape[1] <= keep_window:
     return key_bias_attention(q, k, v, bias, causal=causal, impl=impl, segment_ids=segment_ids)
   if causal:

@@ -1,0 +1,635 @@
+"""Flash kernels (Pallas, Triton backend) for Dynamic Mask Attention's exact top-w mask that
+compute only the kept pairs' tiles, wherever the kept keys lie: the operator of
+:func:`arch_zoo.attention.ops.dynamic_mask.reference`.
+
+Query ``i`` of KV group ``g`` keeps the ``w`` best allowed keys (causal: ``j <= i``) by the
+per-key score, ties by position (``tie_break``); every key adds its bias to the logits.
+
+**Selection as one integer per key and one per query.** The selection order (score, then
+position) is a strict total order of the keys, so each key gets its *rank* in it (0 = best), from
+two sorts per row (:func:`selection_ranks`). Query ``i`` keeps key ``j`` exactly when ``j`` is
+allowed and ``rank[j] <= tau[i]``, with ``tau[i]`` the ``w``-th smallest rank among the keys it
+may see (:func:`thresholds`):
+
+* causal: the ``w``-th smallest rank of the prefix ``[0, i]`` (every key while ``i < w``). All
+  prefixes at once by a wavelet matrix over the ranks (:func:`range_order_statistic`):
+  ``log2 S`` levels, each a prefix sum and a scatter to build, two gathers to query, so
+  O(S log S) work and no ``[T, S]`` tensor;
+* bidirectional: ``w - 1`` for every query (every query keeps the same ``w`` keys);
+* key length ``S <= w``: every allowed key (no selection, as the reference).
+
+With segment ids (packed documents, causal only) the prefix starts at the query's document's
+first token: the wavelet matrix answers any range. Inside a tile the mask is then
+``rank[j] <= tau[i]``, ``j <= i`` and the same document: three small integer loads.
+
+**Each key is kept by one interval of queries.** A prefix's ``w``-th smallest rank can only fall
+as the prefix grows, so key ``j`` is kept by the queries ``[j, end_j)`` (causal; ``end_j`` by a
+bisection of ``rank[j]`` in its document's falling thresholds) and, bidirectionally, by all
+queries or none (:func:`key_intervals`). The kernels follow the kept pairs, not the positions:
+
+* forward and dQ, one program per (query block, batch, query head): the keys kept by some query
+  of the block, gathered into dense tiles of ``block_k`` (:func:`query_lists`). They are at most
+  ``w + block_q - 1``: the ``w`` that the block's first query keeps and the block's own (any
+  other kept key would be kept by the first query too). So a query block costs
+  ``(w + block_q) / block_k`` tiles at any length, against ``i / block_k`` for dense causal
+  attention;
+* dK, dV and the bias gradient, one program per (tile of keys, batch, KV group): the keys sorted
+  by the end of their query interval (in buckets of ``end_bucket`` queries, ``w / 2`` by default)
+  and then by position, cut into tiles of ``block_k`` (:func:`key_tiles`); a tile runs over the
+  query blocks from its earliest key to its latest interval end, over the group's query heads.
+  Keys that no query keeps form empty tiles (their gradients are zero). Each key is in exactly
+  one tile, so the gathered rows are stored without atomics.
+
+Per (batch, head) the tiles computed are about ``T (w + block_q) / (block_q block_k)`` for the
+forward and dQ, and about the number of kept pairs over the tile area (plus the buckets' slack)
+for dK/dV, instead of ``T^2 / (2 block_q block_k)``: the advantage grows as ``T / (2 w)``.
+:func:`work_fraction` counts both on given scores.
+
+All kernels are Pallas (Triton), GQA native (a program reads its KV group's keys and values;
+nothing is repeated in memory), matmul inputs in the input dtype with float32 accumulation,
+online softmax in float32, the log-sum-exp saved by the forward. ``delta = rowsum(dO * O)``,
+the selection and the lists are XLA. The score gets no gradient (the selection is made on
+detached scores, as in the paper); the bias does. ``interpret=True`` runs the kernels on any
+backend (the CPU tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+F32 = jnp.float32
+HIGHEST = lax.Precision.HIGHEST
+# A query's threshold when it keeps every allowed key (padded queries keep nothing: -1).
+KEEP_ALL = 2 ** 30
+# Masked logits: finite, so that a row with nothing kept yet never computes inf - inf.
+MASK_VALUE = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Tiling (hashable: a static argument of the custom VJP)."""
+
+  block_q: int = 64  # queries per tile (and the granularity of the per-query-block key lists)
+  block_k: int = 64  # keys per tile
+  # dK/dV tiles group keys whose query intervals end within this many queries, then by position.
+  # 0: keep_window // 2, the best of 256 .. 2 w on random scores at w = 2048 (T = 4K to 32K).
+  end_bucket: int = 0
+  num_warps: int = 4
+  num_stages: int = 2
+  interpret: bool = False  # run the kernels through the Pallas interpreter (any backend)
+
+
+# What ``dynamic_mask_attention`` runs without a ``config`` (``impl=pallas`` from the layer): tiles
+# of 64 x 64 and 4 warps, untuned; a benchmark may replace it to try other tilings.
+DEFAULT_CONFIG = KernelConfig()
+
+
+def _is_power_of_two(n: int) -> bool:
+  return n > 0 and n & (n - 1) == 0
+
+
+def unsupported_reason(q, k, *, causal: bool = True, segment_ids=None,
+                       config: KernelConfig | None = None, interpret: bool = False) -> str | None:
+  """None if the kernel can run on these arrays, else the reason it cannot."""
+  cfg = config or DEFAULT_CONFIG
+  if not (interpret or cfg.interpret) and jax.default_backend() != "gpu":
+    return f"the backend is {jax.default_backend()!r}, not 'gpu'"
+  if segment_ids is not None and not causal:
+    return ("the Pallas kernel takes segment_ids (packed sequences) only causally: a block of "
+            "queries spanning several documents would keep w keys of each")
+  if q.shape[1] != k.shape[1]:
+    return f"it needs self-attention (query length {q.shape[1]} != key length {k.shape[1]})"
+  if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+    return f"unsupported dtype {q.dtype}"
+  for name, dim in (("head_dim", q.shape[-1]), ("block_q", cfg.block_q),
+                    ("block_k", cfg.block_k)):
+    if not (_is_power_of_two(dim) and 16 <= dim <= 256):
+      return f"{name} {dim} is not a power of two in [16, 256] (Triton tile sizes)"
+  if max(x.size for x in (q, k)) >= 2 ** 31:
+    return "an input has 2^31 elements or more (the kernel indexes with int32)"
+  return None
+
+
+# --------------------------------------------------------------------------------------------
+# Selection (XLA): ranks, thresholds, key intervals, the lists the kernels follow.
+# --------------------------------------------------------------------------------------------
+
+
+def selection_ranks(score, tie_break: str):
+  """``score [B, S, G]`` -> ``rank [B, G, S]`` int32: each key's place in the selection order
+  (higher score first; equal scores: the later key first for ``recent``, the earlier for
+  ``earliest``), 0 for the best. Equal to ordering by ``dynamic_mask.beats``."""
+  from arch_zoo.attention.ops import dynamic_mask  # the one definition of the selection score
+
+  score = dynamic_mask.selection_score(score).transpose(0, 2, 1)
+  position = lax.broadcasted_iota(jnp.int32, score.shape, 2)
+  tie = -position if tie_break == "recent" else position
+  # -score: every zero is +0.0 after selection_score, so every -score zero is -0.0 alike.
+  _, _, order = lax.sort((-score, tie, position), dimension=2, num_keys=2)
+  _, rank = lax.sort((order, position), dimension=2, num_keys=1)
+  return rank
+
+
+def range_order_statistic(values, k: int, lo, hi):
+  """``out[..., i]``: the ``k``-th smallest (0-based) of ``values[..., lo[..., i]:hi[..., i]]``,
+  for values that are distinct integers in ``[0, S)`` (ranks). Meaningless where the range holds
+  ``k`` values or fewer. ``lo`` and ``hi`` broadcast to ``values``.
+
+  A wavelet matrix: level by level from the most significant bit, each level records how many
+  zero bits precede every slot, then stably moves the zeros first. A query walks down the
+  levels keeping its range ``[lo, hi)`` of the current level: if at least ``k + 1`` of its
+  values have a zero bit it follows them, else it takes the ones and drops the zeros from ``k``.
+  Every query at once, ``log2 S`` steps of prefix sums and gathers.
+  """
+  shape = values.shape
+  s = shape[-1]
+  seq = values.reshape(-1, s).astype(jnp.int32)
+  n = seq.shape[0]
+  slot = jnp.arange(s, dtype=jnp.int32)
+  rows = jnp.arange(n, dtype=jnp.int32)[:, None]
+  levels = []
+  for level in reversed(range(max(1, (s - 1).bit_length()))):
+    bit = (seq >> level) & 1
+    zeros_before = jnp.concatenate(
+        [jnp.zeros((n, 1), jnp.int32), jnp.cumsum(1 - bit, axis=1, dtype=jnp.int32)], axis=1)
+    num_zeros = zeros_before[:, -1:]
+    levels.append((level, zeros_before, num_zeros))
+    destination = jnp.where(bit == 0, zeros_before[:, :-1],
+                            num_zeros + slot - zeros_before[:, :-1])
+    seq = jnp.zeros_like(seq).at[rows, destination].set(seq, unique_indices=True)
+  lo = jnp.broadcast_to(lo, shape).reshape(n, s).astype(jnp.int32)
+  hi = jnp.broadcast_to(hi, shape).reshape(n, s).astype(jnp.int32)
+  rank = jnp.full((n, s), k, jnp.int32)
+  out = jnp.zeros((n, s), jnp.int32)
+  for level, zeros_before, num_zeros in levels:
+    zeros_lo = jnp.take_along_axis(zeros_before, lo, axis=1)
+    zeros_hi = jnp.take_along_axis(zeros_before, hi, axis=1)
+    zeros = zeros_hi - zeros_lo
+    left = rank < zeros
+    lo = jnp.where(left, zeros_lo, num_zeros + lo - zeros_lo)
+    hi = jnp.where(left, zeros_hi, num_zeros + hi - zeros_hi)
+    rank = jnp.where(left, rank, rank - zeros)
+    out = out | jnp.where(left, 0, 1 << level)
+  return out.reshape(shape)
+
+
+def thresholds(rank, keep_window: int, *, causal: bool, first, end, seq_len: int):
+  """``rank [B, G, L]`` -> ``tau [B, G, L]`` int32: query ``i`` keeps the allowed keys with
+  ``rank <= tau[i]`` (module docstring); ``first``, ``end`` ``[B, L]``: the documents
+  (:func:`document_bounds`); padded queries (from ``seq_len``) keep nothing."""
+  position = lax.broadcasted_iota(jnp.int32, rank.shape, 2)
+  first, end = first[:, None], end[:, None]
+  if seq_len <= keep_window:  # no document holds more than w keys
+    tau = jnp.full(rank.shape, KEEP_ALL, jnp.int32)
+  elif causal:  # the w-th best of the document so far
+    tau = jnp.where(position - first + 1 >= keep_window,
+                    range_order_statistic(rank, keep_window - 1, first, position + 1), KEEP_ALL)
+  else:  # the w-th best of the whole document
+    tau = jnp.where(end - first > keep_window,
+                    range_order_statistic(rank, keep_window - 1, first, end), KEEP_ALL)
+  return jnp.where(position < seq_len, tau, -1)
+
+
+def document_bounds(segment_ids, batch: int, seq_len: int, length: int):
+  """``(first, end)``, each ``[B, L]`` int32: where each position's document starts and ends
+  (one past its last position). A document is a run of equal segment ids; without ids the row
+  is one document; the padding ``[seq_len, L)`` is one more."""
+  position = jnp.arange(length, dtype=jnp.int32)
+  if segment_ids is None:
+    starts = (position == 0) | (position == seq_len)
+    starts = jnp.broadcast_to(starts, (batch, length))
+  else:
+    ids = segment_ids
+    starts = jnp.concatenate([jnp.ones((batch, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+    starts = _pad_to(starts, length, 1, False).at[:, seq_len:seq_len + 1].set(True)
+  first = lax.cummax(jnp.where(starts, position, 0), axis=1)
+  next_start = lax.cummin(jnp.where(starts, position, length), axis=1, reverse=True)
+  end = jnp.concatenate([next_start[:, 1:], jnp.full((batch, 1), length, jnp.int32)], axis=1)
+  return first, end
+
+
+def _per_row(fn, *arrays):
+  """``fn`` on each ``[B, G]`` row of ``[B, G, ...]`` arrays (vmapped), reshaped back."""
+  lead = arrays[0].shape[:2]
+  flat = [x.reshape((-1,) + x.shape[2:]) for x in arrays]
+  out = jax.vmap(fn)(*flat)
+  return jax.tree.map(lambda y: y.reshape(lead + y.shape[1:]), out)
+
+
+def key_intervals(rank, tau, *, first, end, seq_len: int, keep_window: int, causal: bool):
+  """``(start, stop)``, each ``[B, G, L]`` int32: key ``j`` is kept by the queries
+  ``[start_j, stop_j)`` (none when ``stop_j <= start_j``). ``rank``, ``tau`` ``[B, G, L]`` and
+  the documents ``first``, ``end`` ``[B, L]`` (:func:`document_bounds`); ``seq_len``: the real
+  length (padded keys are never kept)."""
+  position = lax.broadcasted_iota(jnp.int32, rank.shape, 2)
+  real = position < seq_len
+  first, end = (jnp.broadcast_to(x[:, None], rank.shape) for x in (first, end))
+  if not causal:  # the document's own w best keys, for all its queries
+    return first, jnp.where(real & (rank <= tau), end, 0)
+  # Within a document tau is KEEP_ALL for its first w - 1 queries, then falls (weakly): key j is
+  # kept from query j until the first query from there on whose tau is below its rank.
+  lo = jnp.minimum(first + keep_window - 1, end)
+  hi = end
+  for _ in range(rank.shape[-1].bit_length() + 1):  # bisection for that first query
+    mid = (lo + hi) // 2
+    above = jnp.take_along_axis(tau, jnp.minimum(mid, rank.shape[-1] - 1), axis=2) >= rank
+    searching = lo < hi
+    lo = jnp.where(searching & above, mid + 1, lo)
+    hi = jnp.where(searching & ~above, mid, hi)
+  return position, jnp.where(real, jnp.maximum(position, lo), 0)
+
+
+def query_list_capacity(length: int, keep_window: int, cfg: KernelConfig) -> int:
+  """Key slots per query block: ``w + block_q - 1`` kept keys at most (module docstring), in
+  whole tiles, and never more than the padded length ``length``."""
+  most = min(length, keep_window + cfg.block_q - 1)
+  return -(-most // cfg.block_k) * cfg.block_k
+
+
+def query_lists(start, end, *, block_q: int, capacity: int):
+  """``[B, G, nQ, 1 + capacity]`` int32: per query block, the number of keys kept by some query
+  of the block, then their positions in increasing order (zeros after the count).
+
+  Each key is a member of the query blocks its interval meets (a run of blocks); the memberships
+  are enumerated in key order, stably sorted by block and written to the block's next slot.
+  """
+  length = start.shape[-1]
+  num_blocks = length // block_q
+
+  def one_row(start, end):
+    kept = end > start
+    first = start // block_q
+    count = jnp.where(kept, (end - 1) // block_q - first + 1, 0)
+    through = jnp.cumsum(count)
+    member = jnp.arange(num_blocks * capacity, dtype=jnp.int32)
+    key = jnp.minimum(jnp.searchsorted(through, member, side="right"), length - 1)
+    block = first[key] + member - (through[key] - count[key])
+    block = jnp.where(member < through[-1], block, num_blocks).astype(jnp.int32)
+    block, key = lax.sort((block, key.astype(jnp.int32)), num_keys=1, is_stable=True)
+    # Where each block's memberships begin in the sorted order (the last "block" holds the unused
+    # slots): a membership's slot is its distance from there.
+    begins = jnp.searchsorted(block, jnp.arange(num_blocks + 2), side="left").astype(jnp.int32)
+    slot = member - begins[block]
+    lists = jnp.zeros((num_blocks, 1 + capacity), jnp.int32)
+    lists = lists.at[block, 1 + slot].set(key, mode="drop")  # drops the unused slots' row
+    return lists.at[:, 0].set(begins[1:num_blocks + 1] - begins[:num_blocks])
+
+  return _per_row(one_row, start, end)
+
+
+def key_tiles(start, end, *, block_q: int, block_k: int, end_bucket: int):
+  """``(order [B, G, L], tiles [B, G, L / block_k, 2])``: the keys in tile order (sorted by the
+  bucket of their interval's end, then by position, keys no query keeps last, cut into tiles that
+  are then taken last to first) and, per tile of ``block_k`` keys, its first query block and how
+  many query blocks it runs."""
+  position = lax.broadcasted_iota(jnp.int32, start.shape, 2)
+  kept = end > start
+  bucket = jnp.where(kept, (end - 1) // end_bucket, 2 ** 30)  # keys no query keeps: last
+  _, _, order = lax.sort((bucket, position, position), dimension=2, num_keys=2)
+  tile_shape = start.shape[:2] + (start.shape[-1] // block_k, block_k)
+  # Then the tiles in reverse: the latest ends run longest, and the grid starts them first (a
+  # shorter tail). Cutting the tiles from the first bucket keeps them aligned with its keys.
+  order = jnp.flip(order.reshape(tile_shape), axis=2).reshape(start.shape)
+
+  def in_tiles(x):
+    return jnp.take_along_axis(x, order, axis=2).reshape(tile_shape)
+
+  kept_t = in_tiles(kept)
+  first = jnp.min(jnp.where(kept_t, in_tiles(start), 2 ** 30), axis=-1) // block_q
+  last = jnp.max(jnp.where(kept_t, in_tiles(end) - 1, 0), axis=-1) // block_q
+  any_kept = jnp.any(kept_t, axis=-1)
+  tiles = jnp.stack([jnp.where(any_kept, first, 0), jnp.where(any_kept, last - first + 1, 0)],
+                    axis=-1)
+  return order, tiles.astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels.
+# --------------------------------------------------------------------------------------------
+
+
+def _dot(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
+  dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
+  precision = HIGHEST if a.dtype == F32 else None
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
+
+
+def _tile_logits(q, k, bias, key_rank, tau, q_pos, k_pos, q_doc, k_doc, *, scale: float,
+                 causal: bool):
+  """Biased float32 logits of one tile and the mask of the pairs kept (positions ``q_pos [bq]``,
+  ``k_pos [bk]``; documents, each named by its first position, ``q_doc``, ``k_doc``)."""
+  logits = _dot(q, k, transpose_b=True) * scale + bias[None, :]
+  keep = (key_rank[None, :] <= tau[:, None]) & (k_doc[None, :] == q_doc[:, None])
+  if causal:
+    keep &= k_pos[None, :] <= q_pos[:, None]
+  return logits, keep
+
+
+def _gathered_keys(list_ref, n, block_k: int):
+  """Tile ``n`` of a query block's key list: positions ``[bk]`` and which slots are real."""
+  slot = n * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+  return list_ref[pl.ds(1 + n * block_k, block_k)], slot < list_ref[0]
+
+
+def _num_tiles(list_ref, block_k: int):
+  return lax.div(list_ref[0] + block_k - 1, block_k)  # counts are >= 0: no floor rounding
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, list_ref, o_ref,
+                    lse_ref, *, scale: float, causal: bool, block_k: int):
+  block_q, d = q_ref.shape
+  q_start = pl.program_id(0) * block_q
+  q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  q_doc = doc_ref[pl.ds(pl.multiple_of(q_start, block_q), block_q)]
+  q = q_ref[...]
+  tau = tau_ref[...]
+
+  def body(n, carry):
+    peak, total, acc = carry
+    keys, real = _gathered_keys(list_ref, n, block_k)
+    v = v_ref[keys, :]
+    logits, keep = _tile_logits(q, k_ref[keys, :], bias_ref[keys], rank_ref[keys], tau, q_pos,
+                                keys, q_doc, doc_ref[keys], scale=scale, causal=causal)
+    keep &= real[None, :]
+    logits = jnp.where(keep, logits, MASK_VALUE)
+    new_peak = jnp.maximum(peak, jnp.max(logits, axis=1))
+    p = jnp.where(keep, jnp.exp(logits - new_peak[:, None]), 0.0)
+    correction = jnp.exp(peak - new_peak)
+    total = correction * total + jnp.sum(p, axis=1)
+    acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v)
+    return new_peak, total, acc
+
+  init = (jnp.full((block_q,), MASK_VALUE, F32), jnp.zeros((block_q,), F32),
+          jnp.zeros((block_q, d), F32))
+  peak, total, acc = lax.fori_loop(0, _num_tiles(list_ref, block_k), body, init)
+  kept_any = total > 0  # false only on padded query rows
+  safe_total = jnp.where(kept_any, total, 1.0)
+  o_ref[...] = (acc / safe_total[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(kept_any, peak + jnp.log(safe_total), -MASK_VALUE)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, list_ref, do_ref,
+               lse_ref, delta_ref, dq_ref, *, scale: float, causal: bool, block_k: int):
+  block_q, d = q_ref.shape
+  q_start = pl.program_id(0) * block_q
+  q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  q_doc = doc_ref[pl.ds(pl.multiple_of(q_start, block_q), block_q)]
+  q, do, tau = q_ref[...], do_ref[...], tau_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+
+  def body(n, dq):
+    keys, real = _gathered_keys(list_ref, n, block_k)
+    k, v = k_ref[keys, :], v_ref[keys, :]
+    logits, keep = _tile_logits(q, k, bias_ref[keys], rank_ref[keys], tau, q_pos, keys, q_doc,
+                                doc_ref[keys], scale=scale, causal=causal)
+    p = jnp.where(keep & real[None, :], jnp.exp(logits - lse[:, None]), 0.0)
+    d_logits = p * (_dot(do, v, transpose_b=True) - delta[:, None])
+    return dq + _dot(d_logits.astype(k.dtype), k)
+
+  dq = lax.fori_loop(0, _num_tiles(list_ref, block_k), body, jnp.zeros((block_q, d), F32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, order_ref, tile_ref,
+                do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dbias_ref, *, scale: float,
+                causal: bool, block_q: int, group: int):
+  """One tile of keys (``order_ref``: their positions) of one KV group: over the group's query
+  heads (``q_ref [T, R, D]``) and the run of query blocks that keeps any of them."""
+  keys = order_ref[...]
+  block_k = keys.shape[0]
+  d = k_ref.shape[-1]
+  k, v = k_ref[keys, :], v_ref[keys, :]
+  bias, key_rank, key_doc = bias_ref[keys], rank_ref[keys], doc_ref[keys]
+  first_block, num_blocks = tile_ref[0], tile_ref[1]
+  dk = jnp.zeros((block_k, d), F32)
+  dv = jnp.zeros((block_k, d), F32)
+  dbias = jnp.zeros((block_k,), F32)
+  for head in range(group):  # the group's query heads read these keys
+
+    def body(n, carry, head=head):
+      dk, dv, dbias = carry
+      q_start = pl.multiple_of((first_block + n) * block_q, block_q)
+      queries = pl.ds(q_start, block_q)
+      q, do = q_ref[queries, head, :], do_ref[queries, head, :]
+      lse, delta = lse_ref[head, queries], delta_ref[head, queries]
+      q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+      logits, keep = _tile_logits(q, k, bias, key_rank, tau_ref[queries], q_pos, keys,
+                                  doc_ref[queries], key_doc, scale=scale, causal=causal)
+      p = jnp.where(keep, jnp.exp(logits - lse[:, None]), 0.0)
+      dv = dv + _dot(p.astype(do.dtype), do, transpose_a=True)
+      d_logits = p * (_dot(do, v, transpose_b=True) - delta[:, None])
+      dk = dk + _dot(d_logits.astype(q.dtype), q, transpose_a=True)
+      return dk, dv, dbias + jnp.sum(d_logits, axis=0)
+
+    dk, dv, dbias = lax.fori_loop(0, num_blocks, body, (dk, dv, dbias))
+  dk_ref[keys, :] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[keys, :] = dv.astype(dv_ref.dtype)
+  dbias_ref[keys] = dbias
+
+
+def _compiler_params(cfg: KernelConfig):
+  if cfg.interpret:
+    return None
+  from jax.experimental.pallas import triton as pl_triton
+
+  return pl_triton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _query_grid_specs(h, g, length, d, width, cfg):
+  """Block specs of the query-block grid ``(nQ, B, H)``: a query block of head ``h``, the whole
+  key axis of its group ``h // (H // G)`` (read through the block's key list), the list."""
+  group = h // g
+  rows = pl.BlockSpec((None, cfg.block_q, None, d), lambda i, b, hi: (b, i, hi, 0))
+  keys = pl.BlockSpec((None, length, None, d), lambda i, b, hi: (b, 0, hi // group, 0))
+  per_key = pl.BlockSpec((None, None, length), lambda i, b, hi: (b, hi // group, 0))
+  per_query = pl.BlockSpec((None, None, cfg.block_q), lambda i, b, hi: (b, hi // group, i))
+  per_head_query = pl.BlockSpec((None, None, cfg.block_q), lambda i, b, hi: (b, hi, i))
+  lists = pl.BlockSpec((None, None, None, width), lambda i, b, hi: (b, hi // group, i, 0))
+  docs = pl.BlockSpec((None, length), lambda i, b, hi: (b, 0))
+  return rows, keys, per_key, per_query, per_head_query, lists, docs
+
+
+def _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, cfg):
+  del order, tiles  # the backward's
+  b, length, h, d = q.shape
+  rows, keys, per_key, per_query, per_head_query, lists, docs = _query_grid_specs(
+      h, k.shape[2], length, d, q_lists.shape[-1], cfg)
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, scale=scale, causal=causal, block_k=cfg.block_k),
+      out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, h, length), F32)),
+      grid=(length // cfg.block_q, b, h),
+      in_specs=[rows, keys, keys, per_key, per_key, docs, per_query, lists],
+      out_specs=(rows, per_head_query),
+      compiler_params=_compiler_params(cfg),
+      interpret=cfg.interpret,
+      name="dynamic_mask_forward",
+  )(q, k, v, bias, rank, doc, tau, q_lists)
+
+
+def _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse, d_out, scale,
+              causal, cfg):
+  b, length, h, d = q.shape
+  g = k.shape[2]
+  group = h // g
+  delta = jnp.einsum("bthd,bthd->bht", out.astype(F32), d_out.astype(F32))
+  rows, keys, per_key, per_query, per_head_query, lists, docs = _query_grid_specs(
+      h, g, length, d, q_lists.shape[-1], cfg)
+  d_q = pl.pallas_call(
+      functools.partial(_dq_kernel, scale=scale, causal=causal, block_k=cfg.block_k),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      grid=(length // cfg.block_q, b, h),
+      in_specs=[rows, keys, keys, per_key, per_key, docs, per_query, lists, rows, per_head_query,
+                per_head_query],
+      out_specs=rows,
+      compiler_params=_compiler_params(cfg),
+      interpret=cfg.interpret,
+      name="dynamic_mask_dq",
+  )(q, k, v, bias, rank, doc, tau, q_lists, d_out, lse, delta)
+
+  # Grid (key tiles, B, G): a tile of keys of a group, and all the queries of the group's heads.
+  bk = cfg.block_k
+  grouped = lambda x: x.reshape(b, length, g, group, d)  # noqa: E731
+  per_group = lambda x: x.reshape(b, g, group, length)  # noqa: E731
+  queries = pl.BlockSpec((None, length, None, group, d), lambda j, bi, gi: (bi, 0, gi, 0, 0))
+  head_rows = pl.BlockSpec((None, None, group, length), lambda j, bi, gi: (bi, gi, 0, 0))
+  group_keys = pl.BlockSpec((None, length, None, d), lambda j, bi, gi: (bi, 0, gi, 0))
+  group_per_key = pl.BlockSpec((None, None, length), lambda j, bi, gi: (bi, gi, 0))
+  tile_keys = pl.BlockSpec((None, None, bk), lambda j, bi, gi: (bi, gi, j))
+  tile_info = pl.BlockSpec((None, None, None, 2), lambda j, bi, gi: (bi, gi, j, 0))
+  batch_docs = pl.BlockSpec((None, length), lambda j, bi, gi: (bi, 0))
+  d_k, d_v, d_bias = pl.pallas_call(
+      functools.partial(_dkv_kernel, scale=scale, causal=causal, block_q=cfg.block_q,
+                        group=group),
+      out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 jax.ShapeDtypeStruct(bias.shape, F32)),
+      grid=(length // bk, b, g),
+      in_specs=[queries, group_keys, group_keys, group_per_key, group_per_key, batch_docs,
+                group_per_key, tile_keys, tile_info, queries, head_rows, head_rows],
+      out_specs=(group_keys, group_keys, group_per_key),
+      compiler_params=_compiler_params(cfg),
+      interpret=cfg.interpret,
+      name="dynamic_mask_dkv",
+  )(grouped(q), k, v, bias, rank, doc, tau, order, tiles, grouped(d_out), per_group(lse),
+    per_group(delta))
+  return d_q, d_k, d_v, d_bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
+def _attention(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, cfg):
+  out, _ = _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, cfg)
+  return out
+
+
+def _attention_fwd(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, cfg):
+  out, lse = _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, cfg)
+  return out, (q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse)
+
+
+def _attention_bwd(scale, causal, cfg, residuals, d_out):
+  q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse = residuals
+  d_q, d_k, d_v, d_bias = _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out,
+                                    lse, d_out.astype(q.dtype), scale, causal, cfg)
+  return d_q, d_k, d_v, d_bias, None, None, None, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _pad_to(x, length: int, axis: int, value=0):
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, length - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def selection_plan(score, *, causal: bool, keep_window: int, tie_break: str = "recent",
+                   segment_ids=None, config: KernelConfig | None = None) -> dict:
+  """Everything the kernels select by, padded to whole blocks (length ``L``): ``rank``, ``tau``
+  ``[B, G, L]``; ``doc`` ``[B, L]`` (each position's document, named by its first position);
+  ``start``, ``end`` (each key's query interval); ``query_lists`` (forward, dQ); ``order`` and
+  ``tiles`` (dK, dV, dbias). See the module docstring."""
+  cfg = config or DEFAULT_CONFIG
+  b, s, _ = score.shape
+  length = -(-s // max(cfg.block_q, cfg.block_k)) * max(cfg.block_q, cfg.block_k)
+  # Padded keys rank after every real key (and never meet a real query: causally they come
+  # after it, and they form their own document).
+  padding = jnp.broadcast_to(jnp.arange(s, length, dtype=jnp.int32),
+                             (b, score.shape[2], length - s))
+  rank = jnp.concatenate([selection_ranks(score, tie_break), padding], axis=2)
+  first, doc_end = document_bounds(segment_ids, b, s, length)
+  tau = thresholds(rank, keep_window, causal=causal, first=first, end=doc_end, seq_len=s)
+  start, end = key_intervals(rank, tau, first=first, end=doc_end, seq_len=s,
+                             keep_window=keep_window, causal=causal)
+  q_lists = query_lists(start, end, block_q=cfg.block_q,
+                        capacity=query_list_capacity(length, keep_window, cfg))
+  order, tiles = key_tiles(start, end, block_q=cfg.block_q, block_k=cfg.block_k,
+                           end_bucket=cfg.end_bucket or max(1, keep_window // 2))
+  return dict(rank=rank, doc=first, tau=tau, start=start, end=end, query_lists=q_lists, order=order,
+              tiles=tiles)
+
+
+def work_fraction(score, *, causal: bool, keep_window: int, tie_break: str = "recent",
+                  segment_ids=None, config: KernelConfig | None = None) -> dict[str, jax.Array]:
+  """Tiles the kernels compute on these scores over the tiles of dense flash attention (causal:
+  the tiles on or below the diagonal) at the same tile sizes: ``forward`` (also dQ's) and
+  ``dkv``."""
+  cfg = config or DEFAULT_CONFIG
+  plan = selection_plan(score, causal=causal, keep_window=keep_window, tie_break=tie_break,
+                        segment_ids=segment_ids, config=cfg)
+  b, g, length = plan["rank"].shape
+  t = score.shape[1]
+  query_blocks = -(-t // cfg.block_q)
+  if causal:
+    ends = jnp.minimum((jnp.arange(query_blocks) + 1) * cfg.block_q, t)
+    dense = jnp.sum(-(-ends // cfg.block_k))
+  else:
+    dense = query_blocks * -(-t // cfg.block_k)
+  forward = jnp.sum(-(-plan["query_lists"][..., 0] // cfg.block_k))
+  dkv = jnp.sum(plan["tiles"][..., 1])  # one block_q x block_k tile per query block run
+  return {"forward": forward / (b * g * dense), "dkv": dkv / (b * g * dense)}
+
+
+def dynamic_mask_attention(q, k, v, bias, score, *, causal: bool, keep_window: int,
+                           tie_break: str = "recent", segment_ids=None,
+                           config: KernelConfig | None = None):
+  """DMA on the Pallas kernels; differentiable w.r.t. ``q``, ``k``, ``v`` and ``bias``.
+
+  Args:
+    q: ``[B, T, H, D]``; k, v: ``[B, T, G, D]`` with ``H % G == 0``.
+    bias: ``[B, T, G]`` added to the logits of each key; score: ``[B, T, G]`` the selection
+      score (detached here).
+    causal, keep_window, tie_break, segment_ids: as
+      :func:`arch_zoo.attention.ops.dynamic_mask.reference` (segment ids ``[B, T]``, causal only:
+      a document is a run of equal ids).
+    config: tiling; ``interpret=True`` runs anywhere.
+
+  Returns:
+    ``[B, T, H, D]`` in ``q.dtype``.
+  """
+  cfg = config or DEFAULT_CONFIG
+  reason = unsupported_reason(q, k, causal=causal, segment_ids=segment_ids, config=cfg)
+  if reason is not None:
+    raise ValueError(f"The Pallas dynamic_mask kernel cannot run: {reason}.")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}.")
+  t = q.shape[1]
+  k, v = k.astype(q.dtype), v.astype(q.dtype)
+  plan = selection_plan(score, causal=causal, keep_window=keep_window, tie_break=tie_break,
+                        segment_ids=segment_ids, config=cfg)
+  length = plan["rank"].shape[-1]
+  q, k, v = (_pad_to(x, length, 1) for x in (q, k, v))
+  bias = _pad_to(bias.astype(F32).transpose(0, 2, 1), length, 2)
+  out = _attention(q, k, v, bias, plan["rank"], plan["doc"], plan["tau"], plan["query_lists"],
+                   plan["order"], plan["tiles"], q.shape[-1] ** -0.5, causal, cfg)
+  return out[:, :t]
+
+
+__all__ = ["DEFAULT_CONFIG", "KernelConfig", "document_bounds", "dynamic_mask_attention",
+           "key_intervals", "key_tiles", "query_lists", "range_order_statistic", "selection_plan",
+           "selection_ranks", "thresholds", "unsupported_reason", "work_fraction"]
