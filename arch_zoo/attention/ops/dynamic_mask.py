@@ -35,6 +35,10 @@ from arch_zoo import sharding
 from arch_zoo.attention.ops import base, kv_cache, softmax
 
 IMPLS = ("cudnn", "pallas", "xla", "reference")
+# What auto tries. The block-sparse "pallas" kernel has passed its tests only in Pallas'
+# interpreter: auto takes it once it has run and been timed on a GPU (docs/attention/
+# dynamic_mask.md gives the commands); until then ask for it by name.
+AUTO_IMPLS = ("cudnn", "xla", "reference")
 # Width of the features appended by fold_key_bias: one carries the bias, the rest pad the head
 # dimension to the multiple of 8 that cuDNN needs.
 FOLD_WIDTH = 8
@@ -347,7 +351,8 @@ def apply(q, k, v, bias, score, *, causal: bool, keep_window: int, impl: str = "
   """DMA on per-head tensors: ``q [B, T, H, D]``, ``k, v [B, S, G, D]``, ``bias, score
   [B, S, G]``, on the implementation named by ``impl`` (see the module docstring)."""
   score = selection_score(score)
-  impl = base.resolve("dynamic_mask", impl, IMPLS, lambda name: supports(
+  impl = base.resolve("dynamic_mask", impl, AUTO_IMPLS if impl == "auto" else IMPLS,
+                      lambda name: supports(
       name, q, k, causal=causal, keep_window=keep_window, segment_ids=segment_ids), site)
   if impl == "reference":
     return reference(q, k, v, bias, score, causal=causal, keep_window=keep_window,
