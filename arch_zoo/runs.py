@@ -24,6 +24,8 @@ def load_config(workdir: str) -> ConfigDict:
   saved = workdir_lib.upgrade_config(saved)
   config = ConfigDict(saved)
   perf.resolve_auto_settings(config, saved)  # an `auto` that an older config.json implies
+  if config.get("train") is not None:
+    perf.resolve_xla_flags(config)  # a config.json not written by train.py may still say auto
   return config
 
 

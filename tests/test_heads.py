@@ -119,7 +119,7 @@ def test_every_family_has_weights_or_says_why():
 
 def test_plugin_family_shows_its_window(monkeypatch):
   from arch_zoo import plugins
-  plugins.load("tests.families.sliding_window")
+  plugins.load("tests/families/sliding_window.py")  # as test_family_plugin.py loads it
   attn, _ = build_attention("sliding_window", **DIMS, window=5)
   x = jax.random.normal(jax.random.key(4), (1, LENGTH, DIMS["d_model"]))
   ctx = attention.Context.for_inputs(1, LENGTH, causal=True)

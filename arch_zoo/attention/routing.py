@@ -227,7 +227,8 @@ class RoutingAttention(nnx.Module):
       q_local, k_local = q[:, :, :local], self.key(x).reshape(b, t, local, self.head_dim)
       if self.rope:
         q_local, k_local = rope(q_local, k_local, ctx.positions, self.rope_base)
-      near = ops.routing.local_mask(t, min(self.local_window, t), ctx.causal)[None, None]
+      offset, _ = ops.routing.documents(ctx.segment_ids, b, t)
+      near = ops.routing.local_mask(offset, min(self.local_window, t), ctx.causal)
       weights.append(softmax_weights(q_local, k_local, causal=ctx.causal,
                                      segment_ids=ctx.segment_ids, mask=near))
     if self.routing_heads:
@@ -236,13 +237,14 @@ class RoutingAttention(nnx.Module):
       qk = shared.astype(q.dtype)
       if self.rope:
         qk = apply_rope(qk, ctx.positions, self.rope_base)
-      window = self.window_for(t)
       if ctx.causal:
-        same = ops.routing.causal_cluster_mask(jnp.argmax(scores, axis=-1), window)
+        same = ops.routing.causal_cluster_mask(jnp.argmax(scores, axis=-1), self.window,
+                                               self.num_clusters, ctx.segment_ids)
         weights.append(softmax_weights(qk, qk, causal=True, segment_ids=ctx.segment_ids,
                                        mask=same))
       else:
-        members = ops.routing.balanced_members(scores, window)  # [B, Hr, C, T]
+        members = ops.routing.balanced_members(scores, self.window,
+                                               ctx.segment_ids)  # [B, Hr, C, T]
         total = 0.0
         for c in range(self.num_clusters):
           member = members[:, :, c]

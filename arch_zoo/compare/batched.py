@@ -97,8 +97,10 @@ def train_together(configs: list[ConfigDict], workdirs: list[str]) -> list[dict[
   program; returns each one's final metrics (or ``{"step": N, "interrupted": ...}`` when
   stopped)."""
   check_batchable(configs)
-  for config in configs:
+  for config in configs:  # what train.py settles before a new run writes its config.json
     config_checks.check(config)
+    tasks.get(config.task).resolve(config)
+    perf.resolve_auto_settings(config, None)
   with contextlib.ExitStack() as stack_:
     for workdir in workdirs:
       os.makedirs(workdir, exist_ok=True)
