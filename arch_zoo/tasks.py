@@ -81,7 +81,8 @@ class Task:
   resolve: Callable[[ConfigDict], None] = lambda config: None
 
   def format_final(self, final: dict[str, Any]) -> str:
-    """The final validation in one line, e.g. ``validation loss 1.3625 | ... | bits/byte 1.9672``."""
+    """The final validation in one line, e.g. ``validation loss 1.3625 | ... | bits/byte
+    1.9657``."""
     return " | ".join(fmt.format(final[k]) for k, fmt in self.final_format if k in final)
 
   def model_flops(self, config: ConfigDict) -> dict[str, Any]:

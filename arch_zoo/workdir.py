@@ -141,7 +141,8 @@ def saved_config(workdir: str, has_checkpoints: bool) -> dict[str, Any] | None:
                        "--workdir.") from None
 
 
-def check_identity(saved: dict[str, Any] | None, config: ConfigDict, workdir: str) -> dict[str, tuple]:
+def check_identity(saved: dict[str, Any] | None, config: ConfigDict,
+                   workdir: str) -> dict[str, tuple]:
   """Refuses a config whose model, data or seed differ from the run in ``workdir``; returns the
   other settings that changed (``{key: (saved, current)}``)."""
   if saved is None:

@@ -44,7 +44,8 @@ AUTO = -1
 
 @dataclasses.dataclass(frozen=True)
 class MoHOptions(MHAOptions):
-  """MHA's options (``num_kv_heads``, ``qk_norm``, ``rope``, ``rope_base``, ``impl``) plus routing."""
+  """MHA's options (``num_kv_heads``, ``qk_norm``, ``rope``, ``rope_base``, ``impl``) plus
+  routing."""
 
   # Heads 0 .. num_shared_heads-1 are always active. -1: num_heads // 2, the split of
   # MoH-LLaMA3-8B (16 shared of 32), the only language model whose split is published.
