@@ -69,3 +69,14 @@ def assert_same_loss_and_grads(got, want):
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
   for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+def train_tiny_lm(workdir: str, data_dir: str, attn: str = "mha") -> str:
+  """A 4-step run of the test-size LM in ``workdir`` (for tests that need a checkpoint)."""
+  import train
+  from configs import lm
+  config = lm.get_config(f"attn={attn},size=test")
+  config.data.data_dir = data_dir
+  config.train.update(progress=False, steps=4, eval_every=0, checkpoint_every=0)
+  train.train_and_evaluate(config, workdir)
+  return workdir

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import generate as generate_cli
-import train
+from tests.helpers import train_tiny_lm
 from arch_zoo import generate, models, workdir as workdir_lib
 from configs import lm, vit
 
@@ -248,12 +248,7 @@ def test_library_rejects_bad_sampling_settings():
 
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory, austen_data_dir):
-  workdir = str(tmp_path_factory.mktemp("lm_run"))
-  config = lm.get_config("attn=mha,size=test")
-  config.data.data_dir = austen_data_dir
-  config.train.update(progress=False, steps=4, eval_every=0, checkpoint_every=0)
-  train.train_and_evaluate(config, workdir)
-  return workdir
+  return train_tiny_lm(str(tmp_path_factory.mktemp("lm_run")), austen_data_dir)
 
 
 def run_main(argv, capsys):

@@ -14,9 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import train
+from tests.helpers import train_tiny_lm
 from arch_zoo import lm_eval_adapter
-from configs import lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(ROOT, "tests", "lm_eval_tasks")
@@ -24,12 +23,7 @@ TASKS = os.path.join(ROOT, "tests", "lm_eval_tasks")
 
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory, austen_data_dir):
-  workdir = str(tmp_path_factory.mktemp("lm_eval_run"))
-  config = lm.get_config("attn=mha,size=test")
-  config.data.data_dir = austen_data_dir
-  config.train.update(progress=False, steps=4, eval_every=0, checkpoint_every=0)
-  train.train_and_evaluate(config, workdir)
-  return workdir
+  return train_tiny_lm(str(tmp_path_factory.mktemp("lm_eval_run")), austen_data_dir)
 
 
 @pytest.fixture(scope="module")
