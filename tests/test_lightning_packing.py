@@ -156,6 +156,20 @@ def test_packed_operator_matches_the_float64_oracle(impl, mode):
   assert_close(got, want)
 
 
+def test_kernel_masking_every_chunk_equals_the_reference():
+  """``split_branch=0`` (every chunk's scores masked, no branch) is the same function: the
+  interpreted kernel against the float32 reference form, outputs and gradients."""
+  q, k, v, cotangent = inputs(t=40, seed=1)
+  ids = jnp.asarray(ORACLE_IDS, jnp.int32)
+  cfg = dataclasses.replace(INTERPRET, split_branch=0)
+  got = jax.jit(lambda *a: value_and_grads(lambda q, k, v: linear_pallas.lightning_attention(
+      q, k, v, SLOPES, ids, chunk_size=CHUNK, config=cfg), *a))(q, k, v, cotangent)
+  want = jax.jit(lambda *a: value_and_grads(
+      lambda q, k, v: operator("reference", "causal")(q, k, v, ids), *a))(q, k, v, cotangent)
+  for a, b in zip(got, want):
+    assert_close(a, b)
+
+
 @pytest.mark.parametrize("state_len", [16, 32])  # two pieces per kernel segment, one piece
 @pytest.mark.parametrize("reverse", [False, True])
 def test_kernel_start_states_hold_only_the_anchor_document(state_len, reverse):

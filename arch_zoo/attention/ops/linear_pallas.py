@@ -78,6 +78,10 @@ class KernelConfig:
   state_block_e: int = 128
   state_num_warps: int = 8
   state_num_stages: int = 3
+  # Packed rows: 1 masks the scores of a chunk only where a document starts inside it (a
+  # branch); 0 masks every chunk's scores (selects, no branch). Which is faster is measured in
+  # bench_lightning.py's ours_documents side.
+  split_branch: int = 0
   interpret: bool = False  # run the kernels through the Pallas interpreter (any backend)
 
 
@@ -214,7 +218,7 @@ def _state_kernel(slope_ref, k_ref, v_ref, *refs, chunk: int, reverse: bool, doc
 
 
 def _output_kernel(slope_ref, q_ref, k_ref, v_ref, start_ref, *refs, chunk: int,
-                   reverse: bool, documents: bool):
+                   reverse: bool, documents: bool, split_branch: bool = True):
   """Chunked Lightning scan over one segment, from the state of everything before it."""
   reach_ref, o_ref = _split_refs(refs, documents)
   slope = slope_ref[...]
@@ -231,9 +235,12 @@ def _output_kernel(slope_ref, q_ref, k_ref, v_ref, start_ref, *refs, chunk: int,
     query_weight, key_weight, carry = query_decay, key_decay, chunk_decay
     if documents:
       reads_state, key_kept, state_kept, split = _document_rule(reach_ref, j, chunk, reverse)
-      scores = jax.lax.cond(
-          split, lambda s: jnp.where(_within(reach_ref, j, chunk, reverse), s, 0.0),
-          lambda s: s, scores)
+      if split_branch:
+        scores = jax.lax.cond(
+            split, lambda s: jnp.where(_within(reach_ref, j, chunk, reverse), s, 0.0),
+            lambda s: s, scores)
+      else:
+        scores = jnp.where(_within(reach_ref, j, chunk, reverse), scores, 0.0)
       query_weight = jnp.where(reads_state, query_decay, 0.0)
       key_weight = jnp.where(key_kept, key_decay, 0.0)
       carry = jnp.where(state_kept, chunk_decay, 0.0)
@@ -354,7 +361,7 @@ def segment_outputs(q, k, v, slopes, start, *, segment_len: int, reverse: bool,
   documents = document_reach is not None
   return pl.pallas_call(
       functools.partial(_output_kernel, chunk=cfg.chunk_size, reverse=reverse,
-                        documents=documents),
+                        documents=documents, split_branch=bool(cfg.split_branch)),
       out_shape=jax.ShapeDtypeStruct(v.shape, q.dtype),
       grid=grid,
       in_specs=[slope, rows, rows, value_rows, state] + ([token_rows] if documents else []),
