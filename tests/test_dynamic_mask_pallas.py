@@ -388,18 +388,21 @@ def test_compiled_kernel_in_float32_equals_the_reference(packed):
   got = jax.jit(lambda *a: value_and_grads(
       lambda q, k, v, b: dmk.apply(q, k, v, b, score, impl="pallas", **options), *a))(
           q, k, v, bias, cotangent)
-  want = value_and_grads(lambda q, k, v, b: dmk.reference(q, k, v, b, score, **options),
-                         q, k, v, bias, cotangent)
+  # The kernel's float32 dots run at full precision; XLA's would run in TF32 on the GPU
+  # (measured: 5e-4 from the kernel), so the reference is asked for full precision too.
+  with jax.default_matmul_precision("highest"):
+    want = value_and_grads(lambda q, k, v, b: dmk.reference(q, k, v, b, score, **options),
+                           q, k, v, bias, cotangent)
   for a, b in zip(got, want):
     assert_close(a, b, 1e-4)
 
 
 @pytest.mark.gpu
-def test_the_kernel_can_run_on_a_gpu_and_auto_waits_for_its_measurement():
+def test_the_kernel_can_run_on_a_gpu_and_auto_takes_it():
   q = jax.ShapeDtypeStruct((1, 4096, 16, 128), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((1, 4096, 8, 128), jnp.bfloat16)
   assert dmk.supports("pallas", q, k, causal=True, keep_window=2048) is None
   choice = lambda **kw: dmk.base.resolve(  # noqa: E731
       "dynamic_mask", "auto", dmk.AUTO_IMPLS, lambda impl: dmk.supports(impl, q, k, **kw))
-  assert choice(causal=True, keep_window=2048) == "xla"  # pallas only by name, for now
+  assert choice(causal=True, keep_window=2048) == "pallas"
   assert choice(causal=True, keep_window=4096) == "cudnn"  # the dense limit
