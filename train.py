@@ -111,6 +111,9 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
                                  async_save=config.train.async_checkpoint)
   saved = workdir_lib.saved_config(workdir, has_checkpoints=ckpt.latest_step() is not None)
   perf.resolve_auto_settings(config, saved)  # fused_qkv=auto: the run's layout, else this device's
+  task = tasks.get(config.task)
+  data = data_lib.build(config, jax.process_index(), jax.process_count())
+  task.fit_to_data(config, data, saved)  # packed rows: model.max_segments from the rows
   changed = workdir_lib.check_identity(saved, config, workdir)
 
   mesh = sharding.make_mesh(config.mesh)
@@ -121,8 +124,6 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
     raise ValueError(f"train.batch_size={batch_size} must be divisible by the {data_parallel} "
                      "data-parallel devices (mesh data x fsdp).")
 
-  data = data_lib.build(config, jax.process_index(), jax.process_count())
-  task = tasks.get(config.task)
   evaluator = task.validator
   task.check_data(config, data)
 

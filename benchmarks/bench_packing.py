@@ -43,12 +43,17 @@ def measure(packing: str, args) -> dict:
   config.data.packing = packing
   if args.data_dir:
     config.data.data_dir = args.data_dir
+  if args.doc_separator:
+    config.data.doc_separator = args.doc_separator
+  if args.max_documents_per_row:
+    config.data.max_documents_per_row = args.max_documents_per_row
   config.train.batch_size = args.batch_size
   if args.seq_len:
     config.data.seq_len = args.seq_len
   tasks.get("lm").resolve(config)
   perf.resolve_auto_settings(config, None)
   data = data_lib.build(config)
+  tasks.get("lm").fit_to_data(config, data, None)  # as train.py: the rows' own segment bound
   batches = [data.train_batch(i * args.batch_size, args.batch_size) for i in range(args.batches)]
   trainer = common.TrainStep(config, jax.device_put(batches[0]))
   device_batches = [jax.device_put(b) for b in batches]
@@ -83,6 +88,9 @@ def main() -> None:
   parser.add_argument("--out", default="benchmarks/results/packing_124M.json")
   parser.add_argument("--data", default="austen+kjv")
   parser.add_argument("--data_dir", default="")
+  parser.add_argument("--doc_separator", default="",
+                      help=r"for data=text:GLOB files holding several documents, e.g. '\x1e'")
+  parser.add_argument("--max_documents_per_row", type=int, default=0, help="0: the config's")
   parser.add_argument("--size", default="124M")
   parser.add_argument("--seq_len", type=int, default=0, help="0: the size's")
   parser.add_argument("--batch_size", type=int, default=32)

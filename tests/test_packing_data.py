@@ -378,3 +378,29 @@ def test_packing_bounds_the_models_segments_for_cudnn():
   config.data.packing = "concat"
   tasks.get("lm").resolve(config)
   assert config.model.max_segments == 0
+
+
+def test_the_models_segment_bound_follows_the_packed_rows(corpus):
+  """train.py's fit: ``model.max_segments`` = the most pieces of any train or validation row,
+  counted from the rows themselves, plus one for padding; a saved larger bound is kept."""
+  from arch_zoo import tasks
+  config = lm.get_config("attn=mha,size=test")
+  config.data = data_config("text:" + corpus, packing="pack")
+  config.data.max_documents_per_row = 32
+  tasks.get("lm").resolve(config)
+  assert config.model.max_segments == 33  # before the data: the cap's bound
+  data = text.LanguageModelingData(config.data, seed=0)
+  most = 0
+  for rows in (data.train_rows, data.validation_rows):
+    batch = text.rows_batch(data._train_tokens if rows is data.train_rows
+                            else data._validation_tokens, rows, np.arange(rows.num_rows),
+                            segments=True)
+    most = max(most, int(batch["segment_ids"].max()))  # pieces are numbered 1, 2, ... per row
+  assert 1 < most < 32
+  tasks.get("lm").fit_to_data(config, data, None)
+  assert config.model.max_segments == most + 1
+  tasks.get("lm").fit_to_data(config, data, {"model": {"max_segments": 33}})
+  assert config.model.max_segments == 33
+  config.data.packing = "concat"
+  tasks.get("lm").fit_to_data(config, text.LanguageModelingData(config.data, seed=0), None)
+  assert config.model.max_segments == 33  # concat has no segments: nothing to fit

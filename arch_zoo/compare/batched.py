@@ -120,6 +120,7 @@ def _train(configs: list[ConfigDict], workdirs: list[str],
   task = tasks.get(base.task)
   datas = [data_lib.build(config) for config in configs]
   for config, data in zip(configs, datas):
+    task.fit_to_data(config, data, None)  # as train.py, before config.json is written
     task.check_data(config, data)
 
   unit_optim = base.optim.copy_and_resolve_references()

@@ -272,6 +272,11 @@ class Rows:
   def padding_fraction(self) -> float:
     return 1.0 - float(self.length.sum()) / (self.num_rows * self.seq_len)
 
+  @property
+  def most_pieces(self) -> int:
+    """The most pieces any row holds (0 without rows)."""
+    return int(np.diff(self.row_ptr).max()) if self.num_rows else 0
+
 
 def pieces(docs: Documents, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
   """``(start, length)`` of every piece: each document's pairs cut every ``seq_len`` from its
@@ -437,6 +442,14 @@ class LanguageModelingData:
     return self.seq_len
 
   @property
+  def segments_per_row(self) -> int:
+    """``pack``: the most segments a training or validation row holds, its padding counted as
+    one (what cuDNN's packed layout is sized for: ``model.max_segments``); 0 otherwise."""
+    if self.packing != "pack":
+      return 0
+    return max(self.train_rows.most_pieces, self.validation_rows.most_pieces) + 1
+
+  @property
   def vocab_size(self) -> int:
     return self.tokenizer.vocab_size
 
@@ -448,6 +461,8 @@ class LanguageModelingData:
              "validation_tokens": int(len(self.validation.tokens))}
     if self.train_rows is not None:
       facts.update(train_rows=self.train_rows.num_rows,
+                   most_documents_per_row=max(self.train_rows.most_pieces,
+                                              self.validation_rows.most_pieces),
                    padding_fraction=round(self.train_rows.padding_fraction, 6),
                    validation_padding_fraction=round(self.validation_rows.padding_fraction, 6))
     return facts
