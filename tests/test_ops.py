@@ -95,11 +95,12 @@ def test_auto_on_a_gpu_picks_the_kernels_of_the_table(monkeypatch):
     assert auto_choice(linear, q, q, q, causal=causal, bidirectional_form=form) == want
   assert auto_choice(linear, bf16(2, 256, 8, 48), bf16(2, 256, 8, 48), bf16(2, 256, 8, 48),
                      causal=True) == "xla"  # head_dim 48: no Triton tile
-  # dynamic_mask's Pallas kernel is taken only by name until it has run on a GPU.
-  for causal, window, segment_ids, want in ((True, 256, None, "cudnn"), (True, 128, None, "xla"),
+  # dynamic_mask: cuDNN in the dense limit and bidirectionally, else the block-sparse kernel.
+  for causal, window, segment_ids, want in ((True, 256, None, "cudnn"),
+                                            (True, 128, None, "pallas"),
                                             (False, 128, None, "cudnn"),
-                                            (True, 256, segments, "xla"),
-                                            (True, 128, segments, "reference")):
+                                            (True, 256, segments, "pallas"),
+                                            (True, 128, segments, "pallas")):
     assert auto_choice(dynamic_mask, q, k, causal=causal, keep_window=window,
                        segment_ids=segment_ids) == want, (causal, window, segment_ids)
   assert auto_choice(routing, q, q, routing.Local(4), causal=True) == "xla"
