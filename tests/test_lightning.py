@@ -424,3 +424,57 @@ def test_lm_trains_and_resumes_exactly_through_train_py(austen_data_dir, tmp_pat
   assert train_losses(full_dir) == train_losses(split_dir)
   assert resumed["loss"] == final["loss"]
   assert train_losses(full_dir)[30] < train_losses(full_dir)[5] - 0.5
+
+
+# ------------------------------------------------------------------ the decoding step's kernel
+
+
+def decode_inputs(b=2, h=3, d=32, e=64, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q, k = (0.3 * jax.random.normal(key, (b, h, d)) for key in keys[:2])
+  v = jax.random.normal(keys[2], (b, h, e))
+  state = jax.random.normal(keys[3], (b, h, d, e))
+  return state, q, k, v, jnp.array([0.05, 0.4, 1.5])
+
+
+def test_decode_kernel_steps_equal_the_float64_recurrence():
+  """The one-kernel decoding step (interpreted), chained over 5 tokens with its state carried,
+  against the recurrence written out in float64 numpy; value columns in two blocks."""
+  state, q, k, v, slopes = decode_inputs()
+  lam = np.exp(-np.asarray(slopes, np.float64))[None, :, None, None]
+  expected_state = np.asarray(state, np.float64)
+  for step in range(5):
+    qs, ks, vs = (x * (1 + 0.1 * step) for x in (q, k, v))
+    out, state = linear_pallas.recurrent_step(state, qs, ks, vs, slopes, block_e=32,
+                                              interpret=True)
+    expected_state = lam * expected_state + np.einsum("bhd,bhe->bhde", np.asarray(ks, np.float64),
+                                                      np.asarray(vs, np.float64))
+    expected = np.einsum("bhd,bhde->bhe", np.asarray(qs, np.float64), expected_state)
+    np.testing.assert_allclose(np.asarray(state), expected_state, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_kernel_is_chosen_only_by_name_and_says_what_it_cannot_do():
+  state, q, k, v, slopes = decode_inputs()
+  with pytest.raises(ValueError, match="impl='pallas' cannot run here: the backend is 'cpu'"):
+    lk.recurrent_step(state, q, k, v, slopes, impl="pallas")
+  odd = decode_inputs(d=48)
+  assert "head_dim 48 is not a power of two" in linear_pallas.recurrent_step_unsupported_reason(
+      odd[1], odd[3], interpret=True)
+  out, _ = lk.recurrent_step(state, q, k, v, slopes)  # auto: the xla form on any backend
+  assert out.shape == v.shape
+
+
+@pytest.mark.gpu
+def test_decode_kernel_on_gpu_equals_the_xla_step():
+  """Compiled, float32 and bf16 inputs: the kernel against the xla form (both keep the state in
+  float32; the kernel has no matmul, so no TF32 rounding)."""
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+    state, q, k, v, slopes = decode_inputs(b=4, h=12, d=64, e=64)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    with jax.default_matmul_precision("highest"):
+      want = jax.jit(functools.partial(lk.recurrent_step, impl="xla"))(state, q, k, v, slopes)
+    got = jax.jit(functools.partial(lk.recurrent_step, impl="pallas"))(state, q, k, v, slopes)
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                 rtol=tol, atol=tol)

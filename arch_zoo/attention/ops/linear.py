@@ -242,15 +242,35 @@ def causal_blockwise(q, k, v, slopes, *, block_size: int = 64, segment_ids=None,
   return (out, state) if return_state else out
 
 
-def recurrent_step(state, q, k, v, slopes):
+# The decoding step's kernels: ``pallas`` (one Triton kernel, linear_pallas.recurrent_step) is
+# taken only by name until it has been timed on a GPU against the xla form and fla's
+# fused_recurrent (benchmarks/bench_decode.py, kind lightning_op_pallas).
+DECODE_IMPLS = ("pallas", "xla")
+DECODE_AUTO_IMPLS = ("xla",)
+
+
+def recurrent_step(state, q, k, v, slopes, *, impl: str = "auto",
+                   site: base.Site | None = None):
   """One decoding step: ``S <- lam S + k v^T``, ``o = S^T q``.
 
   Args:
     state: ``[B, H, D, E]`` float32; q, k: ``[B, H, D]``; v: ``[B, H, E]``; slopes: ``[H]``.
+    impl: ``xla`` (``auto``) or ``pallas``.
 
   Returns:
     ``(o [B, H, E] in q.dtype, new state)``.
   """
+  def supports(name):
+    if name != "pallas":
+      return None
+    from arch_zoo.attention.ops import linear_pallas
+    return linear_pallas.recurrent_step_unsupported_reason(q, v)
+
+  impl = base.resolve("linear_decode", impl,
+                      DECODE_AUTO_IMPLS if impl == "auto" else DECODE_IMPLS, supports, site)
+  if impl == "pallas":
+    from arch_zoo.attention.ops import linear_pallas
+    return linear_pallas.recurrent_step(state, q, k, v, slopes)
   decay = jnp.exp(-slopes.astype(F32))[None, :, None, None]
   state = decay * state + _f32_einsum("bhd,bhe->bhde", k, v)
   return _f32_einsum("bhd,bhde->bhe", q, state).astype(q.dtype), state

@@ -476,5 +476,66 @@ def lightning_attention(q, k, v, slopes, document_ids=None, *, chunk_size: int =
   return out[:, :t] if padded != t else out
 
 
-__all__ = ["KernelConfig", "lightning_attention", "piece_states", "start_states",
-           "unsupported_reason"]
+# --------------------------------------------------------------------------------------------
+# Decoding: one token, one kernel.
+# --------------------------------------------------------------------------------------------
+
+
+def _recurrent_step_kernel(decay_ref, q_ref, k_ref, v_ref, state_ref, o_ref, new_state_ref):
+  """One (batch, head, value block): ``S <- lam S + k v^T`` and ``o = S^T q``, the state read
+  and written once, in float32 (outer product and a column sum: too small for a dot)."""
+  k = k_ref[...].astype(F32)
+  v = v_ref[...].astype(F32)
+  state = decay_ref[...] * state_ref[...] + k[:, None] * v[None, :]
+  new_state_ref[...] = state
+  o_ref[...] = jnp.sum(q_ref[...].astype(F32)[:, None] * state, axis=0).astype(o_ref.dtype)
+
+
+def recurrent_step_unsupported_reason(q, v, *, interpret: bool = False) -> str | None:
+  if not interpret and jax.default_backend() != "gpu":
+    return f"the backend is {jax.default_backend()!r}, not 'gpu'"
+  for name, dim in (("head_dim", q.shape[-1]), ("value head_dim", v.shape[-1])):
+    if not (_is_power_of_two(dim) and 16 <= dim <= 256):
+      return f"{name} {dim} is not a power of two in [16, 256] (Triton tile sizes)"
+  return None
+
+
+def recurrent_step(state, q, k, v, slopes, *, block_e: int = 64, num_warps: int = 4,
+                   interpret: bool = False):
+  """The decoding step of :func:`arch_zoo.attention.ops.linear.recurrent_step` as one Triton
+  kernel (XLA runs it as several small fusions, each a launch at batch 1); the state is updated
+  in place (aliased).
+
+  Args: state ``[B, H, D, E]`` float32; q, k ``[B, H, D]``; v ``[B, H, E]``; slopes ``[H]``.
+  Returns ``(o [B, H, E] in q.dtype, new state)``.
+  """
+  reason = recurrent_step_unsupported_reason(q, v, interpret=interpret)
+  if reason is not None:
+    raise ValueError(f"The Pallas lightning decode kernel cannot run: {reason}.")
+  b, h, d = q.shape
+  e = v.shape[-1]
+  block_e = min(block_e, e)
+  grid = (e // block_e, b * h)
+  vector = pl.BlockSpec((None, None, d), lambda ie, bh: (bh // h, bh % h, 0))
+  value_block = pl.BlockSpec((None, None, block_e), lambda ie, bh: (bh // h, bh % h, ie))
+  state_block = pl.BlockSpec((None, None, d, block_e), lambda ie, bh: (bh // h, bh % h, 0, ie))
+  decay = pl.BlockSpec((None,), lambda ie, bh: (bh % h,))
+  params = None
+  if not interpret:
+    from jax.experimental.pallas import triton as pl_triton
+    params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
+  return pl.pallas_call(
+      _recurrent_step_kernel,
+      out_shape=(jax.ShapeDtypeStruct(v.shape, q.dtype), jax.ShapeDtypeStruct(state.shape, F32)),
+      grid=grid,
+      in_specs=[decay, vector, vector, value_block, state_block],
+      out_specs=(value_block, state_block),
+      input_output_aliases={4: 1},
+      compiler_params=params,
+      interpret=interpret,
+      name="lightning_decode_step",
+  )(jnp.exp(-jnp.asarray(slopes, F32)), q, k, v.astype(q.dtype), state.astype(F32))
+
+
+__all__ = ["KernelConfig", "lightning_attention", "piece_states", "recurrent_step",
+           "start_states", "unsupported_reason"]
