@@ -218,7 +218,7 @@ def _state_kernel(slope_ref, k_ref, v_ref, *refs, chunk: int, reverse: bool, doc
 
 
 def _output_kernel(slope_ref, q_ref, k_ref, v_ref, start_ref, *refs, chunk: int,
-                   reverse: bool, documents: bool, split_branch: bool = True):
+                   reverse: bool, documents: bool, split_branch: bool = False):
   """Chunked Lightning scan over one segment, from the state of everything before it."""
   reach_ref, o_ref = _split_refs(refs, documents)
   slope = slope_ref[...]
