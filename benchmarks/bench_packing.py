@@ -1,11 +1,14 @@
 r"""Packed documents against the unpacked stream: the 124M LM's training speed, counting only the
 tokens that carry a loss, and the attention kernel each packing reaches (issue 24, acceptance 4).
 
-    mkdir -p .data && cp -r ~/tensorflow_datasets/austen ~/tensorflow_datasets/kjv .data/  # 8 MB
-    python benchmarks/bench_packing.py --data_dir .data --out $OUT/packing_124M_h100.json
+    python -m arch_zoo.data.prepare text --corpus austen+kjv --out .data/docs     # 8 MB
+    python benchmarks/bench_packing.py --data 'text:.data/docs/*_train.txt' --doc_separator '\x1e' \
+        --out $OUT/packing_124M_h100.json
     python benchmarks/bench_packing.py --smoke          # CPU: the test size, a few steps
 
-(``.data/`` is git-ignored: carry it to the GPU machine with the code.)
+(``.data/`` is git-ignored: carry it to the GPU machine with the code. The GPU machines have no
+TFDS, so the documents travel as text files; on a machine with TFDS, ``--data austen+kjv``
+reads the prepared datasets.)
 
 For each ``data.packing`` of ``--packings`` (default ``concat,pack``), ``configs/lm.py``'s
 ``attn=mha,size=124M,data=--data`` (real documents: Austen and the King James Bible by chapter;

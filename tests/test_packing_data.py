@@ -404,3 +404,25 @@ def test_the_models_segment_bound_follows_the_packed_rows(corpus):
   config.data.packing = "concat"
   tasks.get("lm").fit_to_data(config, text.LanguageModelingData(config.data, seed=0), None)
   assert config.model.max_segments == 33  # concat has no segments: nothing to fit
+
+
+def test_exported_text_reads_back_as_the_same_documents(tmp_path, austen_data_dir, kjv_data_dir):
+  """`prepare text` (for machines without TFDS): text:GLOB with the record separator gives back
+  every document of every split, in order."""
+  from arch_zoo.data import prepare
+  assert austen_data_dir == kjv_data_dir
+  prepare.export_text("austen+kjv", str(tmp_path), austen_data_dir)
+  for name in ("austen", "kjv"):
+    for split in ("train", "validation"):
+      want = list(text.read_tfds_texts(name, split, austen_data_dir, "text"))
+      path = tmp_path / f"{name}_{split}.txt"
+      assert path.read_text(encoding="utf-8").split(prepare.DOCUMENT_SEPARATOR) == want
+      # As a run reads it: the separator as a config string, 10% held out (the cut may split
+      # one document in two, which is then in both parts).
+      got, held_out = text.read_text_files(str(path), 0.1, "\\x1e")
+      assert got[:-1] == want[:len(got) - 1]
+      assert held_out[1:] == want[len(want) - len(held_out) + 1:]
+      assert "".join(got + held_out) == "".join(want)
+  with pytest.raises(ValueError, match=r"names \['fashion'\]; give prepared text corpora"):
+    prepare.export_text("austen+fashion", str(tmp_path / "other"), austen_data_dir)
+  assert not (tmp_path / "other").exists()  # nothing written before the check

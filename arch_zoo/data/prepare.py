@@ -4,6 +4,7 @@
     python -m arch_zoo.data.prepare tokenizer --corpus austen --vocab_size 8192 [--kind bpe|unigram]
         [--out PATH] [--data_dir DIR]
     python -m arch_zoo.data.prepare tiktoken [--out DIR]     # needs a network: GPT-2's files
+    python -m arch_zoo.data.prepare text --corpus austen+kjv --out .data/docs [--data_dir DIR]
 
 Datasets: fetches the Debian package (see :mod:`arch_zoo.data.debian`; a package already installed
 system-wide is used where it is), then builds the custom TFDS dataset
@@ -14,6 +15,11 @@ prepared dataset is left as it is.
 ``text:GLOB``, all of each file) and prints the ``data.tokenizer=...`` that uses it
 (:mod:`arch_zoo.data.tokenizers`). ``tiktoken`` writes GPT-2's vocabulary as ``gpt2.tiktoken``,
 the one step that downloads (through tiktoken), for a machine that has a network.
+
+``text`` writes prepared corpora as UTF-8 files, one per corpus and split
+(``OUT/austen_train.txt``), their documents joined by the record separator ``\x1e``, for a
+machine without TFDS (the GPU machines): ``data=text:OUT/*_train.txt`` with
+``data.doc_separator='\x1e'`` reads the same documents (and holds out its own validation part).
 """
 
 from __future__ import annotations
@@ -163,7 +169,51 @@ def _datasets_main(argv) -> None:
     prepare(name, args.data_dir)
 
 
-COMMANDS = {"tokenizer": _tokenizer_main, "tiktoken": _tiktoken_main}
+# Joins the documents of an exported corpus: a control character no prepared text contains.
+DOCUMENT_SEPARATOR = "\x1e"
+TEXT_CORPORA = ("austen", "kjv")
+
+
+def export_text(corpus: str, out: str, data_dir: str | None = None) -> list[str]:
+  """Writes every split of each prepared corpus of ``corpus`` (``austen+kjv``) as one UTF-8 file
+  of documents joined by :data:`DOCUMENT_SEPARATOR`; returns the paths."""
+  from arch_zoo.data import text
+
+  names = [name for name in corpus.split("+") if name]
+  unknown = [name for name in names if name not in TEXT_CORPORA]
+  if unknown or not names:
+    raise ValueError(f"--corpus names {unknown or corpus!r}; give prepared text corpora joined "
+                     f"by '+': {'+'.join(TEXT_CORPORA)}.")
+  data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
+  os.makedirs(out, exist_ok=True)
+  paths = []
+  for name in names:
+    for split in ("train", "validation"):
+      docs = text.read_tfds_texts(name, split, data_dir, "text")
+      if any(DOCUMENT_SEPARATOR in doc for doc in docs):
+        raise ValueError(f"{name} {split} contains the separator {DOCUMENT_SEPARATOR!r}.")
+      path = os.path.join(out, f"{name}_{split}.txt")
+      with open(path + ".partial", "w", encoding="utf-8") as f:
+        f.write(DOCUMENT_SEPARATOR.join(docs))
+      os.replace(path + ".partial", path)
+      paths.append(path)
+      print(f"wrote {path} ({len(docs)} documents)")
+  print(f"use: --config.data.name='text:{out}/*_train.txt' "
+        "--config.data.doc_separator='\\x1e'")
+  return paths
+
+
+def _text_main(argv) -> None:
+  parser = argparse.ArgumentParser(prog="python -m arch_zoo.data.prepare text",
+                                   description="Writes prepared corpora as text files.")
+  parser.add_argument("--corpus", default="austen+kjv")
+  parser.add_argument("--out", required=True, help="the directory to write into")
+  parser.add_argument("--data_dir", default=None)
+  args = parser.parse_args(argv)
+  export_text(args.corpus, args.out, args.data_dir)
+
+
+COMMANDS = {"tokenizer": _tokenizer_main, "tiktoken": _tiktoken_main, "text": _text_main}
 
 
 def main(argv=None) -> int:
