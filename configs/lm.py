@@ -37,6 +37,10 @@ SIZES = {
               batch_size=8, steps=2400, learning_rate=3e-3, warmup_steps=100, mlp="relu2"),
     # Fastest measured on one H100 (docs/performance.md, "Best settings per size"): these defaults,
     # with fused QKV and the cublas XLA flags through auto on a GPU; batch 64 fits 80 GB.
+    # The GPU comparison size (configs/sweeps/lm_gpu.py): ~30M parameters with an 8,192-token
+    # vocabulary (a BPE tokenizer of the corpus), 512 tokens of context.
+    "M": dict(d_model=512, num_layers=8, num_heads=8, seq_len=512, vocab_size=8192,
+              batch_size=16, steps=900, learning_rate=2e-3, warmup_steps=50),
     "124M": dict(d_model=768, num_layers=12, num_heads=12, seq_len=1024, vocab_size=50304,
                  batch_size=64, steps=20000, learning_rate=6e-4, warmup_steps=700),
     "350M": dict(d_model=1024, num_layers=24, num_heads=16, seq_len=1024, vocab_size=50304,
@@ -72,8 +76,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
       # concat: a stream crossing documents (fastest kernels, no padding); pack: documents packed
       # into rows with segment ids and restarting positions; none: one document piece per row.
       packing="concat",
-      # pack only: at most this many documents share a row. It bounds cuDNN's packed layout
-      # (model.max_segments = this + 1, padding included), whose statistics grow with it.
+      # pack only: at most this many documents share a row. train.py sizes cuDNN's packed layout
+      # by the rows themselves (model.max_segments: the most a row holds, plus its padding).
       max_documents_per_row=32,
       # grain's loader (arch_zoo/data/loader.py): worker processes and prefetching threads that
       # make the batches (0 and 0: the training thread does). Neither changes a batch.

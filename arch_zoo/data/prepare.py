@@ -34,6 +34,10 @@ import time
 
 from arch_zoo.data import DATASETS, default_data_dir, is_prepared
 
+TEXT_CORPORA = ("austen", "kjv")  # the prepared text datasets
+# Joins the documents of an exported corpus: a control character no prepared text contains.
+DOCUMENT_SEPARATOR = "\x1e"
+
 
 def prepare(name: str, data_dir: str | None = None) -> str:
   import tensorflow_datasets as tfds
@@ -62,10 +66,12 @@ def prepare(name: str, data_dir: str | None = None) -> str:
 
 
 def corpus_texts(corpus: str, data_dir: str | None = None) -> list[str]:
-  """The documents of a corpus's training split: ``austen`` (its paragraphs) or ``text:GLOB``
-  (each file whole)."""
+  """The documents of a corpus's training split: ``austen`` or ``kjv`` (their chapters),
+  ``text:GLOB`` (each file whole), or several joined by ``+`` as ``data.name`` joins them."""
   from arch_zoo.data import text
 
+  if "+" in corpus:
+    return [doc for part in corpus.split("+") for doc in corpus_texts(part, data_dir)]
   if corpus.startswith("text:"):
     pattern = os.path.expanduser(corpus[len("text:"):])
     paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
@@ -74,7 +80,8 @@ def corpus_texts(corpus: str, data_dir: str | None = None) -> list[str]:
                               f"{os.getcwd()}).")
     return [text.read_text_file(p) for p in paths]
   if corpus not in DATASETS or corpus == "fashion_mnist_debian":
-    raise ValueError(f"Unknown --corpus {corpus!r}; valid: austen, text:GLOB.")
+    raise ValueError(f"Unknown --corpus {corpus!r}; valid: {', '.join(TEXT_CORPORA)}, text:GLOB, "
+                     "or several joined by '+'.")
   return list(text.read_tfds_texts(corpus, "train", data_dir or default_data_dir(), "text"))
 
 
@@ -140,7 +147,8 @@ def _tokenizer_main(argv) -> None:
 
   parser = argparse.ArgumentParser(prog="python -m arch_zoo.data.prepare tokenizer",
                                    description="Trains a tokenizer offline on a corpus.")
-  parser.add_argument("--corpus", default="austen", help="austen or text:GLOB")
+  parser.add_argument("--corpus", default="austen",
+                      help="austen, kjv, text:GLOB, or several joined by '+'")
   parser.add_argument("--vocab_size", type=int, default=8192)
   parser.add_argument("--kind", default="bpe", choices=tokenizers.KINDS)
   parser.add_argument("--out", default=None, help="the file to write (default: in "
@@ -169,9 +177,6 @@ def _datasets_main(argv) -> None:
     prepare(name, args.data_dir)
 
 
-# Joins the documents of an exported corpus: a control character no prepared text contains.
-DOCUMENT_SEPARATOR = "\x1e"
-TEXT_CORPORA = ("austen", "kjv")
 
 
 def export_text(corpus: str, out: str, data_dir: str | None = None) -> list[str]:

@@ -1,6 +1,7 @@
-"""configs/sweeps/zoology_fig2.py: Zoology's Figure 2 grid, planned (every member's config built
-and checked) without training. The numbers asserted are Zoology's own configuration
-(zoology/experiments/paper_configs/iclr24_zoology_figure2/configs.py)."""
+"""The GPU sweeps, planned on the CPU (every member's config built and checked, nothing trained):
+configs/sweeps/zoology_fig2.py, whose asserted numbers are Zoology's own configuration
+(zoology/experiments/paper_configs/iclr24_zoology_figure2/configs.py), and
+configs/sweeps/lm_gpu.py."""
 
 import numpy as np
 
@@ -9,6 +10,7 @@ from arch_zoo.compare import spec
 from configs.sweeps import zoology_fig2
 
 SWEEP = "configs/sweeps/zoology_fig2.py"
+LM_SWEEP = "configs/sweeps/lm_gpu.py"
 
 
 def test_the_grid_is_zoologys_and_every_member_builds():
@@ -41,3 +43,24 @@ def test_a_member_has_zoologys_data_model_and_optimiser():
   assert (config.optim.weight_decay, config.optim.b2, config.optim.warmup_steps,
           config.optim.min_lr_ratio, config.optim.grad_clip) == (0.1, 0.999, 0, 0.0, 0.0)
   assert config.train.batch_size == 256
+
+
+def test_the_lm_comparison_matches_parameters_with_equal_budgets():
+  groups, claims = spec.load_sweep(LM_SWEEP)
+  (group,) = groups
+  found = spec.plan(groups)["lm_M"]
+  families = attention.names_supporting(True)
+  assert len(found) == len(families) * 3 * 3  # learning rates x seeds
+  assert {m["steps"] for m in found} == {900}
+  totals = {}
+  for member in found:
+    config = spec.check_member(member, set())
+    assert (config.data.packing, config.data.tokenizer) == (
+        "pack", "hf:.data/tokenizers/austen_kjv_bpe8192.json")
+    assert config.data.seq_len == 512 and config.train.batch_size == 16
+    totals[member["variant"]] = spec.count_params(config.model)["total"]
+  reference = totals["mha"]
+  assert 25e6 < reference < 35e6
+  for family, total in totals.items():
+    assert abs(total - reference) <= spec.MATCH_TOLERANCE * reference, (family, total)
+  assert {c.variant for c in claims} == set(families) - {"mha"}
