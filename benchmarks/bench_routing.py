@@ -2,6 +2,7 @@ r"""Routing attention against cuDNN flash attention: one layer's forward + backw
 
     python benchmarks/bench_routing.py --out benchmarks/results/routing_h100.json   # ~4 min, H100
     python benchmarks/bench_routing.py --smoke                                     # CPU, seconds
+    python benchmarks/bench_routing.py --routing_impl pallas --out routing_pallas_h100.json
 
 Both sides are one attention layer (projections included) of the LM's causal form at the same
 shape: ``H = 16`` heads of ``D = 64`` (``d_model = 1024``), bf16 matmuls, float32 parameters, and
@@ -9,7 +10,9 @@ shape: ``H = 16`` heads of ``D = 64`` (``d_model = 1024``), bf16 matmuls, float3
 
 * routing: ``attention.build("routing")`` with 8 block-local heads (block 256) and 8 routing heads,
   ``C = T / 512`` clusters of window ``w = T / C = 512`` (the official configs' w), run in
-  training mode, so the step includes the centroid scores, the assignment and the EMA update.
+  training mode, so the step includes the centroid scores, the assignment and the EMA update;
+  ``--routing_impl`` picks its kernel (``auto``: ``xla``; ``pallas``: the banded flash kernel,
+  GPU only).
 * peer: ``attention.build("mha", impl="cudnn")``, causal, RoPE, measured in the same run.
 
 A step is ``jax.value_and_grad`` of ``mean(y^2)`` (plus the commitment loss) with respect to the
@@ -40,7 +43,8 @@ def layer_options(args, side: str, seq_len: int) -> dict:
   if side == "mha":
     return {"impl": args.mha_impl}
   return {"num_clusters": max(seq_len // args.window, 1), "window": args.window,
-          "local_window": args.local_window, "local_heads": args.heads // 2}
+          "local_window": args.local_window, "local_heads": args.heads // 2,
+          "impl": args.routing_impl}
 
 
 def run_side(args) -> dict:
@@ -117,6 +121,9 @@ def main() -> None:
   parser.add_argument("--window", type=int, default=512, help="routing w; clusters = T / w")
   parser.add_argument("--local_window", type=int, default=256)
   parser.add_argument("--mha_impl", default="cudnn")
+  parser.add_argument("--routing_impl", default="auto",
+                      choices=("auto", "xla", "pallas", "reference"),
+                      help="the routing layer's attention impl")
   parser.add_argument("--steps", type=int, default=5, help="steps per timed sample")
   parser.add_argument("--samples", type=int, default=5)
   parser.add_argument("--child_timeout", type=int, default=150)
@@ -132,6 +139,14 @@ def main() -> None:
     with open(args.child_out, "w") as f:
       json.dump(run_side(args), f)
     return
+  if args.routing_impl == "pallas":
+    # The kernel needs a GPU; on the CPU it would run only through the Pallas interpreter, far
+    # too slowly to time.
+    import jax
+
+    if jax.default_backend() != "gpu":
+      parser.exit(2, f"error: --routing_impl pallas needs a GPU (the backend is "
+                     f"{jax.default_backend()!r}); use --routing_impl xla for the CPU smoke test\n")
   if args.smoke:
     args.seq_lens, args.tokens_per_step, args.heads, args.head_dim = "128,256", 512, 4, 16
     args.window, args.local_window, args.mha_impl = 32, 32, "xla"
@@ -147,6 +162,7 @@ def main() -> None:
                        "compute_dtype": "float32" if args.smoke else "bfloat16"},
             "routing": {"window": args.window, "clusters": "T / window",
                         "local_window": args.local_window, "local_heads": args.heads // 2,
+                        "impl": args.routing_impl,
                         "mode": "training (centroid update included)"},
             "peer": f"mha impl={args.mha_impl}, causal, RoPE",
             "smoke": args.smoke, "rows": rows, "crossover_seq_len": None}
@@ -160,7 +176,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--side", side, "--seq_len", str(seq_len), "--batch",
                str(batch), "--child_out", tmp.name, "--heads", str(args.heads), "--head_dim",
                str(args.head_dim), "--window", str(args.window), "--local_window",
-               str(args.local_window), "--mha_impl", args.mha_impl, "--steps", str(args.steps),
+               str(args.local_window), "--mha_impl", args.mha_impl, "--routing_impl",
+               args.routing_impl, "--steps", str(args.steps),
                "--samples", str(args.samples)] + (["--smoke"] if args.smoke else [])
         try:
           ok = subprocess.run(cmd, timeout=args.child_timeout).returncode == 0

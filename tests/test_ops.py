@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from arch_zoo.attention import ops
-from arch_zoo.attention.ops import dynamic_mask, linear, routing, softmax
+from arch_zoo.attention.ops import dynamic_mask, kv_cache, linear, routing, softmax
 from tests.helpers import build_lm, lm_config, random_tokens
 from tests.test_mha import naive_attention
 from tests.test_routing import (balanced_routing_reference, causal_routing_reference,
@@ -56,7 +56,7 @@ def test_old_impl_names_fail_with_the_new_name(old, new):
 
 def test_an_impl_an_operator_lacks_lists_the_ones_it_has():
   with pytest.raises(ValueError, match=r"Valid: auto, reference, xla\."):
-    ops.check_impl("cudnn", routing.IMPLS)
+    ops.check_impl("cudnn", kv_cache.IMPLS)  # routing now has pallas; kv_cache has xla, reference
 
 
 def test_a_forced_impl_that_cannot_run_says_why_and_what_can():

@@ -27,7 +27,8 @@ writes the official EMA update (counts and sums with decay 0.999, Laplace-smooth
 happens inside the jitted train step, never in evaluation, and is checkpointed with the model.
 
 The attention within blocks and clusters is the kernel layer's :mod:`arch_zoo.attention.ops.routing`
-(``impl``: ``xla``, gathered blocks and windows, or ``reference``, dense masks).
+(``impl``: ``xla``, gathered blocks and windows; ``pallas``, a flash kernel over the same blocks,
+GPU, not the balanced bidirectional routing; or ``reference``, dense masks).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class RoutingOptions:
   commitment: float = 1e-4  # beta, weight of the commitment loss (official `beta`)
   rope: bool = True  # rotary positions in both kinds of heads; the ViT turns this off
   rope_base: float = 10_000.0
-  impl: str = "auto"  # auto | reference | xla (docs/attention/kernels.md)
+  impl: str = "auto"  # auto | reference | xla | pallas (docs/attention/kernels.md)
 
   def __post_init__(self):
     ops.check_impl(self.impl, ops.routing.IMPLS)

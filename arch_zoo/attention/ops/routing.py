@@ -29,6 +29,11 @@ Implementations, in the order ``auto`` tries them:
   :func:`softmax.dense`). Document starts fall anywhere inside a block, so with segment ids a
   query block also reads one more block before (and after, bidirectionally) and the mask picks
   the document-aligned blocks: 3 blocks of keys instead of 2 (5 instead of 3 bidirectionally).
+* ``pallas`` (by name only; ``auto`` does not take it yet):
+  :mod:`arch_zoo.attention.ops.routing_pallas`, a flash kernel (Triton) over the same slot
+  layouts and masks, forward and backward, which never materialises a block's logits: the causal
+  routing heads (layout, gathers and the gather back in XLA) and the block-local heads, causal
+  and bidirectional. GPU, one device (no mesh); not the balanced bidirectional routing.
 * ``reference``: :func:`reference`, a dense ``[T, T]`` mask of the pattern (one per cluster for
   balanced routing) and float32 softmax attention: the oracle.
 """
@@ -42,9 +47,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from arch_zoo import sharding
 from arch_zoo.attention.ops import base, softmax
 
-IMPLS = ("xla", "reference")
+IMPLS = ("xla", "pallas", "reference")
+# What auto tries: the Pallas kernel is taken by name only until it is timed on a GPU.
+AUTO_IMPLS = ("xla", "reference")
 
 
 class Local(NamedTuple):
@@ -220,6 +228,34 @@ def packed_balanced_cluster_attention(qk, v, scores, *, window: int, segment_ids
   return per_sequence_and_head(one_head)(qk, v, scores, segment_ids, offset, size)
 
 
+def with_empty(x, fill):
+  """``x [T, ...]`` with one more row, ``fill``: row ``T`` stands for an empty slot."""
+  return jnp.concatenate([x, jnp.full((1,) + x.shape[1:], fill, x.dtype)])
+
+
+def cluster_layout(cluster, offset, size, *, num_clusters: int, window: int, w: int):
+  """The slot layout of one causal routing head (:func:`causal_cluster_attention`): clusters one
+  after another, each padded to whole blocks of ``w``, members in position order.
+
+  ``cluster [T]`` (nearest centroid), the documents' ``offset``, ``size [T]``. Returns ``slot
+  [T]`` (each token's slot), ``token [num_blocks * w]`` (the position a slot holds, ``T`` for an
+  empty one; ``num_blocks = ceil(T / w) + C - 1``) and ``rank_block [T]`` (each token's rank
+  among its cluster-mates of its document, over the document's ``w``).
+  """
+  t = cluster.shape[0]
+  member = jax.nn.one_hot(cluster, num_clusters, dtype=jnp.int32)  # [T, C]
+  earlier = jnp.cumsum(member, axis=0) - member  # cluster-mates before each token, per cluster
+  rank = jnp.sum(earlier * member, axis=1)  # within the row
+  start = jnp.arange(t) - offset
+  doc_rank = rank - jnp.take_along_axis(earlier[start], cluster[:, None], axis=1)[:, 0]
+  rank_block = doc_rank // window_for(size, window, num_clusters)
+  blocks = -(-jnp.sum(member, axis=0) // w)  # blocks per cluster
+  slot = (jnp.cumsum(blocks) - blocks)[cluster] * w + rank
+  num_blocks = -(-t // w) + num_clusters - 1
+  token = jnp.full((num_blocks * w,), t, jnp.int32).at[slot].set(jnp.arange(t, dtype=jnp.int32))
+  return slot, token, rank_block
+
+
 @functools.partial(jax.jit, static_argnames=("num_clusters", "window", "packed"))
 def causal_cluster_attention(qk, v, assignment, *, num_clusters: int, window: int, segment_ids,
                              packed: bool):
@@ -248,25 +284,13 @@ def causal_cluster_attention(qk, v, assignment, *, num_clusters: int, window: in
 
   def one_head(qk, v, cluster, segment, offset, size):  # [T, D], [T, D], [T], [T] x 3
     d = v.shape[-1]
-    member = jax.nn.one_hot(cluster, num_clusters, dtype=jnp.int32)  # [T, C]
-    earlier = jnp.cumsum(member, axis=0) - member  # cluster-mates before each token, per cluster
-    rank = jnp.sum(earlier * member, axis=1)  # within the row
-    start = jnp.arange(t) - offset
-    doc_rank = rank - jnp.take_along_axis(earlier[start], cluster[:, None], axis=1)[:, 0]
-    rank_block = doc_rank // window_for(size, window, num_clusters)
-    blocks = -(-jnp.sum(member, axis=0) // w)  # blocks per cluster
-    slot = (jnp.cumsum(blocks) - blocks)[cluster] * w + rank
-    num_blocks = -(-t // w) + num_clusters - 1
-    # token[i] = the position held by slot i - before * w, or t (an empty slot); leading empty
-    # blocks give the first blocks their previous ones.
-    token = jnp.full(((num_blocks + before) * w,), t, jnp.int32)
-    token = token.at[slot + before * w].set(jnp.arange(t, dtype=jnp.int32)).reshape(-1, w)
+    slot, token, rank_block = cluster_layout(cluster, offset, size, num_clusters=num_clusters,
+                                             window=window, w=w)
+    num_blocks = token.shape[0] // w
+    # Leading empty blocks give the first blocks their previous ones.
+    token = jnp.concatenate([jnp.full((before * w,), t, jnp.int32), token]).reshape(-1, w)
     queries = token[before:]  # [num_blocks, w]
     keys = jnp.concatenate([token[i:i + num_blocks] for i in range(before + 1)], axis=1)
-
-    def with_empty(x, fill):  # row t stands for an empty slot
-      return jnp.concatenate([x, jnp.full((1,) + x.shape[1:], fill, x.dtype)])
-
     cluster, segment = with_empty(cluster, -1), with_empty(segment, -1)
     rank_block = with_empty(rank_block, -1)
 
@@ -283,6 +307,60 @@ def causal_cluster_attention(qk, v, assignment, *, num_clusters: int, window: in
     return out.reshape(-1, d)[slot]
 
   return per_sequence_and_head(one_head)(qk, v, assignment, segment_ids, offset, size)
+
+
+# ------------------------------------------------------------------------------ pallas
+
+
+@functools.partial(jax.jit, static_argnames=("block", "causal", "config"))
+def block_local_attention_pallas(q, k, v, *, block: int, causal: bool, segment_ids=None,
+                                 config=None):
+  """:func:`block_local_attention` on the banded Pallas kernel (slot = position, one cluster)."""
+  from arch_zoo.attention.ops import routing_pallas  # GPU kernel; imported when asked for
+
+  b, t = q.shape[:2]
+  block = min(block, t)
+  offset, _ = documents(segment_ids, b, t)
+  segment = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
+  position = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  meta = dict(position=position, cluster=jnp.zeros((b, t), jnp.int32), segment=segment,
+              block=offset // block)
+  return routing_pallas.banded_attention(
+      q, k, v, **{name: x[:, None].astype(jnp.int32) for name, x in meta.items()}, window=block,
+      before=1 if segment_ids is None else 2, causal=causal, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("num_clusters", "window", "packed", "config"))
+def causal_cluster_attention_pallas(qk, v, assignment, *, num_clusters: int, window: int,
+                                    segment_ids, packed: bool, config=None):
+  """:func:`causal_cluster_attention` on the banded Pallas kernel: the slot layout
+  (:func:`cluster_layout`), the gathers into slots and the gather back are XLA; the attention
+  over the slots, with the same band and mask, is the kernel."""
+  from arch_zoo.attention.ops import routing_pallas
+
+  b, t = qk.shape[:2]
+  w = window_for(t, window, num_clusters)
+  offset, size = documents(segment_ids if packed else None, b, t)
+
+  def one_head(cluster, segment, offset, size):  # [T] x 4 -> slot [T], per-slot metadata [S] x 4
+    slot, token, rank_block = cluster_layout(cluster, offset, size, num_clusters=num_clusters,
+                                             window=window, w=w)
+    meta = [token] + [with_empty(x, fill)[token] for x, fill in (
+        (cluster, routing_pallas.EMPTY), (segment, -1), (rank_block, -1))]
+    return slot, token, meta
+
+  over_heads = jax.vmap(one_head, in_axes=(1, None, None, None))  # -> [H, ...]
+  slot, token, meta = jax.vmap(over_heads)(assignment, segment_ids, offset, size)  # [B, H, ...]
+
+  def gathered(x):  # [B, T, H, D] -> [B, S, H, D] in slot order (zeros in empty slots)
+    x = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
+    return jnp.take_along_axis(x, token.transpose(0, 2, 1)[..., None], axis=1)
+
+  qk_slots = gathered(qk)
+  out = routing_pallas.banded_attention(
+      qk_slots, qk_slots, gathered(v), position=meta[0], cluster=meta[1], segment=meta[2],
+      block=meta[3], window=w, before=2 if packed else 1, causal=True, config=config)
+  return jnp.take_along_axis(out, slot.transpose(0, 2, 1)[..., None], axis=1)
 
 
 # ------------------------------------------------------------------------------ reference
@@ -357,19 +435,34 @@ def reference(q, k, v, pattern: Local | Clusters, *, causal: bool, segment_ids=N
 
 def supports(impl: str, q, k, pattern: Local | Clusters, *, causal: bool,
              segment_ids=None) -> str | None:
-  """Both implementations run on every backend, shape and dtype."""
-  del impl, q, k, pattern, causal, segment_ids
-  return None
+  """None if ``impl`` can run this call, else the reason it cannot (``xla`` and ``reference`` run
+  on every backend, shape and dtype)."""
+  del k, segment_ids
+  if impl != "pallas":
+    return None
+  if isinstance(pattern, Clusters) and not causal:
+    return ("the Pallas kernel covers the causal routing heads and the block-local heads; the "
+            "balanced bidirectional routing (a mean over windows) runs on impl='xla'")
+  from arch_zoo.attention.ops import routing_pallas  # GPU kernel; imported when asked for
+
+  reason = routing_pallas.unsupported_reason(q)
+  if reason is None and not sharding.one_device():
+    reason = ("the Pallas kernel is not partitioned over a device mesh yet (XLA would gather "
+              "every shard onto each device); run on one device or use impl='xla'")
+  return reason
 
 
 def apply(q, k, v, pattern: Local | Clusters, *, causal: bool, impl: str = "auto",
           segment_ids=None, site: base.Site | None = None):
   """Attention within ``pattern`` on the implementation named by ``impl`` (``auto``: ``xla``).
   For :class:`Clusters`, ``q`` and ``k`` are the same array."""
-  impl = base.resolve("routing", impl, IMPLS, lambda name: supports(
-      name, q, k, pattern, causal=causal, segment_ids=segment_ids), site)
+  impl = base.resolve("routing", impl, AUTO_IMPLS if impl == "auto" else IMPLS,
+                      lambda name: supports(name, q, k, pattern, causal=causal,
+                                            segment_ids=segment_ids), site)
   if impl == "reference":
     return reference(q, k, v, pattern, causal=causal, segment_ids=segment_ids)
+  if impl == "pallas":
+    return _apply_pallas(q, k, v, pattern, causal=causal, segment_ids=segment_ids)
   if isinstance(pattern, Local):
     return block_local_attention(q, k, v, block=pattern.block, causal=causal,
                                  segment_ids=segment_ids)
@@ -385,3 +478,18 @@ def apply(q, k, v, pattern: Local | Clusters, *, causal: bool, impl: str = "auto
                                       window=window_for(q.shape[1], pattern.window, num_clusters))
   return packed_balanced_cluster_attention(q, v, pattern.scores, window=pattern.window,
                                            segment_ids=segment_ids)
+
+
+def _apply_pallas(q, k, v, pattern: Local | Clusters, *, causal: bool, segment_ids=None):
+  from arch_zoo.attention.ops import routing_pallas
+
+  config = routing_pallas.DEFAULT_CONFIG
+  if isinstance(pattern, Local):
+    return block_local_attention_pallas(q, k, v, block=pattern.block, causal=causal,
+                                        segment_ids=segment_ids, config=config)
+  b, t = q.shape[:2]
+  segments = segment_ids if segment_ids is not None else jnp.zeros((b, t), jnp.int32)
+  return causal_cluster_attention_pallas(q, v, pattern.nearest,
+                                         num_clusters=pattern.scores.shape[-1],
+                                         window=pattern.window, segment_ids=segments,
+                                         packed=segment_ids is not None, config=config)
