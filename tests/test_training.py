@@ -101,3 +101,27 @@ def test_workdir_with_a_different_model_is_refused(austen_data_dir, tmp_path):
   with pytest.raises(ValueError, match="use a new --workdir"):
     train.train_and_evaluate(other, str(tmp_path))
   assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).steps() == [10]
+
+
+def test_a_run_resumes_on_other_mesh_shapes(austen_data_dir, tmp_path):
+  """Saved on 8 devices data-parallel, resumed as 2 x 4 FSDP, then as 4 x 2 FSDP x tensor
+  parallel: the losses after each change equal the uninterrupted single-mesh run's (to float32
+  reduction order: the shards sum in another order)."""
+  def config(mesh, rules, **train_overrides):
+    c = config_for(austen_data_dir, steps=15, log_every=1, eval_every=0, **train_overrides)
+    c.model.update(d_model=64, num_heads=4)  # dimensions that 4-way and 2-way splits divide
+    c.mesh.update(mesh)
+    c.sharding = rules
+    return c
+
+  full_dir, split_dir = str(tmp_path / "full"), str(tmp_path / "split")
+  full = train.train_and_evaluate(config({"data": -1}, "dp"), full_dir)
+  plan = [({"data": -1}, "dp", 5), ({"data": 2, "fsdp": 4}, "fsdp", 10),
+          ({"data": 1, "fsdp": 4, "tensor": 2}, "fsdp_tp", 0)]
+  for mesh, rules, stop in plan:
+    result = train.train_and_evaluate(config(mesh, rules, stop_at_step=stop), split_dir)
+  expected, got = train_losses(full_dir), train_losses(split_dir)
+  assert sorted(got) == sorted(expected) == list(range(1, 16))
+  np.testing.assert_allclose([got[s] for s in range(1, 16)], [expected[s] for s in range(1, 16)],
+                             rtol=2e-5)
+  np.testing.assert_allclose(result["loss"], full["loss"], rtol=2e-5)
