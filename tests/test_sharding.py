@@ -1,4 +1,5 @@
-"""Sharded training on a 2x4 mesh of fake CPU devices equals the single-device step."""
+"""Sharded training on 8 fake CPU devices equals the single-device step: data, FSDP and tensor
+parallelism, the last for every attention family."""
 
 import jax
 import jax.numpy as jnp
@@ -57,3 +58,46 @@ def test_bad_mesh_fails_clearly():
     sharding.make_mesh({"data": 3, "fsdp": 1})
   with pytest.raises(ValueError, match="Unknown mesh axes"):
     sharding.make_mesh({"model": 8})
+
+
+def loss_and_gradients(attn, mesh_shape, rules, devices):
+  """One step of plain gradient descent at rate 1 on the ``test`` LM: the loss and, as the change
+  of every parameter, minus its gradient."""
+  import optax
+
+  config = lm.get_config(f"attn={attn},size=test")
+  config.model.update(d_model=64, num_heads=4)  # heads that a 2-way tensor split divides
+  mesh = sharding.make_mesh(mesh_shape, devices)
+  rules = sharding.rules_for(rules)
+  tx = optax.sgd(1.0)
+  graphdef, state, shardings = train_state.create(config, mesh, rules, tx)
+  before = jax.tree.map(np.asarray, state.params)
+  step = jax.jit(steps.make_train_step(graphdef, tx, optax.constant_schedule(1.0),
+                                       jax.random.key(0)),
+                 in_shardings=(shardings, None), out_shardings=(shardings, None))
+  tokens = jax.random.randint(jax.random.key(1), (8, 33), 0, 256, jnp.int32)
+  local = {"inputs": np.asarray(tokens[:, :-1]), "targets": np.asarray(tokens[:, 1:]),
+           "weights": np.ones((8, 32), np.float32)}
+  with sharding.use(mesh, rules):
+    state, metrics = sharding.wait_if_cpu_mesh(
+        step(state, sharding.global_batch_from_local(local, mesh)))
+  gradients = jax.tree.map(lambda b, a: b - np.asarray(a), before, state.params)
+  split = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(
+      state.params) if "tensor" in jax.tree.leaves(tuple(x.sharding.spec))]
+  return float(metrics["train/loss"]), gradients, split
+
+
+@pytest.mark.parametrize("attn", ["mha", "moh", "lightning", "routing", "dynamic_mask", "masa"])
+def test_tensor_parallel_step_equals_single_device_for_every_family(attn):
+  """Heads split over a 2-way tensor axis (with 2-way FSDP and data parallelism): MoH's router,
+  MASA's shared atoms, routing's centroids and dynamic_mask's key scores included."""
+  loss, gradients, _ = loss_and_gradients(attn, {"data": 1}, "dp", jax.devices()[:1])
+  tp_loss, tp_gradients, split = loss_and_gradients(attn, {"data": 2, "fsdp": 2, "tensor": 2},
+                                                    "fsdp_tp", jax.devices())
+  # Some attention weights (MASA: its shared atoms) are split over heads, not only the MLP's.
+  assert any("mlp" not in path and "embed" not in path for path in split), split
+  np.testing.assert_allclose(tp_loss, loss, rtol=1e-5)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(gradients))
+  for (path, g), tp in zip(jax.tree_util.tree_leaves_with_path(gradients),
+                           jax.tree.leaves(tp_gradients)):
+    np.testing.assert_allclose(tp, g, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
