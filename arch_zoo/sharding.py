@@ -1,15 +1,22 @@
 """Meshes, logical axis rules and shardings.
 
 Layers name their dimensions logically (``embed``, ``heads``, ``mlp``, ``vocab`` for parameters;
-``act_batch``, ``act_embed``... for activations). A rules preset maps logical names to the mesh axes
-``data``, ``fsdp`` and ``tensor``; XLA's SPMD partitioner does the rest. The same code runs on one
-CPU, 8 fake CPU devices, a GPU node or a TPU slice.
+``act_batch``, ``act_length``, ``act_embed``... for activations). A rules preset maps logical
+names to the mesh axes ``data``, ``fsdp``, ``context`` and ``tensor``; XLA's SPMD partitioner does
+the rest. The same code runs on one CPU, 8 fake CPU devices, a GPU node or a TPU slice.
 
 Presets:
 
 * ``dp``: parameters replicated; the batch split over ``data`` x ``fsdp``.
 * ``fsdp``: parameters sharded along ``embed`` (and ``vocab``) over ``fsdp`` (ZeRO-3 style).
 * ``fsdp_tp``: as ``fsdp``, plus heads, MLP and vocabulary split over ``tensor`` (Megatron style).
+
+In every preset the residual stream's sequence dimension (``act_length``) is split over
+``context`` (size 1 unless ``mesh.context`` says otherwise): context parallelism as the SPMD
+partitioner derives it. Each device holds its share of the tokens; where attention needs keys and
+values of the whole sequence, XLA gathers them (the XLA forms of every family), and kernels that
+XLA cannot partition (Pallas, cuDNN) see the whole sequence on each device. Correct for every
+family; the memory of the activations outside attention is what it saves.
 """
 
 from __future__ import annotations
@@ -27,10 +34,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from arch_zoo.registry import check_choice
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH = ("data", "fsdp")  # the batch is split over every data-parallel axis
 
-_COMMON = {"act_batch": BATCH, "act_length": None, "act_embed": None, "act_heads": None,
+_COMMON = {"act_batch": BATCH, "act_length": "context", "act_embed": None, "act_heads": None,
            "act_mlp": None, "act_vocab": None, "norm": None, "layers": None, "atoms": None}
 RULES: dict[str, dict[str, Any]] = {
     "dp": {**_COMMON, "embed": None, "heads": None, "kv_heads": None, "mlp": None, "vocab": None},
@@ -46,7 +53,7 @@ _ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping[str, Any]] | None] = context
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ``data x fsdp x tensor`` mesh; one size may be -1 (= all remaining devices)."""
+  """A ``data x fsdp x context x tensor`` mesh; one size may be -1 (= all remaining devices)."""
   devices = list(devices if devices is not None else jax.devices())
   unknown = set(shape) - set(MESH_AXES)
   if unknown:

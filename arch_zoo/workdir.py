@@ -94,6 +94,9 @@ def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:
   """A config saved by an earlier arch_zoo, in today's form and meaning: the model keys it lacks
   get the values the code then used, the other families of a hybrid get the registry defaults
   they then had (``model.attention_options``), and renamed ``impl`` values their new names."""
+  mesh = saved.get("mesh")
+  if isinstance(mesh, dict) and "context" not in mesh:  # the context axis came with issue 28
+    saved = {**saved, "mesh": {**mesh, "context": 1}}
   model = saved.get("model")
   if not isinstance(model, dict) or "attention" not in model:
     return saved

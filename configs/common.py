@@ -178,4 +178,4 @@ def mesh_config(preset: str = "dp") -> tuple[ConfigDict, str]:
   from arch_zoo.sharding import RULES
 
   check_choice("sharding", preset, list(RULES))
-  return ConfigDict(dict(data=-1, fsdp=1, tensor=1)), preset
+  return ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1)), preset

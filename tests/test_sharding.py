@@ -60,7 +60,7 @@ def test_bad_mesh_fails_clearly():
     sharding.make_mesh({"model": 8})
 
 
-def loss_and_gradients(attn, mesh_shape, rules, devices):
+def loss_and_gradients(attn, mesh_shape, rules, devices, length: int = 32):
   """One step of plain gradient descent at rate 1 on the ``test`` LM: the loss and, as the change
   of every parameter, minus its gradient."""
   import optax
@@ -75,9 +75,9 @@ def loss_and_gradients(attn, mesh_shape, rules, devices):
   step = jax.jit(steps.make_train_step(graphdef, tx, optax.constant_schedule(1.0),
                                        jax.random.key(0)),
                  in_shardings=(shardings, None), out_shardings=(shardings, None))
-  tokens = jax.random.randint(jax.random.key(1), (8, 33), 0, 256, jnp.int32)
+  tokens = jax.random.randint(jax.random.key(1), (8, length + 1), 0, 256, jnp.int32)
   local = {"inputs": np.asarray(tokens[:, :-1]), "targets": np.asarray(tokens[:, 1:]),
-           "weights": np.ones((8, 32), np.float32)}
+           "weights": np.ones((8, length), np.float32)}
   with sharding.use(mesh, rules):
     state, metrics = sharding.wait_if_cpu_mesh(
         step(state, sharding.global_batch_from_local(local, mesh)))
@@ -101,3 +101,18 @@ def test_tensor_parallel_step_equals_single_device_for_every_family(attn):
   for (path, g), tp in zip(jax.tree_util.tree_leaves_with_path(gradients),
                            jax.tree.leaves(tp_gradients)):
     np.testing.assert_allclose(tp, g, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("attn", ["mha", "moh", "lightning", "routing", "dynamic_mask", "masa"])
+def test_context_parallel_step_equals_single_device_for_every_family(attn):
+  """The sequence split over a 4-way context axis (and the batch over 2): the same loss and
+  gradients as one device. 24 tokens make shards of 6, a multiple of no block, chunk or window
+  size of the families (the test size's blocks are 16 and more, its windows 8 and more)."""
+  loss, gradients, _ = loss_and_gradients(attn, {"data": 1}, "dp", jax.devices()[:1], length=24)
+  cp_loss, cp_gradients, _ = loss_and_gradients(attn, {"data": 2, "context": 4}, "dp",
+                                                jax.devices(), length=24)
+  np.testing.assert_allclose(cp_loss, loss, rtol=1e-5)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(gradients))
+  for (path, g), cp in zip(jax.tree_util.tree_leaves_with_path(gradients),
+                           jax.tree.leaves(cp_gradients)):
+    np.testing.assert_allclose(cp, g, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
