@@ -12,11 +12,11 @@ Presets:
 * ``fsdp_tp``: as ``fsdp``, plus heads, MLP and vocabulary split over ``tensor`` (Megatron style).
 
 In every preset the residual stream's sequence dimension (``act_length``) is split over
-``context`` (size 1 unless ``mesh.context`` says otherwise): context parallelism as the SPMD
-partitioner derives it. Each device holds its share of the tokens; where attention needs keys and
-values of the whole sequence, XLA gathers them (the XLA forms of every family), and kernels that
-XLA cannot partition (Pallas, cuDNN) see the whole sequence on each device. Correct for every
-family; the memory of the activations outside attention is what it saves.
+``context`` (size 1 unless ``mesh.context`` says otherwise): context parallelism. Each device
+holds its share of the tokens. ``lightning`` passes states between the shards
+(``ops.linear.per_shard``); elsewhere, where attention needs the keys and values of the whole
+sequence, XLA gathers them, and kernels that XLA cannot partition (cuDNN) see the whole sequence
+on each device.
 """
 
 from __future__ import annotations

@@ -367,19 +367,24 @@ def causal_fn_for(impl: str, *, block_size: int):
   """The causal operator ``(q, k, v, slopes, segment_ids=None) -> o`` of ``xla`` or ``pallas``
   (whose kernel calls the ids ``document_ids``: its own "segments" are pieces of the sequence)."""
   if impl == "xla":
-    return lambda q, k, v, slopes, segment_ids=None: causal_blockwise(
-        q, k, v, slopes, block_size=block_size, segment_ids=segment_ids)
+    return per_shard(lambda q, k, v, slopes, segment_ids=None: causal_blockwise(
+        q, k, v, slopes, block_size=block_size, segment_ids=segment_ids), only_for_context=True)
   from arch_zoo.attention.ops import linear_pallas  # GPU kernel; imported only when asked for
 
   return per_shard(functools.partial(linear_pallas.lightning_attention, chunk_size=block_size))
 
 
-def per_shard(causal_fn):
-  """Runs ``causal_fn`` on each device's shard of the batch and heads under the active mesh.
+def per_shard(causal_fn, *, only_for_context: bool = False):
+  """Runs ``causal_fn`` on each device's shard under the active mesh.
 
   XLA cannot partition a Pallas call: on a sharded batch it would gather the whole batch onto
   every device. The operator is independent per (batch, head), so ``shard_map`` over the
-  activation rules (``act_batch``, ``act_heads``) is exact; the sequence axis stays whole.
+  activation rules (``act_batch``, ``act_heads``) is exact. Where the mesh splits the sequence
+  (``act_length`` over a ``context`` axis of more than one device) and the rows are single
+  documents, each device runs ``causal_fn`` on its own tokens and then adds what the earlier
+  shards contribute (:func:`with_incoming_state`): context parallelism by passing states, exact.
+  Otherwise the sequence stays whole on each device. ``only_for_context``: run ``causal_fn`` as it
+  is (XLA partitions it) unless the sequence is split.
   """
 
   def run(q, k, v, slopes, segment_ids=None):
@@ -387,14 +392,39 @@ def per_shard(causal_fn):
     if sharding.one_device():
       return causal_fn(*inputs)
     mesh, rules = sharding.active()
-    batch, _, heads, _ = sharding.logical_to_spec(("act_batch", None, "act_heads", None), rules,
-                                                  q.shape, mesh)
-    spec = P(batch, None, heads, None)
+    batch, length, heads, _ = sharding.logical_to_spec(
+        ("act_batch", "act_length", "act_heads", None), rules, q.shape, mesh)
+    split = isinstance(length, str) and mesh.shape[length] > 1 and segment_ids is None
+    if only_for_context and not split:
+      return causal_fn(*inputs)
+    fn = functools.partial(with_incoming_state, causal_fn, axis=length) if split else causal_fn
+    spec = P(batch, length if split else None, heads, None)
     in_specs = (spec, spec, spec, P(heads), P(batch, None))[:len(inputs)]
-    return jax.shard_map(causal_fn, mesh=mesh, in_specs=in_specs, out_specs=spec,
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec,
                          check_vma=False)(*inputs)
 
   return run
+
+
+def with_incoming_state(causal_fn, q, k, v, slopes, *, axis: str):
+  """Inside ``shard_map``, one shard of ``L`` tokens of the sequence split over mesh ``axis``:
+  ``causal_fn`` on the shard alone (zero initial state), plus ``q_t lam^(r + 1) S_in`` for the
+  shard's ``r``-th token, where ``S_in``, the state entering the shard, is the sum over earlier
+  shards ``j`` of their own end states decayed by ``lam^(L (i - 1 - j))``. The own end states
+  (``[B, H, D, E]`` float32 each) are all the shards exchange."""
+  out = causal_fn(q, k, v, slopes)
+  length = q.shape[1]
+  log_lam = -slopes.astype(F32)[None, :]  # [1, H]
+  r = jnp.arange(length, dtype=F32)[:, None]
+  own_state = _f32_einsum("lh,blhd,blhe->bhde", jnp.exp(log_lam * (length - 1 - r)), k, v)
+  states = jax.lax.all_gather(own_state, axis)  # [shards, B, H, D, E]
+  here = jax.lax.axis_index(axis)
+  earlier = jnp.arange(states.shape[0])[:, None]
+  gap = jnp.maximum(here - 1 - earlier, 0).astype(F32)
+  weight = jnp.where(earlier < here, jnp.exp(log_lam * length * gap), 0.0)  # [shards, H]
+  incoming = _f32_einsum("sh,sbhde->bhde", weight, states)
+  carried = _f32_einsum("lh,blhd,bhde->blhe", jnp.exp(log_lam * (r + 1)), q, incoming)
+  return (out.astype(F32) + carried).astype(out.dtype)
 
 
 def supports(impl: str, q, k, v, *, causal: bool, block_size: int = 64,
