@@ -59,10 +59,42 @@ class Aborted(UserError):
   """A second SIGINT while the run was saving its last step."""
 
 
+def _int_env(name: str) -> int | None:
+  value = os.environ.get(name, "")
+  if value == "":
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise UserError(f"{name}={value!r} must be an integer.") from None
+
+
+# Several processes (hosts, or processes on one host) make one run (docs/scaling.md) when
+# JAX_COORDINATOR_ADDRESS is set, JAX_NUM_PROCESSES or SLURM_NTASKS is above 1, or
+# ARCH_ZOO_DISTRIBUTED=1 (a cluster jax detects by itself: Cloud TPU, Open MPI). jax 0.11.2 reads
+# only the coordinator's address from the environment; the process count and index come from the
+# cluster it detects, or from JAX_NUM_PROCESSES and JAX_PROCESS_ID, which train.py passes on.
 def maybe_initialize_distributed() -> None:
-  """Multi-host: ``jax.distributed.initialize()`` reads the cluster from the environment."""
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    jax.distributed.initialize()
+  """Multi-process: ``jax.distributed.initialize()`` with the cluster from the environment (a
+  no-op for one process)."""
+  num_processes, process_id = _int_env("JAX_NUM_PROCESSES"), _int_env("JAX_PROCESS_ID")
+  wanted = (os.environ.get("JAX_COORDINATOR_ADDRESS") or (num_processes or 1) > 1
+            or (_int_env("SLURM_NTASKS") or 1) > 1 or _int_env("ARCH_ZOO_DISTRIBUTED"))
+  if not wanted or jax.distributed.is_initialized():
+    return
+  if (num_processes is None) != (process_id is None):
+    raise UserError("set both JAX_NUM_PROCESSES and JAX_PROCESS_ID (or neither, under a cluster "
+                    "jax detects: SLURM, Open MPI, Cloud TPU); see docs/scaling.md.")
+  # A multi-process CPU run needs cross-process collectives: gloo, the default of jax 0.11.2 (with
+  # none set, as older jax defaulted, the first collective across processes fails).
+  if not jax.config.jax_cpu_collectives_implementation:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(num_processes=num_processes, process_id=process_id)
+  except ValueError as e:  # e.g. no coordinator address and no cluster detected
+    raise UserError(f"jax.distributed.initialize: {e} Set JAX_COORDINATOR_ADDRESS=HOST:PORT "
+                    "(process 0's host), JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under "
+                    "SLURM; see docs/scaling.md.") from None
 
 
 def mean_metrics(pending: list[dict[str, Any]]) -> dict[str, float]:
