@@ -130,9 +130,32 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   tasks.get(config.task).resolve(config)  # e.g. model.vocab_size from the tokenizer
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  lock = workdir_lib.RunLock(workdir) if is_main else contextlib.nullcontext()
-  with lock, interrupts_lib.Interrupts() as interrupts:
+  with run_lock(workdir), interrupts_lib.Interrupts() as interrupts:
     return _train(config, workdir, interrupts, is_main)
+
+
+@contextlib.contextmanager
+def run_lock(workdir: str):
+  """Process 0 holds the workdir's :class:`~arch_zoo.workdir.RunLock`. With several processes,
+  all of them learn whether it got it: otherwise the others would train on and wait for process 0
+  in the first collective, failing after a timeout with a message about gloo."""
+  with contextlib.ExitStack() as stack:
+    refused = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(workdir_lib.RunLock(workdir))
+      except workdir_lib.WorkdirError as e:
+        refused = e
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      taken = bool(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
+      if not taken and refused is None:
+        raise workdir_lib.WorkdirError(
+            f"{workdir} is in use by another train.py (process 0 could not take its lock; its "
+            "error says by whom). Wait for it to finish (or stop it), or use another --workdir.")
+    if refused is not None:
+      raise refused
+    yield
 
 
 def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrupts,
@@ -408,6 +431,8 @@ def main(argv):
   final = run_cli(work)
   if isinstance(final, dict) and final.get("interrupted"):
     sys.exit(interrupts_lib.EXIT_CODES[final["interrupted"]])
+  if jax.process_index() > 0:  # with several processes, process 0 speaks for the run
+    return
   if "loss" in final:
     print(f"step {final['step']}: {tasks.get(config.task).format_final(final)}", flush=True)
   else:
