@@ -59,10 +59,42 @@ class Aborted(UserError):
   """A second SIGINT while the run was saving its last step."""
 
 
+def _int_env(name: str) -> int | None:
+  value = os.environ.get(name, "")
+  if value == "":
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise UserError(f"{name}={value!r} must be an integer.") from None
+
+
+# Several processes (hosts, or processes on one host) make one run (docs/scaling.md) when
+# JAX_COORDINATOR_ADDRESS is set, JAX_NUM_PROCESSES or SLURM_NTASKS is above 1, or
+# ARCH_ZOO_DISTRIBUTED=1 (a cluster jax detects by itself: Cloud TPU, Open MPI). jax 0.11.2 reads
+# only the coordinator's address from the environment; the process count and index come from the
+# cluster it detects, or from JAX_NUM_PROCESSES and JAX_PROCESS_ID, which train.py passes on.
 def maybe_initialize_distributed() -> None:
-  """Multi-host: ``jax.distributed.initialize()`` reads the cluster from the environment."""
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    jax.distributed.initialize()
+  """Multi-process: ``jax.distributed.initialize()`` with the cluster from the environment (a
+  no-op for one process)."""
+  num_processes, process_id = _int_env("JAX_NUM_PROCESSES"), _int_env("JAX_PROCESS_ID")
+  wanted = (os.environ.get("JAX_COORDINATOR_ADDRESS") or (num_processes or 1) > 1
+            or (_int_env("SLURM_NTASKS") or 1) > 1 or _int_env("ARCH_ZOO_DISTRIBUTED"))
+  if not wanted or jax.distributed.is_initialized():
+    return
+  if (num_processes is None) != (process_id is None):
+    raise UserError("set both JAX_NUM_PROCESSES and JAX_PROCESS_ID (or neither, under a cluster "
+                    "jax detects: SLURM, Open MPI, Cloud TPU); see docs/scaling.md.")
+  # A multi-process CPU run needs cross-process collectives: gloo, the default of jax 0.11.2 (with
+  # none set, as older jax defaulted, the first collective across processes fails).
+  if not jax.config.jax_cpu_collectives_implementation:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(num_processes=num_processes, process_id=process_id)
+  except ValueError as e:  # e.g. no coordinator address and no cluster detected
+    raise UserError(f"jax.distributed.initialize: {e} Set JAX_COORDINATOR_ADDRESS=HOST:PORT "
+                    "(process 0's host), JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under "
+                    "SLURM; see docs/scaling.md.") from None
 
 
 def mean_metrics(pending: list[dict[str, Any]]) -> dict[str, float]:
@@ -98,9 +130,32 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   tasks.get(config.task).resolve(config)  # e.g. model.vocab_size from the tokenizer
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  lock = workdir_lib.RunLock(workdir) if is_main else contextlib.nullcontext()
-  with lock, interrupts_lib.Interrupts() as interrupts:
+  with run_lock(workdir), interrupts_lib.Interrupts() as interrupts:
     return _train(config, workdir, interrupts, is_main)
+
+
+@contextlib.contextmanager
+def run_lock(workdir: str):
+  """Process 0 holds the workdir's :class:`~arch_zoo.workdir.RunLock`. With several processes,
+  all of them learn whether it got it: otherwise the others would train on and wait for process 0
+  in the first collective, failing after a timeout with a message about gloo."""
+  with contextlib.ExitStack() as stack:
+    refused = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(workdir_lib.RunLock(workdir))
+      except workdir_lib.WorkdirError as e:
+        refused = e
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      taken = bool(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
+      if not taken and refused is None:
+        raise workdir_lib.WorkdirError(
+            f"{workdir} is in use by another train.py (process 0 could not take its lock; its "
+            "error says by whom). Wait for it to finish (or stop it), or use another --workdir.")
+    if refused is not None:
+      raise refused
+    yield
 
 
 def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrupts,
@@ -376,6 +431,8 @@ def main(argv):
   final = run_cli(work)
   if isinstance(final, dict) and final.get("interrupted"):
     sys.exit(interrupts_lib.EXIT_CODES[final["interrupted"]])
+  if jax.process_index() > 0:  # with several processes, process 0 speaks for the run
+    return
   if "loss" in final:
     print(f"step {final['step']}: {tasks.get(config.task).format_final(final)}", flush=True)
   else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from typing import Any
 
 import jax
@@ -122,7 +123,9 @@ class Checkpointer:
 
   def check_writable(self) -> None:
     """Fails now, before any training, when the checkpoint directory cannot be written."""
-    probe = os.path.join(self.directory, f".write_probe.{os.getpid()}")
+    # Named by host and process: the processes of a multi-host run share the directory.
+    probe = os.path.join(self.directory,
+                         f".write_probe.{socket.gethostname()}.{os.getpid()}")
     try:
       with open(probe, "w") as f:
         f.write("probe")
