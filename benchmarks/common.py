@@ -122,12 +122,12 @@ class TrainStep:
   returns its seconds (compilation included); ``metrics`` and ``state`` are the latest ones.
   """
 
-  def __init__(self, config, batch: dict[str, Any]):
+  def __init__(self, config, batch: dict[str, Any], devices=None):
     import jax
 
     from arch_zoo import optim, sharding, steps, train_state
 
-    self.mesh = sharding.make_mesh(config.mesh)
+    self.mesh = sharding.make_mesh(config.mesh, devices)  # devices: all (None), or these
     self.rules = sharding.rules_for(config.sharding)
     tx, schedule = optim.build(config.optim, 1000)
     self.graphdef, self.state, shardings = train_state.create(config, self.mesh, self.rules, tx)
