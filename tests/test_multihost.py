@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -44,13 +45,14 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run(workdir, data_dir, processes: int, *flags: str):
-  """Runs train.py as ``processes`` processes of one run; returns ``(exit codes, outputs,
-  timed_out)``. Past TIMEOUT_S every process is killed (exit codes then negative)."""
+def run(workdir, data_dir, processes: int, *flags: str, devices: int = DEVICES):
+  """Runs train.py as ``processes`` processes of one run over ``devices`` devices in all; returns
+  ``(exit codes, outputs, timed_out)``. Past TIMEOUT_S every process is killed (exit codes then
+  negative)."""
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("SLURM_", "JAX_", "XLA_FLAGS", "ARCH_ZOO_TEST"))}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=(
-      f"--xla_force_host_platform_device_count={DEVICES // processes} "
+      f"--xla_force_host_platform_device_count={devices // processes} "
       "--xla_backend_optimization_level=0"))  # as tests/conftest.py: tiny models compile faster
   if processes > 1:
     env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}",
@@ -76,9 +78,9 @@ def run(workdir, data_dir, processes: int, *flags: str):
   return [child.returncode for child in children], outputs, timed_out
 
 
-def launch(workdir, data_dir, processes: int, *flags: str) -> list[str]:
+def launch(workdir, data_dir, processes: int, *flags: str, devices: int = DEVICES) -> list[str]:
   """:func:`run` that must succeed; returns the processes' outputs."""
-  codes, outputs, timed_out = run(workdir, data_dir, processes, *flags)
+  codes, outputs, timed_out = run(workdir, data_dir, processes, *flags, devices=devices)
   if timed_out or any(codes):
     report = "\n".join(f"--- process {i} (exit {code}):\n{out[-3000:]}"
                        for i, (code, out) in enumerate(zip(codes, outputs)))
@@ -126,9 +128,16 @@ def test_two_processes_train_and_resume_like_one(austen_data_dir, tmp_path):
   out = launch(split, austen_data_dir, 2, "--config.train.stop_at_step=7")
   assert "stopped at step 7" in out[0]
   assert sorted(int(n) for n in os.listdir(split / "checkpoints") if n.isdigit()) == [7]
+  moved = tmp_path / "moved"
+  shutil.copytree(split, moved)
   out = launch(split, austen_data_dir, 2)
   assert "Resuming from step 7 (56 samples seen)" in out[0]
   assert_same_run(losses(split), reference)
+
+  # The same checkpoint, sharded over 2 processes and 4 devices, resumed on 1 device.
+  out = launch(moved, austen_data_dir, 1, devices=1)
+  assert "1 cpu device(s)" in out[0] and "Resuming from step 7" in out[0]
+  assert_same_run(losses(moved), reference)
 
 
 def test_a_workdir_in_use_stops_every_process(austen_data_dir, tmp_path):
