@@ -15,6 +15,14 @@ heads, 8 KV heads, head_dim 128, QK-norm and RoPE, bf16 matmuls with float32 par
   tiles its kernels compute on the layer's own scores, as a fraction of dense causal flash
   attention's (``work_fraction``: forward and dQ, dK/dV).
 * ``mha``: the same projections, ``impl=cudnn`` (JAX's cuDNN flash attention, causal).
+* ``op:pallas`` and ``op:cudnn``: the attention op alone (no projections) on random inputs of the
+  layer's shape: our block-sparse kernels (the selection included), dense causal cuDNN.
+* ``flash_dmattn``: the paper's own Triton kernel alone (flash-sparse-attention 2.0.6's
+  ``deprecated/flash_dmattn_triton.py``, torch; its wheel is carried, pure Python) on the same
+  inputs. Its mask is coarser: one top-w key set per (batch, KV head), shared by all queries.
+
+    python benchmarks/bench_dmask.py --seq_lens 8192,32768 \
+        --sides op:pallas,op:cudnn,flash_dmattn --parity 0 --out $OUT/dmask_ops_h100.json
 
 At T = 4K, 8K, 16K and 32K (and 2K = the window, where DMA takes its dense-limit path: cuDNN
 with the folded per-key bias) with a fixed number of tokens per step (batch = tokens / T), each
@@ -221,10 +229,145 @@ def run_parity(args) -> dict:
           "versions": common.versions("jax", "jaxlib", "flax")}
 
 
+def op_inputs(args, seed: int = 1):
+  """The attention op's inputs at the layer's shape, as numpy float32 arrays: q ``[B, T, H, D]``,
+  k, v ``[B, T, G, D]``, the positive per-key bias and the selection score ``[B, T, G]``, the
+  output cotangent."""
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  b, t, h, g = args.batch, args.seq_len, args.heads, args.kv_heads
+  d = args.d_model // args.heads
+  q, cotangent = (rng.standard_normal((b, t, h, d), np.float32) for _ in range(2))
+  k, v = (rng.standard_normal((b, t, g, d), np.float32) for _ in range(2))
+  bias = np.exp(0.5 * np.tanh(rng.standard_normal((b, t, g), np.float32)))
+  score = rng.standard_normal((b, t, g), np.float32)
+  return q, k, v, bias, score, cotangent
+
+
+def run_op_timing(args) -> dict:
+  """``op:pallas``: our block-sparse kernels alone (the exact per-query causal top-w mask, the
+  selection included); ``op:cudnn``: dense causal cuDNN attention alone. Forward + backward
+  w.r.t. q, k, v (and the bias), bf16."""
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+
+  from arch_zoo.attention.ops import dynamic_mask_pallas
+
+  q, k, v, bias, score, cotangent = (jnp.asarray(x) for x in op_inputs(args))
+  q, k, v = (x.astype(compute_dtype(args)) for x in (q, k, v))
+  # --smoke (a CPU): the kernels through Pallas' interpreter, XLA's dense attention for cuDNN's.
+  config = dataclasses.replace(dynamic_mask_pallas.DEFAULT_CONFIG, interpret=args.smoke)
+  if args.side == "op:pallas":
+    def attend(q, k, v, bias):
+      return dynamic_mask_pallas.dynamic_mask_attention(q, k, v, bias, score, causal=True,
+                                                        keep_window=args.keep_window,
+                                                        config=config)
+  else:
+    def attend(q, k, v, bias):
+      del bias  # dense attention: no per-key bias
+      return jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                          implementation=None if args.smoke else "cudnn")
+
+  def loss(q, k, v, bias):
+    return jnp.sum(attend(q, k, v, bias).astype(jnp.float32) * cotangent)
+
+  fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+  forward = jax.jit(loss)
+
+  def block(fn):
+    def run(n):
+      for _ in range(n):
+        out = fn(q, k, v, bias)
+      jax.block_until_ready(out)
+    return run
+
+  result = {"fwd_bwd": common.time_steps(block(fwd_bwd), steps_per_sample=args.steps,
+                                         samples=args.samples),
+            "forward": common.time_steps(block(forward), steps_per_sample=args.steps,
+                                         samples=args.samples)}
+  result["peak_bytes_in_use"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+  result["versions"] = common.versions("jax", "jaxlib")
+  return result
+
+
+def load_flash_dmattn():
+  """flash-sparse-attention's Triton DMA kernel (``deprecated/flash_dmattn_triton.py`` of its
+  wheel: torch and Triton only), loaded as a file: the package's own ``__init__`` imports the
+  newer kernels, which need packages this machine lacks."""
+  import importlib.util
+
+  spec = importlib.util.find_spec("flash_sparse_attn")
+  if spec is None or not spec.submodule_search_locations:
+    raise RuntimeError("flash_sparse_attn is not installed: carry its wheel (pure Python, "
+                       "`pip download flash-sparse-attn==2.0.6 --no-deps`)")
+  path = os.path.join(spec.submodule_search_locations[0], "deprecated", "flash_dmattn_triton.py")
+  module_spec = importlib.util.spec_from_file_location("flash_dmattn_triton", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
+def run_flash_dmattn(args) -> dict:
+  """The peer: flash-dmattn's Triton kernel (``triton_dmattn_func``), forward + backward w.r.t.
+  q, k, v and the bias, bf16, causal. Its mask is coarser than the paper's exact one: each
+  (batch, KV head) keeps one set of ``w`` keys, the top-w of the selection score over the whole
+  sequence, shared by every query (then causal), where ours keeps each query's own top-w among
+  the keys it may see."""
+  import torch
+
+  dmattn = load_flash_dmattn()
+  q, k, v, bias, score, cotangent = op_inputs(args)
+  device = "cuda"
+
+  def tensor(x, grad=True):  # [B, T, N, D] -> [B, N, T, D]; [B, T, G] -> [B, G, T]
+    x = torch.from_numpy(x).to(device).transpose(1, 2)
+    return x.to(torch.bfloat16).contiguous().requires_grad_(grad)
+
+  q_t, k_t, v_t, bias_t = (tensor(x) for x in (q, k, v, bias))
+  cot = tensor(cotangent, grad=False)
+  score_t = torch.from_numpy(score).to(device).transpose(1, 2)
+  indices = torch.sort(torch.topk(score_t, args.keep_window, dim=-1).indices, dim=-1).values
+
+  def forward():
+    return dmattn.triton_dmattn_func(q_t, k_t, v_t, bias_t, indices.contiguous(),
+                                     is_causal=True)
+
+  def block(backward: bool):
+    def run(n):
+      for _ in range(n):
+        out = forward()
+        if backward:
+          (out.float() * cot.float()).sum().backward()
+          q_t.grad = k_t.grad = v_t.grad = bias_t.grad = None
+      torch.cuda.synchronize()
+    return run
+
+  torch.cuda.reset_peak_memory_stats()
+  result = {"fwd_bwd": common.time_steps(block(True), steps_per_sample=args.steps,
+                                         samples=args.samples)}
+  with torch.no_grad():
+    result["forward"] = common.time_steps(block(False), steps_per_sample=args.steps,
+                                          samples=args.samples)
+  result["peak_bytes_in_use"] = torch.cuda.max_memory_allocated()
+  result["mask"] = "per (batch, KV head): top-w keys of the score over the sequence, then causal"
+  result["versions"] = common.versions("torch", "triton", "flash-sparse-attn")
+  return result
+
+
 def child(args) -> None:
   if args.pallas_config:
     configure_pallas(args)
-  result = run_parity(args) if args.side == "parity" else run_timing(args)
+  if args.side == "parity":
+    result = run_parity(args)
+  elif args.side.startswith("op:"):
+    result = run_op_timing(args)
+  elif args.side == "flash_dmattn":
+    result = run_flash_dmattn(args)
+  else:
+    result = run_timing(args)
   with open(args.child_out, "w") as f:
     json.dump(result, f)
 
@@ -316,6 +459,11 @@ def main() -> None:
         if "fwd_bwd" in row[dm_side] and "fwd_bwd" in row.get("mha", {}):
           key = "fwd_bwd_speedup_vs_mha" + dm_side.partition("dynamic_mask")[2].replace(":", "_")
           row[key] = row["mha"]["fwd_bwd"]["median_s"] / row[dm_side]["fwd_bwd"]["median_s"]
+      ours = row.get("op:pallas", {})
+      for peer in ("op:cudnn", "flash_dmattn"):  # the op alone against each peer op
+        if "fwd_bwd" in ours and "fwd_bwd" in row.get(peer, {}):
+          row[f"op_fwd_bwd_speedup_vs_{peer.replace(':', '_')}"] = (
+              row[peer]["fwd_bwd"]["median_s"] / ours["fwd_bwd"]["median_s"])
       common.write(args.out, record)  # after every measurement: a killed job keeps its results
       if "fwd_bwd" in row[side]:
         print(f"    fwd+bwd {row[side]['fwd_bwd']['median_s'] * 1e3:.2f} ms, forward "
