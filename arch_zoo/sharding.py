@@ -90,10 +90,14 @@ def logical_to_spec(logical: Sequence[str | None] | None, rules: Mapping[str, An
     if name is not None and name not in rules:
       raise ValueError(f"Logical axis {name!r} has no sharding rule; known: {sorted(rules)}.")
     target = rules.get(name) if name is not None else None
-    if target is not None and shape is not None and mesh is not None:
+    if target is not None and mesh is not None:
       axes = (target,) if isinstance(target, str) else tuple(target)
+      # Axes of one device split nothing: leaving them out keeps a spec free of them, which
+      # kernels' partitioning rules read literally (cuDNN refuses any axis on the sequence).
+      axes = tuple(a for a in axes if mesh.shape[a] > 1)
+      target = (axes[0] if len(axes) == 1 else axes) if axes else None
       size = math.prod(mesh.shape[a] for a in axes)
-      if shape[i] % size:
+      if target is not None and shape is not None and shape[i] % size:
         logging.debug("Replicating dim %d (%s, size %d): not divisible by %d", i, name, shape[i],
                       size)
         target = None

@@ -116,3 +116,16 @@ def test_context_parallel_step_equals_single_device_for_every_family(attn):
   for (path, g), cp in zip(jax.tree_util.tree_leaves_with_path(gradients),
                            jax.tree.leaves(cp_gradients)):
     np.testing.assert_allclose(cp, g, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+def test_axes_of_one_device_are_left_out_of_specs():
+  """A spec names only mesh axes that split something: cuDNN's partitioning rule, for one, refuses
+  any axis name on the sequence dimension, even one of size 1 (the default context axis)."""
+  mesh = sharding.make_mesh({"data": 8})
+  spec = sharding.logical_to_spec(("act_batch", "act_length", "act_heads", None),
+                                  sharding.rules_for("fsdp_tp"), (16, 32, 4, 8), mesh)
+  assert spec == jax.sharding.PartitionSpec("data", None, None, None)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "context": 2})
+  spec = sharding.logical_to_spec(("act_batch", "act_length", "act_embed"),
+                                  sharding.rules_for("dp"), (16, 32, 64), mesh)
+  assert spec == jax.sharding.PartitionSpec(("data", "fsdp"), "context", None)

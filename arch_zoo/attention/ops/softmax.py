@@ -27,6 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from arch_zoo import sharding
 from arch_zoo.attention.ops import base
 
 IMPLS = ("cudnn", "pallas", "xla", "reference")
@@ -83,10 +84,18 @@ def reference(q, k, v, *, causal: bool, scale: float | None = None, segment_ids=
                mask=mask).astype(q.dtype)
 
 
+# cuDNN's partitioning rule (JAX's custom_partitioning of its fused attention) takes a split of
+# the batch and the heads only: under context parallelism each device gets the whole sequence.
+WHOLE_SEQUENCE = ("act_batch", None, "act_heads", None)
+
+
 def cudnn(q, k, v, *, causal: bool, scale: float, bias=None, segment_ids=None,
           max_segments: int = 0):
   """cuDNN's flash attention; ``is_causal`` lets it skip the masked blocks. With segment ids,
   the packed layout (:func:`packed_cudnn`)."""
+  q, k, v = (sharding.constrain(x, WHOLE_SEQUENCE) for x in (q, k, v))
+  if segment_ids is not None:
+    segment_ids = sharding.constrain(segment_ids, ("act_batch", None))
   if segment_ids is not None:
     return packed_cudnn(q, k, v, causal=causal, scale=scale, segment_ids=segment_ids,
                         max_segments=max_segments)
