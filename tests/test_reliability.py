@@ -1,5 +1,6 @@
-"""The README's promises under faults: signals, damaged checkpoints, failed saves, two runs on one
-workdir, half-written files, refused inputs, and one ``error:`` line per mistake (issue 21)."""
+"""The promises of docs/reliability.md under faults: signals, damaged checkpoints, failed saves,
+two runs on one workdir, half-written files, refused inputs, and one ``error:`` line per mistake
+(issue 21)."""
 
 from __future__ import annotations
 
