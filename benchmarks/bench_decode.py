@@ -222,9 +222,9 @@ def measure_copy_bandwidth(args) -> dict:
           "method": "jitted x + 1 over a bf16 array (read + write), best of 3 x 20 calls"}
 
 
-def time_jax_block(block, args_fn, steps: int, samples: int) -> dict:
+def time_jax_block(block, args_fn, steps: int, samples: int, blocks: int = 1) -> dict:
   """Per-step stats of ``block(*args_fn())`` (which runs ``steps`` decode steps; its outputs are
-  fed back as the next call's carry by ``args_fn``)."""
+  fed back as the next call's carry by ``args_fn``); a sample is ``blocks`` calls back to back."""
   import jax
 
   def run_block(k):
@@ -233,7 +233,7 @@ def time_jax_block(block, args_fn, steps: int, samples: int) -> dict:
       out = block(*args_fn())
     jax.block_until_ready(out)
 
-  stats = common.time_steps(run_block, steps_per_sample=1, samples=samples)
+  stats = common.time_steps(run_block, steps_per_sample=blocks, samples=samples)
   return {k: (v / steps if k.endswith("_s") else v) for k, v in stats.items()}
 
 
@@ -322,7 +322,8 @@ def run_ours_family(family: str, args, emit, deadline: float) -> None:
         start = time.perf_counter()
         jax.block_until_ready(timed_block(*args_fn()))
         row["compile_and_first_block_s"] = time.perf_counter() - start
-        row["stats"] = time_jax_block(timed_block, args_fn, args.steps, args.samples)
+        row["stats"] = time_jax_block(timed_block, args_fn, args.steps, args.samples,
+                                      args.blocks_per_sample)
         row["per_token_s"] = row["stats"]["median_s"]
         row["tokens_per_s"] = batch / row["per_token_s"]
         stats = jax.devices()[0].memory_stats() or {}
@@ -401,7 +402,7 @@ def run_lightning_op(args, emit, versions) -> None:
           return out
 
         row["stats"] = time_jax_block(timed, lambda inputs=inputs: inputs, args.steps,
-                                      args.samples)
+                                      args.samples, args.blocks_per_sample)
         row["per_token_s"] = row["stats"]["median_s"]
         row["tokens_per_s"] = batch / row["per_token_s"]
       except Exception as err:  # noqa: BLE001
@@ -414,8 +415,8 @@ def run_lightning_op(args, emit, versions) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def torch_time(run_block, steps: int, samples: int) -> dict:
-  stats = common.time_steps(run_block, steps_per_sample=1, samples=samples)
+def torch_time(run_block, steps: int, samples: int, blocks: int = 1) -> dict:
+  stats = common.time_steps(run_block, steps_per_sample=blocks, samples=samples)
   return {k: (v / steps if k.endswith("_s") else v) for k, v in stats.items()}
 
 
@@ -486,7 +487,7 @@ def run_hf(args, emit, deadline: float) -> None:
         start = time.perf_counter()
         run_block(2)  # compiles, records the CUDA graph
         row["compile_and_warmup_s"] = time.perf_counter() - start
-        row["stats"] = torch_time(run_block, args.steps, args.samples)
+        row["stats"] = torch_time(run_block, args.steps, args.samples, args.blocks_per_sample)
       row["per_token_s"] = row["stats"]["median_s"]
       row["tokens_per_s"] = batch / row["per_token_s"]
     except Exception as err:  # noqa: BLE001
@@ -550,7 +551,7 @@ def run_fla(args, emit, deadline: float) -> None:
         start = time.perf_counter()
         run_block(1)
         row["compile_and_first_block_s"] = time.perf_counter() - start
-        row["stats"] = torch_time(run_block, args.steps, args.samples)
+        row["stats"] = torch_time(run_block, args.steps, args.samples, args.blocks_per_sample)
         row["per_token_s"] = row["stats"]["median_s"]
         row["tokens_per_s"] = batch / row["per_token_s"]
       except Exception as err:  # noqa: BLE001
@@ -694,7 +695,7 @@ def run_side(args, side: str, families: str, record: dict, rows: list, deadline:
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--families", families,
            "--child_out", lines_path, "--contexts", args.contexts, "--batches", args.batches,
            "--size", args.size, "--steps", str(args.steps), "--samples", str(args.samples),
-           "--prefill_max", str(args.prefill_max), "--param_dtype", args.param_dtype,
+           "--blocks_per_sample", str(args.blocks_per_sample), "--prefill_max", str(args.prefill_max), "--param_dtype", args.param_dtype,
            "--deadline", str(deadline - args.margin_s), "--unroll", str(args.unroll)]
     if args.smoke:
       cmd.append("--smoke")
@@ -743,6 +744,9 @@ def main() -> None:
   parser.add_argument("--size", default="124M")
   parser.add_argument("--steps", type=int, default=32, help="decode steps per timed block")
   parser.add_argument("--samples", type=int, default=5)
+  parser.add_argument("--blocks_per_sample", type=int, default=1,
+                      help="blocks timed back to back per sample, every side (1: each block "
+                           "synchronised on its own, host latency included)")
   parser.add_argument("--unroll", type=int, default=1,
                       help="decode steps per iteration of the timed fori_loop (ours)")
   parser.add_argument("--xla_flags", default="",
@@ -813,8 +817,10 @@ def main() -> None:
             "xla_flags": args.xla_flags, "unroll": args.unroll,
             "shapes": {"size": args.size, "contexts": args.contexts, "batches": args.batches,
                        "steps_per_block": args.steps, "samples": args.samples,
+                       "blocks_per_sample": args.blocks_per_sample,
                        "prefill_max": args.prefill_max, "param_dtype": args.param_dtype},
-            "timing": "median over samples of one jitted block of `steps` greedy decode steps "
+            "timing": "median over samples of `blocks_per_sample` jitted blocks of `steps` greedy "
+                      "decode steps "
                       "(per token = block / steps); tokens/s = batch / per-token seconds",
             "prefill": "ours: batch 1 prefills min(context, prefill_max) random tokens, larger "
                        "batches repeat its cache; slots between the prompt and the context are "

@@ -101,8 +101,9 @@ def run_side(args) -> dict:
 
 def crossover(rows: list[dict]) -> int | None:
   """Shortest T from which routing is faster than the peer at every longer measured T."""
-  measured = [r for r in rows if "median_s" in r.get("mha", {}).get("stats", {})
-              and "median_s" in r.get("routing", {}).get("stats", {})]
+  measured = sorted((r for r in rows if "median_s" in r.get("mha", {}).get("stats", {})
+                     and "median_s" in r.get("routing", {}).get("stats", {})),
+                    key=lambda r: r["seq_len"])  # rows come in the order measured
   best = None
   for row in reversed(measured):
     if row["routing"]["stats"]["median_s"] >= row["mha"]["stats"]["median_s"]:

@@ -434,7 +434,7 @@ def decode_inputs(b=2, h=3, d=32, e=64, seed=0):
   q, k = (0.3 * jax.random.normal(key, (b, h, d)) for key in keys[:2])
   v = jax.random.normal(keys[2], (b, h, e))
   state = jax.random.normal(keys[3], (b, h, d, e))
-  return state, q, k, v, jnp.array([0.05, 0.4, 1.5])
+  return state, q, k, v, jnp.geomspace(0.05, 1.5, h)  # spans fast and slow decays
 
 
 def test_decode_kernel_steps_equal_the_float64_recurrence():

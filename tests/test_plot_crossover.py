@@ -35,3 +35,18 @@ def test_cli_writes_a_png_and_refuses_a_record_without_timings(tmp_path):
   result = subprocess.run([sys.executable, script, str(empty), "--out", str(out)],
                           capture_output=True, text=True)
   assert result.returncode != 0 and result.stderr.startswith("error: none of the records")
+
+
+def test_routing_crossover_reads_lengths_in_order_whatever_the_measuring_order():
+  """bench_routing measures the longest lengths first and a short one last; the crossover is the
+  shortest T from which routing is faster at every longer T."""
+  from benchmarks import bench_routing
+
+  def row(t, mha_s, routing_s):
+    return {"seq_len": t, "mha": {"stats": {"median_s": mha_s}},
+            "routing": {"stats": {"median_s": routing_s}}}
+
+  rows = [row(8192, 12.7, 11.3), row(16384, 21.2, 11.7), row(32768, 38.9, 11.9),
+          row(4096, 8.3, 10.9)]
+  assert bench_routing.crossover(rows) == 8192
+  assert bench_routing.crossover(rows + [row(65536, 70.0, 80.0)]) is None

@@ -184,10 +184,25 @@ def test_the_layer_runs_the_kernel_as_impl_pallas(interpreted):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_does_not_take_the_kernel(interpreted):
+def test_auto_takes_the_kernel_where_it_runs(monkeypatch):
+  """The kernel where it can run (here: interpreted), else xla: on a CPU backend, for the balanced
+  bidirectional routing it does not cover, and on a mesh of several devices."""
   q = jnp.zeros((1, 32, 2, 16))
-  assert routing.base.resolve("routing", "auto", routing.AUTO_IMPLS, lambda impl: routing.supports(
-      impl, q, q, routing.Local(8), causal=True)) == "xla"
+  scores = jnp.zeros((1, 32, 2, 4))
+  clusters = routing.Clusters(scores, jnp.argmax(scores, axis=-1), 8)
+
+  def auto(pattern, causal):
+    return routing.base.resolve("routing", "auto", routing.AUTO_IMPLS, lambda impl:
+                                routing.supports(impl, q, q, pattern, causal=causal))
+
+  if jax.default_backend() != "gpu":
+    assert auto(routing.Local(8), True) == "xla"
+  monkeypatch.setattr(rp, "DEFAULT_CONFIG", INTERPRET)
+  assert auto(routing.Local(8), True) == "pallas"
+  assert auto(clusters, True) == "pallas"
+  assert auto(clusters, False) == "xla"
+  with sharding.use(sharding.make_mesh({"data": -1}), sharding.rules_for("dp")):
+    assert auto(routing.Local(8), True) == "xla"
 
 
 def test_refusals_say_why(monkeypatch):

@@ -27,7 +27,11 @@ multiple of the tiles: the band is cut in whole tiles and the slot-block test ma
 ``S`` is padded with empty slots to a multiple of the tiles.
 
 Matmul inputs in the input dtype with float32 accumulation (``HIGHEST`` for float32 inputs).
-``delta = rowsum(dO * O)`` is XLA. ``interpret=True`` runs the kernels on any backend.
+``delta = rowsum(dO * O)`` is XLA, on the forward's float32 output (kept for the backward; the
+caller gets it in the input dtype): from the bf16-rounded output, the shared query-key gradient of
+the routing heads had 2.4x the error of XLA's own bf16 backward (H100 and the interpreter alike,
+``tests/test_routing_pallas.py``'s bf16 GPU test), 1.2x with it. ``interpret=True`` runs the
+kernels on any backend.
 """
 
 from __future__ import annotations
@@ -261,7 +265,7 @@ def _forward(q, k, v, meta, scale, band, cfg):
   rows, whole, meta_spec, per_row, _ = _specs(length, d, cfg.block_q, meta[0].shape[1] == 1)
   return pl.pallas_call(
       functools.partial(_forward_kernel, scale=scale, band=band, block_k=cfg.block_k),
-      out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_shape=(jax.ShapeDtypeStruct(q.shape, F32),
                  jax.ShapeDtypeStruct((b, h, length), F32)),
       grid=(length // cfg.block_q, b, h),
       in_specs=[rows, whole, whole] + [meta_spec] * 4,
@@ -304,12 +308,12 @@ def _backward(q, k, v, meta, out, lse, d_out, scale, band, cfg):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _attention(q, k, v, meta, scale, band, cfg):
   out, _ = _forward(q, k, v, meta, scale, band, cfg)
-  return out
+  return out.astype(q.dtype)
 
 
 def _attention_fwd(q, k, v, meta, scale, band, cfg):
   out, lse = _forward(q, k, v, meta, scale, band, cfg)
-  return out, (q, k, v, meta, out, lse)
+  return out.astype(q.dtype), (q, k, v, meta, out, lse)
 
 
 def _attention_bwd(scale, band, cfg, residuals, d_out):
