@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # What each record calls its sides, in words for the legend.
 SIDE_LABELS = {"mha": "mha (cuDNN)", "dynamic_mask": "dynamic_mask (xla, chunked)",
                "dynamic_mask:pallas": "dynamic_mask (Pallas, block-sparse)",
-               "dynamic_mask:xla": "dynamic_mask (xla, chunked)", "routing": "routing (xla)"}
+               "dynamic_mask:xla": "dynamic_mask (xla, chunked)"}
 LINE_STYLES = ("-", "--", ":", "-.")
 
 
@@ -43,7 +43,8 @@ def series(record: dict) -> dict[str, dict[int, float]]:
   return out
 
 
-def plot(records: list[tuple[str, dict]], title: str, out: str) -> None:
+def plot(records: list[tuple[str, dict]], title: str, out: str,
+         labels: list[str] | None = None) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -54,7 +55,8 @@ def plot(records: list[tuple[str, dict]], title: str, out: str) -> None:
   fig, ax = plt.subplots(figsize=(7, 4.5))
   lengths: set[int] = set()
   for index, (name, record) in enumerate(records):
-    date = str(record.get("date", ""))[:10] or os.path.basename(name)
+    date = (labels[index] if labels else str(record.get("date", ""))[:10]
+            or os.path.basename(name))
     for side, points in sorted(series(record).items()):
       ts = sorted(points)
       lengths.update(ts)
@@ -82,7 +84,13 @@ def main() -> None:
   parser.add_argument("records", nargs="+", help="benchmark JSON files")
   parser.add_argument("--out", required=True, help="the PNG to write")
   parser.add_argument("--title", default="attention layer, forward + backward")
+  parser.add_argument("--labels", default="",
+                      help="comma-separated, one per record, in the legend (default: its date)")
   args = parser.parse_args()
+  labels = args.labels.split(",") if args.labels else None
+  if labels and len(labels) != len(args.records):
+    sys.exit(f"error: --labels names {len(labels)} records but {len(args.records)} were given; "
+             "give one label per record.")
   records = []
   for path in args.records:
     try:
@@ -93,7 +101,7 @@ def main() -> None:
                "bench_dmask.py or bench_routing.py.")
   if not any(series(record) for _, record in records):
     sys.exit("error: none of the records holds timed rows (fwd_bwd or stats per side).")
-  plot(records, args.title, args.out)
+  plot(records, args.title, args.out, labels)
   print(f"wrote {args.out}")
 
 
