@@ -14,9 +14,10 @@ Presets:
 In every preset the residual stream's sequence dimension (``act_length``) is split over
 ``context`` (size 1 unless ``mesh.context`` says otherwise): context parallelism. Each device
 holds its share of the tokens. ``lightning`` passes states between the shards
-(``ops.linear.per_shard``); elsewhere, where attention needs the keys and values of the whole
-sequence, XLA gathers them, and kernels that XLA cannot partition (cuDNN) see the whole sequence
-on each device.
+(``ops.linear.per_shard``); softmax attention gathers keys and values and splits its causal work
+evenly (``ops.softmax.context_parallel``); elsewhere, where attention needs the keys and values
+of the whole sequence, XLA gathers them, and kernels that XLA cannot partition (cuDNN) see the
+whole sequence on each device.
 """
 
 from __future__ import annotations

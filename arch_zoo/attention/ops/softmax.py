@@ -20,12 +20,29 @@ Implementations, in the order ``auto`` tries them:
 * ``xla``: :func:`dense`, the einsum form in the compute dtype (bf16 matmuls on accelerators)
   with float32 logits and softmax.
 * ``reference``: :func:`reference`, the same dense form with every input in float32: the oracle.
+
+Context parallelism. Where the active mesh splits the sequence (``act_length`` over a mesh axis
+of more than one device, ``--config.mesh.context=N``), ``auto`` and ``xla`` run
+:func:`context_parallel` inside ``shard_map``: each device gathers the keys and values (and
+segment ids) of the whole sequence, and its queries attend to them block by block with an
+online softmax, skipping the key blocks that lie wholly in the future. Causal queries travel in
+a load-balanced ("zigzag") order: of ``2N`` half-shards, device d answers the queries of
+half-shards d and ``2N - 1 - d``, so that every device runs ``2N + 1`` key blocks of ``T / 2N``
+tokens, about half of the dense ``T / N x T`` logits. A named ``cudnn`` keeps the whole sequence
+on every device (cuDNN's partitioning rule refuses a split sequence, and its public API returns
+no log-sum-exp to merge blocks with); ``reference`` stays the dense oracle. Where a causal
+sequence does not split into ``2N`` equal half-shards (or a non-causal one into ``N`` shards),
+or a bias or mask is given, the call runs as it would without the split: XLA's partitioner
+gathers keys and values and each device computes its rows densely.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from arch_zoo import sharding
 from arch_zoo.attention.ops import base
@@ -150,6 +167,202 @@ def pallas(q, k, v, *, causal: bool, scale: float, segment_ids):
   return pallas_attention.mha(q, k, v, segment_ids, sm_scale=scale, causal=causal)
 
 
+# --------------------------------------------------------------------------------------------
+# Context parallelism: gathered keys and values, load-balanced causal order, key blocks.
+# --------------------------------------------------------------------------------------------
+
+
+def context_axis(q, k, *, causal: bool, bias=None, mask=None) -> str | None:
+  """The mesh axis that splits the sequence when :func:`context_parallel` can run this call
+  (self-attention without bias or mask, a length that the zigzag order divides), else None."""
+  if sharding.one_device() or bias is not None or mask is not None or q.shape[1] != k.shape[1]:
+    return None
+  mesh, rules = sharding.active()
+  axis = sharding.logical_to_spec(("act_batch", "act_length", "act_heads", None), rules, q.shape,
+                                  mesh)[1]
+  if not isinstance(axis, str) or mesh.shape[axis] < 2:
+    return None
+  pieces = 2 * mesh.shape[axis] if causal else mesh.shape[axis]
+  return axis if q.shape[1] % pieces == 0 else None
+
+
+def zigzag_permutations(shards: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+  """The two ``ppermute`` permutations, ``(source, destination)`` device pairs, of the
+  load-balanced causal order: the first halves of the shards, then the second halves.
+
+  Device s holds half-shards 2s and 2s + 1. Half-shard j goes to device j if ``j < shards``, else
+  to device ``2 shards - 1 - j``, so device d receives half-shards d and ``2 shards - 1 - d``:
+  one early and one late piece of the sequence, the same causal work on every device. Both maps
+  are bijections: the first halves (even j) land on the even devices below ``shards`` and, from
+  the second half of the sequence, on the odd ones; the second halves the other way round.
+  """
+  def destination(j):
+    return j if j < shards else 2 * shards - 1 - j
+
+  return ([(s, destination(2 * s)) for s in range(shards)],
+          [(s, destination(2 * s + 1)) for s in range(shards)])
+
+
+def _block_logits(causal: bool, scale: float, q, k_block, q_start, k_start, q_ids, kv_ids):
+  """Masked float32 logits ``[B, K, G, c, c]`` of grouped queries ``[B, c, K, G, D]`` against one
+  key block ``[B, c, K, D]``; ``q_start``, ``k_start``: global positions of their first tokens."""
+  logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k_block, preferred_element_type=jnp.float32) * scale
+  c = q.shape[1]
+  allowed = None
+  if causal:
+    q_pos = q_start + jnp.arange(c)
+    allowed = (k_start + jnp.arange(c))[None, :] <= q_pos[:, None]
+    allowed = allowed[None]
+  if q_ids is not None:
+    k_ids = jax.lax.dynamic_slice_in_dim(kv_ids, k_start, c, axis=1)
+    same = q_ids[:, :, None] == k_ids[:, None, :]
+    allowed = same if allowed is None else allowed & same
+  if allowed is None:
+    return logits
+  return jnp.where(allowed[:, None, None], logits, MASK_VALUE)
+
+
+def _key_block_count(causal: bool, c: int, t: int, chunk):
+  """Key blocks a query chunk reads: its causal prefix (up to its own block), or all of them."""
+  return chunk + 1 if causal else t // c
+
+
+def _attend_key_blocks_forward(causal, scale, q, k, v, q_ids, kv_ids, chunk):
+  b, c, h, d = q.shape
+  kv_heads = k.shape[2]
+  grouped = q.reshape(b, c, kv_heads, h // kv_heads, d)
+
+  def step(j, carry):  # the online softmax: running max, sum and output, all float32
+    running_max, total, acc = carry
+    start = j * c
+    k_block, v_block = (jax.lax.dynamic_slice_in_dim(x, start, c, axis=1) for x in (k, v))
+    logits = _block_logits(causal, scale, grouped, k_block, chunk * c, start, q_ids, kv_ids)
+    new_max = jnp.maximum(running_max, logits.max(axis=-1))
+    probs = jnp.exp(logits - new_max[..., None])
+    rescale = jnp.exp(running_max - new_max)
+    total = rescale * total + probs.sum(axis=-1)
+    acc = rescale[..., None] * acc + jnp.einsum(
+        "bkgqs,bskd->bkgqd", probs.astype(v.dtype), v_block, preferred_element_type=jnp.float32)
+    return new_max, total, acc
+
+  stats = (b, kv_heads, h // kv_heads, c)
+  init = (jnp.full(stats, MASK_VALUE, jnp.float32), jnp.zeros(stats, jnp.float32),
+          jnp.zeros((*stats, v.shape[-1]), jnp.float32))
+  running_max, total, acc = jax.lax.fori_loop(
+      0, _key_block_count(causal, c, k.shape[1], chunk), step, init)
+  out = (acc / total[..., None]).transpose(0, 3, 1, 2, 4).reshape(b, c, h, v.shape[-1])
+  return out.astype(q.dtype), running_max + jnp.log(total)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def attend_key_blocks(causal: bool, scale: float, q, k, v, q_ids, kv_ids, chunk):
+  """Softmax attention of one query chunk ``q [B, c, H, D]`` to ``k, v [B, T, K, D]`` in key
+  blocks of ``c`` tokens, flash-attention style: the forward keeps only the output and each
+  row's log-sum-exp, the backward recomputes each block's probabilities.
+
+  ``chunk`` (a traced int): the query chunk's index in the sequence, which starts at token
+  ``chunk * c``. Causal, the loop runs over key blocks ``0 .. chunk`` only (a loop of dynamic
+  length: the future is never computed); otherwise over all ``T / c``. ``q_ids [B, c]``,
+  ``kv_ids [B, T]``: segment ids (packed rows), or None.
+  """
+  return _attend_key_blocks_forward(causal, scale, q, k, v, q_ids, kv_ids, chunk)[0]
+
+
+def _attend_key_blocks_fwd(causal, scale, q, k, v, q_ids, kv_ids, chunk):
+  out, log_sum_exp = _attend_key_blocks_forward(causal, scale, q, k, v, q_ids, kv_ids, chunk)
+  return out, (q, k, v, q_ids, kv_ids, chunk, out, log_sum_exp)
+
+
+def _attend_key_blocks_bwd(causal, scale, residuals, d_out):
+  q, k, v, q_ids, kv_ids, chunk, out, log_sum_exp = residuals
+  b, c, h, d = q.shape
+  kv_heads = k.shape[2]
+  groups = h // kv_heads
+  grouped = q.reshape(b, c, kv_heads, groups, d)
+  d_out = d_out.reshape(b, c, kv_heads, groups, v.shape[-1])
+  # sum_s p_qs dp_qs = d_out_q . out_q: the softmax's backward term, per row.
+  row_term = jnp.einsum("bqkgd,bqkgd->bkgq", d_out.astype(jnp.float32),
+                        out.reshape(d_out.shape).astype(jnp.float32))
+
+  def step(j, carry):
+    d_q, d_k, d_v = carry
+    start = j * c
+    k_block, v_block = (jax.lax.dynamic_slice_in_dim(x, start, c, axis=1) for x in (k, v))
+    logits = _block_logits(causal, scale, grouped, k_block, chunk * c, start, q_ids, kv_ids)
+    probs = jnp.exp(logits - log_sum_exp[..., None])
+    d_v_block = jnp.einsum("bkgqs,bqkgd->bskd", probs.astype(d_out.dtype), d_out,
+                           preferred_element_type=jnp.float32)
+    d_probs = jnp.einsum("bqkgd,bskd->bkgqs", d_out, v_block, preferred_element_type=jnp.float32)
+    d_logits = probs * (d_probs - row_term[..., None]) * scale
+    d_q = d_q + jnp.einsum("bkgqs,bskd->bqkgd", d_logits.astype(k.dtype), k_block,
+                           preferred_element_type=jnp.float32)
+    d_k_block = jnp.einsum("bkgqs,bqkgd->bskd", d_logits.astype(q.dtype), grouped,
+                           preferred_element_type=jnp.float32)
+    # Each key block is visited once: its gradient is written, not accumulated.
+    d_k = jax.lax.dynamic_update_slice_in_dim(d_k, d_k_block, start, axis=1)
+    d_v = jax.lax.dynamic_update_slice_in_dim(d_v, d_v_block, start, axis=1)
+    return d_q, d_k, d_v
+
+  init = (jnp.zeros(grouped.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
+          jnp.zeros(v.shape, jnp.float32))
+  d_q, d_k, d_v = jax.lax.fori_loop(0, _key_block_count(causal, c, k.shape[1], chunk), step, init)
+  return (d_q.reshape(q.shape).astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype),
+          None, None, None)
+
+
+attend_key_blocks.defvjp(_attend_key_blocks_fwd, _attend_key_blocks_bwd)
+
+
+def _context_parallel_shard(q, k, v, segment_ids, *, axis: str, shards: int, causal: bool,
+                            scale: float):
+  """Inside ``shard_map``: this device's contiguous ``L = T / shards`` tokens of the sequence."""
+  keys, values = (jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v))
+  kv_ids = (None if segment_ids is None
+            else jax.lax.all_gather(segment_ids, axis, axis=1, tiled=True))
+  here = jax.lax.axis_index(axis)
+
+  def attend(q_chunk, chunk):
+    c = q_chunk.shape[1]
+    q_ids = None if kv_ids is None else jax.lax.dynamic_slice_in_dim(kv_ids, chunk * c, c, axis=1)
+    return attend_key_blocks(causal, scale, q_chunk, keys, values, q_ids, kv_ids, chunk)
+
+  if not causal:  # every query reads every key: no order to balance
+    return attend(q, here)
+  half = q.shape[1] // 2
+  outputs = []
+  pieces = (q[:, :half], q[:, half:])
+  for second, (pairs, piece) in enumerate(zip(zigzag_permutations(shards), pieces)):
+    received = [0] * shards  # the half-shard each device receives: its source's 2s or 2s + 1
+    for source, destination in pairs:
+      received[destination] = 2 * source + second
+    out = attend(jax.lax.ppermute(piece, axis, pairs), jnp.asarray(received)[here])
+    outputs.append(jax.lax.ppermute(out, axis, [(d, s) for s, d in pairs]))
+  return jnp.concatenate(outputs, axis=1)
+
+
+def context_parallel(q, k, v, *, axis: str, causal: bool, scale: float, segment_ids=None):
+  """Exact softmax attention with the sequence split over mesh ``axis`` (see the module
+  docstring): ``shard_map`` over the active mesh, batch and heads keeping their own shardings
+  (``act_batch``, ``act_heads``; only the key/value heads are gathered, so GQA moves ``K`` heads,
+  not ``H``)."""
+  mesh, rules = sharding.active()
+  batch, length, heads, _ = sharding.logical_to_spec(
+      ("act_batch", "act_length", "act_heads", None), rules, q.shape, mesh)
+  kv_heads = sharding.logical_to_spec(("act_batch", "act_length", "act_heads", None), rules,
+                                      k.shape, mesh)[2]
+  if kv_heads != heads:  # the heads axis does not divide the key/value heads (MQA): keep whole
+    heads = kv_heads = None
+  q_spec, kv_spec = P(batch, length, heads, None), P(batch, length, kv_heads, None)
+  shard = functools.partial(_context_parallel_shard, axis=axis, shards=mesh.shape[axis],
+                            causal=causal, scale=scale)
+  if segment_ids is None:
+    return jax.shard_map(lambda q, k, v: shard(q, k, v, None), mesh=mesh,
+                         in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v)
+  return jax.shard_map(shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(batch, length)),
+                       out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
+
+
 def cudnn_version() -> int:
   """The cuDNN version JAX was built against (0 when none is found)."""
   try:
@@ -208,12 +421,27 @@ def apply(q, k, v, *, causal: bool, impl: str = "auto", scale: float | None = No
   """Softmax attention on the implementation named by ``impl`` (``auto``: cuDNN where it can
   run, then, for packed rows, Pallas, else ``xla``); ``site`` names the layer for
   :func:`base.recording`. ``max_segments``: a static bound on the documents of a packed row
-  (0: unknown), which cuDNN's packed layout needs."""
+  (0: unknown), which cuDNN's packed layout needs. Under a mesh that splits the sequence,
+  ``auto`` and ``xla`` run :func:`context_parallel` where it can run (see the module docstring)."""
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   # Pallas serves packed rows only: unpacked calls never list it (nor its refusal).
   impls = IMPLS if segment_ids is not None else tuple(n for n in IMPLS if n != "pallas")
-  impl = base.resolve("softmax", impl, impls, lambda name: supports(
-      name, q, k, segment_ids=segment_ids, mask=mask, max_segments=max_segments), site)
+  axis = None
+  if impl in ("auto", "xla"):
+    axis = context_axis(q, k, causal=causal, bias=bias, mask=mask)
+
+  def runnable(name):
+    # A split sequence: ``auto`` prefers the context-parallel xla form, which splits attention's
+    # work, to fused kernels that would each see the whole sequence (a named one still runs).
+    if axis is not None and name in ("cudnn", "pallas"):
+      return (f"the sequence is split over mesh axis {axis!r}: the context-parallel xla form "
+              f"splits the work (name {name} to run it on the whole sequence on every device)")
+    return supports(name, q, k, segment_ids=segment_ids, mask=mask, max_segments=max_segments)
+
+  impl = base.resolve("softmax", impl, impls, runnable, site)
+  if impl == "xla" and axis is not None:
+    return context_parallel(q, k, v, axis=axis, causal=causal, scale=scale,
+                            segment_ids=segment_ids)
   if impl == "cudnn":
     return cudnn(q, k, v, causal=causal, scale=scale, bias=bias, segment_ids=segment_ids,
                  max_segments=max_segments)
