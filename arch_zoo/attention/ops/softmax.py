@@ -30,9 +30,10 @@ a load-balanced ("zigzag") order: of ``2N`` half-shards, device d answers the qu
 half-shards d and ``2N - 1 - d``, so that every device computes the same number of blocks,
 about half of the dense ``T / N x T`` logits. Query and key blocks hold at most
 :data:`CONTEXT_BLOCK` tokens whatever the length (a half-shard is cut into equal blocks,
-:func:`block_size`): one step's float32 logits are ``[B, H, block, block]``. A named ``cudnn`` keeps the whole sequence
-on every device (cuDNN's partitioning rule refuses a split sequence, and its public API returns
-no log-sum-exp to merge blocks with); ``reference`` stays the dense oracle. Where a causal
+:func:`block_size`): one step's float32 logits are ``[B, H, block, block]``. A named
+``cudnn`` keeps the whole sequence on every device (cuDNN's partitioning rule refuses a split
+sequence, and its public API returns no log-sum-exp to merge blocks with); ``reference`` stays
+the dense oracle. Where a causal
 sequence does not split into ``2N`` equal half-shards (or a non-causal one into ``N`` shards),
 or a bias or mask is given, the call runs as it would without the split: XLA's partitioner
 gathers keys and values and each device computes its rows densely.
