@@ -109,6 +109,56 @@ def test_context_parallel_keeps_heads_split_over_tensor(kv_heads):
     assert_close(got, want)
 
 
+@pytest.mark.parametrize("rows, bound", [(24, 8), (10, 4), (5, 3)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("packed", [False, True])
+def test_context_parallel_with_several_blocks_per_chunk_equals_reference(rows, bound, causal,
+                                                                         packed):
+  """Query chunks (half-shards causal, shards not) of ``rows`` tokens cut into blocks of at most
+  ``bound``: 24 into three blocks of 8; 10 into three of 4, the last padded by 2; 5 into two of
+  3, padded by 1, where the keys (20 or 10 tokens) are padded to whole blocks too. Outputs and
+  gradients of q, k and v equal ``softmax.reference``'s in float32 on a 4 x 2 data x context
+  mesh, GQA 2, with and without packed rows."""
+  shards = 2
+  length = (2 * shards if causal else shards) * rows
+  q, k, v, ids = inputs(4, length, 4, 2, packed=packed, seed=1)
+
+  def fn(q, k, v):
+    return softmax.context_parallel(q, k, v, axis="context", causal=causal,
+                                    scale=q.shape[-1] ** -0.5, segment_ids=ids, block=bound)
+
+  want_out, want_grads = outputs_and_gradients(
+      lambda q, k, v: softmax.reference(q, k, v, causal=causal, segment_ids=ids), q, k, v)
+  mesh = sharding.make_mesh({"data": 8 // shards, "context": shards})
+  with sharding.use(mesh, sharding.rules_for("dp")):
+    out, grads = outputs_and_gradients(fn, q, k, v)
+  assert_close(out, want_out)
+  for got, want in zip(grads, want_grads):
+    assert_close(got, want)
+
+
+def test_block_size_cuts_a_chunk_into_the_fewest_equal_blocks():
+  """For every chunk of 1..99 tokens and bound 1..19: the block is at most the bound, the fewest
+  blocks of at most the bound (ceil(rows / bound)) cover the chunk, and they pad it by fewer
+  tokens than there are blocks; a bound the chunk fits in gives one block of the whole chunk."""
+  for rows in range(1, 100):
+    for bound in range(1, 20):
+      block = softmax.block_size(rows, bound)
+      blocks = -(-rows // block)
+      assert block <= bound and blocks == -(-rows // bound)
+      assert 0 <= blocks * block - rows < blocks
+    assert softmax.block_size(rows, 512) == rows
+
+
+@pytest.mark.parametrize("block", [0, -4, 2.5])
+def test_a_bad_block_bound_says_what_to_give(block):
+  q, k, v, _ = inputs(2, 16, 4, 2)
+  mesh = sharding.make_mesh({"data": 4, "context": 2})
+  with sharding.use(mesh, sharding.rules_for("dp")), pytest.raises(ValueError,
+                                                                   match="positive number"):
+    softmax.context_parallel(q, k, v, axis="context", causal=True, scale=1.0, block=block)
+
+
 def test_context_parallel_in_bfloat16_is_as_close_to_the_oracle_as_the_dense_form():
   """bf16 inputs (the GPU's compute dtype; statistics stay float32): outputs and gradients are
   no further from the float32 oracle than twice the dense ``xla`` form's error on one device."""
@@ -131,11 +181,13 @@ def test_context_parallel_in_bfloat16_is_as_close_to_the_oracle_as_the_dense_for
     assert error <= 2 * np.abs(np.asarray(baseline, np.float32) - ref).max(), error
 
 
-def test_future_key_blocks_are_never_read():
+@pytest.mark.parametrize("block", [None, 2])
+def test_future_key_blocks_are_never_read(block):
   """NaN keys and values from half-shard m on: with the sequence split 4 ways (half-shards of 4
   tokens), every query before half-shard m stays finite and exact, on every device, because no
   device reads a key block wholly in its queries' future. The dense form, which multiplies the
-  masked probabilities (0) by the NaN values, turns every row NaN: the poison is visible."""
+  masked probabilities (0) by the NaN values, turns every row NaN: the poison is visible.
+  ``block=2``: each half-shard is two query blocks of 2 tokens, each reading up to its own."""
   shards, half = 4, 4
   q, k, v, _ = inputs(2, 2 * shards * half, 4, 2)
   want = softmax.reference(q, k, v, causal=True)
@@ -143,13 +195,19 @@ def test_future_key_blocks_are_never_read():
   def fn(q, k, v):
     return softmax.apply(q, k, v, causal=True, impl="xla")
 
+  def split(q, k, v):  # ``apply`` takes the context-parallel form under the mesh
+    if block is None:
+      return fn(q, k, v)
+    return softmax.context_parallel(q, k, v, axis="context", causal=True,
+                                    scale=q.shape[-1] ** -0.5, block=block)
+
   dense = jax.jit(lambda q, k, v: fn(q, k, v))  # its own trace cache, traced without a mesh
   for m in (1, shards, 2 * shards - 1):
     future = (jnp.arange(q.shape[1]) >= m * half)[None, :, None, None]
     k_poisoned, v_poisoned = (jnp.where(future, jnp.nan, x) for x in (k, v))
     assert np.isnan(np.asarray(dense(q, k_poisoned, v_poisoned))).all()  # no mesh: dense
     with sharding.use(mesh, sharding.rules_for("dp")):
-      out = np.asarray(jax.jit(fn)(q, k_poisoned, v_poisoned))
+      out = np.asarray(jax.jit(split)(q, k_poisoned, v_poisoned))
     assert_close(out[:, :m * half], want[:, :m * half])
     assert np.isnan(out[:, m * half:]).all()
 
@@ -168,11 +226,42 @@ def dot_output_dims(jaxpr) -> list[tuple[int, ...]]:
   return shapes
 
 
+def array_shapes(jaxpr) -> list[tuple[int, ...]]:
+  """The shapes of every array that ``jaxpr`` and its sub-jaxprs compute."""
+  shapes = []
+  for eqn in jaxpr.eqns:
+    shapes += [tuple(x.aval.shape) for x in eqn.outvars if hasattr(x.aval, "shape")]
+    for value in eqn.params.values():
+      for item in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(item, "jaxpr", item)
+        if hasattr(sub, "eqns"):
+          shapes += array_shapes(sub)
+  return shapes
+
+
+def shard_map_bodies(jaxpr) -> list:
+  """The bodies of the shard_maps in ``jaxpr`` (the forward's and the backward's)."""
+  bodies = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "shard_map":
+      bodies.append(getattr(eqn.params["jaxpr"], "jaxpr", eqn.params["jaxpr"]))
+    for value in eqn.params.values():
+      for item in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(item, "jaxpr", item)
+        if hasattr(sub, "eqns"):
+          bodies += shard_map_bodies(sub)
+  return bodies
+
+
 def test_no_device_computes_logits_wider_than_a_key_block():
-  """Forward and backward, every matmul inside the shard_map is one half-shard of queries by one
-  key block (6 tokens here): no [L, T] or [T, T] logits exist, where L = 12 tokens per device
-  and T = 48. The same check finds [T, T] logits in the dense form."""
-  shards, length = 4, 48
+  """Forward and backward, with the default bound (``CONTEXT_BLOCK`` = 512 tokens) and half-shards
+  of twice that: every matmul inside the shard_map is at most one block of queries by one block of
+  keys, and every array there with two dimensions of a block or more (the logits, probabilities
+  and their masks) is ``[.., block, block]``: no [c, c], [L, T] or [T, T] logits exist, where
+  c = 1024 tokens per half-shard, L = 2048 per device and T = 8192. Only traced, never run. The
+  same check finds [T, T] logits in the dense form."""
+  shards, block = 4, softmax.CONTEXT_BLOCK
+  length = 2 * shards * 2 * block
   q, k, v, ids = inputs(2, length, 4, 2, packed=True)
 
   def loss(impl, q, k, v):
@@ -183,11 +272,16 @@ def test_no_device_computes_logits_wider_than_a_key_block():
     split = jax.make_jaxpr(jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2)))(q, k, v)
     dense = jax.make_jaxpr(jax.grad(functools.partial(loss, "reference"),
                                     argnums=(0, 1, 2)))(q, k, v)
-  shapes = dot_output_dims(split.jaxpr)
-  block = length // (2 * shards)
-  assert any(shape.count(block) == 2 for shape in shapes), shapes  # a block's [c, c] logits
-  assert not any({length // shards, length} & set(shape) for shape in shapes), shapes
+  dots = dot_output_dims(split.jaxpr)
+  assert any(shape.count(block) == 2 for shape in dots), dots  # a block pair's logits
+  assert all(max(shape) <= block for shape in dots), dots
+  bodies = shard_map_bodies(split.jaxpr)
+  assert len(bodies) >= 2  # forward and backward
+  for body in bodies:
+    wide = [shape for shape in array_shapes(body) if sum(n >= block for n in shape) >= 2]
+    assert wide and all(sorted(shape)[-2:] == [block, block] for shape in wide), wide
   assert any(shape.count(length) == 2 for shape in dot_output_dims(dense.jaxpr))
+  assert any(shape.count(length) == 2 for shape in array_shapes(dense.jaxpr))
 
 
 def test_causal_length_without_equal_half_shards_runs_as_before():

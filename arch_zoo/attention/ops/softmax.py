@@ -27,10 +27,13 @@ of more than one device, ``--config.mesh.context=N``), ``auto`` and ``xla`` run
 segment ids) of the whole sequence, and its queries attend to them block by block with an
 online softmax, skipping the key blocks that lie wholly in the future. Causal queries travel in
 a load-balanced ("zigzag") order: of ``2N`` half-shards, device d answers the queries of
-half-shards d and ``2N - 1 - d``, so that every device runs ``2N + 1`` key blocks of ``T / 2N``
-tokens, about half of the dense ``T / N x T`` logits. A named ``cudnn`` keeps the whole sequence
-on every device (cuDNN's partitioning rule refuses a split sequence, and its public API returns
-no log-sum-exp to merge blocks with); ``reference`` stays the dense oracle. Where a causal
+half-shards d and ``2N - 1 - d``, so that every device computes the same number of blocks,
+about half of the dense ``T / N x T`` logits. Query and key blocks hold at most
+:data:`CONTEXT_BLOCK` tokens whatever the length (a half-shard is cut into equal blocks,
+:func:`block_size`): one step's float32 logits are ``[B, H, block, block]``. A named
+``cudnn`` keeps the whole sequence on every device (cuDNN's partitioning rule refuses a split
+sequence, and its public API returns no log-sum-exp to merge blocks with); ``reference`` stays
+the dense oracle. Where a causal
 sequence does not split into ``2N`` equal half-shards (or a non-causal one into ``N`` shards),
 or a bias or mask is given, the call runs as it would without the split: XLA's partitioner
 gathers keys and values and each device computes its rows densely.
@@ -39,6 +42,7 @@ gathers keys and values and each device computes its rows densely.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -203,18 +207,55 @@ def zigzag_permutations(shards: int) -> tuple[list[tuple[int, int]], list[tuple[
           [(s, destination(2 * s + 1)) for s in range(shards)])
 
 
-def _block_logits(causal: bool, scale: float, q, k_block, q_start, k_start, q_ids, kv_ids):
-  """Masked float32 logits ``[B, K, G, c, c]`` of grouped queries ``[B, c, K, G, D]`` against one
-  key block ``[B, c, K, D]``; ``q_start``, ``k_start``: global positions of their first tokens."""
-  logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k_block, preferred_element_type=jnp.float32) * scale
-  c = q.shape[1]
+# The most tokens a query or key block holds under context parallelism. One step of the block loop
+# keeps float32 logits and probabilities [B, H, block, block]: 1 MiB per (row, head) at 512,
+# whatever the length, where blocks of a whole half-shard (T / 2N tokens) would need 1 GiB at
+# T = 128K on 4 devices. 512 keeps each step's matmuls (512 x D by D x 512 per head) large; it is
+# a bound, not a tuned tile: its speed on a GPU is unmeasured. ``context_parallel(block=...)``
+# overrides it.
+CONTEXT_BLOCK = 512
+
+
+def block_size(rows: int, bound: int) -> int:
+  """The block of a query chunk of ``rows`` tokens: the chunk cut into the fewest equal blocks
+  of at most ``bound`` tokens. Where they do not divide it, the chunk's last block is padded (by
+  fewer tokens than there are blocks), and the keys to a whole number of blocks."""
+  blocks = -(-rows // bound)
+  return -(-rows // blocks)
+
+
+class BlockLayout(NamedTuple):
+  """The static description of one query chunk's block loop."""
+  causal: bool
+  scale: float
+  block: int  # tokens per query block and per key block
+  rows: int  # real queries of the chunk; the query array holds whole blocks, padded
+  kv_length: int  # real keys; the key array holds whole blocks, padded
+
+  def key_block_count(self, chunk_start, index, key_blocks: int):
+    """Key blocks that query block ``index`` (traced) of the chunk starting at token
+    ``chunk_start`` reads: up to the block of its last real query (causal: the future is never
+    read), or all ``key_blocks``."""
+    if not self.causal:
+      return key_blocks
+    last_query = chunk_start + jnp.minimum((index + 1) * self.block, self.rows) - 1
+    return last_query // self.block + 1
+
+
+def _block_logits(layout: BlockLayout, q, k_block, q_start, k_start, q_ids, k_ids):
+  """Masked float32 logits ``[B, K, G, b, b]`` of grouped queries ``[B, b, K, G, D]`` against one
+  key block ``[B, b, K, D]``; ``q_start``, ``k_start``: global positions of their first tokens;
+  ``q_ids``, ``k_ids [B, b]``: their segment ids, or None."""
+  logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k_block,
+                      preferred_element_type=jnp.float32) * layout.scale
+  q_pos = q_start + jnp.arange(q.shape[1])
+  k_pos = k_start + jnp.arange(k_block.shape[1])
   allowed = None
-  if causal:
-    q_pos = q_start + jnp.arange(c)
-    allowed = (k_start + jnp.arange(c))[None, :] <= q_pos[:, None]
-    allowed = allowed[None]
+  if layout.causal:  # padded keys lie after every real query: causality masks them too
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None]
+  elif layout.kv_length % layout.block:
+    allowed = (k_pos < layout.kv_length)[None, None, :]
   if q_ids is not None:
-    k_ids = jax.lax.dynamic_slice_in_dim(kv_ids, k_start, c, axis=1)
     same = q_ids[:, :, None] == k_ids[:, None, :]
     allowed = same if allowed is None else allowed & same
   if allowed is None:
@@ -222,115 +263,162 @@ def _block_logits(causal: bool, scale: float, q, k_block, q_start, k_start, q_id
   return jnp.where(allowed[:, None, None], logits, MASK_VALUE)
 
 
-def _key_block_count(causal: bool, c: int, t: int, chunk):
-  """Key blocks a query chunk reads: its causal prefix (up to its own block), or all of them."""
-  return chunk + 1 if causal else t // c
+def _query_blocks(x, block: int):
+  """``[B, n * block, ...]`` -> ``[n, B, block, ...]``: the query blocks, one per loop step."""
+  return jnp.moveaxis(x.reshape(x.shape[0], x.shape[1] // block, block, *x.shape[2:]), 1, 0)
 
 
-def _attend_key_blocks_forward(causal, scale, q, k, v, q_ids, kv_ids, chunk):
-  b, c, h, d = q.shape
-  kv_heads = k.shape[2]
-  grouped = q.reshape(b, c, kv_heads, h // kv_heads, d)
-
-  def step(j, carry):  # the online softmax: running max, sum and output, all float32
-    running_max, total, acc = carry
-    start = j * c
-    k_block, v_block = (jax.lax.dynamic_slice_in_dim(x, start, c, axis=1) for x in (k, v))
-    logits = _block_logits(causal, scale, grouped, k_block, chunk * c, start, q_ids, kv_ids)
-    new_max = jnp.maximum(running_max, logits.max(axis=-1))
-    probs = jnp.exp(logits - new_max[..., None])
-    rescale = jnp.exp(running_max - new_max)
-    total = rescale * total + probs.sum(axis=-1)
-    acc = rescale[..., None] * acc + jnp.einsum(
-        "bkgqs,bskd->bkgqd", probs.astype(v.dtype), v_block, preferred_element_type=jnp.float32)
-    return new_max, total, acc
-
-  stats = (b, kv_heads, h // kv_heads, c)
-  init = (jnp.full(stats, MASK_VALUE, jnp.float32), jnp.zeros(stats, jnp.float32),
-          jnp.zeros((*stats, v.shape[-1]), jnp.float32))
-  running_max, total, acc = jax.lax.fori_loop(
-      0, _key_block_count(causal, c, k.shape[1], chunk), step, init)
-  out = (acc / total[..., None]).transpose(0, 3, 1, 2, 4).reshape(b, c, h, v.shape[-1])
-  return out.astype(q.dtype), running_max + jnp.log(total)
+def _key_block(x, start, block: int):
+  return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, block, axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def attend_key_blocks(causal: bool, scale: float, q, k, v, q_ids, kv_ids, chunk):
-  """Softmax attention of one query chunk ``q [B, c, H, D]`` to ``k, v [B, T, K, D]`` in key
-  blocks of ``c`` tokens, flash-attention style: the forward keeps only the output and each
-  row's log-sum-exp, the backward recomputes each block's probabilities.
-
-  ``chunk`` (a traced int): the query chunk's index in the sequence, which starts at token
-  ``chunk * c``. Causal, the loop runs over key blocks ``0 .. chunk`` only (a loop of dynamic
-  length: the future is never computed); otherwise over all ``T / c``. ``q_ids [B, c]``,
-  ``kv_ids [B, T]``: segment ids (packed rows), or None.
-  """
-  return _attend_key_blocks_forward(causal, scale, q, k, v, q_ids, kv_ids, chunk)[0]
-
-
-def _attend_key_blocks_fwd(causal, scale, q, k, v, q_ids, kv_ids, chunk):
-  out, log_sum_exp = _attend_key_blocks_forward(causal, scale, q, k, v, q_ids, kv_ids, chunk)
-  return out, (q, k, v, q_ids, kv_ids, chunk, out, log_sum_exp)
-
-
-def _attend_key_blocks_bwd(causal, scale, residuals, d_out):
-  q, k, v, q_ids, kv_ids, chunk, out, log_sum_exp = residuals
-  b, c, h, d = q.shape
-  kv_heads = k.shape[2]
+def _attend_blocks_forward(layout: BlockLayout, q, k, v, q_ids, kv_ids, chunk_start):
+  b, padded, h, d = q.shape
+  kv_heads, dv, block = k.shape[2], v.shape[-1], layout.block
   groups = h // kv_heads
-  grouped = q.reshape(b, c, kv_heads, groups, d)
-  d_out = d_out.reshape(b, c, kv_heads, groups, v.shape[-1])
-  # sum_s p_qs dp_qs = d_out_q . out_q: the softmax's backward term, per row.
-  row_term = jnp.einsum("bqkgd,bqkgd->bkgq", d_out.astype(jnp.float32),
-                        out.reshape(d_out.shape).astype(jnp.float32))
+  stats = (b, kv_heads, groups, block)
 
-  def step(j, carry):
-    d_q, d_k, d_v = carry
-    start = j * c
-    k_block, v_block = (jax.lax.dynamic_slice_in_dim(x, start, c, axis=1) for x in (k, v))
-    logits = _block_logits(causal, scale, grouped, k_block, chunk * c, start, q_ids, kv_ids)
-    probs = jnp.exp(logits - log_sum_exp[..., None])
-    d_v_block = jnp.einsum("bkgqs,bqkgd->bskd", probs.astype(d_out.dtype), d_out,
+  def query_block(args):  # one block of queries; lax.map keeps one block's logits live
+    index, q_block, ids_block = args
+    grouped = q_block.reshape(b, block, kv_heads, groups, d)
+    q_start = chunk_start + index * block
+
+    def step(j, carry):  # the online softmax: running max, sum and output, all float32
+      running_max, total, acc = carry
+      k_start = j * block
+      k_block, v_block, k_ids = (_key_block(x, k_start, block) for x in (k, v, kv_ids))
+      logits = _block_logits(layout, grouped, k_block, q_start, k_start, ids_block, k_ids)
+      new_max = jnp.maximum(running_max, logits.max(axis=-1))
+      probs = jnp.exp(logits - new_max[..., None])
+      rescale = jnp.exp(running_max - new_max)
+      total = rescale * total + probs.sum(axis=-1)
+      acc = rescale[..., None] * acc + jnp.einsum(
+          "bkgqs,bskd->bkgqd", probs.astype(v.dtype), v_block, preferred_element_type=jnp.float32)
+      return new_max, total, acc
+
+    init = (jnp.full(stats, MASK_VALUE, jnp.float32), jnp.zeros(stats, jnp.float32),
+            jnp.zeros((*stats, dv), jnp.float32))
+    count = layout.key_block_count(chunk_start, index, k.shape[1] // block)
+    running_max, total, acc = jax.lax.fori_loop(0, count, step, init)
+    out = (acc / total[..., None]).transpose(0, 3, 1, 2, 4).reshape(b, block, h, dv)
+    return out.astype(q.dtype), running_max + jnp.log(total)
+
+  ids = None if q_ids is None else _query_blocks(q_ids, block)
+  out, log_sum_exp = jax.lax.map(
+      query_block, (jnp.arange(padded // block), _query_blocks(q, block), ids))
+  return jnp.moveaxis(out, 0, 1).reshape(b, padded, h, dv), log_sum_exp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def attend_blocks(layout: BlockLayout, q, k, v, q_ids, kv_ids, chunk_start):
+  """Softmax attention of one query chunk ``q [B, n b, H, D]`` to ``k, v [B, m b, K, D]`` in
+  blocks of ``b = layout.block`` queries by ``b`` keys, flash-attention style: query blocks one
+  after another, each with an online softmax over its key blocks; the forward keeps only the
+  output and each row's log-sum-exp, the backward recomputes each pair's probabilities. No array
+  larger than ``[B, H, b, b]`` holds logits, however long the chunk or the sequence.
+
+  ``chunk_start`` (a traced int): the global position of the chunk's first token. Causal, query
+  block i reads key blocks up to the one holding its last real query (a loop of dynamic length:
+  the future is never computed); otherwise all of them. ``q_ids [B, n b]``, ``kv_ids [B, m b]``:
+  segment ids (packed rows), or None. Padding: query rows past ``layout.rows`` are computed and
+  ignored; keys past ``layout.kv_length`` are masked.
+  """
+  return _attend_blocks_forward(layout, q, k, v, q_ids, kv_ids, chunk_start)[0]
+
+
+def _attend_blocks_fwd(layout, q, k, v, q_ids, kv_ids, chunk_start):
+  out, log_sum_exp = _attend_blocks_forward(layout, q, k, v, q_ids, kv_ids, chunk_start)
+  return out, (q, k, v, q_ids, kv_ids, chunk_start, out, log_sum_exp)
+
+
+def _attend_blocks_bwd(layout, residuals, d_out):
+  q, k, v, q_ids, kv_ids, chunk_start, out, log_sum_exp = residuals
+  b, padded, h, d = q.shape
+  kv_heads, dv, block = k.shape[2], v.shape[-1], layout.block
+  groups = h // kv_heads
+  scale = layout.scale
+
+  def query_block(carry, args):  # d_k, d_v gather every query block's share
+    d_k, d_v = carry
+    index, q_block, ids_block, d_out_block, out_block, lse_block = args
+    grouped = q_block.reshape(b, block, kv_heads, groups, d)
+    d_out_block = d_out_block.reshape(b, block, kv_heads, groups, dv)
+    # sum_s p_qs dp_qs = d_out_q . out_q: the softmax's backward term, per row.
+    row_term = jnp.einsum("bqkgd,bqkgd->bkgq", d_out_block.astype(jnp.float32),
+                          out_block.reshape(d_out_block.shape).astype(jnp.float32))
+    q_start = chunk_start + index * block
+
+    def step(j, inner):
+      d_q, d_k, d_v = inner
+      k_start = j * block
+      k_block, v_block, k_ids = (_key_block(x, k_start, block) for x in (k, v, kv_ids))
+      logits = _block_logits(layout, grouped, k_block, q_start, k_start, ids_block, k_ids)
+      probs = jnp.exp(logits - lse_block[..., None])
+      d_v_block = jnp.einsum("bkgqs,bqkgd->bskd", probs.astype(d_out_block.dtype), d_out_block,
+                             preferred_element_type=jnp.float32)
+      d_probs = jnp.einsum("bqkgd,bskd->bkgqs", d_out_block, v_block,
                            preferred_element_type=jnp.float32)
-    d_probs = jnp.einsum("bqkgd,bskd->bkgqs", d_out, v_block, preferred_element_type=jnp.float32)
-    d_logits = probs * (d_probs - row_term[..., None]) * scale
-    d_q = d_q + jnp.einsum("bkgqs,bskd->bqkgd", d_logits.astype(k.dtype), k_block,
-                           preferred_element_type=jnp.float32)
-    d_k_block = jnp.einsum("bkgqs,bqkgd->bskd", d_logits.astype(q.dtype), grouped,
-                           preferred_element_type=jnp.float32)
-    # Each key block is visited once: its gradient is written, not accumulated.
-    d_k = jax.lax.dynamic_update_slice_in_dim(d_k, d_k_block, start, axis=1)
-    d_v = jax.lax.dynamic_update_slice_in_dim(d_v, d_v_block, start, axis=1)
-    return d_q, d_k, d_v
+      d_logits = probs * (d_probs - row_term[..., None]) * scale
+      d_q = d_q + jnp.einsum("bkgqs,bskd->bqkgd", d_logits.astype(k.dtype), k_block,
+                             preferred_element_type=jnp.float32)
+      d_k_block = jnp.einsum("bkgqs,bqkgd->bskd", d_logits.astype(q.dtype), grouped,
+                             preferred_element_type=jnp.float32)
+      d_k = jax.lax.dynamic_update_slice_in_dim(d_k, _key_block(d_k, k_start, block) + d_k_block,
+                                                k_start, axis=1)
+      d_v = jax.lax.dynamic_update_slice_in_dim(d_v, _key_block(d_v, k_start, block) + d_v_block,
+                                                k_start, axis=1)
+      return d_q, d_k, d_v
 
-  init = (jnp.zeros(grouped.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
-          jnp.zeros(v.shape, jnp.float32))
-  d_q, d_k, d_v = jax.lax.fori_loop(0, _key_block_count(causal, c, k.shape[1], chunk), step, init)
-  return (d_q.reshape(q.shape).astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype),
-          None, None, None)
+    count = layout.key_block_count(chunk_start, index, k.shape[1] // block)
+    d_q, d_k, d_v = jax.lax.fori_loop(
+        0, count, step, (jnp.zeros(grouped.shape, jnp.float32), d_k, d_v))
+    return (d_k, d_v), d_q.reshape(b, block, h, d)
+
+  ids = None if q_ids is None else _query_blocks(q_ids, block)
+  blocks = (jnp.arange(padded // block), _query_blocks(q, block), ids,
+            _query_blocks(d_out, block), _query_blocks(out, block), log_sum_exp)
+  (d_k, d_v), d_q = jax.lax.scan(
+      query_block, (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)), blocks)
+  d_q = jnp.moveaxis(d_q, 0, 1).reshape(q.shape)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, None, None
 
 
-attend_key_blocks.defvjp(_attend_key_blocks_fwd, _attend_key_blocks_bwd)
+attend_blocks.defvjp(_attend_blocks_fwd, _attend_blocks_bwd)
+
+
+def _pad_to_blocks(x, block: int):
+  """``x [B, T, ...]`` with zeros appended along T up to a multiple of ``block``."""
+  if x is None or x.shape[1] % block == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (0, -x.shape[1] % block)
+  return jnp.pad(x, widths)
 
 
 def _context_parallel_shard(q, k, v, segment_ids, *, axis: str, shards: int, causal: bool,
-                            scale: float):
+                            scale: float, block: int):
   """Inside ``shard_map``: this device's contiguous ``L = T / shards`` tokens of the sequence."""
   keys, values = (jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v))
   kv_ids = (None if segment_ids is None
             else jax.lax.all_gather(segment_ids, axis, axis=1, tiled=True))
+  rows = q.shape[1] // 2 if causal else q.shape[1]  # one query chunk: a half-shard, or the shard
+  layout = BlockLayout(causal, scale, block_size(rows, block), rows, keys.shape[1])
+  padded_keys, padded_values, padded_ids = (_pad_to_blocks(x, layout.block)
+                                            for x in (keys, values, kv_ids))
   here = jax.lax.axis_index(axis)
 
   def attend(q_chunk, chunk):
-    c = q_chunk.shape[1]
-    q_ids = None if kv_ids is None else jax.lax.dynamic_slice_in_dim(kv_ids, chunk * c, c, axis=1)
-    return attend_key_blocks(causal, scale, q_chunk, keys, values, q_ids, kv_ids, chunk)
+    q_ids = None if kv_ids is None else jax.lax.dynamic_slice_in_dim(kv_ids, chunk * rows, rows,
+                                                                     axis=1)
+    out = attend_blocks(layout, _pad_to_blocks(q_chunk, layout.block), padded_keys,
+                        padded_values, _pad_to_blocks(q_ids, layout.block), padded_ids,
+                        chunk * rows)
+    return out[:, :rows]
 
   if not causal:  # every query reads every key: no order to balance
     return attend(q, here)
-  half = q.shape[1] // 2
   outputs = []
-  pieces = (q[:, :half], q[:, half:])
+  pieces = (q[:, :rows], q[:, rows:])
   for second, (pairs, piece) in enumerate(zip(zigzag_permutations(shards), pieces)):
     received = [0] * shards  # the half-shard each device receives: its source's 2s or 2s + 1
     for source, destination in pairs:
@@ -340,11 +428,15 @@ def _context_parallel_shard(q, k, v, segment_ids, *, axis: str, shards: int, cau
   return jnp.concatenate(outputs, axis=1)
 
 
-def context_parallel(q, k, v, *, axis: str, causal: bool, scale: float, segment_ids=None):
+def context_parallel(q, k, v, *, axis: str, causal: bool, scale: float, segment_ids=None,
+                     block: int = CONTEXT_BLOCK):
   """Exact softmax attention with the sequence split over mesh ``axis`` (see the module
   docstring): ``shard_map`` over the active mesh, batch and heads keeping their own shardings
   (``act_batch``, ``act_heads``; only the key/value heads are gathered, so GQA moves ``K`` heads,
-  not ``H``)."""
+  not ``H``). ``block``: the most tokens of a query or key block (:func:`block_size`)."""
+  if not isinstance(block, int) or block < 1:
+    raise ValueError(f"context_parallel's block must be a positive number of tokens (the bound "
+                     f"on a query or key block, default {CONTEXT_BLOCK}), got {block!r}")
   mesh, rules = sharding.active()
   batch, length, heads, _ = sharding.logical_to_spec(
       ("act_batch", "act_length", "act_heads", None), rules, q.shape, mesh)
@@ -354,7 +446,7 @@ def context_parallel(q, k, v, *, axis: str, causal: bool, scale: float, segment_
     heads = kv_heads = None
   q_spec, kv_spec = P(batch, length, heads, None), P(batch, length, kv_heads, None)
   shard = functools.partial(_context_parallel_shard, axis=axis, shards=mesh.shape[axis],
-                            causal=causal, scale=scale)
+                            causal=causal, scale=scale, block=block)
   if segment_ids is None:
     return jax.shard_map(lambda q, k, v: shard(q, k, v, None), mesh=mesh,
                          in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
