@@ -121,14 +121,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
                == "pallas" else "never")
 
   def loss_fn(params, model_state, batch, rng):
-    targets, weights, head_positions = batch["targets"], batch["weights"], None
-    if loss_positions:
-      head_positions = labelled_positions(weights, loss_positions)
-      targets = jnp.take_along_axis(targets, head_positions, axis=1)
-      weights = jnp.take_along_axis(weights, head_positions, axis=1)
+    targets, weights = batch["targets"], batch["weights"]
+    head_positions = labelled_positions(weights, loss_positions) if loss_positions else None
     out, aux, new_model_state = forward(graphdef, params, model_state, batch,
                                         deterministic=False, rng=rng, fuse_head=fuse_head,
                                         head_positions=head_positions)
+    if loss_positions:
+      targets = jnp.take_along_axis(targets, head_positions, axis=1)
+      weights = jnp.take_along_axis(weights, head_positions, axis=1)
     if isinstance(out, tuple):
       nll, weight_sum, correct = head_cross_entropy(*out, targets, weights,
                                                     required=fuse_head == "required")

@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 import train
-from arch_zoo import losses, steps
-from configs import recall
+from arch_zoo import losses, models, steps
+from configs import recall, vit
 from tests.helpers import build_lm, lm_config, train_losses
 
 
@@ -136,10 +136,17 @@ def test_a_row_with_more_labelled_positions_is_refused_before_any_step(tmp_path)
   assert not os.path.exists(tmp_path / train.CONFIG_FILE)  # the workdir holds no run
 
 
-def test_bad_values_are_refused():
+def test_bad_values_and_models_without_a_linear_head_are_refused():
   for value in ("auto", -1, True, 2.5):  # auto reaches the step only outside the mqar task
     with pytest.raises(ValueError, match="train.loss_positions=.* must be 0"):
       steps.make_train_step(None, None, None, jax.random.key(0), loss_positions=value)
+  config = vit.get_config("attn=mha,size=test")
+  graphdef, params, model_state = nnx.split(models.build(config.model, rngs=nnx.Rngs(0)),
+                                            nnx.Param, ...)
+  with pytest.raises(ValueError, match="VisionTransformer has no plain linear head .* Set "
+                     "train.loss_positions=0"):
+    steps.forward(graphdef, params, model_state, {"inputs": None}, deterministic=True,
+                  head_positions=jnp.zeros((2, 1), jnp.int32))
 
 
 @pytest.mark.gpu
