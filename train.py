@@ -208,9 +208,11 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
   try:
     # ---------------------------------------------------------------- compiled steps
     base_rng = jax.random.key(config.seed)
+    loss_positions = config.train.get("loss_positions", 0)
     train_step = jax.jit(steps.make_train_step(graphdef, tx, schedule, base_rng,
                                                label_smoothing=config.train.label_smoothing,
-                                               loss_impl=config.train.loss_impl),
+                                               loss_impl=config.train.loss_impl,
+                                               loss_positions=loss_positions),
                          in_shardings=(state_shardings, None),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
     eval_step = jax.jit(steps.make_eval_step(graphdef))
@@ -221,13 +223,18 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
     def put(batch):
       return sharding.global_batch_from_local(batch, mesh)
 
+    def next_batch():
+      batch = next(batches)
+      steps.check_loss_positions(batch, loss_positions)  # never a row cut short of its loss
+      return put(batch)
+
     last_step = min(total_steps, config.train.stop_at_step or total_steps)
     batch, kernels = None, []
     if start_step < last_step:
       # grain's loader from the sample the checkpoint says comes next (arch_zoo/data/loader.py).
       batches = loader.train_batches(data, samples_seen, batch_size,
                                      **loader.loader_options(config.data))
-      batch = put(next(batches))
+      batch = next_batch()
       # Traced, not compiled: shape errors show here, and `auto` says which kernels it chose.
       with sharding.use(mesh, rules), ops.recording() as choices:
         jax.eval_shape(train_step, state, batch)
@@ -299,7 +306,7 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
         # runs: on a CPU mesh, which must wait for each step, the ViT demo then trained 8-20%
         # faster.
         if step + 1 < last_step:
-          batch = put(next(batches))
+          batch = next_batch()
         state, step_metrics = sharding.wait_if_cpu_mesh((state, step_metrics))
         pending.append(step_metrics)
         step += 1

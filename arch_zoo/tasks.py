@@ -146,6 +146,15 @@ def _mqar_seq_len(config: ConfigDict) -> int:
   return max(s.seq_len for s in parse_slices(config.data.train_slices))
 
 
+def _resolve_mqar(config: ConfigDict) -> None:
+  """``train.loss_positions=auto``: the most answers a training row holds (the largest kv-pair
+  count of the training slices), where alone the head and the loss then run."""
+  from arch_zoo.data.synthetic import parse_slices
+  if config.train.get("loss_positions") == "auto":
+    config.train.loss_positions = max(s.num_kv_pairs
+                                      for s in parse_slices(config.data.train_slices))
+
+
 def _check_vocabulary(config: ConfigDict, data) -> None:
   if config.model.vocab_size < data.vocab_size:
     raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
@@ -267,4 +276,5 @@ register(Task(
     ),
     headline="mqar_accuracy",
     check_data=_check_vocabulary,
+    resolve=_resolve_mqar,
 ))

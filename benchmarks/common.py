@@ -133,7 +133,9 @@ class TrainStep:
     self.graphdef, self.state, shardings = train_state.create(config, self.mesh, self.rules, tx)
     self._step = jax.jit(steps.make_train_step(self.graphdef, tx, schedule, jax.random.key(0),
                                                label_smoothing=config.train.label_smoothing,
-                                               loss_impl=config.train.loss_impl),
+                                               loss_impl=config.train.loss_impl,
+                                               loss_positions=config.train.get(
+                                                   "loss_positions", 0)),
                          in_shardings=(shardings, None), out_shardings=(shardings, None),
                          donate_argnums=(0,))
     self.batch = batch

@@ -159,6 +159,13 @@ def train_config(size: dict[str, Any], **overrides: Any) -> ConfigDict:
       # one Hopper GPU for models with a plain linear head, bf16 features and no label smoothing,
       # else XLA's form (the same function).
       loss_impl="auto",
+      # >0: the LM head and the loss run only at the (at most) this many positions of nonzero
+      # weight of each row, gathered in order (steps.labelled_positions); the same loss and
+      # gradients, the head's work cut by seq_len / this. A batch with a row of more is refused
+      # with an error before the step runs (steps.check_loss_positions), never truncated. 0:
+      # every position. auto: the task's bound (mqar: the most answers of a training slice; the
+      # recall config sets it), else an error. Validation always takes every position.
+      loss_positions=FieldReference(0, field_type=object),
       # Named XLA flag sets, comma separated (arch_zoo/perf.py), e.g. "cublas": cuBLAS GEMMs
       # instead of Triton. Applied by train.py before JAX starts; "" adds nothing. auto: the
       # measured best on a CUDA GPU (cublas; cublas,cudnn_ln for layer-norm models), nothing

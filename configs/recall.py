@@ -72,8 +72,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
       random_non_queries=size.get("random_non_queries", True),
   ))
   config.optim = common.optim_config(size)
+  # Only the answers carry loss: the head and the loss run there alone (the task settles auto
+  # as the most answers of a training slice, after any --config.data.train_slices).
   config.train = common.train_config(size, log_every=50, eval_every=1000, eval_batches=4,
-                                     checkpoint_every=1000)
+                                     checkpoint_every=1000, loss_positions="auto")
   config.eval = ConfigDict(dict(batch_size=size["batch_size"]))
   config.mesh, config.sharding = common.mesh_config("dp")
   if arg.size == "test":

@@ -140,11 +140,13 @@ def _train(configs: list[ConfigDict], workdirs: list[str],
   learning_rates = jnp.asarray([c.optim.learning_rate for c in configs], jnp.float32)
   seeds = jnp.asarray([c.seed for c in configs], jnp.uint32)
 
+  loss_positions = base.train.get("loss_positions", 0)
+
   def member_step(state, batch, learning_rate, seed):
     train_step = steps.make_train_step(
         graphdef, scaled(tx, learning_rate), lambda s: learning_rate * unit_schedule(s),
         jax.random.key(seed), label_smoothing=base.train.label_smoothing,
-        loss_impl=base.train.loss_impl)
+        loss_impl=base.train.loss_impl, loss_positions=loss_positions)
     return train_step(state, batch)
 
   batched_step = jax.jit(jax.vmap(member_step), donate_argnums=(0,))
@@ -157,7 +159,10 @@ def _train(configs: list[ConfigDict], workdirs: list[str],
     return sharding.global_batch_from_local(batch, mesh)
 
   def train_batches(seen: int) -> dict[str, jax.Array]:
-    return jax.device_put(stack([data.train_batch(seen, batch_size) for data in datas]))
+    batches = [data.train_batch(seen, batch_size) for data in datas]
+    for batch in batches:
+      steps.check_loss_positions(batch, loss_positions)
+    return jax.device_put(stack(batches))
 
   def save(step: int) -> None:
     for i, ckpt in enumerate(ckpts):

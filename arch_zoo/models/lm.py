@@ -79,8 +79,13 @@ class LanguageModel(nnx.Module):
                rng: jax.Array | None = None):
     x, aux = self.features(tokens, positions=positions, segment_ids=segment_ids,
                            deterministic=deterministic, rng=rng)
-    logits = self.embed.attend(x) if self.head is None else self.head(x)
-    return sharding.constrain(logits, ("act_batch", "act_length", "act_vocab")), aux
+    return self.logits(x), aux
+
+  def logits(self, features: jax.Array) -> jax.Array:
+    """The head: ``features [B, T, d_model]`` (of ``features``, or some positions of them) ->
+    float32 ``logits [B, T, V]``."""
+    logits = self.embed.attend(features) if self.head is None else self.head(features)
+    return sharding.constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
   def head_weight(self) -> jax.Array:
     """The head as ``[V, d_model]`` in the matmul dtype: the logits are ``features @ W.T`` with a
