@@ -223,13 +223,13 @@ def value_and_grads(fn, q, k, v, bias, cotangent):
   return (out, *vjp(cotangent.astype(out.dtype)))
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "keep_window", "tie_break"))
+@functools.partial(jax.jit, static_argnames=("causal", "keep_window", "tie_break", "config"))
 def kernel_and_reference(q, k, v, bias, score, cotangent, segment_ids, *, causal, keep_window,
-                         tie_break):
+                         tie_break, config=INTERPRET):
   options = dict(causal=causal, keep_window=keep_window, tie_break=tie_break,
                  segment_ids=segment_ids)
   kernel = value_and_grads(lambda q, k, v, b: dmp.dynamic_mask_attention(
-      q, k, v, b, score, config=INTERPRET, **options), q, k, v, bias, cotangent)
+      q, k, v, b, score, config=config, **options), q, k, v, bias, cotangent)
   reference = value_and_grads(lambda q, k, v, b: dmk.reference(q, k, v, b, score, **options),
                               q, k, v, bias, cotangent)
   return kernel, reference
@@ -258,6 +258,23 @@ def test_kernel_equals_the_reference_output_and_gradients(t, heads, kv_heads, ke
   kernel, reference = kernel_and_reference(q, k, v, bias, score, cotangent, segments(t, packed),
                                            causal=causal, keep_window=keep_window,
                                            tie_break=tie_break)
+  for name, got, want in zip(("out", "dq", "dk", "dv", "dbias"), kernel, reference):
+    assert got.shape == want.shape, name
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("block_q,block_k", [(32, 16), (16, 32)])
+@pytest.mark.parametrize("causal,packed", [(True, False), (False, False), (True, True)])
+def test_kernel_with_unequal_tiles_equals_the_reference(block_q, block_k, causal, packed):
+  """Query tiles taller than the key tiles (the H100's fastest tiling so far is 128 x 32) and the
+  other way round: the lists, the dK/dV tiles and the masks follow each tile size on its own."""
+  t = 75
+  q, k, v, bias, score = inputs(b=2 if packed else 1, t=t, h=4, g=2, ties=True, seed=3)
+  cotangent = jax.random.normal(jax.random.key(7), q.shape)
+  config = dmp.KernelConfig(block_q=block_q, block_k=block_k, end_bucket=16, interpret=True)
+  kernel, reference = kernel_and_reference(q, k, v, bias, score, cotangent, segments(t, packed),
+                                           causal=causal, keep_window=20, tie_break="recent",
+                                           config=config)
   for name, got, want in zip(("out", "dq", "dk", "dv", "dbias"), kernel, reference):
     assert got.shape == want.shape, name
     assert_close(got, want)
