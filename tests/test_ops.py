@@ -103,7 +103,11 @@ def test_auto_on_a_gpu_picks_the_kernels_of_the_table(monkeypatch):
                                             (True, 128, segments, "pallas")):
     assert auto_choice(dynamic_mask, q, k, causal=causal, keep_window=window,
                        segment_ids=segment_ids) == want, (causal, window, segment_ids)
-  assert auto_choice(routing, q, q, routing.Local(4), causal=True) == "xla"
+  # routing: its Pallas kernel where it covers the heads, xla for the balanced bidirectional form.
+  assert auto_choice(routing, q, q, routing.Local(4), causal=True) == "pallas"
+  scores = jnp.zeros((2, 256, 8, 4))
+  clusters = routing.Clusters(scores, jnp.argmax(scores, axis=-1), 64)
+  assert auto_choice(routing, q, q, clusters, causal=False) == "xla"
 
 
 # ------------------------------------------------------------------------------ softmax
