@@ -695,7 +695,8 @@ def run_side(args, side: str, families: str, record: dict, rows: list, deadline:
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--families", families,
            "--child_out", lines_path, "--contexts", args.contexts, "--batches", args.batches,
            "--size", args.size, "--steps", str(args.steps), "--samples", str(args.samples),
-           "--blocks_per_sample", str(args.blocks_per_sample), "--prefill_max", str(args.prefill_max), "--param_dtype", args.param_dtype,
+           "--blocks_per_sample", str(args.blocks_per_sample),
+           "--prefill_max", str(args.prefill_max), "--param_dtype", args.param_dtype,
            "--deadline", str(deadline - args.margin_s), "--unroll", str(args.unroll)]
     if args.smoke:
       cmd.append("--smoke")
