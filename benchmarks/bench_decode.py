@@ -14,13 +14,15 @@ is rewritten after every measurement, so a killed job keeps what it measured:
   ``--prefill_max`` prefill their first ``--prefill_max`` tokens and count the remaining slots,
   zeros, as context: the xla decode forms do the same work whatever the cached values), then a
   jitted ``lax.fori_loop`` of ``--steps`` greedy ``decode_step``\ s (argmax fed back, cache
-  donated) is timed: the median over ``--samples`` blocks, per token. The state memory of every
-  (C, B), first for the empty caches (before any timing) and again for the filled ones: the
-  cache's elements against ``models.state_sizes`` (``StateSize.at(max_len)`` x batch, summed over
-  layers), its bytes, and on a GPU the growth of ``memory_stats()['bytes_in_use']`` while it is
-  built, against those elements at the state's own element sizes. A (C, B) whose state does not
-  fit the free device memory is skipped. The ``mha`` child also measures the device's copy bandwidth (a jitted ``x + 1`` over 2
-  GiB, read + write) for the HBM roofline; the ``lightning`` child times the recurrent op alone
+  donated) is timed: the median over ``--samples`` samples, per token; a sample is one block
+  synchronised on its own, or ``--blocks_per_sample`` blocks back to back (every side alike).
+  The state memory of every (C, B), first for the empty caches (before any timing) and again
+  for the filled ones: the cache's elements against ``models.state_sizes``
+  (``StateSize.at(max_len)`` x batch, summed over layers), its bytes, and on a GPU the growth of
+  ``memory_stats()['bytes_in_use']`` while it is built, against those elements at the state's
+  own element sizes. A (C, B) whose state does not fit the free device memory is skipped. The
+  ``mha`` child also measures the device's copy bandwidth (a jitted ``x + 1`` over 2 GiB, read
+  + write) for the HBM roofline; the ``lightning`` child times the recurrent op alone
   (``ops.linear.recurrent_step``) and one lightning layer's ``decode_step``.
 * ``hf``: ``transformers.GPT2LMHeadModel`` of the same shape (random init, bf16, SDPA,
   ``n_positions`` = the largest context), a ``StaticCache`` of ``C + --steps`` slots filled by one
