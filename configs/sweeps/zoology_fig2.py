@@ -47,6 +47,10 @@ Adapted, and why:
 6. **Positions.** RoPE (arch_zoo's backbone) instead of Zoology's learned absolute positions.
 7. **Evaluation**: the final validation on all 3,000 test examples, not the best epoch.
 
+Not an adaptation, but why the grid fits a few GPU sessions: the MQAR task runs the 8,192-way head
+and the loss at the answers only (``train.loss_positions``, docs/recall.md), the same loss and
+gradients as over every position with a 16x smaller head, which dominated the step at these widths.
+
 Each (length, width) point trains the four learning rates of one family as one vmapped program
 (``batch_members``). Members checkpoint, so ``--budget_s`` stops a call cleanly and the next call
 resumes; a member cut short is listed apart, never in a table.
