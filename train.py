@@ -48,7 +48,7 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, run info.")
 
 CONFIG_FILE = workdir_lib.CONFIG_FILE
-FINAL_METRICS_FILE = "final_metrics.json"
+FINAL_METRICS_FILE = workdir_lib.FINAL_METRICS_FILE
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -195,6 +195,8 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
     state, data_state = ckpt.restore(blueprint.abstract)
     samples_seen = int(data_state["samples_seen"])
   start_step = int(state.step)
+  # A run that ended at its stop_when rule stays ended: a rerun only repeats the final validation.
+  stopped_early = workdir_lib.early_stop_record(workdir, start_step)
   ckpt.check_writable()
   if is_main:
     if restored_from is not None:
@@ -228,7 +230,8 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
       steps.check_loss_positions(batch, loss_positions)  # never a row cut short of its loss
       return put(batch)
 
-    last_step = min(total_steps, config.train.stop_at_step or total_steps)
+    last_step = start_step if stopped_early else min(total_steps,
+                                                     config.train.stop_at_step or total_steps)
     batch, kernels = None, []
     if start_step < last_step:
       # grain's loader from the sample the checkpoint says comes next (arch_zoo/data/loader.py).
@@ -247,7 +250,7 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
     # Config, data and model are checked: only now does the workdir hold a run.
     if is_main:
       workdir_lib.write_json(os.path.join(workdir, CONFIG_FILE), workdir_lib.config_dict(config))
-    writer.truncate_after(start_step, drop_final_at=start_step >= total_steps)
+    writer.truncate_after(start_step, drop_final_at=start_step >= total_steps or bool(stopped_early))
     data_facts = data.facts() if hasattr(data, "facts") else {}  # e.g. the padding fraction
     info = provenance.write_run_info(
         workdir, config, state.params,
@@ -277,6 +280,7 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
                                     data.unit, enabled=is_main and config.train.progress)
     pending: list[dict[str, Any]] = []
     step = start_step
+    stop_rule = metrics_lib.parse_stop_rule(config.train.get("stop_when", ""))
     finite_since_restore = False  # a finite loss was seen from the restored state onwards
 
     def flush(step: int, show: bool = True) -> None:
@@ -326,6 +330,10 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
           val = validate(config.train.eval_batches)
           writer.write(step, {f"val/{k}": v for k, v in val.items()})
           progress.restart_clock(step)
+          if stop_rule is not None and stop_rule.reached(val):
+            stopped_early = {"rule": stop_rule.text, "step": step, "planned_steps": total_steps}
+            save(step)
+            break
         if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) or \
             step == last_step:
           flush(step)  # never checkpoint a state whose loss was not checked
@@ -342,7 +350,9 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
         return {"step": step, "interrupted": interrupts.requested}
 
       final: dict[str, Any] = {"step": step}
-      if step >= total_steps:
+      if stopped_early:
+        final["stopped_early"] = stopped_early
+      if step >= total_steps or stopped_early:
         start = time.perf_counter()
         final.update(validate(None))  # the whole validation split
         final["eval_seconds"] = time.perf_counter() - start

@@ -16,6 +16,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from arch_zoo import metrics
 from arch_zoo.errors import UserError, message_of
 
 
@@ -67,6 +68,12 @@ def check(config: ConfigDict) -> None:
     if value < minimum:
       raise ConfigError(f"{key}={value} is out of range: it is {meaning} and must be >= "
                         f"{minimum}.")
+  stop_when = lookup(config, "train.stop_when")
+  if stop_when is not None:
+    try:
+      metrics.parse_stop_rule(stop_when)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------- flag errors

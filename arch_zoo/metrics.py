@@ -1,17 +1,55 @@
-"""Run logging: one JSONL file per run, TensorBoard event files, and a one-line progress bar."""
+"""Run logging: one JSONL file per run, TensorBoard event files, a one-line progress bar, and the
+early-stopping rule (``train.stop_when``) read against a validation."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class StopRule(NamedTuple):
+  """``train.stop_when``: training ends at the first validation where ``KEY OP VALUE`` holds
+  (Zoology's ``early_stopping_threshold``: ``accuracy>=0.99``)."""
+
+  key: str
+  op: str  # ">=" or "<="
+  value: float
+
+  def reached(self, validation: Mapping[str, float]) -> bool:
+    if self.key not in validation:
+      raise KeyError(f"train.stop_when={self.text!r}: the validation reports no {self.key!r}; "
+                     f"it reports {', '.join(sorted(validation))}.")
+    got = float(validation[self.key])
+    return got >= self.value if self.op == ">=" else got <= self.value
+
+  @property
+  def text(self) -> str:
+    return f"{self.key}{self.op}{self.value:g}"
+
+
+def parse_stop_rule(text: str) -> StopRule | None:
+  """``"accuracy>=0.99"`` -> the rule; ``""`` -> None (train every step); a ValueError that says
+  the form otherwise."""
+  if not text:
+    return None
+  match = re.fullmatch(r"\s*([\w/]+)\s*(>=|<=)\s*([-+0-9.eE]+)\s*", text)
+  try:
+    value = float(match.group(3)) if match else math.nan
+  except ValueError:
+    value = math.nan
+  if not match or not math.isfinite(value):
+    raise ValueError(f"train.stop_when={text!r} is not a rule: write KEY>=VALUE or KEY<=VALUE "
+                     "with a validation metric, e.g. 'accuracy>=0.99' or 'loss<=1.5' ('' is off).")
+  return StopRule(match.group(1), match.group(2), value)
 
 
 def to_python(value: Any) -> Any:

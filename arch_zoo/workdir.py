@@ -24,6 +24,7 @@ from ml_collections import ConfigDict
 from arch_zoo.errors import UserError
 
 CONFIG_FILE = "config.json"
+FINAL_METRICS_FILE = "final_metrics.json"
 LOCK_FILE = "train.lock"
 # Config keys that define the run; a workdir holding a run with different values is refused.
 IDENTITY_KEYS = ("task", "seed", "model", "data.name", "data.seq_len", "data.tokenizer",
@@ -186,6 +187,15 @@ def record_start(workdir: str, step: int, changed: dict[str, tuple]) -> list[dic
   starts.append({"time": now(), "step": step, "host": socket.gethostname(), "pid": os.getpid(),
                  "changed": {k: {"before": old, "now": new} for k, (old, new) in changed.items()}})
   return starts
+
+
+def early_stop_record(workdir: str, step: int) -> dict[str, Any]:
+  """The ``stopped_early`` record of the workdir's final metrics when its run ended at ``step``
+  by its ``train.stop_when`` rule; ``{}`` otherwise (such a run stays ended: a rerun only
+  repeats its final validation)."""
+  path = os.path.join(workdir, FINAL_METRICS_FILE)
+  record = (read_json(path).get("stopped_early") or {}) if os.path.exists(path) else {}
+  return record if record.get("step") == step else {}
 
 
 def now() -> str:

@@ -149,6 +149,10 @@ def train_config(size: dict[str, Any], **overrides: Any) -> ConfigDict:
       keep_checkpoints=3,
       async_checkpoint=True,
       stop_at_step=0,  # >0: stop there (checkpointed) as if preempted; resume continues exactly
+      # "KEY>=VALUE" or "KEY<=VALUE" of a validation metric (e.g. "accuracy>=0.99", Zoology's early
+      # stopping): training ends at the first periodic validation where it holds, and the final
+      # metrics say so (``stopped_early``); "": train every step.
+      stop_when="",
       progress=True,  # the one-line progress bar
       init="auto",  # where weights are created: auto | host | device (see train_state.py)
       # Trains against (1 - e) * one_hot + e / num_classes; 0: off. Validation and eval.py always

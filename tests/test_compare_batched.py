@@ -95,3 +95,55 @@ def test_only_seed_and_learning_rate_may_differ(tmp_path):
     batched.train_together([member_config(0, 1e-2), other], [str(tmp_path / "a"),
                                                              str(tmp_path / "b")])
 
+
+
+def test_members_resume_together_where_they_stopped(together_and_alone, tmp_path):
+  """Members checkpointed at one step (a budget guard or SIGTERM stopped them) resume as one
+  program from that step and end where each run alone ends."""
+  import shutil
+  configs, together, alone, _ = together_and_alone
+  copies = []
+  for (seed, lr), workdir in zip(MEMBERS[:2], together[:2]):
+    copy = tmp_path / workdir.name
+    shutil.copytree(workdir, copy)
+    os.remove(copy / "final_metrics.json")
+    shutil.rmtree(copy / "checkpoints" / str(STEPS))
+    copies.append(copy)
+  finals = batched.train_together(configs[:2], [str(c) for c in copies])
+  for copy, want_dir, final in zip(copies, alone[:2], finals):
+    assert json.load(open(copy / "run_info.json"))["resumed_from"] == 6
+    want = json.load(open(want_dir / "final_metrics.json"))
+    assert final["step"] == STEPS
+    assert final["loss"] == pytest.approx(want["loss"], rel=2e-4)
+    got, expected = logged(copy, "train/loss"), logged(want_dir, "train/loss")
+    assert sorted(got) == sorted(expected)  # the resumed steps' logs replace nothing twice
+
+
+def test_members_at_different_steps_do_not_resume_together(together_and_alone, tmp_path):
+  import shutil
+  configs, together, _, _ = together_and_alone
+  copies = [tmp_path / "a", tmp_path / "b"]
+  for source, copy in zip(together[:2], copies):
+    shutil.copytree(source, copy)
+    os.remove(copy / "final_metrics.json")
+  shutil.rmtree(copies[0] / "checkpoints" / str(STEPS))  # a at step 6, b at step 12
+  with pytest.raises(ValueError, match="different steps"):
+    batched.train_together(configs[:2], [str(c) for c in copies])
+
+
+def test_stop_when_ends_every_member_at_the_first_validation_that_meets_it(tmp_path):
+  """``train.stop_when`` (Zoology's early stopping): the program ends at the validation where a
+  member meets the rule, every member's final metrics say so and the step is checkpointed."""
+  configs = [member_config(seed, lr) for seed, lr in MEMBERS[:2]]
+  for config in configs:
+    config.train.stop_when = "accuracy>=0"  # met at the first validation (step 6)
+  workdirs = [str(tmp_path / f"m{i}") for i in range(2)]
+  finals = batched.train_together(configs, workdirs)
+  for workdir, final in zip(workdirs, finals):
+    assert final["step"] == 6
+    assert final["stopped_early"] == {"rule": "accuracy>=0", "step": 6,
+                                      "planned_steps": STEPS, "reached_by": workdirs[0]}
+    assert json.load(open(os.path.join(workdir, "final_metrics.json")))["step"] == 6
+    assert max(logged(workdir, "train/loss")) == 6
+    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3,
+                                   async_save=False).latest_step() == 6

@@ -43,6 +43,10 @@ def test_a_member_has_zoologys_data_model_and_optimiser():
   assert (config.optim.weight_decay, config.optim.b2, config.optim.warmup_steps,
           config.optim.min_lr_ratio, config.optim.grad_clip) == (0.1, 0.999, 0, 0.0, 0.0)
   assert config.train.batch_size == 256
+  # Zoology's early stopping, validated on every test example once per epoch.
+  assert config.train.stop_when == "accuracy>=0.99"
+  assert config.train.eval_batches * config.eval.batch_size >= 3_000
+  assert config.train.eval_every == 100_000 // 256
 
 
 def test_the_lm_comparison_matches_parameters_with_equal_budgets():

@@ -110,6 +110,9 @@ def collect(root: str, member: dict) -> dict[str, Any] | None:
       "validation": validation_series(rows),
       "learning_rate": config["optim"]["learning_rate"],
       "steps": final.get("step"),
+      # Ended by its train.stop_when rule (the same rule for every member of the group): a
+      # finished member, its point decided, not one cut short.
+      "stopped_early": final.get("stopped_early"),
   }
 
 
@@ -186,7 +189,8 @@ def collect_all(root: str, planned: dict[str, list[dict]]) -> dict[str, list[Var
       result = by_variant.setdefault((member["variant"], lr), VariantResult(
           group, member["variant"], member["attention"], [], [], lr))
       collected = collect(root, member)
-      if collected is not None and member.get("steps") not in (None, collected["steps"]):
+      if (collected is not None and member.get("steps") not in (None, collected["steps"])
+          and not collected["stopped_early"]):
         collected = None  # trained another number of steps: never in a table of equal budgets
       if collected is None:
         result.missing.append(member_dir(root, member))

@@ -14,9 +14,15 @@ train.py's, and train.py resumes them). Each workdir gets what train.py writes: 
 ``run_info.json``, ``metrics.jsonl``, checkpoints and ``final_metrics.json``; ``eval.py`` then
 evaluates each member as usual.
 
-SIGTERM and SIGINT stop all members at the same step, checkpointed; the runner then resumes each
-member alone with train.py (the checkpoints are its own), so only members that have not started
-train together.
+SIGTERM and SIGINT stop all members at the same step, checkpointed, and the next call resumes
+them together from that step; members whose checkpoints stand at different steps resume each
+alone with train.py (the checkpoints are its own).
+
+``train.stop_when`` (Zoology's early stopping, e.g. ``accuracy>=0.99``) ends the program at the
+first validation where one member meets it: the members are one variant's learning rates and
+seeds, and the variant's point, the best of its grid, is then at or above the threshold, as in
+Zoology, where each learning rate's run stops on its own. Each member's final metrics record the
+rule and who met it (``stopped_early``).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from arch_zoo import train_state, workdir as workdir_lib
 
 # What may differ between members trained together.
 MEMBER_KEYS = ("seed", "optim.learning_rate")
-FINAL_METRICS_FILE = "final_metrics.json"
+FINAL_METRICS_FILE = workdir_lib.FINAL_METRICS_FILE
 
 
 def shared_config(config: ConfigDict) -> dict[str, Any]:
@@ -84,12 +90,16 @@ def unstack(tree: Any, index: int) -> Any:
   return jax.tree.map(lambda x: x[index], tree)
 
 
-def check_fresh(workdirs: list[str]) -> None:
-  started = [w for w in workdirs if checkpoint.Checkpointer(
-      os.path.join(w, "checkpoints"), keep=1, async_save=False).latest_step() is not None]
-  if started:
-    raise ValueError(f"{', '.join(started)} already started: members train together only from "
-                     "scratch; resume each with train.py.")
+def common_start(ckpts: list[checkpoint.Checkpointer], workdirs: list[str]) -> int | None:
+  """The step every member resumes from (None: all start from scratch); a ValueError when the
+  members stand at different steps (then each resumes alone, with train.py)."""
+  latest = [ckpt.latest_step() for ckpt in ckpts]
+  if len(set(latest)) > 1:
+    where = ", ".join(f"{w}: {'none' if s is None else f'step {s}'}"
+                      for w, s in zip(workdirs, latest))
+    raise ValueError(f"the members' checkpoints stand at different steps ({where}): they resume "
+                     "together only from one step; resume each with train.py.")
+  return latest[0]
 
 
 def train_together(configs: list[ConfigDict], workdirs: list[str]) -> list[dict[str, Any]]:
@@ -132,11 +142,26 @@ def _train(configs: list[ConfigDict], workdirs: list[str],
   ckpts = [checkpoint.Checkpointer(os.path.join(w, "checkpoints"),
                                    keep=base.train.keep_checkpoints,
                                    async_save=base.train.async_checkpoint) for w in workdirs]
-  check_fresh(workdirs)
-  start, samples_seen = 0, 0
-  states = [b.initialize() for b in blueprints]
+  restored_from = common_start(ckpts, workdirs)
+  if restored_from is None:
+    start, samples_seen = 0, 0
+    states = [b.initialize() for b in blueprints]
+  else:
+    restored = [ckpt.restore(b.abstract) for ckpt, b in zip(ckpts, blueprints)]
+    states = [state for state, _ in restored]
+    seen = {int(data_state["samples_seen"]) for _, data_state in restored}
+    if len(seen) > 1:
+      raise ValueError(f"the members' checkpoints at step {restored_from} have seen different "
+                       "numbers of samples; resume each with train.py.")
+    start, samples_seen = int(states[0].step), seen.pop()
+    stopped = [w for w in workdirs if workdir_lib.early_stop_record(w, start)]
+    if stopped:
+      raise ValueError(f"{', '.join(stopped)} ended at step {start} by train.stop_when; "
+                       "only its final validation is left (train.py).")
   state = stack(states)
   del states
+  stop_rule = metrics_lib.parse_stop_rule(base.train.get("stop_when", ""))
+  stopped_early: dict[str, Any] = {}
   learning_rates = jnp.asarray([c.optim.learning_rate for c in configs], jnp.float32)
   seeds = jnp.asarray([c.seed for c in configs], jnp.uint32)
 
@@ -197,6 +222,15 @@ def _train(configs: list[ConfigDict], workdirs: list[str],
                                           configs[i].eval.batch_size,
                                           configs[i].train.eval_batches, put)
             writer.write(step, {f"val/{k}": v for k, v in val.items()})
+            if stop_rule is not None and stop_rule.reached(val) and not stopped_early:
+              # One member decided the point (Zoology: a learning rate's run stops at the
+              # threshold; the best of the grid is then at or above it): all stop here.
+              stopped_early = {"rule": stop_rule.text, "step": step, "planned_steps": total_steps,
+                               "reached_by": workdirs[i]}
+          if stopped_early:
+            log(writers, pending, step, units_per_step, clock)
+            save(step)
+            break
         if ((base.train.checkpoint_every and step % base.train.checkpoint_every == 0)
             or step == total_steps):
           save(step)
@@ -209,6 +243,8 @@ def _train(configs: list[ConfigDict], workdirs: list[str],
       for i, (workdir, writer, data) in enumerate(zip(workdirs, writers, datas)):
         begin = time.perf_counter()
         final: dict[str, Any] = {"step": step}
+        if stopped_early:
+          final["stopped_early"] = stopped_early
         final.update(task.validator.evaluate(eval_step, unstack(state, i), data,
                                              configs[i].eval.batch_size, None, put))
         final["eval_seconds"] = time.perf_counter() - begin

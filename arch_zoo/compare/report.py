@@ -259,7 +259,9 @@ def csv_row(group: dict, task: str, result: VariantResult, metrics, selected: bo
   first = result.first
   row = {"group": group["name"], "variant": result.variant, "attention": result.attention,
          "task": task, "learning_rate": first["learning_rate"], "selected": selected,
-         "steps": first["steps"], "seeds": len(result.runs),
+         "steps": first["steps"],
+         "stopped_early": (first["stopped_early"] or {}).get("rule", ""),
+         "seeds": len(result.runs),
          "seeds_planned": len(result.runs) + len(result.missing), "params": first["params"],
          "attention_params": first["attention_params"], "d_ff": first["d_ff"],
          "train_flops_per_token": first["flops_per_token"],

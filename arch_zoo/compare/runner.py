@@ -231,14 +231,11 @@ def run_member(member: dict, workdir: str, in_process: bool, guard: Guard | None
 
 def batches(members: list[dict], root: str) -> list[list[dict]]:
   """The members in running order, as lists: members of one variant of a ``batch_members`` group
-  (its seeds and learning rates) that have not started training form one list, trained together
-  (``batched``); every other member is a list of one."""
+  (its seeds and learning rates) that have not finished training form one list, trained (or
+  resumed) together (``batched``); every other member is a list of one."""
   out, together = [], {}
   for member in members:
-    workdir = member_dir(root, member)
-    fresh = not (training_finished(workdir)
-                 or os.path.isdir(os.path.join(workdir, "checkpoints")))
-    if member.get("batch_members") and fresh:
+    if member.get("batch_members") and not training_finished(member_dir(root, member)):
       key = (member["group"], member["variant"])
       if key not in together:
         together[key] = []
