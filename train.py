@@ -250,7 +250,8 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
     # Config, data and model are checked: only now does the workdir hold a run.
     if is_main:
       workdir_lib.write_json(os.path.join(workdir, CONFIG_FILE), workdir_lib.config_dict(config))
-    writer.truncate_after(start_step, drop_final_at=start_step >= total_steps or bool(stopped_early))
+    writer.truncate_after(start_step,
+                          drop_final_at=start_step >= total_steps or bool(stopped_early))
     data_facts = data.facts() if hasattr(data, "facts") else {}  # e.g. the padding fraction
     info = provenance.write_run_info(
         workdir, config, state.params,
