@@ -16,7 +16,7 @@ traceback with ``ARCH_ZOO_DEBUG=1``).
 
 Output (``--out``, default the workdir root): ``comparison.md``, ``comparison.csv`` and the plots
 (``loss_curves.png``, ``validation_curves.png``, ``metric_vs_params.png``, ``metric_vs_flops.png``,
-``metric_vs_state.png``). ``--budget_s`` bounds one call: the member training then checkpoints,
+``metric_vs_width.png``, ``metric_vs_state.png``). ``--budget_s`` bounds one call: the member training then checkpoints,
 the report lists it apart, and the same command resumes it (docs/comparisons.md).
 """
 

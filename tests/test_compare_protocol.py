@@ -171,10 +171,11 @@ def test_a_grid_and_a_learning_rate_override_conflict(tmp_path):
     spec.load_sweep(str(bad))
 
 
-def fake_result(group, family, params, state, values, variant=None):
+def fake_result(group, family, params, state, values, variant=None, d_model=64, seq_len=None):
   """A finished variant with the numbers the plots read (no training)."""
   runs = [{"final": {"accuracy": v}, "evaluated": {}, "task": "mqar", "params": params,
-           "flops_per_token": 3 * params, "state_at_seq_len": state,
+           "flops_per_token": 3 * params, "state_at_seq_len": state, "d_model": d_model,
+           "seq_len": seq_len,
            "curve": [(10, 2.0), (20, 1.0)], "validation": {"accuracy": [(10, v / 2), (20, v)]}}
           for v in values]
   return analysis.VariantResult(group, variant or family, family, runs, [])
@@ -187,11 +188,11 @@ def test_plots_are_readable_with_matched_parameters(tmp_path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   groups = {f"d{w}": [fake_result(f"d{w}", "mha", 426_600 + w, 2 * w * 64 * 2,
-                                  [0.97, 0.98, 0.99]),
+                                  [0.97, 0.98, 0.99], d_model=w),
                       fake_result(f"d{w}", "lightning", 426_601 + w, 2 * w * w // 2,
-                                  [0.3 + w / 1000, 0.32 + w / 1000, 0.31 + w / 1000])]
+                                  [0.3 + w / 1000, 0.32 + w / 1000, 0.31 + w / 1000], d_model=w)]
             for w in (64, 128)}
-  for cost in ("params", "flops", "state"):
+  for cost in ("params", "flops", "width", "state"):
     fig = plots.metric_vs(plt, groups, cost)
     fig.canvas.draw()
     for ax in fig.axes:
@@ -207,3 +208,27 @@ def test_plots_are_readable_with_matched_parameters(tmp_path):
   plots.plot(groups, str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == sorted(plots.PLOT_FILES)
   assert plots.family_color("mha") != plots.family_color("lightning")
+
+
+def test_a_grid_of_lengths_and_widths_gets_one_panel_per_length(tmp_path):
+  """Zoology's Figure 2: groups by sequence length, variants by family and width. Each length
+  is a panel of its own, with one line per family through its widths, each width a tick."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  groups = {f"T{t}": [fake_result(f"T{t}", family, 1000 * w, w * t, [value - t / 1000],
+                                  variant=f"{family}_d{w}", d_model=w, seq_len=t)
+                      for family, value in (("mha", 1.0), ("lightning", 0.5))
+                      for w in (64, 128, 256)]
+            for t in (64, 256)}
+  fig = plots.metric_vs(plt, groups, "width")
+  fig.canvas.draw()
+  assert [ax.get_title().split(":")[0] for ax in fig.axes] == ["mqar at length 64",
+                                                                 "mqar at length 256"]
+  for ax in fig.axes:
+    assert [t.get_text() for t in ax.xaxis.get_ticklabels()] == ["64", "128", "256"]
+    lines = [line for line in ax.get_lines() if len(line.get_xdata()) == 3]
+    assert {line.get_color() for line in lines} == {plots.family_color("mha"),
+                                                    plots.family_color("lightning")}
+  plt.close(fig)
+

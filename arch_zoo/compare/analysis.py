@@ -98,6 +98,7 @@ def collect(root: str, member: dict) -> dict[str, Any] | None:
   return {
       "workdir": workdir, "task": config["task"], "seed": config["seed"],
       "params": info["parameters"]["total"], "attention_params": info["parameters"]["attention"],
+      "d_model": config["model"]["d_model"],
       "d_ff": config["model"]["d_ff"] or 4 * config["model"]["d_model"],
       "flops_per_token": flops.get("train_flops_per_token"),
       "flops_per_image": flops.get("train_flops_per_image"),

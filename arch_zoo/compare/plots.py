@@ -4,10 +4,15 @@
 * ``validation_curves.png``: the headline metric on the validation data over training (mean over
   seeds, the band spans the seeds' range), one panel per group;
 * ``metric_vs_params.png``, ``metric_vs_flops.png``: the headline metric against parameters and
-  against training FLOPs per token, one panel per task;
+  against training FLOPs per token;
+* ``metric_vs_width.png``: the headline metric against the model width (log scale), Zoology's
+  Figure 2;
 * ``metric_vs_state.png``: the headline metric against the decode-time state of the whole model at
-  the training length (log scale), one panel per task: Zoology's and Based's accuracy against
-  state size, one line per family through its points (its widths, when the sweep has them).
+  the training length (log scale): Zoology's and Based's accuracy against state size.
+
+The four ``metric_vs`` plots have one panel per task and training length (Zoology's panels: one
+per sequence length), one line per family through its points (its widths, when the sweep has
+them).
 
 Each family keeps one colour in every plot (``family_color``: a fixed map, not the sweep's order),
 the legends name families, error bars are the 95% Student-t interval of the mean over seeds
@@ -26,7 +31,7 @@ from arch_zoo import tasks
 from arch_zoo.compare.analysis import VariantResult
 
 PLOT_FILES = ("loss_curves.png", "validation_curves.png", "metric_vs_params.png",
-              "metric_vs_flops.png", "metric_vs_state.png")
+              "metric_vs_flops.png", "metric_vs_width.png", "metric_vs_state.png")
 # Colour-blind-safe (Okabe-Ito) colours for the built-in families; any other family gets one of
 # the spare colours from its name, so it too is the same in every plot and every sweep.
 FAMILY_COLORS = {"mha": "#000000", "moh": "#E69F00", "lightning": "#0072B2",
@@ -117,6 +122,7 @@ def plot(results: dict[str, list[VariantResult]], out_dir: str) -> None:
     maker = {"loss_curves.png": loss_curves, "validation_curves.png": validation_curves,
              "metric_vs_params.png": lambda f, g: metric_vs(f, g, "params"),
              "metric_vs_flops.png": lambda f, g: metric_vs(f, g, "flops"),
+             "metric_vs_width.png": lambda f, g: metric_vs(f, g, "width"),
              "metric_vs_state.png": lambda f, g: metric_vs(f, g, "state")}[name]
     fig = maker(plt, groups)
     fig.tight_layout()
@@ -182,21 +188,27 @@ def validation_curves(plt, groups: dict[str, list[VariantResult]]):
 COST_AXES = {
     "params": ("parameters", lambda run: run["params"], False),
     "flops": ("training FLOPs per token", lambda run: run["flops_per_token"], False),
+    "width": ("model width (d_model, log scale)", lambda run: run.get("d_model"), True),
     "state": ("decode state at the training length (elements, log scale)",
               lambda run: run["state_at_seq_len"], True),
 }
 
 
 def metric_vs(plt, groups: dict[str, list[VariantResult]], cost: str):
-  """The headline metric against a cost, one panel per task: every variant of every group at its
-  selected learning rate; the points of one family joined in order of cost."""
-  by_task: dict[str, list[VariantResult]] = {}
+  """The headline metric against a cost, one panel per task and training length: every variant
+  of every group at its selected learning rate; the points of one family joined in order of
+  cost."""
+  by_panel: dict[tuple[str, int | None], list[VariantResult]] = {}
   for variants in groups.values():
     task, _ = headline(variants)
-    by_task.setdefault(task, []).extend(v for v in variants if v.runs)
+    for variant in (v for v in variants if v.runs):
+      by_panel.setdefault((task, variant.first.get("seq_len")), []).append(variant)
+  lengths_per_task: dict[str, int] = {}
+  for task, _ in by_panel:
+    lengths_per_task[task] = lengths_per_task.get(task, 0) + 1
   label, cost_of, log = COST_AXES[cost]
-  fig, axes = panels(plt, len(by_task))
-  for ax, (task, variants) in zip(axes, by_task.items()):
+  fig, axes = panels(plt, len(by_panel))
+  for ax, ((task, seq_len), variants) in zip(axes, by_panel.items()):
     metric = tasks.get(task).headline_metric()
     families: dict[str, list[tuple]] = {}
     for variant in variants:
@@ -217,12 +229,17 @@ def metric_vs(plt, groups: dict[str, list[VariantResult]], cost: str):
       xs += px
       ys += [y + s * (e or 0.0) for y, e in zip(py, pe) for s in (-1, 1)]
     seeds = sorted({p[3] for points in families.values() for p in points})
-    ax.set_title(f"{task}: {metric.label} vs {cost} "
+    where = f" at length {seq_len}" if lengths_per_task[task] > 1 else ""
+    ax.set_title(f"{task}{where}: {metric.label} vs {cost} "
                  f"({'lower' if metric.lower_is_better else 'higher'} is better)", fontsize=10)
     ax.set_xlabel(label)
     ax.set_ylabel(metric.label + f"\n(error bars: 95% interval, {'/'.join(map(str, seeds))} "
                   f"seed{'s' if seeds != [1] else ''})")
-    if log:
+    if cost == "width":  # powers of two, each width a tick
+      from matplotlib.ticker import FixedLocator
+      ax.set_xscale("log", base=2)
+      ax.xaxis.set_major_locator(FixedLocator(sorted(set(xs))))
+    elif log:
       from matplotlib.ticker import LogLocator
       ax.set_xscale("log")
       ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
