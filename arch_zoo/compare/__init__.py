@@ -40,6 +40,8 @@ def run_sweep(sweep_path: str, root: str, in_process: bool = True, out_dir: str 
   its time budget (``budget_s``) or SIGTERM still writes the report of what finished, then raises
   ``Preempted`` (``BudgetReached``): unfinished members are listed apart, never in a table."""
   groups, claims = spec.select_groups(*spec.load_sweep(sweep_path), group_names)
+  if not report_only and in_process:
+    runner.apply_shared_xla_flags(groups)  # before planning: it may start JAX
   planned = spec.plan(groups)
   failed = []
   if not report_only:

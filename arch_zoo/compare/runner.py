@@ -24,6 +24,7 @@ import traceback
 from typing import Any
 
 from arch_zoo import config_files, errors, perf, tasks
+from arch_zoo.compare import spec
 from arch_zoo.compare.spec import SweepError, build_config, describe, member_dir, member_identity
 
 MEMBER_FILE = "compare_member.json"
@@ -227,6 +228,26 @@ def run_member(member: dict, workdir: str, in_process: bool, guard: Guard | None
       run_subprocess(eval_command(member, workdir), workdir, guard)
     record["eval_seconds"] += time.perf_counter() - start
     write_json(path, record)
+
+
+def apply_shared_xla_flags(groups: list[dict]) -> str:
+  """Applies the XLA flag sets (``train.xla_flags``; ``auto`` takes ``cublas`` on a GPU) that the
+  ``batch_members`` groups ask for, before JAX starts: members trained together run in this
+  process, where flags act only if set first. Returns the sets applied ("" when none, or when
+  the groups disagree: their members then train one by one, each in a process of its own)."""
+  wanted = set()
+  for group in groups:
+    if group.get("batch_members"):
+      first = spec.members(group)[0]
+      wanted.add(perf.resolve_xla_flags(
+          build_config(first["config_file"], first["arg"], first["overrides"])))
+  if len(wanted) != 1 or not (names := wanted.pop()):
+    return ""
+  from jax._src import xla_bridge
+  if xla_bridge.backends_are_initialized():
+    return ""
+  perf.apply_xla_flags(names)
+  return names
 
 
 def batches(members: list[dict], root: str) -> list[list[dict]]:
