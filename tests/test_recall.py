@@ -47,6 +47,22 @@ def test_generator_is_reproducible_per_seed_and_split():
   assert not np.array_equal(a[0], synthetic.generate(0, "test", slc, 50, 128)[0])
 
 
+def test_training_batches_walk_each_epochs_own_shuffle_across_the_boundary():
+  """Sample ``i`` of the stream is example ``permutation_e[i mod n]`` of epoch ``e = i // n``, the
+  permutation drawn from (seed, epoch): a batch that straddles two epochs takes its rows from
+  both, and every example comes once per epoch."""
+  config = recall.get_config("size=test,task=mqar")
+  data = synthetic.MQARData(config.data, seed=3)
+  n = len(data.train[0])
+  batch = data.train_batch(n - 5, 8)
+  want = np.concatenate([np.random.default_rng([3, 0]).permutation(n)[n - 5:],
+                         np.random.default_rng([3, 1]).permutation(n)[:3]])
+  np.testing.assert_array_equal(batch["inputs"], data.train[0][want])
+  epoch = np.concatenate([data.train_batch(start, 64)["inputs"] for start in range(0, n, 64)])
+  assert len(epoch) == n
+  assert sorted(map(bytes, epoch)) == sorted(map(bytes, data.train[0]))
+
+
 def test_queries_favour_short_distances():
   slc = synthetic.Slice(512, 8)
   _, _, weights = synthetic.generate(0, "test", slc, 500, 8192)

@@ -180,7 +180,11 @@ class MQARData:
   def train_batch(self, first_sample: int, global_batch: int) -> dict[str, np.ndarray]:
     indices = np.arange(first_sample, first_sample + global_batch)[self.local_rows(global_batch)]
     n = len(self.train[0])
-    rows = np.array([self._order(int(i) // n)[int(i) % n] for i in indices])
+    epochs = indices // n
+    rows = np.empty_like(indices)
+    for epoch in np.unique(epochs):  # one or two epochs per batch
+      chosen = epochs == epoch
+      rows[chosen] = self._order(int(epoch))[indices[chosen] % n]
     inputs, targets, weights = (a[rows] for a in self.train)
     return {"inputs": inputs, "targets": targets, "weights": weights}
 
