@@ -63,11 +63,13 @@ def inputs(b=2, t=37, h=4, g=2, d=8, seed=0, ties=False):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("tie_break", ["recent", "earliest"])
 @pytest.mark.parametrize("ties", [False, True])
-def test_kernels_match_naive_definition(impl, causal, tie_break, ties):
-  # T = 37 is not a multiple of the 16-query chunk; w = 8 < T, so the mask is active.
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_kernels_match_naive_definition(impl, causal, tie_break, ties, chunk_size):
+  # T = 37 is not a multiple of the 16-query chunk, and fits one chunk of 64 (nothing carried);
+  # w = 8 < T, so the mask is active.
   q, k, v, bias, score = inputs(ties=ties)
   out = dma(q, k, v, bias, score, causal=causal, keep_window=8, impl=impl,
-                                  tie_break=tie_break, chunk_size=16)
+                                  tie_break=tie_break, chunk_size=chunk_size)
   np.testing.assert_allclose(out, naive_dma(q, k, v, bias, score, 8, causal, tie_break), **TOL)
 
 
@@ -176,14 +178,15 @@ def test_grouped_heads_equal_repeated_keys_values_and_scores():
 # --------------------------------------------------------------------------- gradients
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_sparse_gradients_match_reference(causal):
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_sparse_gradients_match_reference(causal, chunk_size):
   q, k, v, bias, score = inputs()
   cot = jax.random.normal(jax.random.key(9), q.shape)
 
   def loss(impl):
     def f(q, k, v, bias):
-      return jnp.sum(cot * dma(q, k, v, bias, score, causal=causal,
-                                                     keep_window=8, impl=impl, chunk_size=16))
+      return jnp.sum(cot * dma(q, k, v, bias, score, causal=causal, keep_window=8,
+                               impl=impl, chunk_size=chunk_size))
     return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))(q, k, v, bias)
 
   sparse = loss("xla")

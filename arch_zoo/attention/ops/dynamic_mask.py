@@ -225,7 +225,13 @@ def chunked_causal_attention(q, k, v, bias, score, *, keep_window: int, chunk_si
   # Padded keys score -inf: they never enter a carry, and no real query reaches them causally.
   score = pad(selection_score(score), -jnp.inf).transpose(0, 2, 1)
   q_chunks = pad(q).reshape(b, n_chunks, chunk, g, h // g, d).swapaxes(0, 1)
-  carry_score, carry_index = carried_keys(score, keep_window, chunk, tie_break)
+  if n_chunks == 1:
+    # Nothing precedes the only chunk. An empty carry of width 0, not carried_keys' constant
+    # -inf one, which XLA would constant-fold through the selection for seconds per call site.
+    carry_score = jnp.zeros((1, b, g, 0), jnp.float32)
+    carry_index = jnp.zeros((1, b, g, 0), jnp.int32)
+  else:
+    carry_score, carry_index = carried_keys(score, keep_window, chunk, tie_break)
   scale = d ** -0.5
 
   def one_chunk(args):
