@@ -129,6 +129,10 @@ def test_a_member_stopped_by_the_budget_guard_is_never_in_a_table(sweep):
   assert mha[0.01]["seeds"] == "2" and mha[0.01]["seeds_planned"] == "3"
   # An incomplete grid point never wins on fewer seeds: mha's row is its complete learning rate.
   assert mha[0.003]["selected"] == "True" and mha[0.01]["selected"] == "False"
+  # Its table row says the grid is incomplete; a claim about it waits for the grid.
+  assert "(grid incomplete)" in section(text, "## mqar")
+  assert "learning-rate grid of a member of this comparison has not finished" in section(
+      text, "## Claims, as measured")
   # Running again (no budget) resumes the member from its checkpoint and finishes the sweep.
   md_path, failed = compare.run_sweep(str(path), str(runs), out_dir=str(out))
   assert failed == [] and "## Not in the tables" not in open(md_path).read()

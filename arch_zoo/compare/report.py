@@ -51,7 +51,8 @@ def verdict(variant: VariantResult, baseline: VariantResult, metric) -> str:
 
 
 def claim_lines(claims: list[Claim], results: dict[str, list[VariantResult]]) -> list[str]:
-  """``results``: per group, one result per variant (its selected learning rate)."""
+  """``results``: per group, one result per variant (its selected learning rate), leaving out
+  the variants whose learning-rate grid has not finished."""
   lines = ["## Claims, as measured", "",
            "Each line restates a paper's claim and gives what this sweep measured, whatever it "
            "shows; every number is computed from the table above (Δ = variant − baseline, means "
@@ -60,11 +61,15 @@ def claim_lines(claims: list[Claim], results: dict[str, list[VariantResult]]) ->
            "tell apart\" at this scale.", ""]
   for claim in claims:
     by_name = {r.variant: r for r in results[claim.group]}
-    variant, baseline = by_name[claim.variant], by_name[claim.baseline]
+    variant, baseline = by_name.get(claim.variant), by_name.get(claim.baseline)
     lines.append(f"### {claim.title}")
     lines.append("")
     lines.append(f"Paper: {claim.paper}")
     lines.append("")
+    if variant is None or baseline is None:
+      lines += ["Not measured: the learning-rate grid of a member of this comparison has not "
+                "finished (see \"Not in the tables\").", ""]
+      continue
     if not variant.runs or not baseline.runs or variant.missing or baseline.missing:
       lines += ["Not measured: a member of this comparison has not finished (see \"Not in the "
                 "tables\").", ""]
@@ -152,7 +157,10 @@ def report(root: str, groups: list[dict], claims: list[Claim], planned: dict[str
     with where(f"sweep group {group['name']!r}"):  # a select_by that names no column
       metric = selection_metric(variants, group["select_by"])
     chosen = select_learning_rates(variants, metric)
-    selected[group["name"]] = chosen
+    # A point whose grid is still running could lose its place to a learning rate yet to
+    # finish: the table marks it, the plots leave it out until the grid is whole.
+    incomplete = {v.variant for v in variants if v.missing}
+    selected[group["name"]] = [v for v in chosen if v.variant not in incomplete]
     lines += group_lines(group, variants, chosen, metric, csv_rows)
   if claims:
     lines += claim_lines(claims, selected)
