@@ -236,3 +236,26 @@ def test_a_grid_of_lengths_and_widths_gets_one_panel_per_length(tmp_path):
                                                     plots.family_color("lightning")}
   plt.close(fig)
 
+
+
+def test_curves_tell_a_familys_widths_apart_by_line_style():
+  """Zoology's grid puts every width of every family in one validation panel: a family's
+  variants share its colour and differ by line style, the same style for the same width in
+  every family, with a legend of the styles."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  variants = [fake_result("T64", family, 1000 * w, w, [0.9], variant=f"{family}_d{w}",
+                          d_model=w, seq_len=64)
+              for family in ("mha", "lightning") for w in (64, 128)]
+  fig = plots.validation_curves(plt, {"T64": variants})
+  ax = fig.axes[0]
+  drawn = {(line.get_color(), line.get_linestyle()) for line in ax.get_lines()}
+  assert drawn == {(plots.family_color(f), style) for f in ("mha", "lightning")
+                   for style in ("-", "--")}
+  legends = [a for a in ax.get_children() if isinstance(a, matplotlib.legend.Legend)]
+  texts = {t.get_text() for legend in legends for t in legend.get_texts()}
+  assert {"mha", "lightning", "d64", "d128"} <= texts
+  plt.close(fig)
+  # One variant per family: colours alone, no style legend.
+  assert plots.variant_styles(variants[::2]) == {}

@@ -14,7 +14,8 @@ The four ``metric_vs`` plots have one panel per task and training length (Zoolog
 per sequence length), one line per family through its points (its widths, when the sweep has
 them).
 
-Each family keeps one colour in every plot (``family_color``: a fixed map, not the sweep's order),
+Each family keeps one colour in every plot; in the curves, a family's several variants (its widths)
+differ by line style, the n-th variant of every family drawn alike (``family_color``: a fixed map, not the sweep's order),
 the legends name families, error bars are the 95% Student-t interval of the mean over seeds
 (none for a single seed), and every axis prints plain numbers (``1.2M``, ``0.43``), never an
 offset such as ``1e-6+4.266e-1``. Only the selected learning rate of each variant is plotted, and
@@ -92,12 +93,46 @@ def pad_limits(ax, values: list[float], axis: str, log: bool = False,
   (ax.set_xlim if axis == "x" else ax.set_ylim)(low, high)
 
 
-def family_legend(ax, families: list[str]) -> None:
+def family_legend(ax, families: list[str], styles: dict[str, tuple[str, str]] | None = None
+                  ) -> None:
+  """The colour legend of the families; with ``styles`` (``variant_styles``) a second one for the
+  line styles that tell a family's variants apart."""
   from matplotlib.lines import Line2D
   handles = [Line2D([], [], color=family_color(f), marker=family_marker(f), label=f)
              for f in families]
-  if handles:
+  if not handles:
+    return
+  if not styles:
     ax.legend(handles=handles, fontsize=8, title="family", title_fontsize=8)
+    return
+  # Many curves fill the panel: both legends go beside it.
+  ax.add_artist(ax.legend(handles=handles, fontsize=8, title="family", title_fontsize=8,
+                          loc="upper left", bbox_to_anchor=(1.02, 1.0)))
+  labels = dict((style, label) for style, label in styles.values())
+  ax.legend(handles=[Line2D([], [], color="0.3", linestyle=style, label=label)
+                     for style, label in labels.items()],
+            fontsize=8, title="variant", title_fontsize=8, loc="lower left",
+            bbox_to_anchor=(1.02, 0.0))
+
+
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def variant_styles(variants: list[VariantResult]) -> dict[str, tuple[str, str]]:
+  """Where a family has several variants in a panel (Zoology's widths), a line style for each, by
+  its place in the family (the n-th width of every family looks the same), labelled by what its
+  name adds to the family's (``mha_d128`` -> ``d128``); empty where every family has one."""
+  by_family: dict[str, list[str]] = {}
+  for variant in variants:
+    by_family.setdefault(variant.attention, []).append(variant.variant)
+  if all(len(names) < 2 for names in by_family.values()):
+    return {}
+  styles = {}
+  for family, names in by_family.items():
+    for i, name in enumerate(names):
+      label = name.removeprefix(family).strip("_-") or name
+      styles[name] = (LINE_STYLES[i % len(LINE_STYLES)], label)
+  return styles
 
 
 def headline(results: list[VariantResult]):
@@ -139,18 +174,21 @@ def loss_curves(plt, groups: dict[str, list[VariantResult]]):
   fig, axes = panels(plt, len(groups))
   for ax, (name, variants) in zip(axes, groups.items()):
     families = []
-    for variant in (v for v in variants if v.runs):
+    finished = [v for v in variants if v.runs]
+    styles = variant_styles(finished)
+    for variant in finished:
       families.append(variant.attention)
       for j, run in enumerate(variant.runs):
         if run["curve"]:
           steps, losses = zip(*run["curve"])
           ax.plot(steps, losses, color=family_color(variant.attention), linewidth=1.1,
+                  linestyle=styles.get(variant.variant, ("-",))[0],
                   alpha=0.9 if j == 0 else 0.45)
     ax.set_title(f"{name}: training loss (every seed)", fontsize=10)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     plain_axes(ax)
-    family_legend(ax, list(dict.fromkeys(families)))
+    family_legend(ax, list(dict.fromkeys(families)), styles)
   return fig
 
 
@@ -161,7 +199,9 @@ def validation_curves(plt, groups: dict[str, list[VariantResult]]):
     _, metric = headline(variants)
     keys = [source[1] for source in metric.sources if source[0] == "final"]
     families, drew = [], False
-    for variant in (v for v in variants if v.runs):
+    finished = [v for v in variants if v.runs]
+    styles = variant_styles(finished)
+    for variant in finished:
       series = [dict(run["validation"].get(keys[0], [])) if keys else {} for run in variant.runs]
       steps = sorted(set.intersection(*[set(s) for s in series])) if series else []
       if len(steps) < 2:
@@ -169,7 +209,7 @@ def validation_curves(plt, groups: dict[str, list[VariantResult]]):
       values = np.asarray([[s[step] for step in steps] for s in series])
       color = family_color(variant.attention)
       ax.plot(steps, values.mean(axis=0), color=color, marker=family_marker(variant.attention),
-              markersize=4, linewidth=1.4)
+              markersize=4, linewidth=1.4, linestyle=styles.get(variant.variant, ("-",))[0])
       if len(series) > 1:
         ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=color, alpha=0.15)
       families.append(variant.attention)
@@ -181,7 +221,7 @@ def validation_curves(plt, groups: dict[str, list[VariantResult]]):
       ax.text(0.5, 0.5, "no validation during training\n(train.eval_every = 0)",
               ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.4")
     plain_axes(ax)
-    family_legend(ax, list(dict.fromkeys(families)))
+    family_legend(ax, list(dict.fromkeys(families)), styles)
   return fig
 
 
