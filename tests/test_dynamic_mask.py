@@ -370,10 +370,12 @@ def test_trains_through_train_py_and_resumes_exactly(austen_data_dir, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [256, 512])  # dense limit (cuDNN, folded bias) and sparse kernel
-def test_gpu_paths_match_the_float32_reference_in_bf16(t):
+# auto's kernel; XLA's chunks of 128 queries, and one chunk of them all (nothing carried)
+@pytest.mark.parametrize("impl,chunk_size", [("auto", 128), ("xla", 128), ("xla", 1024)])
+def test_gpu_paths_match_the_float32_reference_in_bf16(t, impl, chunk_size):
   q, k, v, bias, score = inputs(b=2, t=t, h=8, g=4, d=64)
   bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
   ref = dma(*(x.astype(jnp.float32) for x in bf16), bias, score, causal=True, keep_window=256,
             impl="reference")
-  out = dma(*bf16, bias, score, causal=True, keep_window=256, impl="auto", chunk_size=128)
+  out = dma(*bf16, bias, score, causal=True, keep_window=256, impl=impl, chunk_size=chunk_size)
   np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=2e-2)
