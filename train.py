@@ -382,18 +382,21 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
     failed = True
     raise
   finally:
-    # Pending saves are finished (not when aborting) and no writer thread is left behind; a
-    # failed save is the error to report unless another one is on its way already.
-    if not aborting:
-      interrupts.disarm()  # from here on a second Ctrl-C has nothing left to abort
-      try:
-        ckpt.close()
-      except checkpoint.SaveError:
-        if not failed:
-          raise
-      finally:
-        writer.close()
-        loader.close(batches)  # grain's worker processes, if any
+    # Pending saves are finished (not when aborting) and no writer thread is left behind, not
+    # even on an abort (its atexit hook would print a traceback); a failed save is the error to
+    # report unless another one is on its way already.
+    try:
+      if not aborting:
+        interrupts.disarm()  # from here on a second Ctrl-C has nothing left to abort
+        try:
+          ckpt.close()
+        except checkpoint.SaveError:
+          if not failed:
+            raise
+        finally:
+          loader.close(batches)  # grain's worker processes, if any
+    finally:
+      writer.close()
 
 
 def nonfinite_message(loss: float, window: tuple[int, int], ckpt: checkpoint.Checkpointer,

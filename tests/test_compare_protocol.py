@@ -113,7 +113,9 @@ def test_a_member_stopped_by_the_budget_guard_is_never_in_a_table(sweep):
   shutil.rmtree(cut / "checkpoints" / str(STEPS))
   (cut / "final_metrics.json").unlink()
   from arch_zoo import metrics
-  metrics.MetricWriter(str(cut)).truncate_after(6)
+  writer = metrics.MetricWriter(str(cut))
+  writer.truncate_after(6)
+  writer.close()
   out = root / "out_cut"
   with pytest.raises(BudgetReached, match="time budget of 0 s ran out"):
     compare.run_sweep(str(path), str(runs), out_dir=str(out), budget_s=0)

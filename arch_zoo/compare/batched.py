@@ -256,10 +256,12 @@ def _train(configs: list[ConfigDict], workdirs: list[str],
         finals.append(final)
       return finals
   finally:
-    for ckpt in ckpts:
-      ckpt.close()
-    for writer in writers:
-      writer.close()
+    try:
+      for ckpt in ckpts:
+        ckpt.close()
+    finally:  # no TensorBoard thread left behind, even when a save failed
+      for writer in writers:
+        writer.close()
 
 
 def rate(step: int, units_per_step: int, clock: tuple[float, int] | None) -> float:
