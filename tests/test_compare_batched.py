@@ -149,20 +149,26 @@ def test_stop_when_ends_every_member_at_the_first_validation_that_meets_it(tmp_p
                                    async_save=False).latest_step() == 6
 
 
-def test_the_sweeps_shared_xla_flags_are_set_before_jax_starts(tmp_path):
+@pytest.mark.parametrize("matching", ["", "match='params', reference='mha', "])
+def test_the_sweeps_shared_xla_flags_are_set_before_jax_starts(tmp_path, matching):
   """Members trained together run in compare.py's process, where XLA flags act only if set
-  before JAX starts (on a GPU, ``auto`` asks for ``cublas``): the sweep sets them first."""
+  before JAX starts (on a GPU, ``auto`` asks for ``cublas``): the sweep sets them first, also
+  where matching parameters builds models (which starts JAX; the LM sweep's first GPU call
+  trained one by one for it)."""
   import subprocess
   import sys
   sweep = tmp_path / "sweep.py"
   sweep.write_text(
       "def get_sweep():\n  return [dict(name='x', config='configs/recall.py', "
-      "arg='attn=mha,size=test,task=mqar', variants=['mha'], learning_rates=[1e-3, 1e-2], "
-      "batch_members=True, overrides={'train.xla_flags': 'cublas'})]\n")
-  code = ("import os\nfrom arch_zoo import perf\nfrom arch_zoo.compare import runner, spec\n"
+      "arg='size=test,task=mqar', variants=['mha', 'lightning'], learning_rates=[1e-3, 1e-2], "
+      f"{matching}batch_members=True, overrides={{'train.xla_flags': 'cublas'}})]\n")
+  code = ("import os\nfrom jax._src import xla_bridge\nfrom arch_zoo import perf\n"
+          "from arch_zoo.compare import runner, spec\n"
           f"groups, _ = spec.load_sweep({str(sweep)!r})\n"
           "print(runner.apply_shared_xla_flags(groups))\n"
-          "assert set(perf.xla_flags_for('cublas')) <= set(os.environ['XLA_FLAGS'].split())\n")
+          "assert set(perf.xla_flags_for('cublas')) <= set(os.environ['XLA_FLAGS'].split())\n"
+          "assert not xla_bridge.backends_are_initialized()\n"
+          "spec.plan(groups)\n")
   env = dict(os.environ, XLA_FLAGS="")
   done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -238,9 +238,12 @@ def apply_shared_xla_flags(groups: list[dict]) -> str:
   wanted = set()
   for group in groups:
     if group.get("batch_members"):
-      first = spec.members(group)[0]
-      wanted.add(perf.resolve_xla_flags(
-          build_config(first["config_file"], first["arg"], first["overrides"])))
+      # The first variant's config as written, not spec.members': matching (match="params")
+      # builds models to count them, and that starts JAX. The flags never depend on d_ff.
+      variant = group["variants"][0]
+      wanted.add(perf.resolve_xla_flags(build_config(
+          group["config"], spec.config_arg(group, variant["attention"]),
+          spec.variant_overrides(group, variant, group["seeds"][0]))))
   if len(wanted) != 1 or not (names := wanted.pop()):
     return ""
   from jax._src import xla_bridge
