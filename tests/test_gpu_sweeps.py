@@ -54,7 +54,7 @@ def test_the_lm_comparison_matches_parameters_with_equal_budgets():
   (group,) = groups
   found = spec.plan(groups)["lm_M"]
   families = attention.names_supporting(True)
-  assert len(found) == len(families) * 3 * 3  # learning rates x seeds
+  assert len(found) == len(families) * 4 * 3  # learning rates x seeds
   assert {m["steps"] for m in found} == {900}
   totals = {}
   for member in found:
