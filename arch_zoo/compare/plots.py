@@ -18,8 +18,8 @@ Each family keeps one colour in every plot (``family_color``: a fixed map, not t
 in the curves a family's several variants (its widths) differ by line style, the n-th variant of
 every family drawn alike. The legends name families, error bars are the 95% Student-t interval
 of the mean over seeds (none for a single seed), and every axis prints plain numbers (``1.2M``,
-``0.43``), never an offset such as ``1e-6+4.266e-1``. Only the selected learning rate of each variant is plotted, and
-only finished members (``analysis``).
+``0.43``), never an offset such as ``1e-6+4.266e-1``. Only the selected learning rate of each
+variant is plotted, and only finished members (``analysis``).
 """
 
 from __future__ import annotations
