@@ -42,6 +42,7 @@ from ml_collections import ConfigDict
 from arch_zoo import checkpoint, config_checks, data as data_lib, interrupts as interrupts_lib
 from arch_zoo import metrics as metrics_lib, optim, perf, provenance, sharding, steps, tasks
 from arch_zoo import train_state, workdir as workdir_lib
+from arch_zoo.attention.ops import softmax as softmax_ops
 
 # What may differ between members trained together.
 MEMBER_KEYS = ("seed", "optim.learning_rate")
@@ -204,7 +205,7 @@ def _train(configs: list[ConfigDict], workdirs: list[str],
                                  "starts": workdir_lib.record_start(workdir, start, {})})
     step, pending, clock = start, [], None
     units_per_step = batch_size * datas[0].units_per_example
-    with sharding.use(mesh, rules):
+    with sharding.use(mesh, rules), softmax_ops.vmapped_members():
       while step < total_steps and not interrupts.requested:
         batch = train_batches(samples_seen)
         samples_seen += batch_size

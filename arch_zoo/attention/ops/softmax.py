@@ -41,6 +41,8 @@ gathers keys and values and each device computes its rows densely.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import NamedTuple
 
@@ -108,6 +110,23 @@ def reference(q, k, v, *, causal: bool, scale: float | None = None, segment_ids=
 # cuDNN's partitioning rule (JAX's custom_partitioning of its fused attention) takes a split of
 # the batch and the heads only: under context parallelism each device gets the whole sequence.
 WHOLE_SEQUENCE = ("act_batch", None, "act_heads", None)
+# Set while models are traced under ``jax.vmap`` over independent members (compare.py's batched
+# members): see :func:`vmapped_members`.
+_VMAPPED_MEMBERS = contextvars.ContextVar("softmax_vmapped_members", default=False)
+
+
+@contextlib.contextmanager
+def vmapped_members():
+  """Traces inside run under ``jax.vmap`` over members: cuDNN's packed layout is refused there.
+  JAX 0.11.2's batching rule for the fused cuDNN attention flattens the vmapped axes into the
+  batch but reshapes the sequence lengths to ``[B]``, and packed lengths are ``[B, M]`` (on an
+  H100: "cannot reshape array of shape (3, 16, 10) into shape (48,)"); ``auto`` then picks the
+  Pallas flash kernel, which vmaps."""
+  token = _VMAPPED_MEMBERS.set(True)
+  try:
+    yield
+  finally:
+    _VMAPPED_MEMBERS.reset(token)
 
 
 def cudnn(q, k, v, *, causal: bool, scale: float, bias=None, segment_ids=None,
@@ -474,6 +493,9 @@ def supports(impl: str, q, k, *, segment_ids=None, mask=None, max_segments: int 
   reason it cannot."""
   if impl in ("xla", "reference"):
     return None
+  if impl == "cudnn" and segment_ids is not None and _VMAPPED_MEMBERS.get():
+    return ("cuDNN's packed layout does not vmap (JAX 0.11.2's batching rule reshapes its "
+            "[B, M] sequence lengths to [B]); vmapped members run Pallas or xla")
   if jax.default_backend() != "gpu":
     return f"the backend is {jax.default_backend()!r}, not 'gpu'"
   if q.dtype not in (jnp.bfloat16, jnp.float16):
