@@ -174,3 +174,21 @@ def test_the_sweeps_shared_xla_flags_are_set_before_jax_starts(tmp_path, matchin
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert done.returncode == 0, done.stderr
   assert done.stdout.strip() == "cublas"
+
+
+def test_a_members_own_process_allocates_on_demand_beside_a_gpu_this_process_holds(monkeypatch):
+  """Members that failed to train together run in processes of their own while this one keeps
+  its share of the GPU: such a child must not try to preallocate 75% of the card."""
+  from types import SimpleNamespace
+
+  from jax._src import xla_bridge
+
+  from arch_zoo.compare import runner
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+  monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
+  for platform, expected in (("cpu", None), ("gpu", "false")):  # gpu last: kept for the end
+    backend = SimpleNamespace(platform=platform)
+    monkeypatch.setattr(xla_bridge, "get_backend", lambda *a, b=backend: b)
+    assert runner.child_environment().get("XLA_PYTHON_CLIENT_PREALLOCATE") == expected
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")  # a user's own choice stays
+  assert runner.child_environment()["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"

@@ -184,8 +184,20 @@ def prepare_workdir(member: dict, workdir: str) -> dict[str, Any]:
   return record
 
 
+def child_environment() -> dict[str, str]:
+  """The environment of a member's own process. Where this process already holds a GPU (members
+  that failed to train together fall back to processes of their own), the child allocates on
+  demand: JAX's default, preallocating 75% of the card, fails at start-up ("Unable to initialize
+  backend 'cuda'") while this process keeps its share."""
+  env = dict(os.environ)
+  from jax._src import xla_bridge
+  if xla_bridge.backends_are_initialized() and xla_bridge.get_backend().platform == "gpu":
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  return env
+
+
 def run_subprocess(cmd: list[str], workdir: str, guard: Guard | None = None) -> None:
-  child = subprocess.Popen(cmd, cwd=REPO)
+  child = subprocess.Popen(cmd, cwd=REPO, env=child_environment())
   if guard is not None:
     guard.child = child
   try:
