@@ -87,7 +87,7 @@ def backbone_config(size: dict[str, Any], attn: str, *, causal: bool,
       num_heads=size["num_heads"],
       head_dim=stack["head_dim"],  # 0: d_model // num_heads
       d_ff=stack["d_ff"],  # 0: 4 * d_model
-      mlp=stack["mlp"],  # gelu (GPT-2) | relu | relu2 | swiglu
+      mlp=stack["mlp"],  # gelu (GPT-2) | relu | relu2 | swiglu | none (attention-only blocks)
       norm=stack["norm"],  # rmsnorm | layernorm
       # >0: a causal depthwise convolution of this kernel size on each attention's input (as
       # Based and fla give linear attention); 0: off. Not supported by cached decoding yet.

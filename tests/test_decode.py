@@ -40,6 +40,7 @@ CASES = {
                                                         tie_break="earliest", bias_form="log")),
     "routing": ("routing", dict(num_heads=4, window=3, local_window=4, num_clusters=3)),
     "routing_all_routed": ("routing", dict(local_heads=0, window=2, num_clusters=2)),
+    "mha_attention_only": ("mha", dict(mlp="none")),  # Zoology's blocks: no MLP
 }
 
 

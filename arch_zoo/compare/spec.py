@@ -252,6 +252,9 @@ def match_d_ff(config: ConfigDict, target: float, kind: str) -> int:
   Parameters and FLOPs are both affine in ``d_ff`` (the MLP's matrices and bias grow linearly; the
   attention does not depend on it), so two evaluations give the solution; rounding to an integer
   moves the cost by one column of the MLP, and the result is verified."""
+  if config.model.get("mlp") == "none":
+    raise ValueError(f"Cannot match {kind} through the MLP width: model.mlp='none' (attention-only "
+                     "blocks) has no MLP. Set match='none' (the table shows the costs anyway).")
   base = config.model.d_ff or 4 * config.model.d_model
   probe = config.copy_and_resolve_references()
   probe.model.d_ff = base

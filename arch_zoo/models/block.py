@@ -14,12 +14,15 @@ from ml_collections import ConfigDict
 from arch_zoo import attention, sharding
 from arch_zoo.attention.base import Context, Dims
 from arch_zoo.layers import MLP, LayerNorm, RMSNorm
+from arch_zoo.layers.mlp import MLP_KINDS
 from arch_zoo.layers.linear import DEFAULT_STDDEV
 from arch_zoo.layers.norms import resolve_norm_impl
 from arch_zoo.layers.short_conv import ShortConv
 from arch_zoo.registry import check_choice
 
 NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
+# ``none``: attention-only blocks, ``x + attn(norm(x))`` (Zoology's MQAR models have no MLP).
+BLOCK_MLPS = (*MLP_KINDS, "none")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -101,7 +104,7 @@ def d_ff(cfg: ConfigDict) -> int:
 def flops_per_token(cfg: ConfigDict, seq_len: int, causal: bool) -> float:
   """Forward matmul FLOPs per token of the block stack: each layer's attention (its family's
   ``flops_per_token``) and MLP."""
-  mlp = MLP.flops_per_token(cfg.d_model, d_ff(cfg), cfg.mlp)
+  mlp = 0 if cfg.mlp == "none" else MLP.flops_per_token(cfg.d_model, d_ff(cfg), cfg.mlp)
   total = 0.0
   for layer in layer_specs(cfg):
     total += attention.family(layer.name).flops_per_token(layer.dims, layer.options, seq_len,
@@ -145,7 +148,8 @@ def make_norm(cfg: ConfigDict):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+  """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))`` (no MLP with
+  ``model.mlp="none"``).
 
   Each residual add runs together with the norm that reads its result (``add_and_norm``). With
   the fused kernel (``defers_add``) the block returns its MLP branch unadded, for the next
@@ -165,11 +169,15 @@ class Block(nnx.Module):
     self.short_conv = ShortConv(cfg.d_model, kernel_size, rngs=rngs) if kernel_size else None
     self.attn = attention.build(name, rngs=rngs, **dataclasses.asdict(dims),
                                 **attention_options(cfg, name))
-    self.mlp_norm = make_norm(cfg)
-    self.defers_add = getattr(self.mlp_norm, "impl", "xla") == "pallas"
-    self.mlp = MLP(cfg.d_model, d_ff(cfg), kind=cfg.mlp, rngs=rngs,
-                   out_stddev=DEFAULT_STDDEV / (2 * cfg.num_layers) ** 0.5, dtype=dims.dtype,
-                   recompute_activation=recompute_activation(cfg))
+    self.defers_add = getattr(self.attn_norm, "impl", "xla") == "pallas"
+    check_choice("model.mlp", cfg.mlp, BLOCK_MLPS)
+    if cfg.mlp == "none":
+      self.mlp_norm = self.mlp = None
+    else:
+      self.mlp_norm = make_norm(cfg)
+      self.mlp = MLP(cfg.d_model, d_ff(cfg), kind=cfg.mlp, rngs=rngs,
+                     out_stddev=DEFAULT_STDDEV / (2 * cfg.num_layers) ** 0.5, dtype=dims.dtype,
+                     recompute_activation=recompute_activation(cfg))
 
   def __call__(self, x: jax.Array, pending: jax.Array | None, ctx: Context,
                layer_index: jax.Array | int | None = None):
@@ -182,7 +190,10 @@ class Block(nnx.Module):
     if self.short_conv is not None:
       h = self.short_conv(h, ctx.segment_ids)
     y, aux = self.attn(h, ctx)
-    x, h = self.mlp_norm.add_and_norm(x, dropout(y, self.dropout_rate, ctx, 2 * index))
+    y = dropout(y, self.dropout_rate, ctx, 2 * index)
+    if self.mlp is None:  # attention-only: its branch is the block's last
+      return self._leave(x, y, aux)
+    x, h = self.mlp_norm.add_and_norm(x, y)
     branch = dropout(self.mlp(h), self.dropout_rate, ctx, 2 * index + 1)
     return self._leave(x, branch, aux)
 
@@ -201,6 +212,8 @@ class Block(nnx.Module):
     x, h = self.attn_norm.add_and_norm(x, pending)
     hook = self.attn.prefill if prompt else self.attn.decode_step
     y, state = hook(h, ctx, state)
+    if self.mlp is None:
+      return self._leave(x, y, state)
     x, h = self.mlp_norm.add_and_norm(x, y)
     return self._leave(x, self.mlp(h), state)
 
