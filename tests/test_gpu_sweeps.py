@@ -39,6 +39,7 @@ def test_a_member_has_zoologys_data_model_and_optimiser():
   assert (config.data.train_examples, config.data.test_examples) == (100_000, 3_000)
   assert config.data.random_non_queries is False and config.data.power_a == 0.01
   assert (config.model.num_layers, config.model.d_model) == (2, 256)
+  assert config.model.mlp == "none"  # Zoology's blocks: attention only
   assert config.model.attention.name == "lightning"
   assert (config.optim.weight_decay, config.optim.b2, config.optim.warmup_steps,
           config.optim.min_lr_ratio, config.optim.grad_clip) == (0.1, 0.999, 0, 0.0, 0.0)

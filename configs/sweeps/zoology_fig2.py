@@ -35,10 +35,12 @@ Adapted, and why:
 2. **Families.** Zoology compares attention with gated convolutions and recurrences (Hyena,
    RWKV, H3, Based, Mamba); here the six attention families of arch_zoo are compared, `mha`
    standing for Zoology's attention and `lightning` for its fixed-state models.
-3. **Blocks.** Zoology's Figure 2 models have no MLP (``state_mixer`` is the identity) and
-   dropout 0.1 in attention; arch_zoo's blocks always hold an MLP (``d_ff = 4 d``) and train
-   without dropout. The widths are the same; the parameter counts are larger (the table lists
-   them, and the state sizes).
+3. **Blocks.** Attention only, as Zoology's Figure 2 models (their ``state_mixer`` is the
+   identity): ``model.mlp="none"``. Kept from arch_zoo: no dropout (Zoology: 0.1 in attention).
+   The first GPU runs held arch_zoo's usual MLP (``d_ff = 4 d``), and `mha` at width 256 and
+   length 64 memorised the 100,000 training examples instead of learning to recall (training
+   loss 0.02, validation accuracy 0.25 at 4.6e-4, where width 128 reached 0.975): the paper's
+   blocks leave no such room (docs/results/zoology_fig2_h100.md, "Blocks with an MLP").
 4. **Heads: 2 instead of 1**, since MoH (shared and routed heads), routing (local and routing
    heads) and MASA need more than one; every family gets the same 2.
 5. **Sparse windows.** `dynamic_mask`'s ``keep_window_size`` (default 2048) and `routing`'s
@@ -97,7 +99,8 @@ def group(seq_len: int, kv_pairs: int, batch: int) -> dict:
       name=f"T{seq_len}_kv{kv_pairs}", config="configs/recall.py", arg="size=d64,task=mqar",
       variants=variants, seeds=[0], learning_rates=LEARNING_RATES, batch_members=True,
       overrides={
-          "model.num_heads": 2, "data.vocab_size": VOCAB_SIZE, "model.vocab_size": VOCAB_SIZE,
+          "model.num_heads": 2, "model.mlp": "none",
+          "data.vocab_size": VOCAB_SIZE, "model.vocab_size": VOCAB_SIZE,
           "data.train_slices": f"{seq_len}:{kv_pairs}", "data.test_slices": f"{seq_len}:{kv_pairs}",
           "data.train_examples": TRAIN_EXAMPLES, "data.test_examples": TEST_EXAMPLES,
           "data.random_non_queries": False,
