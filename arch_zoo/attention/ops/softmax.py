@@ -117,11 +117,13 @@ _VMAPPED_MEMBERS = contextvars.ContextVar("softmax_vmapped_members", default=Fal
 
 @contextlib.contextmanager
 def vmapped_members():
-  """Traces inside run under ``jax.vmap`` over members: cuDNN's packed layout is refused there.
-  JAX 0.11.2's batching rule for the fused cuDNN attention flattens the vmapped axes into the
-  batch but reshapes the sequence lengths to ``[B]``, and packed lengths are ``[B, M]`` (on an
-  H100: "cannot reshape array of shape (3, 16, 10) into shape (48,)"); ``auto`` then picks the
-  Pallas flash kernel, which vmaps."""
+  """Traces inside run under ``jax.vmap`` over members: packed rows (segment ids) then run the
+  ``xla`` form, the fused kernels being refused. JAX 0.11.2's batching rule for the fused cuDNN
+  attention flattens the vmapped axes into the batch but reshapes the sequence lengths to
+  ``[B]``, and packed lengths are ``[B, M]`` (on an H100: "cannot reshape array of shape
+  (3, 16, 10) into shape (48,)"). The Pallas flash kernel vmaps without error, but on an H100 its
+  query gradients under vmap were wrong (0.06 where the exact gradient is 0, the first query of a
+  document; unvmapped it matches the reference, and vmapped in Pallas' CPU interpreter too)."""
   token = _VMAPPED_MEMBERS.set(True)
   try:
     yield
@@ -493,9 +495,10 @@ def supports(impl: str, q, k, *, segment_ids=None, mask=None, max_segments: int 
   reason it cannot."""
   if impl in ("xla", "reference"):
     return None
-  if impl == "cudnn" and segment_ids is not None and _VMAPPED_MEMBERS.get():
-    return ("cuDNN's packed layout does not vmap (JAX 0.11.2's batching rule reshapes its "
-            "[B, M] sequence lengths to [B]); vmapped members run Pallas or xla")
+  if segment_ids is not None and _VMAPPED_MEMBERS.get():
+    return ("packed rows of vmapped members run xla: cuDNN's packed layout does not vmap "
+            "(JAX 0.11.2 reshapes its [B, M] lengths to [B]), and the Pallas flash kernel's "
+            "gradients under vmap were wrong on an H100 (softmax.vmapped_members)")
   if jax.default_backend() != "gpu":
     return f"the backend is {jax.default_backend()!r}, not 'gpu'"
   if q.dtype not in (jnp.bfloat16, jnp.float16):
