@@ -3,7 +3,8 @@ batched members train (``batch_members``): forward and gradients (parameters and
 member against that member's layer run alone by the family's float32 ``reference``.
 
 A kernel's batching rule is its own code path: on an H100 the Pallas flash kernel's gradients
-were wrong under vmap while right without it (benchmarks/results/gpu_tests_packing_families_h100.log).
+were wrong under vmap while right without it
+(benchmarks/results/gpu_tests_packing_families_h100.log).
 On the CPU every family runs its XLA form in float32; on a GPU (``-m gpu``) ``auto`` picks the
 fused kernels, in bf16.
 """
