@@ -99,7 +99,9 @@ def collect(root: str, member: dict) -> dict[str, Any] | None:
       "workdir": workdir, "task": config["task"], "seed": config["seed"],
       "params": info["parameters"]["total"], "attention_params": info["parameters"]["attention"],
       "d_model": config["model"]["d_model"],
-      "d_ff": config["model"]["d_ff"] or 4 * config["model"]["d_model"],
+      # 0: attention-only blocks (model.mlp="none"), no MLP at all.
+      "d_ff": 0 if config["model"].get("mlp") == "none"
+      else config["model"]["d_ff"] or 4 * config["model"]["d_model"],
       "flops_per_token": flops.get("train_flops_per_token"),
       "flops_per_image": flops.get("train_flops_per_image"),
       "state_per_token": state.get("per_layer_per_token"),

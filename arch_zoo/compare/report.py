@@ -225,7 +225,7 @@ def group_lines(group: dict, variants: list[VariantResult], chosen: list[Variant
     lr = ([lr_text(result.learning_rate)
            + (" (grid incomplete)" if result.variant in incomplete else "")] if grid else [])
     cells = [name, *lr, seeds, f"{first['params']:,}", delta, f"{first['attention_params']:,}",
-             str(first["d_ff"]),
+             str(first["d_ff"] or "no MLP"),
              f"{first['flops_per_token']:.3g}" if first["flops_per_token"] else "—",
              state_text(first["state_per_token"], first["state_fixed"]),
              *[fmt_interval(result, m) for m in metrics],
