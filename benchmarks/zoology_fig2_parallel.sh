@@ -1,46 +1,60 @@
 #!/usr/bin/env bash
-# Zoology's Figure 2 grid (configs/sweeps/zoology_fig2.py) on one GPU, one compare.py process per
-# family sharing it: a 2-layer model of width <= 256 leaves an H100 mostly idle (about 4 ms a
-# step whatever the width), so several families train at once. Each process runs the sweep's
-# groups in the order given, each group's variants of its family at the widths given, and stops
-# cleanly (checkpoint, report) when SECONDS run out; run it again to resume. The processes never
-# share a member, so their workdirs never collide; the report of everything finished is then
+# Zoology's Figure 2 grid (configs/sweeps/zoology_fig2.py) on one GPU, several compare.py
+# processes sharing it: a 2-layer model of width <= 256 leaves an H100 mostly idle (about 4 ms a
+# step whatever the width), so WORKERS processes (default 3) train at once, the families dealt
+# out among them. Each worker runs the sweep's groups in the order given, for each group its
+# families' variants at the widths given, and stops cleanly (checkpoint, report) when SECONDS
+# run out; run it again to resume. The workers never share a member, so their workdirs never
+# collide; the report of everything finished is then
 #
 #   python compare.py --sweep configs/sweeps/zoology_fig2.py --workdir runs/zoology_fig2 \
 #       --report_only --out docs/results/zoology_fig2
 #
 # Usage: benchmarks/zoology_fig2_parallel.sh SECONDS WIDTHS GROUPS [FAMILIES]
-#   e.g.  benchmarks/zoology_fig2_parallel.sh 530 64,128,256 T256_kv16,T128_kv8,T64_kv4
-# Logs: $LOGS (default /tmp/zoology_logs), one per family. Throughput in the table is then
+#   e.g.  WORKERS=3 benchmarks/zoology_fig2_parallel.sh 500 64,128,256 T256_kv16,T128_kv8
+# Memory: each worker preallocates 0.9 / WORKERS of the card (XLA_PYTHON_CLIENT_MEM_FRACTION), so
+# that the workers together never ask for more than it holds: one process per family, each
+# growing on demand, ran out of memory on an H100 (docs/results/zoology_fig2_h100.md, call 2).
+# Logs: $LOGS (default /tmp/zoology_logs), one per worker. Throughput in the table is then
 # measured on a shared GPU: these runs compare accuracy, not speed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 3 ]; then
-  echo "error: usage: $0 SECONDS WIDTHS GROUPS [FAMILIES] (e.g. 530 64,128,256 T256_kv16)" >&2
+  echo "error: usage: $0 SECONDS WIDTHS GROUPS [FAMILIES] (e.g. 500 64,128,256 T256_kv16)" >&2
   exit 2
 fi
 seconds=$1 widths=$2 groups=$3
 families=${4:-$(python -c "import sys; sys.path.insert(0, '.'); from configs.sweeps import \
 zoology_fig2 as z; print(','.join(z.families()))")} || exit 1
+workers=${WORKERS:-3}
+if ! [[ "$workers" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: WORKERS must be a positive integer, got '$workers'" >&2
+  exit 2
+fi
 logs=${LOGS:-/tmp/zoology_logs}
 mkdir -p "$logs"
 deadline=$(( $(date +%s) + seconds ))
-# Memory on demand: the processes' peaks differ (width 512 needs several GB, width 64 little).
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export XLA_PYTHON_CLIENT_PREALLOCATE=true
+export XLA_PYTHON_CLIENT_MEM_FRACTION
+XLA_PYTHON_CLIENT_MEM_FRACTION=$(python -c "print(round(0.9 / $workers, 3))")
 
-run_family() {
-  local family=$1 variants
-  variants=$(echo "$widths" | tr , '\n' | sed "s/^/${family}_d/" | paste -sd,)
+run_worker() {  # FAMILY...: for each group, these families' variants at the widths given
+  local variants
+  variants=$(for family in "$@"; do echo "$widths" | tr , '\n' | sed "s/^/${family}_d/"; done \
+    | paste -sd,)
   for group in ${groups//,/ }; do
     local left=$(( deadline - $(date +%s) ))
     [ "$left" -lt 30 ] && break
     python compare.py --sweep configs/sweeps/zoology_fig2.py --workdir runs/zoology_fig2 \
-      --groups "$group" --variants "$variants" --budget_s "$left" --out "/tmp/zoology_report_$family"
+      --groups "$group" --variants "$variants" --budget_s "$left" --out "/tmp/zoology_report_$1"
   done
 }
 
-for family in ${families//,/ }; do
-  run_family "$family" > "$logs/$family.log" 2>&1 &
+read -r -a all <<< "${families//,/ }"
+for (( w = 0; w < workers && w < ${#all[@]}; w++ )); do
+  mine=()
+  for (( i = w; i < ${#all[@]}; i += workers )); do mine+=("${all[i]}"); done
+  run_worker "${mine[@]}" > "$logs/worker$w.log" 2>&1 &
 done
 wait
-grep -h "done in\|trained together\|FAILED\|stopped:" "$logs"/*.log
+grep -h "done in\|trained in\|FAILED\|stopped:" "$logs"/worker*.log
