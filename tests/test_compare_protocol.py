@@ -261,3 +261,22 @@ def test_curves_tell_a_familys_widths_apart_by_line_style():
   plt.close(fig)
   # One variant per family: colours alone, no style legend.
   assert plots.variant_styles(variants[::2]) == {}
+
+
+def test_members_at_step_zero_are_counted_per_variant_not_listed_one_by_one():
+  """A large grid's not yet started points are counted per group and variant; members that
+  reached a step keep their own line (with the step and workdir)."""
+  from types import SimpleNamespace
+
+  from arch_zoo.compare import report
+
+  def member(variant, lr, step):
+    return dict(variant=variant, learning_rate=lr, seed=0, step=step, steps=100,
+                workdir=f"runs/{variant}/lr{lr}")
+  results = {"T64": [SimpleNamespace(unfinished=[member("mha_d64", 0.1, 40),
+                                                 member("mha_d64", 0.01, 0)]),
+                     SimpleNamespace(unfinished=[member("masa_d64", lr, 0) for lr in (1, 2, 3)])]}
+  text = "\n".join(report.unfinished_lines([{"name": "T64"}], results))
+  assert "| T64 | mha_d64 | 0.1 | 0 | 40 | 100 | `runs/mha_d64/lr0.1` |" in text
+  assert "- T64: 4 members: mha_d64 (1), masa_d64 (3)" in text
+  assert "runs/masa_d64" not in text and "runs/mha_d64/lr0.01" not in text

@@ -288,7 +288,9 @@ def csv_row(group: dict, task: str, result: VariantResult, metrics, selected: bo
 
 def unfinished_lines(groups: list[dict], results: dict[str, list[VariantResult]]) -> list[str]:
   """Every member that did not train its whole budget (stopped by a budget guard, preempted,
-  failed, or not started): listed here, never in a table."""
+  failed, or not started): listed here, never in a table. Members that reached a step are listed
+  one by one; those at step 0 (a grid's not yet started points, hundreds in a large sweep) are
+  counted per group and variant."""
   rows = [(group["name"], u) for group in groups for v in results[group["name"]]
           for u in v.unfinished]
   if not rows:
@@ -296,13 +298,27 @@ def unfinished_lines(groups: list[dict], results: dict[str, list[VariantResult]]
   lines = ["## Not in the tables", "",
            "These members did not finish their budget (a budget guard stopped the sweep, it was "
            "preempted or failed, or it has not started); they are in no table, claim or plot "
-           "above. Running the same command again resumes them.", "",
-           "| group | variant | lr | seed | reached step | of | workdir |",
-           "|---|---|---|---|---|---|---|"]
-  for name, u in rows:
+           "above. Running the same command again resumes them.", ""]
+  begun = [(name, u) for name, u in rows if u["step"]]
+  if begun:
+    lines += ["| group | variant | lr | seed | reached step | of | workdir |",
+              "|---|---|---|---|---|---|---|"]
+  for name, u in begun:
     lr = "—" if u["learning_rate"] is None else lr_text(u["learning_rate"])
     lines.append(f"| {name} | {u['variant']} | {lr} | {u['seed']} | {u['step']} | "
                  f"{u['steps'] if u['steps'] is not None else '—'} | `{u['workdir']}` |")
+  waiting: dict[str, dict[str, int]] = {}
+  for name, u in rows:
+    if not u["step"]:
+      per_variant = waiting.setdefault(name, {})
+      per_variant[u["variant"]] = per_variant.get(u["variant"], 0) + 1
+  if waiting:
+    lines += ([""] if begun else []) + [
+        "At step 0 (not started, or stopped before their first checkpoint), members per "
+        "variant:", ""]
+    for name, per_variant in waiting.items():
+      lines.append(f"- {name}: {sum(per_variant.values())} members: " + ", ".join(
+          f"{variant} ({count})" for variant, count in per_variant.items()))
   return lines + [""]
 
 
