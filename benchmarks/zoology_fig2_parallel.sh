@@ -12,8 +12,9 @@
 #
 # Usage: benchmarks/zoology_fig2_parallel.sh SECONDS WIDTHS GROUPS [FAMILIES]
 #   e.g.  WORKERS=3 benchmarks/zoology_fig2_parallel.sh 500 64,128,256 T256_kv16,T128_kv8
-# Memory: each worker preallocates 0.9 / WORKERS of the card (XLA_PYTHON_CLIENT_MEM_FRACTION), so
-# that the workers together never ask for more than it holds: one process per family, each
+# Memory: each worker preallocates MEM_SHARE / WORKERS of the card (XLA_PYTHON_CLIENT_MEM_FRACTION;
+# MEM_SHARE defaults to 0.9, less when another job shares the GPU), so that the workers together
+# never ask for more than it holds: one process per family, each
 # growing on demand, ran out of memory on an H100 (docs/results/zoology_fig2_h100.md, call 2).
 # Logs: $LOGS (default /tmp/zoology_logs), one per worker. Throughput in the table is then
 # measured on a shared GPU: these runs compare accuracy, not speed.
@@ -36,7 +37,11 @@ mkdir -p "$logs"
 deadline=$(( $(date +%s) + seconds ))
 export XLA_PYTHON_CLIENT_PREALLOCATE=true
 export XLA_PYTHON_CLIENT_MEM_FRACTION
-XLA_PYTHON_CLIENT_MEM_FRACTION=$(python -c "print(round(0.9 / $workers, 3))")
+mem_share=${MEM_SHARE:-0.9}
+XLA_PYTHON_CLIENT_MEM_FRACTION=$(python -c "
+share = float('$mem_share')
+assert 0 < share <= 1, share
+print(round(share / $workers, 3))" 2>/dev/null) || { echo "error: MEM_SHARE must be in (0, 1], got '$mem_share'" >&2; exit 2; }
 
 run_worker() {  # FAMILY...: for each group, these families' variants at the widths given
   local variants
