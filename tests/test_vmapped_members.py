@@ -67,7 +67,25 @@ def objective(graphdef, params, rest, x, shared, cotangent, packed):
   return jnp.sum(y.astype(jnp.float32) * cotangent), y
 
 
-def check_members(name: str, length: int, d_model: int, dtype, tol: dict, packed: bool):
+def flat_errors(got, want) -> list[tuple[str, float, float]]:
+  """``(path, max |got - want|, max |want|)`` of every array of two matching pytrees."""
+  got_leaves = jax.tree_util.tree_leaves_with_path(got)
+  want_leaves = jax.tree.leaves(want)
+  assert len(got_leaves) == len(want_leaves)
+  out = []
+  for (path, g), w in zip(got_leaves, want_leaves):
+    w = np.asarray(w, np.float64)
+    out.append((jax.tree_util.keystr(path), float(np.abs(np.asarray(g, np.float64) - w).max()),
+                float(np.abs(w).max())))
+  return out
+
+
+def member_errors(name: str, length: int, d_model: int, dtype, packed: bool):
+  """For each member and each output, input gradient and parameter gradient:
+  ``(path, error together, error alone, scale)``: the max error against the member's float32
+  ``reference`` of the members vmapped together (``auto`` kernels, ``dtype``), and of the same
+  member run alone, unvmapped, with the same kernels and dtype; ``scale`` is the reference's
+  largest value. Also the kernels the vmapped program resolved."""
   members = layers(name, "auto", length, d_model, dtype)
   references = layers(name, "reference", length, d_model, jnp.float32)
   graphdef, _, _ = nnx.split(members[0][0], nnx.Param, ...)
@@ -87,33 +105,45 @@ def check_members(name: str, length: int, d_model: int, dtype, tol: dict, packed
                                                           cotangent, rows)
 
   with ops.softmax.vmapped_members(), ops.recording() as records:
-    (got_param_grads, got_x_grads), got = together(params, rest, x, shared, cotangent)
-  for m, (attn, shared_m) in enumerate(references):
-    ref_graphdef, ref_params, ref_rest = nnx.split(attn, nnx.Param, ...)
-    (want_param_grads, want_x_grads), want = jax.jit(
-        jax.grad(functools.partial(objective, ref_graphdef), argnums=(0, 2), has_aux=True))(
-        ref_params, ref_rest, x[m], shared_m, cotangent[m], rows)
-    np.testing.assert_allclose(np.asarray(got[m], np.float32), want, **tol)
-    np.testing.assert_allclose(np.asarray(got_x_grads[m], np.float32), want_x_grads, **tol)
-    got_leaves = jax.tree.leaves(jax.tree.map(lambda g, i=m: g[i], got_param_grads))
-    for g, w in zip(got_leaves, jax.tree.leaves(want_param_grads)):
-      np.testing.assert_allclose(np.asarray(g, np.float32), w, **tol)
-  return {r["resolved"] for r in records}
+    got_all = together(params, rest, x, shared, cotangent)
+  alone = jax.jit(grad)
+  errors = []
+  for m, ((ref_attn, ref_shared), (own_params, own_rest)) in enumerate(zip(references, splits)):
+    ref_graphdef, ref_params, ref_rest = nnx.split(ref_attn, nnx.Param, ...)
+    want = jax.jit(jax.grad(functools.partial(objective, ref_graphdef), argnums=(0, 2),
+                            has_aux=True))(ref_params, ref_rest, x[m], ref_shared,
+                                           cotangent[m], rows)
+    got = jax.tree.map(lambda a, i=m: a[i], got_all)
+    own = alone(own_params, own_rest, x[m].astype(dtype), members[m][1], cotangent[m], rows)
+    for (path, err, scale), (_, err_alone, _) in zip(flat_errors(got, want),
+                                                     flat_errors(own, want)):
+      errors.append((f"member {m} {path}", err, err_alone, scale))
+  return errors, {r["resolved"] for r in records}
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
 @pytest.mark.parametrize("name", attention.names_supporting(True))
 def test_vmapped_members_equal_each_member_alone(name, packed):
-  check_members(name, length=32, d_model=32, dtype=jnp.float32, tol=dict(rtol=2e-4, atol=2e-4),
-                packed=packed)
+  errors, _ = member_errors(name, length=32, d_model=32, dtype=jnp.float32, packed=packed)
+  for path, err, _, scale in errors:
+    assert err <= 2e-4 * (1 + scale), (path, err, scale)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
 @pytest.mark.parametrize("name", attention.names_supporting(True))
 def test_gpu_vmapped_members_equal_each_member_alone(name, packed):
-  """The fused kernels ``auto`` picks on the GPU, vmapped, in bf16 (tolerances of bf16 against
-  the float32 reference, as the kernels' own parity tests); packed rows as the LM sweep's."""
-  resolved = check_members(name, length=512, d_model=256, dtype=jnp.bfloat16,
-                           tol=dict(rtol=5e-2, atol=5e-2), packed=packed)
+  """The fused kernels ``auto`` picks on the GPU, vmapped, in bf16, packed rows as the LM
+  sweep's: each member's error against its float32 reference is at most twice the error of the
+  same member run alone (unvmapped, same kernels, same dtype), plus 1e-3 of the largest value.
+  bf16 alone is far from the reference in places (parameter gradients sum 1,024 tokens;
+  MoH's and routing's discrete choices flip), so a fixed tolerance cannot tell a batching bug
+  from rounding: the first form of this test failed lightning, moh and routing that way, and so
+  does the XLA form on the CPU in bf16, whose batching is plain XLA."""
+  errors, resolved = member_errors(name, length=512, d_model=256, dtype=jnp.bfloat16,
+                                   packed=packed)
   print(f"{name}: {sorted(resolved)}")
+  worst = max(errors, key=lambda e: e[1] / (2 * e[2] + 1e-3 * e[3] + 1e-30))
+  print(f"worst: {worst[0]}: together {worst[1]:.3g}, alone {worst[2]:.3g}, scale {worst[3]:.3g}")
+  for path, err, err_alone, scale in errors:
+    assert err <= 2 * err_alone + 1e-3 * scale, (path, err, err_alone, scale)
