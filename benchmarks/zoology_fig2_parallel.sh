@@ -15,7 +15,7 @@
 # Memory: each worker preallocates MEM_SHARE / WORKERS of the card (XLA_PYTHON_CLIENT_MEM_FRACTION;
 # MEM_SHARE defaults to 0.9, less when another job shares the GPU), so that the workers together
 # never ask for more than it holds: one process per family, each
-# growing on demand, ran out of memory on an H100 (docs/results/zoology_fig2_h100.md, call 2).
+# growing on demand, ran out of memory on an H100 (docs/results/zoology_fig2_gpu.md, call 2).
 # Logs: $LOGS (default /tmp/zoology_logs), one per worker. Throughput in the table is then
 # measured on a shared GPU: these runs compare accuracy, not speed.
 set -uo pipefail

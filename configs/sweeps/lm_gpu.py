@@ -27,7 +27,7 @@ The choices, identical for every member:
 * Budget: 900 steps of 16 x 512 tokens (7.4M tokens, about 4 epochs of the ~1.8M-token
   training text), the same for every member; learning rates 5e-4, 1e-3, 2e-3, 4e-3 (the best
   by validation bits per byte is the row), seeds 0, 1, 2 (95% intervals). The grid began at
-  1e-3; `mha`'s best on the GPU was that edge (docs/results/lm_gpu_h100.md), so 5e-4 joined it.
+  1e-3; `mha`'s best on the GPU was that edge (docs/results/lm_comparison_gpu.md), so 5e-4 joined it.
 * The sparse families get windows of 128 (a quarter of the context; their defaults exceed it).
 
 Bits per byte divide by the bytes of the original text, so they compare across tokenizers;

@@ -40,7 +40,7 @@ Adapted, and why:
    The first GPU runs held arch_zoo's usual MLP (``d_ff = 4 d``), and `mha` at width 256 and
    length 64 memorised the 100,000 training examples instead of learning to recall (training
    loss 0.02, validation accuracy 0.25 at 4.6e-4, where width 128 reached 0.975): the paper's
-   blocks leave no such room (docs/results/zoology_fig2_h100.md, "Blocks with an MLP").
+   blocks leave no such room (docs/results/zoology_fig2_gpu.md, "Blocks with an MLP").
 4. **Heads: 2 instead of 1**, since MoH (shared and routed heads), routing (local and routing
    heads) and MASA need more than one; every family gets the same 2.
 5. **Sparse windows.** `dynamic_mask`'s ``keep_window_size`` (default 2048) and `routing`'s
