@@ -50,6 +50,9 @@ def parse_args(argv):
   parser.add_argument("--variants", default=None,
                       help="comma-separated variant names: run only their members (the report "
                            "still lists every member; the others wait for a later call)")
+  parser.add_argument("--one_by_one", default=None,
+                      help="comma-separated attention families whose members train one at a "
+                           "time even in a batch_members group (kernels not trusted under vmap)")
   parser.add_argument("--budget_s", type=float, default=None,
                       help="time budget of this call in seconds: no member starts after it and "
                            "the one training checkpoints and stops; the report lists unfinished "
@@ -63,7 +66,8 @@ def main(argv=None) -> int:
   logging.set_verbosity(logging.WARNING)  # as train.py: orbax logs every file it renames at INFO
   try:
     path, failed = run_sweep(args.sweep, args.workdir, not args.subprocess, args.out,
-                             args.report_only, args.groups, args.budget_s, args.variants)
+                             args.report_only, args.groups, args.budget_s, args.variants,
+                             args.one_by_one)
   except SweepError as e:
     if errors.debug():
       raise

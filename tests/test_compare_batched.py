@@ -192,3 +192,18 @@ def test_a_members_own_process_allocates_on_demand_beside_a_gpu_this_process_hol
     assert runner.child_environment().get("XLA_PYTHON_CLIENT_PREALLOCATE") == expected
   monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")  # a user's own choice stays
   assert runner.child_environment()["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+
+
+def test_one_by_one_families_train_alone_the_others_together(tmp_path):
+  """``--one_by_one lightning``: lightning's grid runs member by member, mha's as one program."""
+  from arch_zoo.compare import runner, spec
+  sweep = tmp_path / "sweep.py"
+  sweep.write_text(
+      "def get_sweep():\n  return [dict(name='g', config='configs/recall.py', "
+      "arg='size=test,task=mqar', variants=['mha', 'lightning'], learning_rates=[1e-3, 1e-2], "
+      "seeds=[0], batch_members=True, overrides={'train.steps': 2})]\n")
+  planned = spec.plan(spec.load_sweep(str(sweep))[0])
+  members = spec.train_one_by_one(spec.select_members(planned, None), "lightning")
+  sizes = [(batch[0]["attention"], len(batch)) for batch in runner.batches(members, str(tmp_path))]
+  assert sizes == [("mha", 2), ("lightning", 1), ("lightning", 1)]
+

@@ -129,3 +129,9 @@ def test_bad_variants(capsys, tmp_path):
   result = run_cli(capsys, tmp_path, f"def get_sweep():\n  return [{GOOD_GROUP}]\n",
                    "--variants", "mha,lightnin")
   assert_one_error_line(*result, "--variants names ['lightnin']", "mha")
+
+
+def test_bad_one_by_one_family(capsys, tmp_path):
+  result = run_cli(capsys, tmp_path, f"def get_sweep():\n  return [{GOOD_GROUP}]\n",
+                   "--one_by_one", "lightning")
+  assert_one_error_line(*result, "--one_by_one names ['lightning']", "mha")

@@ -32,11 +32,13 @@ from arch_zoo.compare.spec import SweepError
 
 def run_sweep(sweep_path: str, root: str, in_process: bool = True, out_dir: str | None = None,
               report_only: bool = False, group_names: str | None = None,
-              budget_s: float | None = None, variant_names: str | None = None
-              ) -> tuple[str, list[str]]:
+              budget_s: float | None = None, variant_names: str | None = None,
+              one_by_one: str | None = None) -> tuple[str, list[str]]:
   """Checks every member of the sweep, runs the unfinished ones, then writes the report; returns
   the path of comparison.md and the workdirs that failed. ``variant_names`` (comma separated)
-  runs only those variants' members, the report still covering every member. A sweep stopped by
+  runs only those variants' members, the report still covering every member; the attention
+  families in ``one_by_one`` (comma separated) train their members one at a time even where the
+  group trains members together (``spec.train_one_by_one``). A sweep stopped by
   its time budget (``budget_s``) or SIGTERM still writes the report of what finished, then raises
   ``Preempted`` (``BudgetReached``): unfinished members are listed apart, never in a table."""
   groups, claims = spec.select_groups(*spec.load_sweep(sweep_path), group_names)
@@ -45,7 +47,7 @@ def run_sweep(sweep_path: str, root: str, in_process: bool = True, out_dir: str 
   planned = spec.plan(groups)
   failed = []
   if not report_only:
-    to_run = spec.select_members(planned, variant_names)
+    to_run = spec.train_one_by_one(spec.select_members(planned, variant_names), one_by_one)
     try:
       failed = runner.run_members(to_run, root, in_process, budget_s)
     except Preempted:
