@@ -16,6 +16,8 @@
 # MEM_SHARE defaults to 0.9, less when another job shares the GPU), so that the workers together
 # never ask for more than it holds: one process per family, each
 # growing on demand, ran out of memory on an H100 (docs/results/zoology_fig2_gpu.md, call 2).
+# ONE_BY_ONE (families, comma separated): their members train one at a time (compare.py
+# --one_by_one), for kernels that failed tests/test_vmapped_members.py -m gpu.
 # Logs: $LOGS (default /tmp/zoology_logs), one per worker. Throughput in the table is then
 # measured on a shared GPU: these runs compare accuracy, not speed.
 set -uo pipefail
@@ -51,7 +53,8 @@ run_worker() {  # FAMILY...: for each group, these families' variants at the wid
     local left=$(( deadline - $(date +%s) ))
     [ "$left" -lt 30 ] && break
     python compare.py --sweep configs/sweeps/zoology_fig2.py --workdir runs/zoology_fig2 \
-      --groups "$group" --variants "$variants" --budget_s "$left" --out "/tmp/zoology_report_$1"
+      --groups "$group" --variants "$variants" --budget_s "$left" --out "/tmp/zoology_report_$1" \
+      ${ONE_BY_ONE:+--one_by_one "$ONE_BY_ONE"}
   done
 }
 

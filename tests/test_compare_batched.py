@@ -203,7 +203,7 @@ def test_one_by_one_families_train_alone_the_others_together(tmp_path):
       "arg='size=test,task=mqar', variants=['mha', 'lightning'], learning_rates=[1e-3, 1e-2], "
       "seeds=[0], batch_members=True, overrides={'train.steps': 2})]\n")
   planned = spec.plan(spec.load_sweep(str(sweep))[0])
-  members = spec.train_one_by_one(spec.select_members(planned, None), "lightning")
+  members = spec.select_members(spec.train_one_by_one(planned, "lightning"), None)
   sizes = [(batch[0]["attention"], len(batch)) for batch in runner.batches(members, str(tmp_path))]
   assert sizes == [("mha", 2), ("lightning", 1), ("lightning", 1)]
 

@@ -47,7 +47,7 @@ def run_sweep(sweep_path: str, root: str, in_process: bool = True, out_dir: str 
   planned = spec.plan(groups)
   failed = []
   if not report_only:
-    to_run = spec.train_one_by_one(spec.select_members(planned, variant_names), one_by_one)
+    to_run = spec.select_members(spec.train_one_by_one(planned, one_by_one), variant_names)
     try:
       failed = runner.run_members(to_run, root, in_process, budget_s)
     except Preempted:

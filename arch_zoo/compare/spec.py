@@ -212,20 +212,22 @@ def select_members(planned: dict[str, list[dict]], names: str | None) -> list[di
   return [m for m in everyone if m["variant"] in wanted]
 
 
-def train_one_by_one(members: list[dict], families: str | None) -> list[dict]:
-  """``members`` with those of the attention ``families`` named (comma separated) trained one at
-  a time even in a ``batch_members`` group: for a family whose kernels are not trusted under
-  ``vmap`` (``tests/test_vmapped_members.py -m gpu``). Their results are the same runs, slower."""
+def train_one_by_one(planned: dict[str, list[dict]], families: str | None
+                     ) -> dict[str, list[dict]]:
+  """``planned`` with the members of the attention ``families`` named (comma separated) trained
+  one at a time even in a ``batch_members`` group: for a family whose kernels are not trusted
+  under ``vmap`` (``tests/test_vmapped_members.py -m gpu``). Their results are the same runs,
+  slower. Any family of the sweep may be named, run in this call or not."""
   if not families:
-    return members
+    return planned
   wanted = {n.strip() for n in families.split(",") if n.strip()}
-  known = list(dict.fromkeys(m["attention"] for m in members))
+  known = list(dict.fromkeys(m["attention"] for ms in planned.values() for m in ms))
   unknown = sorted(wanted - set(known))
   if unknown or not wanted:
     raise SweepError(f"--one_by_one names {unknown or repr(families)}; pass some of the "
-                     f"attention families of the members to run, comma separated: "
-                     f"{','.join(known)}.")
-  return [dict(m, batch_members=False) if m["attention"] in wanted else m for m in members]
+                     f"sweep's attention families, comma separated: {','.join(known)}.")
+  return {group: [dict(m, batch_members=False) if m["attention"] in wanted else m
+                  for m in members] for group, members in planned.items()}
 
 
 # ---------------------------------------------------------------------------- members
