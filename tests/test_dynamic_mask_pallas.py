@@ -334,10 +334,10 @@ def test_refusals_say_why(monkeypatch):
 
 def test_the_kernels_lower_to_triton_without_a_gpu(monkeypatch, gpu_tiles):
   """The forward, dQ and dK/dV kernels at each tiling the GPU tests compile (bf16, head_dim 128,
-  GQA) lower
-  through Pallas to Triton IR for an H100 (cross-lowered here: the GPU is described to Pallas
-  through its private ``gpu_info``, so recheck this on a JAX upgrade). It catches an operation
-  the Triton backend cannot lower without a GPU; Triton's own compile still needs one."""
+  GQA) lower through Pallas to Triton IR for an H100 (cross-lowered here: the GPU is described
+  to Pallas through its private ``gpu_info``, so recheck this on a JAX upgrade). It catches an
+  operation the Triton backend cannot lower without a GPU; Triton's own compile still needs
+  one."""
   from jax import export
   from jax._src.pallas.triton import gpu_info
 
