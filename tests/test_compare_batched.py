@@ -206,4 +206,3 @@ def test_one_by_one_families_train_alone_the_others_together(tmp_path):
   members = spec.select_members(spec.train_one_by_one(planned, "lightning"), None)
   sizes = [(batch[0]["attention"], len(batch)) for batch in runner.batches(members, str(tmp_path))]
   assert sizes == [("mha", 2), ("lightning", 1), ("lightning", 1)]
-
