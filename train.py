@@ -250,6 +250,8 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
     # Config, data and model are checked: only now does the workdir hold a run.
     if is_main:
       workdir_lib.write_json(os.path.join(workdir, CONFIG_FILE), workdir_lib.config_dict(config))
+      with contextlib.suppress(FileNotFoundError):  # an earlier attempt's; this one decides anew
+        os.remove(os.path.join(workdir, workdir_lib.DIVERGED_FILE))
     writer.truncate_after(start_step,
                           drop_final_at=start_step >= total_steps or bool(stopped_early))
     data_facts = data.facts() if hasattr(data, "facts") else {}  # e.g. the padding fraction
@@ -294,6 +296,10 @@ def _train(config: ConfigDict, workdir: str, interrupts: interrupts_lib.Interrup
       pending.clear()
       interrupts.test_point("flush", step)
       if not math.isfinite(logged["train/loss"]):
+        if is_main:
+          workdir_lib.write_json(os.path.join(workdir, workdir_lib.DIVERGED_FILE), {
+              "steps": list(window), "loss": str(logged["train/loss"]),
+              "learning_rate": config.optim.learning_rate, "time": workdir_lib.now()})
         raise NonFiniteLossError(nonfinite_message(logged["train/loss"], window, ckpt,
                                                    restored_from, finite_since_restore))
       finite_since_restore = True

@@ -25,6 +25,9 @@ from arch_zoo.errors import UserError
 
 CONFIG_FILE = "config.json"
 FINAL_METRICS_FILE = "final_metrics.json"
+# Written when the training loss became non-finite (train.py's NonFiniteLossError): the run's
+# outcome at its learning rate, which a learning-rate grid reads as "diverged" (compare.py).
+DIVERGED_FILE = "diverged.json"
 LOCK_FILE = "train.lock"
 # Config keys that define the run; a workdir holding a run with different values is refused.
 IDENTITY_KEYS = ("task", "seed", "model", "data.name", "data.seq_len", "data.tokenizer",

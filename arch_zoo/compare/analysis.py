@@ -13,7 +13,7 @@ import numpy as np
 
 from arch_zoo import metrics as metrics_lib, provenance, tasks
 from arch_zoo.compare.runner import (EVAL_RESULTS_FILE, FINAL_METRICS_FILE, MEMBER_FILE,
-                                     is_finished, read_json)
+                                     diverged, is_finished, read_json)
 from arch_zoo.compare.spec import member_dir, member_identity
 from arch_zoo.tasks import Metric
 
@@ -119,6 +119,12 @@ def collect(root: str, member: dict) -> dict[str, Any] | None:
   }
 
 
+def is_this_member(workdir: str, member: dict) -> bool:
+  """The workdir's ``compare_member.json`` describes ``member`` (not another sweep's run)."""
+  path = os.path.join(workdir, MEMBER_FILE)
+  return os.path.exists(path) and read_json(path)["member"] == member_identity(member)
+
+
 def validation_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
   """``{KEY: [(step, value), ...]}`` of train.py's validations (``val/KEY``, then the final
   validation over the whole split, ``final/KEY``): the validation curves."""
@@ -162,6 +168,9 @@ class VariantResult:
   missing: list[str]  # workdirs of unfinished seeds
   learning_rate: float | None = None
   unfinished: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # partial_progress
+  # Seeds whose training loss became non-finite (``runner.diverged``, with ``workdir``): finished,
+  # with no metric; such a learning rate is never a variant's best.
+  diverged: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
   @property
   def first(self) -> dict[str, Any]:
@@ -191,6 +200,11 @@ def collect_all(root: str, planned: dict[str, list[dict]]) -> dict[str, list[Var
       lr = member.get("learning_rate")
       result = by_variant.setdefault((member["variant"], lr), VariantResult(
           group, member["variant"], member["attention"], [], [], lr))
+      workdir = member_dir(root, member)
+      record = diverged(workdir)
+      if record is not None and is_this_member(workdir, member):
+        result.diverged.append(dict(record, workdir=workdir, seed=member["seed"]))
+        continue
       collected = collect(root, member)
       if (collected is not None and member.get("steps") not in (None, collected["steps"])
           and not collected["stopped_early"]):
@@ -226,16 +240,17 @@ def select_learning_rates(results: list[VariantResult], metric: Metric | None
   """One result per variant, in sweep order: the learning rate with the best mean of ``metric``
   over its finished seeds (Zoology's protocol: the grid's best by validation). A learning rate
   is a candidate only once all its seeds finished, so a half-done grid point never wins on fewer
-  seeds; with no complete point the variant's first result stands (reported as unfinished)."""
+  seeds, nor one where a seed diverged; with no complete point the variant's first result stands
+  (reported as unfinished, or diverged)."""
   chosen: dict[str, VariantResult] = {}
   for result in results:
     current = chosen.get(result.variant)
     if current is None:
       chosen[result.variant] = result
       continue
-    if metric is None or result.missing or not result.runs:
+    if metric is None or result.missing or result.diverged or not result.runs:
       continue
-    if current.missing or not current.runs:
+    if current.missing or current.diverged or not current.runs:
       chosen[result.variant] = result
       continue
     new, old = result.mean_std(metric)[0], current.mean_std(metric)[0]

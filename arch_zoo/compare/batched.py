@@ -273,6 +273,17 @@ def rate(step: int, units_per_step: int, clock: tuple[float, int] | None) -> flo
   return (step - clock[1]) * units_per_step / (time.perf_counter() - clock[0])
 
 
+class MemberDiverged(FloatingPointError):
+  """Member ``member`` of those trained together: its training loss became ``loss`` in the
+  steps ``(steps[0], steps[1]]``."""
+
+  def __init__(self, member: int, steps: tuple[int, int], loss: float):
+    super().__init__(f"member {member} (of those trained together): the training loss became "
+                     f"{loss} in steps ({steps[0]}, {steps[1]}]. Lower optim.learning_rate or "
+                     "raise optim.warmup_steps.")
+    self.member, self.steps, self.loss = member, steps, loss
+
+
 def log(writers, pending: list, step: int, units_per_step: int, clock) -> None:
   """Each member's mean metrics over the steps since the last log (as train.py logs them)."""
   if not pending:
@@ -282,8 +293,6 @@ def log(writers, pending: list, step: int, units_per_step: int, clock) -> None:
   for i, writer in enumerate(writers):
     logged = {k: float(np.mean([m[k][i] for m in fetched])) for k in fetched[0]}
     if not math.isfinite(logged["train/loss"]):
-      raise FloatingPointError(f"member {i} (of those trained together): the training loss "
-                               f"became {logged['train/loss']} before step {step}. Lower "
-                               "optim.learning_rate or raise optim.warmup_steps.")
+      raise MemberDiverged(i, (step - len(fetched), step), logged["train/loss"])
     logged["train/throughput"] = rate(step, units_per_step, clock)
     writer.write(step, logged)

@@ -70,6 +70,11 @@ def claim_lines(claims: list[Claim], results: dict[str, list[VariantResult]]) ->
       lines += ["Not measured: the learning-rate grid of a member of this comparison has not "
                 "finished (see \"Not in the tables\").", ""]
       continue
+    all_diverged = [r.variant for r in (variant, baseline) if r.diverged and not r.runs]
+    if all_diverged:
+      lines += [f"Not measured: {' and '.join(all_diverged)} diverged at every learning rate "
+                "of the grid (see \"Diverged\").", ""]
+      continue
     if not variant.runs or not baseline.runs or variant.missing or baseline.missing:
       lines += ["Not measured: a member of this comparison has not finished (see \"Not in the "
                 "tables\").", ""]
@@ -165,6 +170,7 @@ def report(root: str, groups: list[dict], claims: list[Claim], planned: dict[str
   if claims:
     lines += claim_lines(claims, selected)
   lines += unfinished_lines(groups, results)
+  lines += diverged_lines(groups, results)
   lines += run_lines(groups, results)
   md_path = os.path.join(out_dir, "comparison.md")
   with open(md_path, "w") as f:
@@ -174,7 +180,8 @@ def report(root: str, groups: list[dict], claims: list[Claim], planned: dict[str
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     writer.writerows(csv_rows)
-  plots.plot(selected, out_dir)
+  plots.plot({group: [v for v in chosen if v.runs] for group, chosen in selected.items()},
+             out_dir)
   return md_path
 
 
@@ -214,14 +221,15 @@ def group_lines(group: dict, variants: list[VariantResult], chosen: list[Variant
     name = (result.variant if result.variant == result.attention
             else f"{result.variant} ({result.attention})")
     if not result.runs:
-      lines.append(f"| {name} | not finished (see \"Not in the tables\") |"
-                   + " |" * (len(header) - 2))
+      why = ("diverged at every learning rate (see \"Diverged\")"
+             if result.diverged and result.variant not in incomplete
+             else "not finished (see \"Not in the tables\")")
+      lines.append(f"| {name} | {why} |" + " |" * (len(header) - 2))
       continue
     first = result.first
     delta = (f"{100 * (first['params'] / reference.first['params'] - 1):+.1f}%"
              if reference else "—")
-    seeds = f"{len(result.runs)}" + (f" (of {len(result.runs) + len(result.missing)})"
-                                     if result.missing else "")
+    seeds = seeds_text(result)
     lr = ([lr_text(result.learning_rate)
            + (" (grid incomplete)" if result.variant in incomplete else "")] if grid else [])
     cells = [name, *lr, seeds, f"{first['params']:,}", delta, f"{first['attention_params']:,}",
@@ -237,7 +245,22 @@ def group_lines(group: dict, variants: list[VariantResult], chosen: list[Variant
   for result in variants:
     if result.runs:
       csv_rows.append(csv_row(group, task, result, metrics, result in chosen))
+    elif result.diverged:  # the grid point is in the CSV too, with no metric
+      csv_rows.append({"group": group["name"], "variant": result.variant,
+                       "attention": result.attention, "task": task,
+                       "learning_rate": result.learning_rate, "selected": False, "seeds": 0,
+                       "seeds_planned": len(result.diverged) + len(result.missing),
+                       "diverged_seeds": len(result.diverged)})
   return lines
+
+
+def seeds_text(result: VariantResult) -> str:
+  """``3``, or ``2 (of 3)`` while a seed runs, ``2 (of 3; 1 diverged)``."""
+  planned = len(result.runs) + len(result.missing) + len(result.diverged)
+  if planned == len(result.runs):
+    return f"{len(result.runs)}"
+  return f"{len(result.runs)} (of {planned}" + (f"; {len(result.diverged)} diverged"
+                                               if result.diverged else "") + ")"
 
 
 def grid_lines(variants: list[VariantResult], chosen: list[VariantResult], metric) -> list[str]:
@@ -252,12 +275,14 @@ def grid_lines(variants: list[VariantResult], chosen: list[VariantResult], metri
     cells = []
     for lr in rates:
       result = by_key.get((name, lr))
+      if result is not None and result.diverged and not result.runs and not result.missing:
+        cells.append("diverged")
+        continue
       if result is None or not result.runs:
         cells.append("not finished")
         continue
-      text = fmt_interval(result, metric) + (f" ({len(result.runs)} of "
-                                             f"{len(result.runs) + len(result.missing)} seeds)"
-                                             if result.missing else "")
+      text = fmt_interval(result, metric) + (f" ({seeds_text(result)} seeds)"
+                                             if result.missing or result.diverged else "")
       cells.append(f"**{text}**" if result in chosen else text)
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return lines + [""]
@@ -270,7 +295,8 @@ def csv_row(group: dict, task: str, result: VariantResult, metrics, selected: bo
          "steps": first["steps"],
          "stopped_early": (first["stopped_early"] or {}).get("rule", ""),
          "seeds": len(result.runs),
-         "seeds_planned": len(result.runs) + len(result.missing), "params": first["params"],
+         "seeds_planned": len(result.runs) + len(result.missing) + len(result.diverged),
+         "diverged_seeds": len(result.diverged), "params": first["params"],
          "attention_params": first["attention_params"], "d_ff": first["d_ff"],
          "train_flops_per_token": first["flops_per_token"],
          "train_flops_per_image": first["flops_per_image"],
@@ -319,6 +345,27 @@ def unfinished_lines(groups: list[dict], results: dict[str, list[VariantResult]]
     for name, per_variant in waiting.items():
       lines.append(f"- {name}: {sum(per_variant.values())} members: " + ", ".join(
           f"{variant} ({count})" for variant, count in per_variant.items()))
+  return lines + [""]
+
+
+def diverged_lines(groups: list[dict], results: dict[str, list[VariantResult]]) -> list[str]:
+  """Every member whose training loss became non-finite: finished, with no metric (its grid
+  point reads "diverged"); a rerun skips it (delete its ``diverged.json`` to try again)."""
+  rows = [(group["name"], v.variant, d) for group in groups for v in results[group["name"]]
+          for d in v.diverged]
+  if not rows:
+    return []
+  lines = ["## Diverged", "",
+           "The training loss of these members became non-finite: that is their learning "
+           "rate's outcome under this protocol, so they count as finished, with no metric, and "
+           "their learning rate is never a variant's best. A rerun skips them; delete a "
+           "member's `diverged.json` to train it again.", "",
+           "| group | variant | lr | seed | loss | in steps | workdir |",
+           "|---|---|---|---|---|---|---|"]
+  for name, variant, d in rows:
+    steps = d.get("steps") or ["?", "?"]
+    lines.append(f"| {name} | {variant} | {lr_text(d.get('learning_rate'))} | {d['seed']} | "
+                 f"{d.get('loss')} | ({steps[0]}, {steps[1]}] | `{d['workdir']}` |")
   return lines + [""]
 
 

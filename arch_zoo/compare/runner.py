@@ -26,6 +26,7 @@ from typing import Any
 from arch_zoo import config_files, errors, perf, tasks
 from arch_zoo.compare import spec
 from arch_zoo.compare.spec import SweepError, build_config, describe, member_dir, member_identity
+from arch_zoo.workdir import DIVERGED_FILE
 
 MEMBER_FILE = "compare_member.json"
 FINAL_METRICS_FILE = "final_metrics.json"
@@ -110,6 +111,14 @@ def training_finished(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, FINAL_METRICS_FILE))
 
 
+def diverged(workdir: str) -> dict | None:
+  """The member's divergence record (its training loss became non-finite), else None. A
+  diverged member is finished: that is its learning rate's outcome, which the grid reports,
+  and a rerun would only diverge again."""
+  path = os.path.join(workdir, DIVERGED_FILE)
+  return read_json(path) if os.path.exists(path) else None
+
+
 def evaluation_finished(workdir: str, member: dict) -> bool:
   if member["suite"] is None:
     return True
@@ -126,7 +135,8 @@ def evaluation_finished(workdir: str, member: dict) -> bool:
 
 
 def is_finished(workdir: str, member: dict) -> bool:
-  return training_finished(workdir) and evaluation_finished(workdir, member)
+  return (diverged(workdir) is not None
+          or training_finished(workdir) and evaluation_finished(workdir, member))
 
 
 def train_command(member: dict, workdir: str) -> list[str]:
@@ -271,7 +281,9 @@ def batches(members: list[dict], root: str) -> list[list[dict]]:
   resumed) together (``batched``); every other member is a list of one."""
   out, together = [], {}
   for member in members:
-    if member.get("batch_members") and not training_finished(member_dir(root, member)):
+    workdir = member_dir(root, member)
+    if (member.get("batch_members") and not training_finished(workdir)
+        and diverged(workdir) is None):
       key = (member["group"], member["variant"])
       if key not in together:
         together[key] = []
@@ -328,6 +340,7 @@ def run_members(members: list[dict], root: str, in_process: bool,
         except Exception as e:  # noqa: BLE001  each member then trains alone below
           if errors.debug():
             traceback.print_exc()
+          record_divergence(e, batch, root)
           print(f"{label}: FAILED together ({type(e).__name__}: {describe(e)}); each member "
                 "now runs on its own.", flush=True)
         else:
@@ -337,13 +350,26 @@ def run_members(members: list[dict], root: str, in_process: bool,
   return failed
 
 
+def record_divergence(error: Exception, batch: list[dict], root: str) -> None:
+  """A member trained together whose loss became non-finite gets train.py's record of it (the
+  others then train on alone, the diverged one is finished)."""
+  from arch_zoo.compare import batched
+  if isinstance(error, batched.MemberDiverged):
+    workdir = member_dir(root, batch[error.member])
+    config = build_config(batch[error.member]["config_file"], batch[error.member]["arg"],
+                          batch[error.member]["overrides"])
+    write_json(os.path.join(workdir, DIVERGED_FILE), {
+        "steps": list(error.steps), "loss": str(error.loss),
+        "learning_rate": config.optim.learning_rate, "trained_with": len(batch)})
+
+
 def run_one(member: dict, root: str, in_process: bool, guard: Guard, i: int,
             count: int) -> list[str]:
   """Runs one member (or only evaluates it); returns ``[workdir]`` if it failed."""
   workdir = member_dir(root, member)
   label = f"[{i + 1}/{count}] {workdir}"
   if is_finished(workdir, member):
-    print(f"{label}: finished, skipped", flush=True)
+    print(f"{label}: {'diverged' if diverged(workdir) else 'finished'}, skipped", flush=True)
     return []
   if guard.out_of_time():
     raise guard.stop("before the next member started")
@@ -360,6 +386,10 @@ def run_one(member: dict, root: str, in_process: bool, guard: Guard, i: int,
   except Exception as e:  # noqa: BLE001  one failed member must not stop the sweep
     if errors.debug():
       traceback.print_exc()
+    if diverged(workdir) is not None:  # train.py recorded it: an outcome, not a failure
+      print(f"{label}: diverged ({describe(e)}); recorded in {DIVERGED_FILE}, reported as "
+            "this learning rate's outcome", flush=True)
+      return []
     print(f"{label}: FAILED: {type(e).__name__}: {describe(e)}", flush=True)
     return [workdir]
   print(f"{label}: done in {time.perf_counter() - start:.0f} s", flush=True)
