@@ -92,3 +92,12 @@ def test_train_py_removes_an_earlier_attempts_record(sweep, tmp_path):
   (tmp_path / "diverged.json").write_text(json.dumps({"steps": [0, 1], "loss": "nan"}))
   train.train_and_evaluate(config, str(tmp_path))
   assert runner.diverged(str(tmp_path)) is None
+
+
+def test_a_partly_diverged_grid_cell_counts_its_seeds():
+  from arch_zoo.compare import analysis, report
+  result = analysis.VariantResult("g", "mha", "mha", runs=[{}, {}], missing=[],
+                                  diverged=[{"workdir": "w"}])
+  assert report.seeds_note(result) == "2 of 3 seeds; 1 diverged"
+  result.diverged, result.missing = [], ["w"]
+  assert report.seeds_note(result) == "2 of 3 seeds"

@@ -263,6 +263,13 @@ def seeds_text(result: VariantResult) -> str:
                                                if result.diverged else "") + ")"
 
 
+def seeds_note(result: VariantResult) -> str:
+  """A grid cell's note on its seeds: ``2 of 3 seeds``, ``2 of 3 seeds; 1 diverged``."""
+  planned = len(result.runs) + len(result.missing) + len(result.diverged)
+  return f"{len(result.runs)} of {planned} seeds" + (f"; {len(result.diverged)} diverged"
+                                                      if result.diverged else "")
+
+
 def grid_lines(variants: list[VariantResult], chosen: list[VariantResult], metric) -> list[str]:
   """The whole learning-rate grid: the selection metric at every point, the chosen one marked."""
   rates = list(dict.fromkeys(v.learning_rate for v in variants))
@@ -281,7 +288,7 @@ def grid_lines(variants: list[VariantResult], chosen: list[VariantResult], metri
       if result is None or not result.runs:
         cells.append("not finished")
         continue
-      text = fmt_interval(result, metric) + (f" ({seeds_text(result)} seeds)"
+      text = fmt_interval(result, metric) + (f" ({seeds_note(result)})"
                                              if result.missing or result.diverged else "")
       cells.append(f"**{text}**" if result in chosen else text)
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
