@@ -80,12 +80,10 @@ def normalize_eval_results(results: dict) -> dict[str, dict]:
 def collect(root: str, member: dict) -> dict[str, Any] | None:
   """Everything the report needs from one member's workdir, or None if it is not finished."""
   workdir = member_dir(root, member)
-  record_path = os.path.join(workdir, MEMBER_FILE)
-  if not (is_finished(workdir, member) and os.path.exists(record_path)):
+  # Another sweep's run in this place is never reported as this member.
+  if not (is_finished(workdir, member) and is_this_member(workdir, member)):
     return None
-  record = read_json(record_path)
-  if record["member"] != member_identity(member):
-    return None  # another sweep's run in this place: never report it as this member
+  record = read_json(os.path.join(workdir, MEMBER_FILE))
   info = read_json(os.path.join(workdir, provenance.RUN_INFO_FILE))
   final = read_json(os.path.join(workdir, FINAL_METRICS_FILE))
   evaluated = {}
