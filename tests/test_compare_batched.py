@@ -206,3 +206,29 @@ def test_one_by_one_families_train_alone_the_others_together(tmp_path):
   members = spec.select_members(spec.train_one_by_one(planned, "lightning"), None)
   sizes = [(batch[0]["attention"], len(batch)) for batch in runner.batches(members, str(tmp_path))]
   assert sizes == [("mha", 2), ("lightning", 1), ("lightning", 1)]
+
+
+@pytest.mark.parametrize("batch_members, sizes", [(True, [5]), (2, [2, 2, 1]), (1, [1] * 5),
+                                                  (False, [1] * 5)])
+def test_batch_members_caps_how_many_train_together(tmp_path, batch_members, sizes):
+  """A number caps each program's members (a GPU call then loses at most one short program when
+  its time runs out); ``True`` trains the variant's whole grid together."""
+  from arch_zoo.compare import runner, spec
+  sweep = tmp_path / "sweep.py"
+  sweep.write_text(
+      "def get_sweep():\n  return [dict(name='g', config='configs/recall.py', "
+      "arg='size=test,task=mqar', variants=['mha'], learning_rates=[1e-3, 1e-2, 3e-2, 1e-1, 3e-1],"
+      f" seeds=[0], batch_members={batch_members!r}, overrides={{'train.steps': 2}})]\n")
+  members = spec.select_members(spec.plan(spec.load_sweep(str(sweep))[0]), None)
+  assert [len(b) for b in runner.batches(members, str(tmp_path))] == sizes
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "6"])
+def test_batch_members_refuses_what_is_not_a_count(tmp_path, bad):
+  from arch_zoo.compare import spec
+  sweep = tmp_path / "sweep.py"
+  sweep.write_text(
+      "def get_sweep():\n  return [dict(name='g', config='configs/recall.py', "
+      f"arg='size=test,task=mqar', variants=['mha'], seeds=[0], batch_members={bad!r})]\n")
+  with pytest.raises(ValueError, match="batch_members must be True, False or the most members"):
+    spec.plan(spec.load_sweep(str(sweep))[0])

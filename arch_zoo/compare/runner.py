@@ -278,14 +278,16 @@ def apply_shared_xla_flags(groups: list[dict]) -> str:
 def batches(members: list[dict], root: str) -> list[list[dict]]:
   """The members in running order, as lists: members of one variant of a ``batch_members`` group
   (its seeds and learning rates) that have not finished training form one list, trained (or
-  resumed) together (``batched``); every other member is a list of one."""
+  resumed) together (``batched``), at most ``batch_members`` of them when it is a number; every
+  other member is a list of one."""
   out, together = [], {}
   for member in members:
     workdir = member_dir(root, member)
-    if (member.get("batch_members") and not training_finished(workdir)
-        and diverged(workdir) is None):
+    most = member.get("batch_members")
+    if most and not training_finished(workdir) and diverged(workdir) is None:
       key = (member["group"], member["variant"])
-      if key not in together:
+      full = most is not True and len(together.get(key, ())) == most  # True: all of them
+      if key not in together or full:
         together[key] = []
         out.append(together[key])
       together[key].append(member)

@@ -157,8 +157,10 @@ def normalize_group(raw: dict) -> dict[str, Any]:
   if group["select_by"] is not None and not isinstance(group["select_by"], str):
     raise ValueError(f"select_by must be a column id (e.g. 'mqar_accuracy', 'loss'), got "
                      f"{group['select_by']!r}.")
-  if not isinstance(group["batch_members"], bool):
-    raise ValueError(f"batch_members must be True or False, got {group['batch_members']!r}.")
+  together = group["batch_members"]
+  if not (isinstance(together, bool) or (isinstance(together, int) and together >= 1)):
+    raise ValueError(f"batch_members must be True, False or the most members to train together "
+                     f"(an integer >= 1, e.g. 6), got {together!r}.")
   return group
 
 

@@ -45,6 +45,10 @@ STEPS = 900
 LEARNING_RATES = [5e-4, 1e-3, 2e-3, 4e-3]  # 5e-4: mha's best was 1e-3, the grid's edge
 SEEDS = [0, 1, 2]
 WINDOW = 128
+# Six members (two learning rates' seeds) per vmapped program: a GPU call whose time runs out
+# loses the program in flight (its checkpoints stay on that machine), and twelve took over 240 s
+# on a shared H100, more than a call's share (docs/results/lm_comparison_gpu.md, call 5).
+MEMBERS_TOGETHER = 6
 
 
 def families() -> list[str]:
@@ -55,7 +59,8 @@ def families() -> list[str]:
 def get_sweep():
   return [dict(
       name="lm_M", config="configs/lm.py", arg=f"size=M,data={DATA}",
-      variants=families(), seeds=SEEDS, learning_rates=LEARNING_RATES, batch_members=True,
+      variants=families(), seeds=SEEDS, learning_rates=LEARNING_RATES,
+      batch_members=MEMBERS_TOGETHER,
       match="params", reference="mha",
       overrides={"data.tokenizer": TOKENIZER, "data.doc_separator": "\\x1e",
                  "data.packing": "pack", "train.steps": STEPS, "train.log_every": 25,
