@@ -171,7 +171,41 @@ def selection_cost(graphdef, params, x, args) -> dict:
   plan = jax.jit(lambda s: dynamic_mask_pallas.selection_plan(s, **options))
   return {"work_fraction": {key: float(value) for key, value in fraction.items()},
           "selection_s": common.best_call_seconds(plan, score),
+          "selection_stages_s": selection_stages(score, args.keep_window),
           "pallas_config": str(dynamic_mask_pallas.DEFAULT_CONFIG)}
+
+
+def selection_stages(score, keep_window: int) -> dict:
+  """Seconds of each stage of ``selection_plan`` (causal, one row per batch, no documents), each
+  jitted alone on the previous stages' outputs: where the selection's time goes."""
+  import functools
+
+  import jax
+
+  from arch_zoo.attention.ops import dynamic_mask_pallas as dmp
+
+  cfg = dmp.DEFAULT_CONFIG
+  b, s, _ = score.shape
+  assert s % max(cfg.block_q, cfg.block_k) == 0, "the stages are timed on whole blocks"
+  first, end = dmp.document_bounds(None, b, s, s)
+  ranks = jax.jit(functools.partial(dmp.selection_ranks, tie_break="recent"))
+  limits = jax.jit(lambda rank: dmp.thresholds(rank, keep_window, causal=True, first=first,
+                                               end=end, seq_len=s))
+  intervals = jax.jit(lambda rank, tau: dmp.key_intervals(
+      rank, tau, first=first, end=end, seq_len=s, keep_window=keep_window, causal=True))
+  lists = jax.jit(lambda start, stop: dmp.query_lists(
+      start, stop, block_q=cfg.block_q, capacity=dmp.query_list_capacity(s, keep_window, cfg)))
+  tiles = jax.jit(lambda start, stop: dmp.key_tiles(
+      start, stop, block_q=cfg.block_q, block_k=cfg.block_k,
+      end_bucket=cfg.end_bucket or max(1, keep_window // 2)))
+  rank = ranks(score)
+  tau = limits(rank)
+  start, stop = intervals(rank, tau)
+  return {"ranks": common.best_call_seconds(ranks, score),
+          "thresholds": common.best_call_seconds(limits, rank),
+          "key_intervals": common.best_call_seconds(intervals, rank, tau),
+          "query_lists": common.best_call_seconds(lists, start, stop),
+          "key_tiles": common.best_call_seconds(tiles, start, stop)}
 
 
 def rel_err(a, b) -> float:

@@ -263,15 +263,17 @@ def test_kernel_equals_the_reference_output_and_gradients(t, heads, kv_heads, ke
     assert_close(got, want)
 
 
-@pytest.mark.parametrize("block_q,block_k", [(32, 16), (16, 32)])
+@pytest.mark.parametrize("tiles", [dict(block_q=32, block_k=16), dict(block_q=16, block_k=32),
+                                   dict(block_q=32, block_k=16, dkv_block_q=16, dkv_block_k=64)])
 @pytest.mark.parametrize("causal,packed", [(True, False), (False, False), (True, True)])
-def test_kernel_with_unequal_tiles_equals_the_reference(block_q, block_k, causal, packed):
-  """Query tiles taller than the key tiles (the H100's fastest tiling so far is 128 x 32) and the
-  other way round: the lists, the dK/dV tiles and the masks follow each tile size on its own."""
+def test_kernel_with_unequal_tiles_equals_the_reference(tiles, causal, packed):
+  """Query tiles taller than the key tiles (the H100's fastest tiling so far is 128 x 32), the
+  other way round, and a dK/dV pass with its own tiling (wide key tiles, short query blocks, the
+  padding set by its 64): the lists, the dK/dV tiles and the masks follow each tile size."""
   t = 75
   q, k, v, bias, score = inputs(b=2 if packed else 1, t=t, h=4, g=2, ties=True, seed=3)
   cotangent = jax.random.normal(jax.random.key(7), q.shape)
-  config = dmp.KernelConfig(block_q=block_q, block_k=block_k, end_bucket=16, interpret=True)
+  config = dmp.KernelConfig(**tiles, end_bucket=16, interpret=True)
   kernel, reference = kernel_and_reference(q, k, v, bias, score, cotangent, segments(t, packed),
                                            causal=causal, keep_window=20, tie_break="recent",
                                            config=config)
@@ -365,10 +367,12 @@ def test_the_kernels_lower_to_triton_without_a_gpu(monkeypatch, gpu_tiles):
 # --------------------------------------------------------------------------- GPU
 
 
-# The tilings the GPU tests compile: the default, and the fastest of the first sweep on an H100
-# (docs/attention/dynamic_mask.md: 1.69x cuDNN at 32K against the default's 1.10x), which becomes
-# the default once these tests have passed on it.
-GPU_TILES = {"default": {}, "q128_k32": dict(block_q=128, block_k=32)}
+# The tilings the GPU tests compile: the default, the fastest of the first sweep on an H100
+# (docs/attention/dynamic_mask.md: 1.69x cuDNN at 32K against the default's 1.10x), and that one
+# with the dK/dV pass on wide key tiles (Triton's flash-attention tutorial's backward shape).
+GPU_TILES = {"default": {}, "q128_k32": dict(block_q=128, block_k=32),
+             "q128_k32_dkv32x128": dict(block_q=128, block_k=32, dkv_block_q=32,
+                                        dkv_block_k=128)}
 
 
 @pytest.fixture(params=list(GPU_TILES))

@@ -82,7 +82,27 @@ class KernelConfig:
   end_bucket: int = 0
   num_warps: int = 4
   num_stages: int = 2
+  # The dK/dV pass's own tiling (0: as the forward's). It holds a tile of keys' gradients and
+  # streams query blocks past them, so it may prefer wide key tiles and short query blocks, the
+  # forward and dQ the opposite.
+  dkv_block_q: int = 0
+  dkv_block_k: int = 0
+  dkv_num_warps: int = 0
+  dkv_num_stages: int = 0
   interpret: bool = False  # run the kernels through the Pallas interpreter (any backend)
+
+  def for_dkv(self) -> "KernelConfig":
+    """The tiling the dK/dV pass runs: the ``dkv_*`` fields where set."""
+    return dataclasses.replace(
+        self, block_q=self.dkv_block_q or self.block_q, block_k=self.dkv_block_k or self.block_k,
+        num_warps=self.dkv_num_warps or self.num_warps,
+        num_stages=self.dkv_num_stages or self.num_stages)
+
+  @property
+  def tile_multiple(self) -> int:
+    """Sequences are padded to a multiple of this: every block size (all powers of two)."""
+    dkv = self.for_dkv()
+    return max(self.block_q, self.block_k, dkv.block_q, dkv.block_k)
 
 
 # What ``dynamic_mask_attention`` runs without a ``config`` (``impl=pallas`` from the layer): tiles
@@ -107,8 +127,10 @@ def unsupported_reason(q, k, *, causal: bool = True, segment_ids=None,
     return f"it needs self-attention (query length {q.shape[1]} != key length {k.shape[1]})"
   if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
     return f"unsupported dtype {q.dtype}"
+  dkv = cfg.for_dkv()
   for name, dim in (("head_dim", q.shape[-1]), ("block_q", cfg.block_q),
-                    ("block_k", cfg.block_k)):
+                    ("block_k", cfg.block_k), ("dkv_block_q", dkv.block_q),
+                    ("dkv_block_k", dkv.block_k)):
     if not (_is_power_of_two(dim) and 16 <= dim <= 256):
       return f"{name} {dim} is not a power of two in [16, 256] (Triton tile sizes)"
   if max(x.size for x in (q, k)) >= 2 ** 31:
@@ -128,12 +150,46 @@ def selection_ranks(score, tie_break: str):
   from arch_zoo.attention.ops import dynamic_mask  # the one definition of the selection score
 
   score = dynamic_mask.selection_score(score).transpose(0, 2, 1)
-  position = lax.broadcasted_iota(jnp.int32, score.shape, 2)
-  tie = -position if tie_break == "recent" else position
-  # -score: every zero is +0.0 after selection_score, so every -score zero is -0.0 alike.
-  _, _, order = lax.sort((-score, tie, position), dimension=2, num_keys=2)
-  _, rank = lax.sort((order, position), dimension=2, num_keys=1)
-  return rank
+  s = score.shape[-1]
+  if tie_break == "recent":  # a stable sort keeps equal scores in order: reverse the row first
+    score = jnp.flip(score, axis=2)
+  order = _argsort_rows(_descending_sort_key(score))
+  if tie_break == "recent":
+    order = s - 1 - order
+  # The inverse permutation: key order[r] has rank r.
+  rows = order.reshape(-1, s) + s * jnp.arange(order.size // s, dtype=jnp.int32)[:, None]
+  place = jnp.tile(jnp.arange(s, dtype=jnp.int32), order.size // s)
+  rank = jnp.zeros(order.size, jnp.int32).at[rows.reshape(-1)].set(place, unique_indices=True)
+  return rank.reshape(order.shape)
+
+
+def _descending_sort_key(x):
+  """int32 keys whose ascending order is float32 ``x``'s descending order (a total order:
+  -0.0 after +0.0, which selection_score leaves no room for)."""
+  bits = lax.bitcast_convert_type(x.astype(F32), jnp.int32)
+  ascending = jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: reverse magnitude
+  return ~ascending
+
+
+def _argsort_rows(key, bound: int | None = None):
+  """The stable ascending order of each row of int32 ``key [..., M]`` (indices into the row).
+
+  Done as sorts of one flat array: XLA on a GPU hands a long single-row sort of (key, value) to
+  CUB's radix sort, but sorts a batch of a few rows (our B x G) with its own comparison sort,
+  which took most of the selection's time. With ``bound`` (keys in ``[0, bound)``) the row is
+  folded into the key, one sort; else a sort by key, then a stable sort by row.
+  """
+  m = key.shape[-1]
+  n = key.size // m
+  flat = key.reshape(-1).astype(jnp.int32)
+  index = jnp.arange(n * m, dtype=jnp.int32)
+  row = index // m
+  if bound is not None and n * bound < 2 ** 31:
+    _, index = lax.sort((row * bound + flat, index), num_keys=1, is_stable=True)
+  else:
+    _, index = lax.sort((flat, index), num_keys=1, is_stable=True)
+    _, index = lax.sort((index // m, index), num_keys=1, is_stable=True)
+  return (index % m).reshape(key.shape)
 
 
 def range_order_statistic(values, k: int, lo, hi):
@@ -261,26 +317,31 @@ def query_lists(start, end, *, block_q: int, capacity: int):
   """
   length = start.shape[-1]
   num_blocks = length // block_q
+  member = jnp.arange(num_blocks * capacity, dtype=jnp.int32)
 
-  def one_row(start, end):
+  def memberships(start, end):  # in key order: (block, key), unused slots in block num_blocks
     kept = end > start
     first = start // block_q
     count = jnp.where(kept, (end - 1) // block_q - first + 1, 0)
     through = jnp.cumsum(count)
-    member = jnp.arange(num_blocks * capacity, dtype=jnp.int32)
     key = jnp.minimum(jnp.searchsorted(through, member, side="right"), length - 1)
     block = first[key] + member - (through[key] - count[key])
     block = jnp.where(member < through[-1], block, num_blocks).astype(jnp.int32)
-    block, key = lax.sort((block, key.astype(jnp.int32)), num_keys=1, is_stable=True)
-    # Where each block's memberships begin in the sorted order (the last "block" holds the unused
-    # slots): a membership's slot is its distance from there.
+    return block, key.astype(jnp.int32)
+
+  def write_lists(block, key):  # sorted by block: each block's memberships, in key order
+    # Where each block's memberships begin (the last "block" holds the unused slots): a
+    # membership's slot is its distance from there.
     begins = jnp.searchsorted(block, jnp.arange(num_blocks + 2), side="left").astype(jnp.int32)
     slot = member - begins[block]
     lists = jnp.zeros((num_blocks, 1 + capacity), jnp.int32)
     lists = lists.at[block, 1 + slot].set(key, mode="drop")  # drops the unused slots' row
     return lists.at[:, 0].set(begins[1:num_blocks + 1] - begins[:num_blocks])
 
-  return _per_row(one_row, start, end)
+  block, key = _per_row(memberships, start, end)
+  order = _argsort_rows(block, bound=num_blocks + 1)
+  block, key = (jnp.take_along_axis(x, order, axis=-1) for x in (block, key))
+  return _per_row(write_lists, block, key)
 
 
 def key_tiles(start, end, *, block_q: int, block_k: int, end_bucket: int):
@@ -288,10 +349,10 @@ def key_tiles(start, end, *, block_q: int, block_k: int, end_bucket: int):
   bucket of their interval's end, then by position, keys no query keeps last, cut into tiles that
   are then taken last to first) and, per tile of ``block_k`` keys, its first query block and how
   many query blocks it runs."""
-  position = lax.broadcasted_iota(jnp.int32, start.shape, 2)
   kept = end > start
-  bucket = jnp.where(kept, (end - 1) // end_bucket, 2 ** 30)  # keys no query keeps: last
-  _, _, order = lax.sort((bucket, position, position), dimension=2, num_keys=2)
+  last_bucket = start.shape[-1] // end_bucket + 1  # keys no query keeps: after every other
+  bucket = jnp.where(kept, (end - 1) // end_bucket, last_bucket)
+  order = _argsort_rows(bucket, bound=last_bucket + 1)  # stable: by position within a bucket
   tile_shape = start.shape[:2] + (start.shape[-1] // block_k, block_k)
   # Then the tiles in reverse: the latest ends run longest, and the grid starts them first (a
   # shorter tail). Cutting the tiles from the first bucket keeps them aligned with its keys.
@@ -494,7 +555,8 @@ def _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse, d_
   )(q, k, v, bias, rank, doc, tau, q_lists, d_out, lse, delta)
 
   # Grid (key tiles, B, G): a tile of keys of a group, and all the queries of the group's heads.
-  bk = cfg.block_k
+  dkv = cfg.for_dkv()
+  bk = dkv.block_k
   grouped = lambda x: x.reshape(b, length, g, group, d)  # noqa: E731
   per_group = lambda x: x.reshape(b, g, group, length)  # noqa: E731
   queries = pl.BlockSpec((None, length, None, group, d), lambda j, bi, gi: (bi, 0, gi, 0, 0))
@@ -505,7 +567,7 @@ def _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse, d_
   tile_info = pl.BlockSpec((None, None, None, 2), lambda j, bi, gi: (bi, gi, j, 0))
   batch_docs = pl.BlockSpec((None, length), lambda j, bi, gi: (bi, 0))
   d_k, d_v, d_bias = pl.pallas_call(
-      functools.partial(_dkv_kernel, scale=scale, causal=causal, block_q=cfg.block_q,
+      functools.partial(_dkv_kernel, scale=scale, causal=causal, block_q=dkv.block_q,
                         group=group),
       out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
                  jax.ShapeDtypeStruct(bias.shape, F32)),
@@ -513,7 +575,7 @@ def _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse, d_
       in_specs=[queries, group_keys, group_keys, group_per_key, group_per_key, batch_docs,
                 group_per_key, tile_keys, tile_info, queries, head_rows, head_rows],
       out_specs=(group_keys, group_keys, group_per_key),
-      compiler_params=_compiler_params(cfg),
+      compiler_params=_compiler_params(dkv),
       interpret=cfg.interpret,
       name="dynamic_mask_dkv",
   )(grouped(q), k, v, bias, rank, doc, tau, order, tiles, grouped(d_out), per_group(lse),
@@ -556,7 +618,7 @@ def selection_plan(score, *, causal: bool, keep_window: int, tie_break: str = "r
   ``tiles`` (dK, dV, dbias). See the module docstring."""
   cfg = config or DEFAULT_CONFIG
   b, s, _ = score.shape
-  length = -(-s // max(cfg.block_q, cfg.block_k)) * max(cfg.block_q, cfg.block_k)
+  length = -(-s // cfg.tile_multiple) * cfg.tile_multiple
   # Padded keys rank after every real key (and never meet a real query: causally they come
   # after it, and they form their own document).
   padding = jnp.broadcast_to(jnp.arange(s, length, dtype=jnp.int32),
@@ -568,7 +630,8 @@ def selection_plan(score, *, causal: bool, keep_window: int, tie_break: str = "r
                              keep_window=keep_window, causal=causal)
   q_lists = query_lists(start, end, block_q=cfg.block_q,
                         capacity=query_list_capacity(length, keep_window, cfg))
-  order, tiles = key_tiles(start, end, block_q=cfg.block_q, block_k=cfg.block_k,
+  dkv = cfg.for_dkv()
+  order, tiles = key_tiles(start, end, block_q=dkv.block_q, block_k=dkv.block_k,
                            end_bucket=cfg.end_bucket or max(1, keep_window // 2))
   return dict(rank=rank, doc=first, tau=tau, start=start, end=end, query_lists=q_lists, order=order,
               tiles=tiles)
@@ -578,21 +641,25 @@ def work_fraction(score, *, causal: bool, keep_window: int, tie_break: str = "re
                   segment_ids=None, config: KernelConfig | None = None) -> dict[str, jax.Array]:
   """Tiles the kernels compute on these scores over the tiles of dense flash attention (causal:
   the tiles on or below the diagonal) at the same tile sizes: ``forward`` (also dQ's) and
-  ``dkv``."""
+  ``dkv`` (its tiles counted by area where its tiling differs)."""
   cfg = config or DEFAULT_CONFIG
   plan = selection_plan(score, causal=causal, keep_window=keep_window, tie_break=tie_break,
                         segment_ids=segment_ids, config=cfg)
   b, g, length = plan["rank"].shape
   t = score.shape[1]
-  query_blocks = -(-t // cfg.block_q)
-  if causal:
-    ends = jnp.minimum((jnp.arange(query_blocks) + 1) * cfg.block_q, t)
-    dense = jnp.sum(-(-ends // cfg.block_k))
-  else:
-    dense = query_blocks * -(-t // cfg.block_k)
+
+  def dense_tiles(block_q, block_k):
+    query_blocks = -(-t // block_q)
+    if causal:
+      ends = jnp.minimum((jnp.arange(query_blocks) + 1) * block_q, t)
+      return jnp.sum(-(-ends // block_k))
+    return query_blocks * -(-t // block_k)
+
+  dkv_cfg = cfg.for_dkv()
   forward = jnp.sum(-(-plan["query_lists"][..., 0] // cfg.block_k))
   dkv = jnp.sum(plan["tiles"][..., 1])  # one block_q x block_k tile per query block run
-  return {"forward": forward / (b * g * dense), "dkv": dkv / (b * g * dense)}
+  return {"forward": forward / (b * g * dense_tiles(cfg.block_q, cfg.block_k)),
+          "dkv": dkv / (b * g * dense_tiles(dkv_cfg.block_q, dkv_cfg.block_k))}
 
 
 def dynamic_mask_attention(q, k, v, bias, score, *, causal: bool, keep_window: int,
