@@ -381,12 +381,16 @@ def _dot(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
 
-def _tile_logits(q, k, bias, key_rank, tau, q_pos, k_pos, q_doc, k_doc, *, scale: float,
+def _tile_logits(q, k, bias, key_rank, tau, q_pos, k_pos, docs, *, scale: float,
                  causal: bool):
   """Biased float32 logits of one tile and the mask of the pairs kept (positions ``q_pos [bq]``,
-  ``k_pos [bk]``; documents, each named by its first position, ``q_doc``, ``k_doc``)."""
+  ``k_pos [bk]``; ``docs``: None, or the documents ``(q_doc, k_doc)``, each named by its first
+  position)."""
   logits = _dot(q, k, transpose_b=True) * scale + bias[None, :]
-  keep = (key_rank[None, :] <= tau[:, None]) & (k_doc[None, :] == q_doc[:, None])
+  keep = key_rank[None, :] <= tau[:, None]
+  if docs is not None:
+    q_doc, k_doc = docs
+    keep &= k_doc[None, :] == q_doc[:, None]
   if causal:
     keep &= k_pos[None, :] <= q_pos[:, None]
   return logits, keep
@@ -402,12 +406,21 @@ def _num_tiles(list_ref, block_k: int):
   return lax.div(list_ref[0] + block_k - 1, block_k)  # counts are >= 0: no floor rounding
 
 
+def _documents(doc_ref, q_start, block_q: int, documents: bool):
+  """A query block's documents and a function of the keys giving theirs; None when one document
+  holds every query and key it may meet (``documents`` false, see ``dynamic_mask_attention``)."""
+  if not documents:
+    return None, lambda keys: None
+  q_doc = doc_ref[pl.ds(pl.multiple_of(q_start, block_q), block_q)]
+  return q_doc, lambda keys: (q_doc, doc_ref[keys])
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, list_ref, o_ref,
-                    lse_ref, *, scale: float, causal: bool, block_k: int):
+                    lse_ref, *, scale: float, causal: bool, documents: bool, block_k: int):
   block_q, d = q_ref.shape
   q_start = pl.program_id(0) * block_q
   q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
-  q_doc = doc_ref[pl.ds(pl.multiple_of(q_start, block_q), block_q)]
+  _, docs = _documents(doc_ref, q_start, block_q, documents)
   q = q_ref[...]
   tau = tau_ref[...]
 
@@ -416,7 +429,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, l
     keys, real = _gathered_keys(list_ref, n, block_k)
     v = v_ref[keys, :]
     logits, keep = _tile_logits(q, k_ref[keys, :], bias_ref[keys], rank_ref[keys], tau, q_pos,
-                                keys, q_doc, doc_ref[keys], scale=scale, causal=causal)
+                                keys, docs(keys), scale=scale, causal=causal)
     keep &= real[None, :]
     logits = jnp.where(keep, logits, MASK_VALUE)
     new_peak = jnp.maximum(peak, jnp.max(logits, axis=1))
@@ -436,19 +449,20 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, l
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, list_ref, do_ref,
-               lse_ref, delta_ref, dq_ref, *, scale: float, causal: bool, block_k: int):
+               lse_ref, delta_ref, dq_ref, *, scale: float, causal: bool, documents: bool,
+               block_k: int):
   block_q, d = q_ref.shape
   q_start = pl.program_id(0) * block_q
   q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
-  q_doc = doc_ref[pl.ds(pl.multiple_of(q_start, block_q), block_q)]
+  _, docs = _documents(doc_ref, q_start, block_q, documents)
   q, do, tau = q_ref[...], do_ref[...], tau_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
 
   def body(n, dq):
     keys, real = _gathered_keys(list_ref, n, block_k)
     k, v = k_ref[keys, :], v_ref[keys, :]
-    logits, keep = _tile_logits(q, k, bias_ref[keys], rank_ref[keys], tau, q_pos, keys, q_doc,
-                                doc_ref[keys], scale=scale, causal=causal)
+    logits, keep = _tile_logits(q, k, bias_ref[keys], rank_ref[keys], tau, q_pos, keys,
+                                docs(keys), scale=scale, causal=causal)
     p = jnp.where(keep & real[None, :], jnp.exp(logits - lse[:, None]), 0.0)
     d_logits = p * (_dot(do, v, transpose_b=True) - delta[:, None])
     return dq + _dot(d_logits.astype(k.dtype), k)
@@ -459,14 +473,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, list_r
 
 def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, order_ref, tile_ref,
                 do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dbias_ref, *, scale: float,
-                causal: bool, block_q: int, group: int):
+                causal: bool, documents: bool, block_q: int, group: int):
   """One tile of keys (``order_ref``: their positions) of one KV group: over the group's query
   heads (``q_ref [T, R, D]``) and the run of query blocks that keeps any of them."""
   keys = order_ref[...]
   block_k = keys.shape[0]
   d = k_ref.shape[-1]
   k, v = k_ref[keys, :], v_ref[keys, :]
-  bias, key_rank, key_doc = bias_ref[keys], rank_ref[keys], doc_ref[keys]
+  bias, key_rank = bias_ref[keys], rank_ref[keys]
+  key_doc = doc_ref[keys] if documents else None
   first_block, num_blocks = tile_ref[0], tile_ref[1]
   dk = jnp.zeros((block_k, d), F32)
   dv = jnp.zeros((block_k, d), F32)
@@ -480,8 +495,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, order
       q, do = q_ref[queries, head, :], do_ref[queries, head, :]
       lse, delta = lse_ref[head, queries], delta_ref[head, queries]
       q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
-      logits, keep = _tile_logits(q, k, bias, key_rank, tau_ref[queries], q_pos, keys,
-                                  doc_ref[queries], key_doc, scale=scale, causal=causal)
+      docs = (doc_ref[queries], key_doc) if documents else None
+      logits, keep = _tile_logits(q, k, bias, key_rank, tau_ref[queries], q_pos, keys, docs,
+                                  scale=scale, causal=causal)
       p = jnp.where(keep, jnp.exp(logits - lse[:, None]), 0.0)
       dv = dv + _dot(p.astype(do.dtype), do, transpose_a=True)
       d_logits = p * (_dot(do, v, transpose_b=True) - delta[:, None])
@@ -516,13 +532,15 @@ def _query_grid_specs(h, g, length, d, width, cfg):
   return rows, keys, per_key, per_query, per_head_query, lists, docs
 
 
-def _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, cfg):
+def _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, documents,
+             cfg):
   del order, tiles  # the backward's
   b, length, h, d = q.shape
   rows, keys, per_key, per_query, per_head_query, lists, docs = _query_grid_specs(
       h, k.shape[2], length, d, q_lists.shape[-1], cfg)
   return pl.pallas_call(
-      functools.partial(_forward_kernel, scale=scale, causal=causal, block_k=cfg.block_k),
+      functools.partial(_forward_kernel, scale=scale, causal=causal, documents=documents,
+                        block_k=cfg.block_k),
       out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, length), F32)),
       grid=(length // cfg.block_q, b, h),
@@ -535,7 +553,7 @@ def _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal
 
 
 def _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse, d_out, scale,
-              causal, cfg):
+              causal, documents, cfg):
   b, length, h, d = q.shape
   g = k.shape[2]
   group = h // g
@@ -543,7 +561,8 @@ def _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse, d_
   rows, keys, per_key, per_query, per_head_query, lists, docs = _query_grid_specs(
       h, g, length, d, q_lists.shape[-1], cfg)
   d_q = pl.pallas_call(
-      functools.partial(_dq_kernel, scale=scale, causal=causal, block_k=cfg.block_k),
+      functools.partial(_dq_kernel, scale=scale, causal=causal, documents=documents,
+                        block_k=cfg.block_k),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       grid=(length // cfg.block_q, b, h),
       in_specs=[rows, keys, keys, per_key, per_key, docs, per_query, lists, rows, per_head_query,
@@ -567,8 +586,8 @@ def _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse, d_
   tile_info = pl.BlockSpec((None, None, None, 2), lambda j, bi, gi: (bi, gi, j, 0))
   batch_docs = pl.BlockSpec((None, length), lambda j, bi, gi: (bi, 0))
   d_k, d_v, d_bias = pl.pallas_call(
-      functools.partial(_dkv_kernel, scale=scale, causal=causal, block_q=dkv.block_q,
-                        group=group),
+      functools.partial(_dkv_kernel, scale=scale, causal=causal, documents=documents,
+                        block_q=dkv.block_q, group=group),
       out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
                  jax.ShapeDtypeStruct(bias.shape, F32)),
       grid=(length // bk, b, g),
@@ -583,21 +602,25 @@ def _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse, d_
   return d_q, d_k, d_v, d_bias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
-def _attention(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, cfg):
-  out, _ = _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
+def _attention(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, documents,
+               cfg):
+  out, _ = _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal,
+                    documents, cfg)
   return out
 
 
-def _attention_fwd(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, cfg):
-  out, lse = _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, cfg)
+def _attention_fwd(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, documents,
+                   cfg):
+  out, lse = _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal,
+                      documents, cfg)
   return out, (q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse)
 
 
-def _attention_bwd(scale, causal, cfg, residuals, d_out):
+def _attention_bwd(scale, causal, documents, cfg, residuals, d_out):
   q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse = residuals
   d_q, d_k, d_v, d_bias = _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out,
-                                    lse, d_out.astype(q.dtype), scale, causal, cfg)
+                                    lse, d_out.astype(q.dtype), scale, causal, documents, cfg)
   return d_q, d_k, d_v, d_bias, None, None, None, None, None, None
 
 
@@ -692,8 +715,12 @@ def dynamic_mask_attention(q, k, v, bias, score, *, causal: bool, keep_window: i
   length = plan["rank"].shape[-1]
   q, k, v = (_pad_to(x, length, 1) for x in (q, k, v))
   bias = _pad_to(bias.astype(F32).transpose(0, 2, 1), length, 2)
+  # Without segment ids a causal row is one document as far as the kernels can tell: padded
+  # keys come after every real query, and padded queries keep nothing. Bidirectionally the
+  # padding (its own document) must still be told apart.
+  documents = segment_ids is not None or not causal
   out = _attention(q, k, v, bias, plan["rank"], plan["doc"], plan["tau"], plan["query_lists"],
-                   plan["order"], plan["tiles"], q.shape[-1] ** -0.5, causal, cfg)
+                   plan["order"], plan["tiles"], q.shape[-1] ** -0.5, causal, documents, cfg)
   return out[:, :t]
 
 
