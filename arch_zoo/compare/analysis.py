@@ -174,6 +174,11 @@ class VariantResult:
   def first(self) -> dict[str, Any]:
     return self.runs[0]
 
+  @property
+  def planned_seeds(self) -> int:
+    """Seeds the sweep asked for: collected, unfinished and diverged."""
+    return len(self.runs) + len(self.missing) + len(self.diverged)
+
   def values(self, metric: Metric) -> list[float]:
     out = [metric.value(r["final"], r["evaluated"]) for r in self.runs]
     return [v for v in out if v is not None and math.isfinite(v)]

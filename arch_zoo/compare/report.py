@@ -256,7 +256,7 @@ def group_lines(group: dict, variants: list[VariantResult], chosen: list[Variant
 
 def seeds_text(result: VariantResult) -> str:
   """``3``, or ``2 (of 3)`` while a seed runs, ``2 (of 3; 1 diverged)``."""
-  planned = len(result.runs) + len(result.missing) + len(result.diverged)
+  planned = result.planned_seeds
   if planned == len(result.runs):
     return f"{len(result.runs)}"
   return f"{len(result.runs)} (of {planned}" + (f"; {len(result.diverged)} diverged"
@@ -265,9 +265,8 @@ def seeds_text(result: VariantResult) -> str:
 
 def seeds_note(result: VariantResult) -> str:
   """A grid cell's note on its seeds: ``2 of 3 seeds``, ``2 of 3 seeds; 1 diverged``."""
-  planned = len(result.runs) + len(result.missing) + len(result.diverged)
-  return f"{len(result.runs)} of {planned} seeds" + (f"; {len(result.diverged)} diverged"
-                                                      if result.diverged else "")
+  diverged = f"; {len(result.diverged)} diverged" if result.diverged else ""
+  return f"{len(result.runs)} of {result.planned_seeds} seeds{diverged}"
 
 
 def grid_lines(variants: list[VariantResult], chosen: list[VariantResult], metric) -> list[str]:
@@ -302,7 +301,7 @@ def csv_row(group: dict, task: str, result: VariantResult, metrics, selected: bo
          "steps": first["steps"],
          "stopped_early": (first["stopped_early"] or {}).get("rule", ""),
          "seeds": len(result.runs),
-         "seeds_planned": len(result.runs) + len(result.missing) + len(result.diverged),
+         "seeds_planned": result.planned_seeds,
          "diverged_seeds": len(result.diverged), "params": first["params"],
          "attention_params": first["attention_params"], "d_ff": first["d_ff"],
          "train_flops_per_token": first["flops_per_token"],
