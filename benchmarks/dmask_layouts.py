@@ -15,6 +15,10 @@ attention's at the same tiles, forward (and dQ).
   the sequence). Tiles never cross a chunk (``C`` a multiple of ``block_k``).
 
 The ratio of the two is the per-tile speed-up the contiguous layout must bring to win.
+
+``--dkv_tiles 128x32,32x128`` prints instead the dK/dV pass's work (``work_fraction``'s ``dkv``)
+at each of its own tilings (``dkv_block_q x dkv_block_k``), the forward's tiles those of the first
+of ``--tiles``.
 """
 
 from __future__ import annotations
@@ -47,7 +51,12 @@ def main() -> None:
   parser.add_argument("--tiles", default="64x64,128x32", help="block_q x block_k, comma separated")
   parser.add_argument("--chunks", default="1024,2048,4096")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--dkv_tiles", default="",
+                      help="dK/dV tilings to count instead, e.g. 128x32,32x128,64x64")
   args = parser.parse_args()
+  if args.dkv_tiles:
+    dkv_work(args)
+    return
 
   import jax
   import jax.numpy as jnp
@@ -75,6 +84,25 @@ def main() -> None:
                for c in args.chunks.split(",")]
       print(f"| {length:,} | {block_q} x {block_k} | {gathered:.3f} | "
             + " | ".join(f"{c:.3f}" for c in cells) + " |")
+
+
+def dkv_work(args) -> None:
+  import jax
+  import jax.numpy as jnp
+
+  from arch_zoo.attention.ops import dynamic_mask_pallas as dmp
+
+  block_q, block_k = map(int, args.tiles.split(",")[0].split("x"))
+  print("| T | dK/dV tiles | dK/dV work |")
+  print("|---|---|---|")
+  for length in map(int, args.seq_lens.split(",")):
+    score = jax.random.normal(jax.random.key(args.seed), (1, length, 1), jnp.float32)
+    for tiles in args.dkv_tiles.split(","):
+      dkv_q, dkv_k = map(int, tiles.split("x"))
+      config = dmp.KernelConfig(block_q=block_q, block_k=block_k, dkv_block_q=dkv_q,
+                                dkv_block_k=dkv_k)
+      work = dmp.work_fraction(score, causal=True, keep_window=args.keep_window, config=config)
+      print(f"| {length:,} | {dkv_q} x {dkv_k} | {float(work['dkv']):.3f} |", flush=True)
 
 
 if __name__ == "__main__":
