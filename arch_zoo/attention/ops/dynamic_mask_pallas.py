@@ -7,7 +7,7 @@ per-key score, ties by position (``tie_break``); every key adds its bias to the 
 
 **Selection as one integer per key and one per query.** The selection order (score, then
 position) is a strict total order of the keys, so each key gets its *rank* in it (0 = best), from
-two sorts per row (:func:`selection_ranks`). Query ``i`` keeps key ``j`` exactly when ``j`` is
+a stable sort by score and a scatter (:func:`selection_ranks`). Query ``i`` keeps key ``j`` exactly when ``j`` is
 allowed and ``rank[j] <= tau[i]``, with ``tau[i]`` the ``w``-th smallest rank among the keys it
 may see (:func:`thresholds`):
 
@@ -175,9 +175,10 @@ def _argsort_rows(key, bound: int | None = None):
   """The stable ascending order of each row of int32 ``key [..., M]`` (indices into the row).
 
   Done as sorts of one flat array: XLA on a GPU hands a long single-row sort of (key, value) to
-  CUB's radix sort, but sorts a batch of a few rows (our B x G) with its own comparison sort,
-  which took most of the selection's time. With ``bound`` (keys in ``[0, bound)``) the row is
-  folded into the key, one sort; else a sort by key, then a stable sort by row.
+  CUB's radix sort, but sorts a batch of a few rows (our B x G) with its own comparison sort
+  (the batch-size thresholds of its ``sort_rewriter`` for Hopper). With ``bound`` (keys in
+  ``[0, bound)``) the row is folded into the key, one sort; else a sort by key, then a stable
+  sort by row.
   """
   m = key.shape[-1]
   n = key.size // m
