@@ -7,9 +7,9 @@ per-key score, ties by position (``tie_break``); every key adds its bias to the 
 
 **Selection as one integer per key and one per query.** The selection order (score, then
 position) is a strict total order of the keys, so each key gets its *rank* in it (0 = best), from
-a stable sort by score and a scatter (:func:`selection_ranks`). Query ``i`` keeps key ``j`` exactly when ``j`` is
-allowed and ``rank[j] <= tau[i]``, with ``tau[i]`` the ``w``-th smallest rank among the keys it
-may see (:func:`thresholds`):
+a stable sort by score and a scatter (:func:`selection_ranks`). Query ``i`` keeps key ``j``
+exactly when ``j`` is allowed and ``rank[j] <= tau[i]``, with ``tau[i]`` the ``w``-th smallest
+rank among the keys it may see (:func:`thresholds`):
 
 * causal: the ``w``-th smallest rank of the prefix ``[0, i]`` (every key while ``i < w``). All
   prefixes at once by a wavelet matrix over the ranks (:func:`range_order_statistic`):
