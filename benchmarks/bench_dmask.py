@@ -20,6 +20,8 @@ heads, 8 KV heads, head_dim 128, QK-norm and RoPE, bf16 matmuls with float32 par
 * ``flash_dmattn``: the paper's own Triton kernel alone (flash-sparse-attention 2.0.6's
   ``deprecated/flash_dmattn_triton.py``, torch; its wheel is carried, pure Python) on the same
   inputs. Its mask is coarser: one top-w key set per (batch, KV head), shared by all queries.
+  Its launcher has one bug that stops it on any Triton (a grid function that takes no argument);
+  ``load_flash_dmattn`` repairs that line and nothing else.
 
     python benchmarks/bench_dmask.py --seq_lens 8192,32768 \
         --sides op:pallas,op:cudnn,flash_dmattn --parity 0 --out $OUT/dmask_ops_h100.json
@@ -338,9 +340,20 @@ def load_flash_dmattn():
     raise RuntimeError("flash_sparse_attn is not installed: carry its wheel (pure Python, "
                        "`pip download flash-sparse-attn==2.0.6 --no-deps`)")
   path = os.path.join(spec.submodule_search_locations[0], "deprecated", "flash_dmattn_triton.py")
-  module_spec = importlib.util.spec_from_file_location("flash_dmattn_triton", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  with open(path) as f:
+    source = f.read()
+  # The one repair: 2.0.6's forward launches its preprocessing kernel with a grid function of no
+  # argument, and Triton calls it with the meta-parameters (a TypeError on the H100, 2026-12-07).
+  # Same line count, so Triton still reads each kernel's own source from the file.
+  broken = "    def grid():\n"
+  if source.count(broken) != 1:
+    raise RuntimeError(f"{path}: expected one `def grid():` to repair, found "
+                       f"{source.count(broken)}; another flash-sparse-attn version?")
+  source = source.replace(broken, "    def grid(META=None):\n")
+  module = importlib.util.module_from_spec(
+      importlib.util.spec_from_file_location("flash_dmattn_triton", path))
+  sys.modules[module.__name__] = module
+  exec(compile(source, path, "exec"), module.__dict__)  # noqa: S102 (the peer's own file)
   return module
 
 
