@@ -408,12 +408,13 @@ def _num_tiles(list_ref, block_k: int):
 
 
 def _documents(doc_ref, q_start, block_q: int, documents: bool):
-  """A query block's documents and a function of the keys giving theirs; None when one document
-  holds every query and key it may meet (``documents`` false, see ``dynamic_mask_attention``)."""
+  """For a query block: a function of a tile's keys giving ``(q_doc, k_doc)`` for
+  ``_tile_logits``, or None when one document holds every query and key the block may meet
+  (``documents`` false, see ``dynamic_mask_attention``)."""
   if not documents:
-    return None, lambda keys: None
+    return lambda keys: None
   q_doc = doc_ref[pl.ds(pl.multiple_of(q_start, block_q), block_q)]
-  return q_doc, lambda keys: (q_doc, doc_ref[keys])
+  return lambda keys: (q_doc, doc_ref[keys])
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, list_ref, o_ref,
@@ -421,7 +422,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, l
   block_q, d = q_ref.shape
   q_start = pl.program_id(0) * block_q
   q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
-  _, docs = _documents(doc_ref, q_start, block_q, documents)
+  docs = _documents(doc_ref, q_start, block_q, documents)
   q = q_ref[...]
   tau = tau_ref[...]
 
@@ -455,7 +456,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, list_r
   block_q, d = q_ref.shape
   q_start = pl.program_id(0) * block_q
   q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
-  _, docs = _documents(doc_ref, q_start, block_q, documents)
+  docs = _documents(doc_ref, q_start, block_q, documents)
   q, do, tau = q_ref[...], do_ref[...], tau_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
 
@@ -665,7 +666,7 @@ def work_fraction(score, *, causal: bool, keep_window: int, tie_break: str = "re
                   segment_ids=None, config: KernelConfig | None = None) -> dict[str, jax.Array]:
   """Tiles the kernels compute on these scores over the tiles of dense flash attention (causal:
   the tiles on or below the diagonal) at the same tile sizes: ``forward`` (also dQ's) and
-  ``dkv`` (its tiles counted by area where its tiling differs)."""
+  ``dkv`` (at the dK/dV pass's own tiling)."""
   cfg = config or DEFAULT_CONFIG
   plan = selection_plan(score, causal=causal, keep_window=keep_window, tie_break=tie_break,
                         segment_ids=segment_ids, config=cfg)
