@@ -186,9 +186,9 @@ def selection_stages(score, keep_window: int) -> dict:
 
   from arch_zoo.attention.ops import dynamic_mask_pallas as dmp
 
-  cfg = dmp.DEFAULT_CONFIG
+  cfg, dkv = dmp.DEFAULT_CONFIG, dmp.DEFAULT_CONFIG.for_dkv()
   b, s, _ = score.shape
-  assert s % max(cfg.block_q, cfg.block_k) == 0, "the stages are timed on whole blocks"
+  assert s % cfg.tile_multiple == 0, "the stages are timed on whole blocks"
   first, end = dmp.document_bounds(None, b, s, s)
   ranks = jax.jit(functools.partial(dmp.selection_ranks, tie_break="recent"))
   limits = jax.jit(lambda rank: dmp.thresholds(rank, keep_window, causal=True, first=first,
@@ -198,7 +198,7 @@ def selection_stages(score, keep_window: int) -> dict:
   lists = jax.jit(lambda start, stop: dmp.query_lists(
       start, stop, block_q=cfg.block_q, capacity=dmp.query_list_capacity(s, keep_window, cfg)))
   tiles = jax.jit(lambda start, stop: dmp.key_tiles(
-      start, stop, block_q=cfg.block_q, block_k=cfg.block_k,
+      start, stop, block_q=dkv.block_q, block_k=dkv.block_k,
       end_bucket=cfg.end_bucket or max(1, keep_window // 2)))
   rank = ranks(score)
   tau = limits(rank)
