@@ -96,6 +96,15 @@ def test_ranks_follow_the_selection_order(tie_break):
     np.testing.assert_array_equal(rank[0, g][:, None] < rank[0, g][None, :], beats)
 
 
+@pytest.mark.parametrize("bound", [None, 7, 2 ** 25])  # 7: one packed sort; 2**25: no room to pack
+def test_flat_row_sorts_are_each_rows_stable_argsort(bound):
+  """Every form of ``_argsort_rows`` (the rows packed with the key and index into one int32,
+  folded into the key, or sorted by in a second pass) is numpy's stable argsort of each row."""
+  key = np.random.default_rng(0).integers(0, 7, size=(2, 3, 50)).astype(np.int32)
+  np.testing.assert_array_equal(dmp._argsort_rows(jnp.asarray(key), bound),
+                                np.argsort(key, axis=-1, kind="stable"))
+
+
 @pytest.mark.parametrize("length", [1, 2, 37, 64, 100])
 def test_range_order_statistic_is_the_kth_of_each_sorted_range(length):
   rng = np.random.default_rng(length)

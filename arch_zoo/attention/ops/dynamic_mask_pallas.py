@@ -171,17 +171,39 @@ def _descending_sort_key(x):
   return ~ascending
 
 
+def _sort_pairs(major, minor, major_bound: int, minor_bound: int):
+  """Each row of int32 ``(major, minor) [..., M]`` (values in ``[0, bound)``) sorted by
+  ``(major, minor)``, as one sort of one flat int32 array of packed pairs, rows packed in front:
+  a keys-only sort (XLA on a GPU: CUB's radix sort) moves half the bytes of a (key, value) sort
+  and needs no gathers after it. None when the packed values would not fit in 31 bits."""
+  m = major.shape[-1]
+  n = major.size // m
+  if n * major_bound * minor_bound >= 2 ** 31:
+    return None
+  row = (jnp.arange(n * m, dtype=jnp.int32) // m).reshape(major.shape)
+  packed = ((row * major_bound + major.astype(jnp.int32)) * minor_bound
+            + minor.astype(jnp.int32))
+  packed = lax.sort(packed.reshape(-1)).reshape(major.shape)
+  return (packed // minor_bound) % major_bound, packed % minor_bound
+
+
 def _argsort_rows(key, bound: int | None = None):
   """The stable ascending order of each row of int32 ``key [..., M]`` (indices into the row).
 
-  Done as sorts of one flat array: XLA on a GPU hands a long single-row sort of (key, value) to
-  CUB's radix sort, but sorts a batch of a few rows (our B x G) with its own comparison sort
-  (the batch-size thresholds of its ``sort_rewriter`` for Hopper). With ``bound`` (keys in
-  ``[0, bound)``) the row is folded into the key, one sort; else a sort by key, then a stable
-  sort by row.
+  Done as sorts of one flat array: XLA on a GPU hands a long single-row sort to CUB's radix
+  sort, but sorts a batch of a few rows (our B x G) with its own comparison sort (the
+  batch-size thresholds of its ``sort_rewriter`` for Hopper). With ``bound`` (keys in
+  ``[0, bound)``) the row, the key and the index are packed into one int32 where they fit
+  (:func:`_sort_pairs`), else the row is folded into the key of a (key, index) sort; without
+  it, a sort by key, then a stable sort by row.
   """
   m = key.shape[-1]
   n = key.size // m
+  if bound is not None:
+    index = lax.broadcasted_iota(jnp.int32, key.shape, key.ndim - 1)
+    pairs = _sort_pairs(key, index, bound, m)
+    if pairs is not None:
+      return pairs[1]
   flat = key.reshape(-1).astype(jnp.int32)
   index = jnp.arange(n * m, dtype=jnp.int32)
   row = index // m
@@ -340,9 +362,12 @@ def query_lists(start, end, *, block_q: int, capacity: int):
     return lists.at[:, 0].set(begins[1:num_blocks + 1] - begins[:num_blocks])
 
   block, key = _per_row(memberships, start, end)
-  order = _argsort_rows(block, bound=num_blocks + 1)
-  block, key = (jnp.take_along_axis(x, order, axis=-1) for x in (block, key))
-  return _per_row(write_lists, block, key)
+  # A key is a member of a block once, so ordering by (block, key) is the stable order by block.
+  pairs = _sort_pairs(block, key, num_blocks + 1, length)
+  if pairs is None:
+    order = _argsort_rows(block, bound=num_blocks + 1)
+    pairs = tuple(jnp.take_along_axis(x, order, axis=-1) for x in (block, key))
+  return _per_row(write_lists, *pairs)
 
 
 def key_tiles(start, end, *, block_q: int, block_k: int, end_bucket: int):
