@@ -325,8 +325,39 @@ def run_op_timing(args) -> dict:
             "forward": common.time_steps(block(forward), steps_per_sample=args.steps,
                                          samples=args.samples)}
   result["peak_bytes_in_use"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+  if args.side == "op:pallas":
+    result["kernel_passes_s"] = kernel_passes(q, k, v, bias, score, cotangent, args.keep_window,
+                                              config)
+    result["pallas_config"] = str(config)
   result["versions"] = common.versions("jax", "jaxlib")
   return result
+
+
+def kernel_passes(q, k, v, bias, score, cotangent, keep_window: int, config) -> dict:
+  """Seconds of each Pallas pass alone (forward, dQ, dK/dV; causal, no documents), jitted on
+  the selection's outputs and the forward's: where the kernels' time goes."""
+  import jax
+  import jax.numpy as jnp
+
+  from arch_zoo.attention.ops import dynamic_mask_pallas as dmp
+
+  plan = jax.jit(lambda s: dmp.selection_plan(s, causal=True, keep_window=keep_window,
+                                              config=config))(score)
+  length = plan["rank"].shape[-1]
+  q, k, v, d_out = (dmp._pad_to(x, length, 1) for x in (q, k, v, cotangent.astype(q.dtype)))
+  bias = dmp._pad_to(bias.astype(jnp.float32).transpose(0, 2, 1), length, 2)
+  selected = (plan["rank"], plan["doc"], plan["tau"])
+  options = dict(scale=q.shape[-1] ** -0.5, causal=True, documents=False, cfg=config)
+  forward = jax.jit(lambda q, k, v, bias: dmp._forward(
+      q, k, v, bias, *selected, plan["query_lists"], plan["order"], plan["tiles"], **options))
+  out, lse = forward(q, k, v, bias)
+  delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32))
+  dq = jax.jit(lambda q, k, v, bias: dmp._dq_pass(
+      q, k, v, bias, *selected, plan["query_lists"], lse, d_out, delta, **options))
+  dkv = jax.jit(lambda q, k, v, bias: dmp._dkv_pass(
+      q, k, v, bias, *selected, plan["order"], plan["tiles"], lse, d_out, delta, **options))
+  return {name: common.best_call_seconds(fn, q, k, v, bias)
+          for name, fn in (("forward", forward), ("dq", dq), ("dkv", dkv))}
 
 
 def load_flash_dmattn():

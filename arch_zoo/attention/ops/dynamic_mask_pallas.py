@@ -581,17 +581,24 @@ def _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal
 
 def _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse, d_out, scale,
               causal, documents, cfg):
-  b, length, h, d = q.shape
-  g = k.shape[2]
-  group = h // g
   delta = jnp.einsum("bthd,bthd->bht", out.astype(F32), d_out.astype(F32))
+  d_q = _dq_pass(q, k, v, bias, rank, doc, tau, q_lists, lse, d_out, delta, scale, causal,
+                 documents, cfg)
+  d_k, d_v, d_bias = _dkv_pass(q, k, v, bias, rank, doc, tau, order, tiles, lse, d_out, delta,
+                               scale, causal, documents, cfg)
+  return d_q, d_k, d_v, d_bias
+
+
+def _dq_pass(q, k, v, bias, rank, doc, tau, q_lists, lse, d_out, delta, scale, causal, documents,
+             cfg):
+  length, h, d = q.shape[1:]
   rows, keys, per_key, per_query, per_head_query, lists, docs = _query_grid_specs(
-      h, g, length, d, q_lists.shape[-1], cfg)
-  d_q = pl.pallas_call(
+      h, k.shape[2], length, d, q_lists.shape[-1], cfg)
+  return pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, causal=causal, documents=documents,
                         block_k=cfg.block_k),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      grid=(length // cfg.block_q, b, h),
+      grid=(length // cfg.block_q, q.shape[0], h),
       in_specs=[rows, keys, keys, per_key, per_key, docs, per_query, lists, rows, per_head_query,
                 per_head_query],
       out_specs=rows,
@@ -600,7 +607,14 @@ def _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse, d_
       name="dynamic_mask_dq",
   )(q, k, v, bias, rank, doc, tau, q_lists, d_out, lse, delta)
 
-  # Grid (key tiles, B, G): a tile of keys of a group, and all the queries of the group's heads.
+
+def _dkv_pass(q, k, v, bias, rank, doc, tau, order, tiles, lse, d_out, delta, scale, causal,
+              documents, cfg):
+  """Grid (key tiles, B, G): a tile of keys of a group, and all the queries of the group's
+  heads."""
+  b, length, h, d = q.shape
+  g = k.shape[2]
+  group = h // g
   dkv = cfg.for_dkv()
   bk = dkv.block_k
   grouped = lambda x: x.reshape(b, length, g, group, d)  # noqa: E731
@@ -612,7 +626,7 @@ def _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse, d_
   tile_keys = pl.BlockSpec((None, None, bk), lambda j, bi, gi: (bi, gi, j))
   tile_info = pl.BlockSpec((None, None, None, 2), lambda j, bi, gi: (bi, gi, j, 0))
   batch_docs = pl.BlockSpec((None, length), lambda j, bi, gi: (bi, 0))
-  d_k, d_v, d_bias = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_dkv_kernel, scale=scale, causal=causal, documents=documents,
                         block_q=dkv.block_q, group=group),
       out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
@@ -626,7 +640,6 @@ def _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse, d_
       name="dynamic_mask_dkv",
   )(grouped(q), k, v, bias, rank, doc, tau, order, tiles, grouped(d_out), per_group(lse),
     per_group(delta))
-  return d_q, d_k, d_v, d_bias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
