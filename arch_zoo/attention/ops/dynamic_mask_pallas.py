@@ -89,6 +89,9 @@ class KernelConfig:
   dkv_block_k: int = 0
   dkv_num_warps: int = 0
   dkv_num_stages: int = 0
+  # The forward and dQ run all query heads of a KV group in one program: each gathered key tile
+  # (the group's, the same list for every head) is loaded once for all of them.
+  group_heads: bool = False
   interpret: bool = False  # run the kernels through the Pallas interpreter (any backend)
 
   def for_dkv(self) -> "KernelConfig":
@@ -407,19 +410,22 @@ def _dot(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
 
-def _tile_logits(q, k, bias, key_rank, tau, q_pos, k_pos, docs, *, scale: float,
-                 causal: bool):
-  """Biased float32 logits of one tile and the mask of the pairs kept (positions ``q_pos [bq]``,
-  ``k_pos [bk]``; ``docs``: None, or the documents ``(q_doc, k_doc)``, each named by its first
-  position)."""
-  logits = _dot(q, k, transpose_b=True) * scale + bias[None, :]
+def _tile_keep(key_rank, tau, q_pos, k_pos, docs, *, causal: bool):
+  """The mask of the pairs of one tile that are kept (positions ``q_pos [bq]``, ``k_pos [bk]``;
+  ``docs``: None, or the documents ``(q_doc, k_doc)``, each named by its first position). The
+  same for every query head of a KV group."""
   keep = key_rank[None, :] <= tau[:, None]
   if docs is not None:
     q_doc, k_doc = docs
     keep &= k_doc[None, :] == q_doc[:, None]
   if causal:
     keep &= k_pos[None, :] <= q_pos[:, None]
-  return logits, keep
+  return keep
+
+
+def _tile_logits(q, k, bias, *, scale: float):
+  """Biased float32 logits of one tile."""
+  return _dot(q, k, transpose_b=True) * scale + bias[None, :]
 
 
 def _gathered_keys(list_ref, n, block_k: int):
@@ -444,58 +450,68 @@ def _documents(doc_ref, q_start, block_q: int, documents: bool):
 
 def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, list_ref, o_ref,
                     lse_ref, *, scale: float, causal: bool, documents: bool, block_k: int):
-  block_q, d = q_ref.shape
+  """One query block of ``heads`` query heads of one KV group (``q_ref [bq, heads, D]``) over
+  the group's key list."""
+  block_q, heads, d = q_ref.shape
   q_start = pl.program_id(0) * block_q
   q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
   docs = _documents(doc_ref, q_start, block_q, documents)
-  q = q_ref[...]
+  qs = [q_ref[:, head, :] for head in range(heads)]
   tau = tau_ref[...]
 
   def body(n, carry):
-    peak, total, acc = carry
     keys, real = _gathered_keys(list_ref, n, block_k)
-    v = v_ref[keys, :]
-    logits, keep = _tile_logits(q, k_ref[keys, :], bias_ref[keys], rank_ref[keys], tau, q_pos,
-                                keys, docs(keys), scale=scale, causal=causal)
+    k, v, bias = k_ref[keys, :], v_ref[keys, :], bias_ref[keys]
+    keep = _tile_keep(rank_ref[keys], tau, q_pos, keys, docs(keys), causal=causal)
     keep &= real[None, :]
-    logits = jnp.where(keep, logits, MASK_VALUE)
-    new_peak = jnp.maximum(peak, jnp.max(logits, axis=1))
-    p = jnp.where(keep, jnp.exp(logits - new_peak[:, None]), 0.0)
-    correction = jnp.exp(peak - new_peak)
-    total = correction * total + jnp.sum(p, axis=1)
-    acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v)
-    return new_peak, total, acc
+    updated = []
+    for q, (peak, total, acc) in zip(qs, carry):
+      logits = jnp.where(keep, _tile_logits(q, k, bias, scale=scale), MASK_VALUE)
+      new_peak = jnp.maximum(peak, jnp.max(logits, axis=1))
+      p = jnp.where(keep, jnp.exp(logits - new_peak[:, None]), 0.0)
+      correction = jnp.exp(peak - new_peak)
+      total = correction * total + jnp.sum(p, axis=1)
+      acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v)
+      updated.append((new_peak, total, acc))
+    return tuple(updated)
 
-  init = (jnp.full((block_q,), MASK_VALUE, F32), jnp.zeros((block_q,), F32),
-          jnp.zeros((block_q, d), F32))
-  peak, total, acc = lax.fori_loop(0, _num_tiles(list_ref, block_k), body, init)
-  kept_any = total > 0  # false only on padded query rows
-  safe_total = jnp.where(kept_any, total, 1.0)
-  o_ref[...] = (acc / safe_total[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(kept_any, peak + jnp.log(safe_total), -MASK_VALUE)
+  init = ((jnp.full((block_q,), MASK_VALUE, F32), jnp.zeros((block_q,), F32),
+           jnp.zeros((block_q, d), F32)),) * heads
+  carry = lax.fori_loop(0, _num_tiles(list_ref, block_k), body, init)
+  for head, (peak, total, acc) in enumerate(carry):
+    kept_any = total > 0  # false only on padded query rows
+    safe_total = jnp.where(kept_any, total, 1.0)
+    o_ref[:, head, :] = (acc / safe_total[:, None]).astype(o_ref.dtype)
+    lse_ref[head, :] = jnp.where(kept_any, peak + jnp.log(safe_total), -MASK_VALUE)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, list_ref, do_ref,
                lse_ref, delta_ref, dq_ref, *, scale: float, causal: bool, documents: bool,
                block_k: int):
-  block_q, d = q_ref.shape
+  block_q, heads, d = q_ref.shape
   q_start = pl.program_id(0) * block_q
   q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
   docs = _documents(doc_ref, q_start, block_q, documents)
-  q, do, tau = q_ref[...], do_ref[...], tau_ref[...]
-  lse, delta = lse_ref[...], delta_ref[...]
+  rows = [(q_ref[:, head, :], do_ref[:, head, :], lse_ref[head, :], delta_ref[head, :])
+          for head in range(heads)]
+  tau = tau_ref[...]
 
-  def body(n, dq):
+  def body(n, dqs):
     keys, real = _gathered_keys(list_ref, n, block_k)
-    k, v = k_ref[keys, :], v_ref[keys, :]
-    logits, keep = _tile_logits(q, k, bias_ref[keys], rank_ref[keys], tau, q_pos, keys,
-                                docs(keys), scale=scale, causal=causal)
-    p = jnp.where(keep & real[None, :], jnp.exp(logits - lse[:, None]), 0.0)
-    d_logits = p * (_dot(do, v, transpose_b=True) - delta[:, None])
-    return dq + _dot(d_logits.astype(k.dtype), k)
+    k, v, bias = k_ref[keys, :], v_ref[keys, :], bias_ref[keys]
+    keep = _tile_keep(rank_ref[keys], tau, q_pos, keys, docs(keys), causal=causal)
+    keep &= real[None, :]
+    updated = []
+    for (q, do, lse, delta), dq in zip(rows, dqs):
+      p = jnp.where(keep, jnp.exp(_tile_logits(q, k, bias, scale=scale) - lse[:, None]), 0.0)
+      d_logits = p * (_dot(do, v, transpose_b=True) - delta[:, None])
+      updated.append(dq + _dot(d_logits.astype(k.dtype), k))
+    return tuple(updated)
 
-  dq = lax.fori_loop(0, _num_tiles(list_ref, block_k), body, jnp.zeros((block_q, d), F32))
-  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+  dqs = lax.fori_loop(0, _num_tiles(list_ref, block_k), body,
+                      (jnp.zeros((block_q, d), F32),) * heads)
+  for head, dq in enumerate(dqs):
+    dq_ref[:, head, :] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, order_ref, tile_ref,
@@ -523,9 +539,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, order
       lse, delta = lse_ref[head, queries], delta_ref[head, queries]
       q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
       docs = (doc_ref[queries], key_doc) if documents else None
-      logits, keep = _tile_logits(q, k, bias, key_rank, tau_ref[queries], q_pos, keys, docs,
-                                  scale=scale, causal=causal)
-      p = jnp.where(keep, jnp.exp(logits - lse[:, None]), 0.0)
+      keep = _tile_keep(key_rank, tau_ref[queries], q_pos, keys, docs, causal=causal)
+      p = jnp.where(keep, jnp.exp(_tile_logits(q, k, bias, scale=scale) - lse[:, None]), 0.0)
       dv = dv + _dot(p.astype(do.dtype), do, transpose_a=True)
       d_logits = p * (_dot(do, v, transpose_b=True) - delta[:, None])
       dk = dk + _dot(d_logits.astype(q.dtype), q, transpose_a=True)
@@ -545,38 +560,53 @@ def _compiler_params(cfg: KernelConfig):
   return pl_triton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _query_grid_specs(h, g, length, d, width, cfg):
-  """Block specs of the query-block grid ``(nQ, B, H)``: a query block of head ``h``, the whole
-  key axis of its group ``h // (H // G)`` (read through the block's key list), the list."""
-  group = h // g
-  rows = pl.BlockSpec((None, cfg.block_q, None, d), lambda i, b, hi: (b, i, hi, 0))
-  keys = pl.BlockSpec((None, length, None, d), lambda i, b, hi: (b, 0, hi // group, 0))
-  per_key = pl.BlockSpec((None, None, length), lambda i, b, hi: (b, hi // group, 0))
-  per_query = pl.BlockSpec((None, None, cfg.block_q), lambda i, b, hi: (b, hi // group, i))
-  per_head_query = pl.BlockSpec((None, None, cfg.block_q), lambda i, b, hi: (b, hi, i))
-  lists = pl.BlockSpec((None, None, None, width), lambda i, b, hi: (b, hi // group, i, 0))
-  docs = pl.BlockSpec((None, length), lambda i, b, hi: (b, 0))
-  return rows, keys, per_key, per_query, per_head_query, lists, docs
+class _QueryGrid:
+  """The query-block grid ``(nQ, B, H / R)`` of the forward and dQ: a program takes a query block
+  of ``R`` query heads of one KV group (``R`` = the group's size with ``group_heads``, else 1),
+  the whole key axis of that group (read through the block's key list) and the list. Per-head
+  arrays are viewed with the ``R`` heads of a program as one axis: ``[B, T, H / R, R, D]`` rows,
+  ``[B, H / R, R, T]`` per-query values."""
+
+  def __init__(self, q_shape, kv_heads: int, width: int, cfg: KernelConfig):
+    self.b, self.length, self.h, self.d = q_shape
+    group = self.h // kv_heads
+    self.heads = group if cfg.group_heads else 1
+    self.grid = (self.length // cfg.block_q, self.b, self.h // self.heads)
+    kv = lambda hi: hi * self.heads // group  # noqa: E731 (the program's KV group)
+    bq, r, d, length = cfg.block_q, self.heads, self.d, self.length
+    self.rows = pl.BlockSpec((None, bq, None, r, d), lambda i, b, hi: (b, i, hi, 0, 0))
+    self.keys = pl.BlockSpec((None, length, None, d), lambda i, b, hi: (b, 0, kv(hi), 0))
+    self.per_key = pl.BlockSpec((None, None, length), lambda i, b, hi: (b, kv(hi), 0))
+    self.per_query = pl.BlockSpec((None, None, bq), lambda i, b, hi: (b, kv(hi), i))
+    self.per_head_query = pl.BlockSpec((None, None, r, bq), lambda i, b, hi: (b, hi, 0, i))
+    self.lists = pl.BlockSpec((None, None, None, width), lambda i, b, hi: (b, kv(hi), i, 0))
+    self.docs = pl.BlockSpec((None, length), lambda i, b, hi: (b, 0))
+
+  def row_view(self, x):  # [B, T, H, D] <-> the programs' rows
+    return x.reshape(self.b, self.length, self.h // self.heads, self.heads, self.d)
+
+  def per_head_view(self, x):  # [B, H, T] <-> the programs' per-query values
+    return x.reshape(self.b, self.h // self.heads, self.heads, self.length)
 
 
 def _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, documents,
              cfg):
   del order, tiles  # the backward's
-  b, length, h, d = q.shape
-  rows, keys, per_key, per_query, per_head_query, lists, docs = _query_grid_specs(
-      h, k.shape[2], length, d, q_lists.shape[-1], cfg)
-  return pl.pallas_call(
+  grid = _QueryGrid(q.shape, k.shape[2], q_lists.shape[-1], cfg)
+  out, lse = pl.pallas_call(
       functools.partial(_forward_kernel, scale=scale, causal=causal, documents=documents,
                         block_k=cfg.block_k),
-      out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, length), F32)),
-      grid=(length // cfg.block_q, b, h),
-      in_specs=[rows, keys, keys, per_key, per_key, docs, per_query, lists],
-      out_specs=(rows, per_head_query),
+      out_shape=(jax.ShapeDtypeStruct(grid.row_view(q).shape, q.dtype),
+                 jax.ShapeDtypeStruct(grid.per_head_view(q[..., 0]).shape, F32)),
+      grid=grid.grid,
+      in_specs=[grid.rows, grid.keys, grid.keys, grid.per_key, grid.per_key, grid.docs,
+                grid.per_query, grid.lists],
+      out_specs=(grid.rows, grid.per_head_query),
       compiler_params=_compiler_params(cfg),
       interpret=cfg.interpret,
       name="dynamic_mask_forward",
-  )(q, k, v, bias, rank, doc, tau, q_lists)
+  )(grid.row_view(q), k, v, bias, rank, doc, tau, q_lists)
+  return out.reshape(q.shape), lse.reshape(q.shape[0], q.shape[2], q.shape[1])
 
 
 def _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse, d_out, scale,
@@ -591,21 +621,21 @@ def _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse, d_
 
 def _dq_pass(q, k, v, bias, rank, doc, tau, q_lists, lse, d_out, delta, scale, causal, documents,
              cfg):
-  length, h, d = q.shape[1:]
-  rows, keys, per_key, per_query, per_head_query, lists, docs = _query_grid_specs(
-      h, k.shape[2], length, d, q_lists.shape[-1], cfg)
-  return pl.pallas_call(
+  grid = _QueryGrid(q.shape, k.shape[2], q_lists.shape[-1], cfg)
+  d_q = pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, causal=causal, documents=documents,
                         block_k=cfg.block_k),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      grid=(length // cfg.block_q, q.shape[0], h),
-      in_specs=[rows, keys, keys, per_key, per_key, docs, per_query, lists, rows, per_head_query,
-                per_head_query],
-      out_specs=rows,
+      out_shape=jax.ShapeDtypeStruct(grid.row_view(q).shape, q.dtype),
+      grid=grid.grid,
+      in_specs=[grid.rows, grid.keys, grid.keys, grid.per_key, grid.per_key, grid.docs,
+                grid.per_query, grid.lists, grid.rows, grid.per_head_query, grid.per_head_query],
+      out_specs=grid.rows,
       compiler_params=_compiler_params(cfg),
       interpret=cfg.interpret,
       name="dynamic_mask_dq",
-  )(q, k, v, bias, rank, doc, tau, q_lists, d_out, lse, delta)
+  )(grid.row_view(q), k, v, bias, rank, doc, tau, q_lists, grid.row_view(d_out),
+    grid.per_head_view(lse), grid.per_head_view(delta))
+  return d_q.reshape(q.shape)
 
 
 def _dkv_pass(q, k, v, bias, rank, doc, tau, order, tiles, lse, d_out, delta, scale, causal,
