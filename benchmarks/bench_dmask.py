@@ -140,14 +140,16 @@ def run_timing(args) -> dict:
 
 
 def configure_pallas(args) -> None:
-  """``--pallas_config block_q=128,num_warps=8``: the tiling the layer's Pallas kernels run."""
+  """``--pallas_config block_q=128,num_warps=8,group_heads=1``: the tiling the layer's Pallas
+  kernels run (integers; 0 or 1 for the flags)."""
   import dataclasses
 
   from arch_zoo.attention.ops import dynamic_mask_pallas
 
+  config = dynamic_mask_pallas.DEFAULT_CONFIG
   fields = dict(item.split("=") for item in filter(None, args.pallas_config.split(",")))
   dynamic_mask_pallas.DEFAULT_CONFIG = dataclasses.replace(
-      dynamic_mask_pallas.DEFAULT_CONFIG, **{key: int(value) for key, value in fields.items()})
+      config, **{key: type(getattr(config, key))(int(value)) for key, value in fields.items()})
 
 
 def selection_cost(graphdef, params, x, args) -> dict:
