@@ -291,17 +291,20 @@ def test_kernel_with_unequal_tiles_equals_the_reference(tiles, causal, packed):
     assert_close(got, want)
 
 
+@pytest.mark.parametrize("options", [dict(group_heads=True), dict(prefetch=True),
+                                     dict(group_heads=True, prefetch=True)])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
 @pytest.mark.parametrize("causal,packed", [(True, False), (False, False), (True, True)])
-def test_kernel_with_grouped_heads_equals_the_reference(heads, kv_heads, causal, packed):
-  """``group_heads``: the forward and dQ run every query head of a KV group in one program over
-  the group's key list (GQA ratios 1, 2 and 4), at a length that is not a multiple of the tiles."""
+def test_kernel_variants_equal_the_reference(options, heads, kv_heads, causal, packed):
+  """``group_heads`` (the forward and dQ run every query head of a KV group in one program over
+  the group's key list) and ``prefetch`` (the next key tile's gathers issued before the current
+  tile is computed), at GQA ratios 1, 2 and 4 and a length that is not a multiple of the
+  tiles."""
   t = 37
   q, k, v, bias, score = inputs(b=2 if packed else 1, t=t, h=heads, g=kv_heads, ties=True,
                                 seed=11)
   cotangent = jax.random.normal(jax.random.key(7), q.shape)
-  config = dmp.KernelConfig(block_q=16, block_k=16, end_bucket=16, group_heads=True,
-                            interpret=True)
+  config = dmp.KernelConfig(block_q=16, block_k=16, end_bucket=16, interpret=True, **options)
   kernel, reference = kernel_and_reference(q, k, v, bias, score, cotangent, segments(t, packed),
                                            causal=causal, keep_window=8, tie_break="recent",
                                            config=config)
@@ -398,11 +401,13 @@ def test_the_kernels_lower_to_triton_without_a_gpu(monkeypatch, gpu_tiles):
 # The tilings the GPU tests compile: the default, the fastest of the first sweep on an H100
 # (docs/attention/dynamic_mask.md: 1.69x cuDNN at 32K against the default's 1.10x), and that one
 # with the dK/dV pass on wide key tiles (Triton's flash-attention tutorial's backward shape), and
-# the forward and dQ running a KV group's two query heads per program over shorter query blocks.
+# the forward and dQ running a KV group's two query heads per program over shorter query blocks,
+# and with the next key tile's gathers issued early.
 GPU_TILES = {"default": {}, "q128_k32": dict(block_q=128, block_k=32),
              "q128_k32_dkv32x128": dict(block_q=128, block_k=32, dkv_block_q=32,
                                         dkv_block_k=128),
-             "q64_k32_grouped": dict(block_q=64, block_k=32, group_heads=True)}
+             "q64_k32_grouped": dict(block_q=64, block_k=32, group_heads=True),
+             "q128_k32_prefetch": dict(block_q=128, block_k=32, prefetch=True)}
 
 
 @pytest.fixture(params=list(GPU_TILES))

@@ -92,6 +92,8 @@ class KernelConfig:
   # The forward and dQ run all query heads of a KV group in one program: each gathered key tile
   # (the group's, the same list for every head) is loaded once for all of them.
   group_heads: bool = False
+  # The forward and dQ issue the next key tile's gathers before computing the current one.
+  prefetch: bool = False
   interpret: bool = False  # run the kernels through the Pallas interpreter (any backend)
 
   def for_dkv(self) -> "KernelConfig":
@@ -428,19 +430,13 @@ def _tile_logits(q, k, bias, *, scale: float):
   return _dot(q, k, transpose_b=True) * scale + bias[None, :]
 
 
-def _gathered_keys(list_ref, n, block_k: int):
-  """Tile ``n`` of a query block's key list: positions ``[bk]`` and which slots are real."""
-  slot = n * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-  return list_ref[pl.ds(1 + n * block_k, block_k)], slot < list_ref[0]
-
-
 def _num_tiles(list_ref, block_k: int):
   return lax.div(list_ref[0] + block_k - 1, block_k)  # counts are >= 0: no floor rounding
 
 
 def _documents(doc_ref, q_start, block_q: int, documents: bool):
   """For a query block: a function of a tile's keys giving ``(q_doc, k_doc)`` for
-  ``_tile_logits``, or None when one document holds every query and key the block may meet
+  ``_tile_keep``, or None when one document holds every query and key the block may meet
   (``documents`` false, see ``dynamic_mask_attention``)."""
   if not documents:
     return lambda keys: None
@@ -448,22 +444,46 @@ def _documents(doc_ref, q_start, block_q: int, documents: bool):
   return lambda keys: (q_doc, doc_ref[keys])
 
 
+def _over_key_list(step, init, refs, tau, q_pos, docs, *, causal: bool, block_k: int,
+                   prefetch: bool):
+  """``carry = step(k, v, bias, keep, carry)`` over the tiles of a query block's key list
+  (``refs``: the list, keys, values, bias and ranks), ``keep`` the tile's mask. With
+  ``prefetch`` tile ``n + 1``'s gathers are issued before tile ``n`` is computed and carried to
+  the next iteration in registers: the loads wait on the list's indices, a dependent load that
+  Triton's software pipelining may leave unpipelined at few stages."""
+  list_ref, k_ref, v_ref, bias_ref, rank_ref = refs
+
+  def load(n):
+    keys = list_ref[pl.ds(1 + n * block_k, block_k)]
+    real = n * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0) < list_ref[0]
+    keep = _tile_keep(rank_ref[keys], tau, q_pos, keys, docs(keys), causal=causal)
+    return k_ref[keys, :], v_ref[keys, :], bias_ref[keys], keep & real[None, :]
+
+  count = _num_tiles(list_ref, block_k)
+  if not prefetch:
+    return lax.fori_loop(0, count, lambda n, carry: step(*load(n), carry), init)
+  last = (list_ref.shape[0] - 1) // block_k - 1  # the list's last tile (slots past the count
+  # hold position 0, a harmless read)
+
+  def body(n, carry):
+    tile, carry = carry
+    upcoming = load(jnp.minimum(n + 1, last))
+    return upcoming, step(*tile, carry)
+
+  return lax.fori_loop(0, count, body, (load(0), init))[1]
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, list_ref, o_ref,
-                    lse_ref, *, scale: float, causal: bool, documents: bool, block_k: int):
+                    lse_ref, *, scale: float, causal: bool, documents: bool, block_k: int,
+                    prefetch: bool):
   """One query block of ``heads`` query heads of one KV group (``q_ref [bq, heads, D]``) over
   the group's key list."""
   block_q, heads, d = q_ref.shape
   q_start = pl.program_id(0) * block_q
   q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
-  docs = _documents(doc_ref, q_start, block_q, documents)
   qs = [q_ref[:, head, :] for head in range(heads)]
-  tau = tau_ref[...]
 
-  def body(n, carry):
-    keys, real = _gathered_keys(list_ref, n, block_k)
-    k, v, bias = k_ref[keys, :], v_ref[keys, :], bias_ref[keys]
-    keep = _tile_keep(rank_ref[keys], tau, q_pos, keys, docs(keys), causal=causal)
-    keep &= real[None, :]
+  def step(k, v, bias, keep, carry):
     updated = []
     for q, (peak, total, acc) in zip(qs, carry):
       logits = jnp.where(keep, _tile_logits(q, k, bias, scale=scale), MASK_VALUE)
@@ -477,7 +497,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, l
 
   init = ((jnp.full((block_q,), MASK_VALUE, F32), jnp.zeros((block_q,), F32),
            jnp.zeros((block_q, d), F32)),) * heads
-  carry = lax.fori_loop(0, _num_tiles(list_ref, block_k), body, init)
+  carry = _over_key_list(step, init, (list_ref, k_ref, v_ref, bias_ref, rank_ref), tau_ref[...],
+                         q_pos, _documents(doc_ref, q_start, block_q, documents), causal=causal,
+                         block_k=block_k, prefetch=prefetch)
   for head, (peak, total, acc) in enumerate(carry):
     kept_any = total > 0  # false only on padded query rows
     safe_total = jnp.where(kept_any, total, 1.0)
@@ -487,20 +509,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, l
 
 def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, list_ref, do_ref,
                lse_ref, delta_ref, dq_ref, *, scale: float, causal: bool, documents: bool,
-               block_k: int):
+               block_k: int, prefetch: bool):
   block_q, heads, d = q_ref.shape
   q_start = pl.program_id(0) * block_q
   q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
-  docs = _documents(doc_ref, q_start, block_q, documents)
   rows = [(q_ref[:, head, :], do_ref[:, head, :], lse_ref[head, :], delta_ref[head, :])
           for head in range(heads)]
-  tau = tau_ref[...]
 
-  def body(n, dqs):
-    keys, real = _gathered_keys(list_ref, n, block_k)
-    k, v, bias = k_ref[keys, :], v_ref[keys, :], bias_ref[keys]
-    keep = _tile_keep(rank_ref[keys], tau, q_pos, keys, docs(keys), causal=causal)
-    keep &= real[None, :]
+  def step(k, v, bias, keep, dqs):
     updated = []
     for (q, do, lse, delta), dq in zip(rows, dqs):
       p = jnp.where(keep, jnp.exp(_tile_logits(q, k, bias, scale=scale) - lse[:, None]), 0.0)
@@ -508,8 +524,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, list_r
       updated.append(dq + _dot(d_logits.astype(k.dtype), k))
     return tuple(updated)
 
-  dqs = lax.fori_loop(0, _num_tiles(list_ref, block_k), body,
-                      (jnp.zeros((block_q, d), F32),) * heads)
+  dqs = _over_key_list(step, (jnp.zeros((block_q, d), F32),) * heads,
+                       (list_ref, k_ref, v_ref, bias_ref, rank_ref), tau_ref[...], q_pos,
+                       _documents(doc_ref, q_start, block_q, documents), causal=causal,
+                       block_k=block_k, prefetch=prefetch)
   for head, dq in enumerate(dqs):
     dq_ref[:, head, :] = (dq * scale).astype(dq_ref.dtype)
 
@@ -595,7 +613,7 @@ def _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal
   grid = _QueryGrid(q.shape, k.shape[2], q_lists.shape[-1], cfg)
   out, lse = pl.pallas_call(
       functools.partial(_forward_kernel, scale=scale, causal=causal, documents=documents,
-                        block_k=cfg.block_k),
+                        block_k=cfg.block_k, prefetch=cfg.prefetch),
       out_shape=(jax.ShapeDtypeStruct(grid.row_view(q).shape, q.dtype),
                  jax.ShapeDtypeStruct(grid.per_head_view(q[..., 0]).shape, F32)),
       grid=grid.grid,
@@ -624,7 +642,7 @@ def _dq_pass(q, k, v, bias, rank, doc, tau, q_lists, lse, d_out, delta, scale, c
   grid = _QueryGrid(q.shape, k.shape[2], q_lists.shape[-1], cfg)
   d_q = pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, causal=causal, documents=documents,
-                        block_k=cfg.block_k),
+                        block_k=cfg.block_k, prefetch=cfg.prefetch),
       out_shape=jax.ShapeDtypeStruct(grid.row_view(q).shape, q.dtype),
       grid=grid.grid,
       in_specs=[grid.rows, grid.keys, grid.keys, grid.per_key, grid.per_key, grid.docs,
