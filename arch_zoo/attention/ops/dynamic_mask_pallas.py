@@ -603,8 +603,12 @@ class _QueryGrid:
   def row_view(self, x):  # [B, T, H, D] <-> the programs' rows
     return x.reshape(self.b, self.length, self.h // self.heads, self.heads, self.d)
 
+  @property
+  def per_head_shape(self):  # the programs' per-query values, [B, H, T] viewed
+    return (self.b, self.h // self.heads, self.heads, self.length)
+
   def per_head_view(self, x):  # [B, H, T] <-> the programs' per-query values
-    return x.reshape(self.b, self.h // self.heads, self.heads, self.length)
+    return x.reshape(self.per_head_shape)
 
 
 def _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, documents,
@@ -615,7 +619,7 @@ def _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal
       functools.partial(_forward_kernel, scale=scale, causal=causal, documents=documents,
                         block_k=cfg.block_k, prefetch=cfg.prefetch),
       out_shape=(jax.ShapeDtypeStruct(grid.row_view(q).shape, q.dtype),
-                 jax.ShapeDtypeStruct(grid.per_head_view(q[..., 0]).shape, F32)),
+                 jax.ShapeDtypeStruct(grid.per_head_shape, F32)),
       grid=grid.grid,
       in_specs=[grid.rows, grid.keys, grid.keys, grid.per_key, grid.per_key, grid.docs,
                 grid.per_query, grid.lists],
