@@ -24,7 +24,7 @@ mkdir -p "$out"
 base=${BASE:-block_q=128,block_k=32}
 variants=${VARIANTS:-"$base,prefetch=1 $base,num_stages=3,dkv_num_stages=2 \
 block_q=64,block_k=32,group_heads=1"}
-tests=${TESTS:-"q128_k32] or q128_k32- or grouped or prefetch"}
+tests=${TESTS:-"default or grouped or prefetch"}
 case $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null) in
   *H200*) device=h200 ;; *H100*) device=h100 ;; *) device=other ;;
 esac

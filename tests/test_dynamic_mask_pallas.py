@@ -403,7 +403,7 @@ def test_the_kernels_lower_to_triton_without_a_gpu(monkeypatch, gpu_tiles):
 # with the dK/dV pass on wide key tiles (Triton's flash-attention tutorial's backward shape), and
 # the forward and dQ running a KV group's two query heads per program over shorter query blocks,
 # and with the next key tile's gathers issued early.
-GPU_TILES = {"default": {}, "q128_k32": dict(block_q=128, block_k=32),
+GPU_TILES = {"default": {}, "q64_k64": dict(block_q=64, block_k=64),
              "q128_k32_dkv32x128": dict(block_q=128, block_k=32, dkv_block_q=32,
                                         dkv_block_k=128),
              "q64_k32_grouped": dict(block_q=64, block_k=32, group_heads=True),
