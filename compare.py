@@ -57,7 +57,15 @@ def parse_args(argv):
                       help="time budget of this call in seconds: no member starts after it and "
                            "the one training checkpoints and stops; the report lists unfinished "
                            "members apart; run again to resume")
-  return parser.parse_args(argv)
+  parser.add_argument("--start_margin_s", type=float, default=0.0,
+                      help="with --budget_s: start no member in the last this many seconds of "
+                           "the budget (a member's compilation and first checkpoint), so the "
+                           "call ends close to its budget")
+  args = parser.parse_args(argv)
+  if args.start_margin_s < 0 or (args.start_margin_s and args.budget_s is None):
+    print("error: --start_margin_s must be >= 0 and needs --budget_s", file=sys.stderr)
+    raise SystemExit(2)
+  return args
 
 
 def main(argv=None) -> int:
@@ -67,7 +75,7 @@ def main(argv=None) -> int:
   try:
     path, failed = run_sweep(args.sweep, args.workdir, not args.subprocess, args.out,
                              args.report_only, args.groups, args.budget_s, args.variants,
-                             args.one_by_one)
+                             args.one_by_one, args.start_margin_s)
   except SweepError as e:
     if errors.debug():
       raise

@@ -10,11 +10,15 @@
 #   families default to all; logs and the runs' archive go to $OUT (default /tmp/gpu_sweeps).
 #   VMAPPED_FAILING=FAMILIES (possibly empty) skips the test and trains those one at a time: for
 #   a second call on a machine whose first call ran the test. VMAPPED_TEST=FAMILIES tests only
-#   those (their kernels changed since they passed) and trusts the others.
+#   those (their kernels changed since they passed) and trusts the others; VMAPPED_TEST= (empty)
+#   tests none.
 # Memory: the LM sweep takes 0.4 of the card, the Zoology workers 0.5 together.
-# Time: a member in training when SECONDS run out checkpoints at its next step, so the script
-# ends some seconds after SECONDS on a GPU (9 s in the first such call): leave a margin below
-# the call's limit (520 for a 600-second call). On a CPU (a dry run) compilation makes it minutes.
+# Time: no member starts in the last START_MARGIN seconds (default 90: a group's compilation);
+# a member in training when SECONDS run out checkpoints at its next step. Whatever still runs
+# GRACE seconds (default 40) after SECONDS gets SIGTERM (it checkpoints), and SIGKILL 20 s later,
+# so the archive of the runs is written by SECONDS + GRACE + 30 s: 520 fits a 600-second call.
+# (A call that ran past its limit once lost a whole call's runs: the archive was never written.)
+# On a CPU (a dry run) compilation makes it minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ] || ! [[ "$1" =~ ^[0-9]+$ ]]; then
@@ -33,27 +37,43 @@ if [ -n "${VMAPPED_FAILING+set}" ]; then
 else
   # The test for the families this call trains only (its first form took 162 s for all 16 cases
   # on the H200; the current one also runs each member alone).
-  tested=${VMAPPED_TEST:-$lm_families,$zoology_families}
-  selected=$(echo "$tested" | tr , '\n' | sort -u | paste -sd' ' | sed 's/ / or /g')
-  timeout 300 python -m pytest -m gpu -q -p no:cacheprovider tests/test_vmapped_members.py \
-    -k "$selected" > "$out/gpu_tests_vmapped_members.log" 2>&1
-  tail -n 20 "$out/gpu_tests_vmapped_members.log"
-  failing=$(grep -o '\(FAILED\|ERROR\) [^ ]*vmapped_members[^ ]*\[[a-z_]*-' \
-    "$out/gpu_tests_vmapped_members.log" | sed 's/.*\[//; s/-$//' | sort -u | paste -sd,)
-  if ! grep -q "passed\|failed" "$out/gpu_tests_vmapped_members.log"; then
-    failing=$tested  # the test did not finish: trust none of the tested families' kernels
+  tested=${VMAPPED_TEST-$lm_families,$zoology_families}
+  failing=
+  if [ -n "$tested" ]; then
+    selected=$(echo "$tested" | tr , '\n' | sort -u | paste -sd' ' | sed 's/ / or /g')
+    timeout 300 python -m pytest -m gpu -q -p no:cacheprovider tests/test_vmapped_members.py \
+      -k "$selected" > "$out/gpu_tests_vmapped_members.log" 2>&1
+    tail -n 20 "$out/gpu_tests_vmapped_members.log"
+    failing=$(grep -o '\(FAILED\|ERROR\) [^ ]*vmapped_members[^ ]*\[[a-z_]*-' \
+      "$out/gpu_tests_vmapped_members.log" | sed 's/.*\[//; s/-$//' | sort -u | paste -sd,)
+    if ! grep -q "passed\|failed" "$out/gpu_tests_vmapped_members.log"; then
+      failing=$tested  # the test did not finish: trust none of the tested families' kernels
+    fi
   fi
 fi
 echo "one member at a time (vmapped test failed or did not run): [${failing}]"
 
 left=$(( $1 - ($(date +%s) - start) ))
+margin=${START_MARGIN:-90} grace=${GRACE:-40}
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 python compare.py --sweep configs/sweeps/lm_gpu.py \
   --workdir runs/lm_gpu --variants "$lm_families" --budget_s "$left" --out /tmp/lm_report \
-  ${failing:+--one_by_one "$failing"} > "$out/lm_gpu.log" 2>&1 &
-MEM_SHARE=0.5 WORKERS=3 LOGS=/tmp/zoology_logs ONE_BY_ONE=$failing \
+  --start_margin_s "$margin" ${failing:+--one_by_one "$failing"} > "$out/lm_gpu.log" 2>&1 &
+MEM_SHARE=0.5 WORKERS=3 LOGS=/tmp/zoology_logs ONE_BY_ONE=$failing START_MARGIN=$margin \
   bash benchmarks/zoology_fig2_parallel.sh "$left" 64,128,256,512 \
-  T256_kv16,T128_kv8,T64_kv4 "$zoology_families"
-wait
+  T256_kv16,T128_kv8,T64_kv4 "$zoology_families" &
+signal_sweeps() {  # SIGNAL: to every compare.py sweep process (found in /proc: no procps needed)
+  local cmdline
+  for cmdline in /proc/[0-9]*/cmdline; do
+    if tr '\0' ' ' < "$cmdline" 2>/dev/null | grep -q "\\(^\\|/\\)python[0-9.]* compare.py --sweep"; then
+      kill "-$1" "$(basename "$(dirname "$cmdline")")" 2>/dev/null
+    fi
+  done
+}
+sweeps=$(jobs -p | paste -sd' ')
+( sleep $(( left + grace )); signal_sweeps TERM; sleep 20; signal_sweeps KILL ) &
+watchdog=$!
+wait $sweeps
+kill "$watchdog" 2>/dev/null
 grep -v "^step" "$out/lm_gpu.log" | tail -n 30
 for f in /tmp/zoology_logs/worker*.log; do echo "== $f"; grep -v "^step\|^ *$" "$f"; done \
   > "$out/zoology_fig2.log"

@@ -18,6 +18,8 @@
 # growing on demand, ran out of memory on an H100 (docs/results/zoology_fig2_gpu.md, call 2).
 # ONE_BY_ONE (families, comma separated): their members train one at a time (compare.py
 # --one_by_one), for kernels that failed tests/test_vmapped_members.py -m gpu.
+# START_MARGIN (seconds, default 0): no member starts in the last START_MARGIN seconds
+# (compare.py --start_margin_s), so a call ends close to SECONDS.
 # Logs: $LOGS (default /tmp/zoology_logs), one per worker. Throughput in the table is then
 # measured on a shared GPU: these runs compare accuracy, not speed.
 set -uo pipefail
@@ -51,10 +53,10 @@ run_worker() {  # FAMILY...: for each group, these families' variants at the wid
     | paste -sd,)
   for group in ${groups//,/ }; do
     local left=$(( deadline - $(date +%s) ))
-    [ "$left" -lt 30 ] && break
+    [ "$left" -lt $(( 30 + ${START_MARGIN:-0} )) ] && break
     python compare.py --sweep configs/sweeps/zoology_fig2.py --workdir runs/zoology_fig2 \
       --groups "$group" --variants "$variants" --budget_s "$left" --out "/tmp/zoology_report_$1" \
-      ${ONE_BY_ONE:+--one_by_one "$ONE_BY_ONE"}
+      --start_margin_s "${START_MARGIN:-0}" ${ONE_BY_ONE:+--one_by_one "$ONE_BY_ONE"}
   done
 }
 

@@ -135,6 +135,11 @@ def test_a_member_stopped_by_the_budget_guard_is_never_in_a_table(sweep):
   assert "(grid incomplete)" in section(text, "## mqar")
   assert "learning-rate grid of a member of this comparison has not finished" in section(
       text, "## Claims, as measured")
+  # A start margin as long as the budget starts nothing either, however long the budget.
+  with pytest.raises(BudgetReached, match=r"3600 s ran out \(less than 3600 s left\) before"):
+    compare.run_sweep(str(path), str(runs), out_dir=str(out), budget_s=3600,
+                      start_margin_s=3600)
+  assert not (cut / "final_metrics.json").exists()
   # Running again (no budget) resumes the member from its checkpoint and finishes the sweep.
   md_path, failed = compare.run_sweep(str(path), str(runs), out_dir=str(out))
   assert failed == [] and "## Not in the tables" not in open(md_path).read()

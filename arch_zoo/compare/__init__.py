@@ -33,13 +33,14 @@ from arch_zoo.compare.spec import SweepError
 def run_sweep(sweep_path: str, root: str, in_process: bool = True, out_dir: str | None = None,
               report_only: bool = False, group_names: str | None = None,
               budget_s: float | None = None, variant_names: str | None = None,
-              one_by_one: str | None = None) -> tuple[str, list[str]]:
+              one_by_one: str | None = None,
+              start_margin_s: float = 0.0) -> tuple[str, list[str]]:
   """Checks every member of the sweep, runs the unfinished ones, then writes the report; returns
   the path of comparison.md and the workdirs that failed. ``variant_names`` (comma separated)
   runs only those variants' members, the report still covering every member; the attention
   families in ``one_by_one`` (comma separated) train their members one at a time even where the
-  group trains members together (``spec.train_one_by_one``). A sweep stopped by
-  its time budget (``budget_s``) or SIGTERM still writes the report of what finished, then raises
+  group trains members together (``spec.train_one_by_one``). No member starts in the last
+  ``start_margin_s`` of the budget. A sweep stopped by its time budget (``budget_s``) or SIGTERM still writes the report of what finished, then raises
   ``Preempted`` (``BudgetReached``): unfinished members are listed apart, never in a table."""
   groups, claims = spec.select_groups(*spec.load_sweep(sweep_path), group_names)
   if not report_only and in_process:
@@ -49,7 +50,7 @@ def run_sweep(sweep_path: str, root: str, in_process: bool = True, out_dir: str 
   if not report_only:
     to_run = spec.select_members(spec.train_one_by_one(planned, one_by_one), variant_names)
     try:
-      failed = runner.run_members(to_run, root, in_process, budget_s)
+      failed = runner.run_members(to_run, root, in_process, budget_s, start_margin_s)
     except Preempted:
       report.report(root, groups, claims, planned, out_dir or root, sweep_path)
       raise

@@ -49,9 +49,12 @@ class Guard:
   members this one notes the request, and the sweep starts no further member. A member run as a
   subprocess gets the signal passed on."""
 
-  def __init__(self, budget_s: float | None):
+  def __init__(self, budget_s: float | None, start_margin_s: float = 0.0):
     self.budget_s = budget_s
     self.deadline = None if budget_s is None else time.monotonic() + budget_s
+    # A member started just before the deadline spends its compilation for one step and a
+    # checkpoint, and keeps the sweep past its budget while it does.
+    self.start_margin_s = start_margin_s
     self.requested: str | None = None
     self.child: subprocess.Popen | None = None
     self._previous = None
@@ -88,10 +91,17 @@ class Guard:
     return self.requested is not None or (self.deadline is not None
                                           and time.monotonic() >= self.deadline)
 
+  def may_not_start(self) -> bool:
+    """No member starts after the deadline, nor within ``start_margin_s`` of it."""
+    return self.requested is not None or (
+        self.deadline is not None
+        and time.monotonic() >= self.deadline - self.start_margin_s)
+
   def stop(self, where: str) -> Preempted:
-    if self.requested == "budget" or (self.requested is None and self.out_of_time()):
-      return BudgetReached(f"the time budget of {self.budget_s:g} s ran out {where}; run the "
-                           "same command again to resume (finished members are kept).")
+    if self.requested == "budget" or (self.requested is None and self.may_not_start()):
+      margin = f" (less than {self.start_margin_s:g} s left)" if self.start_margin_s else ""
+      return BudgetReached(f"the time budget of {self.budget_s:g} s ran out{margin} {where}; run "
+                           "the same command again to resume (finished members are kept).")
     return Preempted(f"{self.requested or 'SIGTERM'} {where}; run the sweep again to resume it.")
 
 
@@ -317,18 +327,19 @@ def train_batch(batch: list[dict], root: str) -> None:
 
 
 def run_members(members: list[dict], root: str, in_process: bool,
-                budget_s: float | None = None) -> list[str]:
+                budget_s: float | None = None, start_margin_s: float = 0.0) -> list[str]:
   """Runs every unfinished member; returns the workdirs that failed (the others still run). A
   failure is one line (with its traceback under ``ARCH_ZOO_DEBUG=1``). With ``budget_s``, no
-  member starts after that many seconds, and the one training then checkpoints and stops
-  (``BudgetReached``); SIGTERM does the same (``Preempted``)."""
+  member starts after that many seconds (nor in the last ``start_margin_s`` of them), and the
+  one training then checkpoints and stops (``BudgetReached``); SIGTERM does the same
+  (``Preempted``)."""
   check_workdirs(members, root)
   failed = []
   index = {id(m): i for i, m in enumerate(members)}
-  with Guard(budget_s) as guard:
+  with Guard(budget_s, start_margin_s) as guard:
     for batch in batches(members, root):
       if len(batch) > 1:
-        if guard.out_of_time():
+        if guard.may_not_start():
           raise guard.stop("before the next member started")
         label = (f"[{index[id(batch[0])] + 1}-{index[id(batch[-1])] + 1}/{len(members)}] "
                  f"{len(batch)} members trained together: "
@@ -373,7 +384,7 @@ def run_one(member: dict, root: str, in_process: bool, guard: Guard, i: int,
   if is_finished(workdir, member):
     print(f"{label}: {'diverged' if diverged(workdir) else 'finished'}, skipped", flush=True)
     return []
-  if guard.out_of_time():
+  if guard.may_not_start():
     raise guard.stop("before the next member started")
   state = ("evaluating" if training_finished(workdir) else
            "resuming" if os.path.isdir(os.path.join(workdir, "checkpoints")) else "starting")
