@@ -276,12 +276,31 @@ def _grid_and_specs(shape_q, shape_v, num_segments: int, segment_len: int, block
   return grid, rows, value_rows, slope, state, token_rows
 
 
-def _compiler_params(cfg: KernelConfig, num_warps: int, num_stages: int):
+# Shared memory that the pipelined chunk loads may take, per program: Triton keeps one buffer of
+# every loaded chunk per pipeline stage. 192 KiB is the most a compiled kernel has held on an H100
+# or H200 (227 KiB a block): float32, head_dim 64, 4 stages. bf16 at head_dim 256 and 4 stages
+# asked for 288 KiB and did not compile (Zoology's d_model 512 with 2 heads).
+PIPELINE_SHARED_BYTES = 192 * 1024
+
+
+def pipeline_stages(num_stages: int, stage_bytes: int) -> int:
+  """``num_stages`` or fewer, so that the stages' buffers of ``stage_bytes`` each fit in
+  :data:`PIPELINE_SHARED_BYTES` (at least one stage: no pipelining)."""
+  return max(1, min(num_stages, PIPELINE_SHARED_BYTES // stage_bytes))
+
+
+def _chunk_bytes(chunk: int, *arrays_and_widths) -> int:
+  """Bytes of one chunk's loads: ``chunk`` rows of each ``(array, columns)``."""
+  return sum(chunk * width * array.dtype.itemsize for array, width in arrays_and_widths)
+
+
+def _compiler_params(cfg: KernelConfig, num_warps: int, num_stages: int, stage_bytes: int):
   if cfg.interpret:
     return None
   from jax.experimental.pallas import triton as pl_triton
 
-  return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  return pl_triton.CompilerParams(num_warps=num_warps,
+                                  num_stages=pipeline_stages(num_stages, stage_bytes))
 
 
 def _pieces_per_segment(segment_len: int, cfg: KernelConfig) -> int:
@@ -301,6 +320,8 @@ def piece_states(k, v, slopes, *, piece_len: int, first_piece: int, num_pieces: 
   grid, rows, value_rows, slope, state, token_rows = _grid_and_specs(
       k.shape, v.shape, num_pieces, piece_len, cfg.state_block_e, first_segment=first_piece)
   documents = document_reach is not None
+  stage_bytes = _chunk_bytes(cfg.chunk_size, (k, d), (v, min(cfg.state_block_e, v.shape[-1])),
+                             *([(document_reach, 1)] if documents else []))
   return pl.pallas_call(
       functools.partial(_state_kernel, chunk=cfg.chunk_size, reverse=reverse,
                         documents=documents),
@@ -308,7 +329,8 @@ def piece_states(k, v, slopes, *, piece_len: int, first_piece: int, num_pieces: 
       grid=grid,
       in_specs=[slope, rows, value_rows] + ([token_rows] if documents else []),
       out_specs=state,
-      compiler_params=_compiler_params(cfg, cfg.state_num_warps, cfg.state_num_stages),
+      compiler_params=_compiler_params(cfg, cfg.state_num_warps, cfg.state_num_stages,
+                                       stage_bytes),
       interpret=cfg.interpret,
       name="lightning_piece_states",
   )(slopes.astype(F32), k, v, *([document_reach] if documents else []))
@@ -359,6 +381,9 @@ def segment_outputs(q, k, v, slopes, start, *, segment_len: int, reverse: bool,
   grid, rows, value_rows, slope, state, token_rows = _grid_and_specs(
       q.shape, v.shape, num_segments, segment_len, cfg.block_e)
   documents = document_reach is not None
+  d = q.shape[-1]
+  stage_bytes = _chunk_bytes(cfg.chunk_size, (q, d), (k, d), (v, min(cfg.block_e, v.shape[-1])),
+                             *([(document_reach, 1)] if documents else []))
   return pl.pallas_call(
       functools.partial(_output_kernel, chunk=cfg.chunk_size, reverse=reverse,
                         documents=documents, split_branch=bool(cfg.split_branch)),
@@ -366,7 +391,7 @@ def segment_outputs(q, k, v, slopes, start, *, segment_len: int, reverse: bool,
       grid=grid,
       in_specs=[slope, rows, rows, value_rows, state] + ([token_rows] if documents else []),
       out_specs=value_rows,
-      compiler_params=_compiler_params(cfg, cfg.num_warps, cfg.num_stages),
+      compiler_params=_compiler_params(cfg, cfg.num_warps, cfg.num_stages, stage_bytes),
       interpret=cfg.interpret,
       name="lightning_outputs",
   )(slopes.astype(F32), q, k, v, start, *([document_reach] if documents else []))
@@ -537,5 +562,5 @@ def recurrent_step(state, q, k, v, slopes, *, block_e: int = 64, num_warps: int 
   )(jnp.exp(-jnp.asarray(slopes, F32)), q, k, v.astype(q.dtype), state.astype(F32))
 
 
-__all__ = ["KernelConfig", "lightning_attention", "piece_states", "recurrent_step",
-           "start_states", "unsupported_reason"]
+__all__ = ["KernelConfig", "PIPELINE_SHARED_BYTES", "lightning_attention", "piece_states",
+           "pipeline_stages", "recurrent_step", "start_states", "unsupported_reason"]
