@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # One GPU call of issue 26 for dynamic_mask's Pallas kernels, in order of what it decides:
 #   1. the layer (the paper's 1.7B shape, w = 2048) at 32K and 8K on the base tiling and on
-#      cuDNN `mha`, in one job; then each variant of VARIANTS alone at the same lengths;
+#      cuDNN `mha`, in one job;
 #   2. the op alone at 32K against the paper's Triton kernel (flash_dmattn) and dense cuDNN,
 #      with each Pallas pass's own time (kernel_passes_s);
-#   3. the GPU tests of the kernels at the tilings of tests/test_dynamic_mask_pallas.py's
+#   3. each variant of VARIANTS alone, the layer at the same lengths;
+#   4. the GPU tests of the kernels at the tilings of tests/test_dynamic_mask_pallas.py's
 #      GPU_TILES that TESTS selects (pytest -k).
 # No step starts after SECONDS; a cut measurement keeps what its JSON holds. Records and logs go
 # to $OUT (default /tmp/dmask_variants), named after the device (h100 or h200).
 #
 # Usage: benchmarks/dmask_variants.sh SECONDS
-#   BASE (default block_q=128,block_k=32) and VARIANTS (space-separated --pallas_config values,
-#   default: prefetch, three pipeline stages, grouped heads) may be set in the environment.
+#   BASE (default: the kernels' default tiling) and VARIANTS (space-separated --pallas_config
+#   values, default: the dK/dV pass at 64 x 64, 8 warps, the dK/dV pass at 128 x 64 with 8 warps;
+#   the variants of 2026-12-07 are in docs/attention/dynamic_mask.md) may be set in the
+#   environment.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ] || ! [[ "$1" =~ ^[0-9]+$ ]]; then
@@ -22,9 +25,9 @@ start=$(date +%s) seconds=$1
 out=${OUT:-/tmp/dmask_variants}
 mkdir -p "$out"
 base=${BASE:-block_q=128,block_k=32}
-variants=${VARIANTS:-"$base,prefetch=1 $base,num_stages=3,dkv_num_stages=2 \
-block_q=64,block_k=32,group_heads=1"}
-tests=${TESTS:-"default or grouped or prefetch"}
+variants=${VARIANTS:-"$base,dkv_block_q=64,dkv_block_k=64 $base,num_warps=8 \
+$base,dkv_block_q=128,dkv_block_k=64,dkv_num_warps=8"}
+tests=${TESTS:-"default or dkv64x64"}
 case $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null) in
   *H200*) device=h200 ;; *H100*) device=h100 ;; *) device=other ;;
 esac
@@ -42,11 +45,11 @@ bench() {  # NAME ARGS...: one bench_dmask.py job, its summary lines printed
 
 bench "$(echo "$base" | tr =, _-)" --seq_lens 32768,8192 --sides mha,dynamic_mask:pallas \
   --pallas_config "$base"
+bench "ops_32k" --seq_lens 32768 --sides op:pallas,op:cudnn,flash_dmattn --pallas_config "$base"
 for variant in $variants; do
   bench "$(echo "$variant" | tr =, _-)" --seq_lens 32768,8192 --sides dynamic_mask:pallas \
     --pallas_config "$variant"
 done
-bench "ops_32k" --seq_lens 32768 --sides op:pallas,op:cudnn,flash_dmattn --pallas_config "$base"
 budget=$(left "$seconds")
 if [ "$budget" -gt 30 ]; then
   timeout "$budget" python -m pytest -m gpu -q -p no:cacheprovider \

@@ -406,6 +406,7 @@ def test_the_kernels_lower_to_triton_without_a_gpu(monkeypatch, gpu_tiles):
 GPU_TILES = {"default": {}, "q64_k64": dict(block_q=64, block_k=64),
              "q128_k32_dkv32x128": dict(block_q=128, block_k=32, dkv_block_q=32,
                                         dkv_block_k=128),
+             "q128_k32_dkv64x64": dict(block_q=128, block_k=32, dkv_block_q=64, dkv_block_k=64),
              "q64_k32_grouped": dict(block_q=64, block_k=32, group_heads=True),
              "q128_k32_prefetch": dict(block_q=128, block_k=32, prefetch=True)}
 
