@@ -16,7 +16,8 @@
 # Time: no member starts in the last START_MARGIN seconds (default 90: a group's compilation);
 # a member in training when SECONDS run out checkpoints at its next step. Whatever still runs
 # GRACE seconds (default 40) after SECONDS gets SIGTERM (it checkpoints), and SIGKILL 20 s later,
-# so the archive of the runs is written by SECONDS + GRACE + 30 s: 520 fits a 600-second call.
+# so the archive of the runs is written a few seconds after SECONDS + GRACE + 20: 520 fits a
+# 600-second call.
 # (A call that ran past its limit once lost a whole call's runs: the archive was never written.)
 # On a CPU (a dry run) compilation makes it minutes.
 set -uo pipefail
@@ -53,6 +54,15 @@ else
 fi
 echo "one member at a time (vmapped test failed or did not run): [${failing}]"
 
+signal_sweeps() {  # SIGNAL: to every compare.py sweep process (found in /proc: no procps needed)
+  local cmdline pattern="\\(^\\|/\\)python[0-9.]* compare.py --sweep"
+  for cmdline in /proc/[0-9]*/cmdline; do
+    if tr '\0' ' ' < "$cmdline" 2>/dev/null | grep -q "$pattern"; then
+      kill "-$1" "$(basename "$(dirname "$cmdline")")" 2>/dev/null
+    fi
+  done
+}
+
 left=$(( $1 - ($(date +%s) - start) ))
 margin=${START_MARGIN:-90} grace=${GRACE:-40}
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 python compare.py --sweep configs/sweeps/lm_gpu.py \
@@ -61,16 +71,12 @@ XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 python compare.py --sweep configs/sweeps/lm_g
 MEM_SHARE=0.5 WORKERS=3 LOGS=/tmp/zoology_logs ONE_BY_ONE=$failing START_MARGIN=$margin \
   bash benchmarks/zoology_fig2_parallel.sh "$left" 64,128,256,512 \
   T256_kv16,T128_kv8,T64_kv4 "$zoology_families" &
-signal_sweeps() {  # SIGNAL: to every compare.py sweep process (found in /proc: no procps needed)
-  local cmdline
-  for cmdline in /proc/[0-9]*/cmdline; do
-    if tr '\0' ' ' < "$cmdline" 2>/dev/null | grep -q "\\(^\\|/\\)python[0-9.]* compare.py --sweep"; then
-      kill "-$1" "$(basename "$(dirname "$cmdline")")" 2>/dev/null
-    fi
-  done
-}
 sweeps=$(jobs -p | paste -sd' ')
-( sleep $(( left + grace )); signal_sweeps TERM; sleep 20; signal_sweeps KILL ) &
+# The watchdog holds no output pipe and leaves no sleep behind when it is stopped: a call whose
+# command is done must not wait on it.
+( trap 'kill "$pause" 2>/dev/null; exit 0' TERM
+  sleep $(( left + grace )) & pause=$!; wait "$pause"; signal_sweeps TERM
+  sleep 20 & pause=$!; wait "$pause"; signal_sweeps KILL ) > /dev/null 2>&1 &
 watchdog=$!
 wait $sweeps
 kill "$watchdog" 2>/dev/null

@@ -40,8 +40,9 @@ def run_sweep(sweep_path: str, root: str, in_process: bool = True, out_dir: str 
   runs only those variants' members, the report still covering every member; the attention
   families in ``one_by_one`` (comma separated) train their members one at a time even where the
   group trains members together (``spec.train_one_by_one``). No member starts in the last
-  ``start_margin_s`` of the budget. A sweep stopped by its time budget (``budget_s``) or SIGTERM still writes the report of what finished, then raises
-  ``Preempted`` (``BudgetReached``): unfinished members are listed apart, never in a table."""
+  ``start_margin_s`` of the budget. A sweep stopped by its time budget (``budget_s``) or SIGTERM
+  still writes the report of what finished, then raises ``Preempted`` (``BudgetReached``):
+  unfinished members are listed apart, never in a table."""
   groups, claims = spec.select_groups(*spec.load_sweep(sweep_path), group_names)
   if not report_only and in_process:
     runner.apply_shared_xla_flags(groups)  # before planning: it may start JAX
