@@ -262,13 +262,15 @@ def test_pallas_impl_refuses_cpu_with_reason():
 
 def test_pipeline_stages_fit_the_shared_memory_of_every_compiled_shape():
   """Each pipeline stage buffers one chunk of every load: the tilings compiled on an H100 keep
-  their stages (float32 and bf16 at head_dim 64, bf16 at 128: 192, 96 and 160 KiB), and bf16 at
-  head_dim 256, which asked Triton for 288 KiB of a block's 227, drops to what fits."""
-  def stage_bytes(head_dim, itemsize, chunk=64, block_e=64):
-    return chunk * (2 * head_dim + block_e) * itemsize
+  their stages (float32 and bf16 at head_dim 64, bf16 at 128, and float32 at 64 with packed
+  rows' int32 reach: 192, 96, 160 and 193 KiB), and bf16 at head_dim 256, which asked Triton for
+  288 KiB of a block's 227, drops to what fits."""
+  def stage_bytes(head_dim, itemsize, chunk=64, block_e=64, documents=False):
+    return chunk * ((2 * head_dim + block_e) * itemsize + (4 if documents else 0))
 
   for head_dim, itemsize in ((64, 4), (64, 2), (128, 2)):
     assert linear_pallas.pipeline_stages(4, stage_bytes(head_dim, itemsize)) == 4
+  assert linear_pallas.pipeline_stages(4, stage_bytes(64, 4, documents=True)) == 4
   stages = linear_pallas.pipeline_stages(4, stage_bytes(256, 2))
   assert stages * stage_bytes(256, 2) <= linear_pallas.PIPELINE_SHARED_BYTES < 227 * 1024
   assert stages == 2
