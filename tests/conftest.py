@@ -1,6 +1,5 @@
 """Test setup: XLA flags (set before jax is imported), shared fixtures."""
 
-import gc
 import os
 
 # 8 fake CPU devices for the sharding tests. Backend optimisation level 0: the tests' models are
@@ -25,19 +24,6 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _release_compiled_programs():
-  """Drops JAX's compiled programs after each test module. A pytest worker otherwise keeps every
-  program it compiled: about 330 MiB more per heavy module (routing, lightning, dynamic_mask and
-  moh's tests: 661 to 1,679 MiB in one process; 712 to 1,101 MiB with this). At that rate two
-  workers of the whole suite would approach the CI machine's 24 GiB (an estimate, not measured),
-  and XLA's CPU compiler crashed twice in CI late in the run (a segfault in
-  backend_compile_and_load, each time in a test that passes alone)."""
-  yield
-  jax.clear_caches()
-  gc.collect()
 
 
 @pytest.fixture(scope="session")
