@@ -87,10 +87,6 @@ class Guard:
       # Reaches train.py's handler (or ours) in the main thread: the member checkpoints.
       os.kill(os.getpid(), signal.SIGTERM)
 
-  def out_of_time(self) -> bool:
-    return self.requested is not None or (self.deadline is not None
-                                          and time.monotonic() >= self.deadline)
-
   def may_not_start(self) -> bool:
     """No member starts after the deadline, nor within ``start_margin_s`` of it."""
     return self.requested is not None or (
