@@ -13,17 +13,19 @@
 #   those (their kernels changed since they passed) and trusts the others; VMAPPED_TEST= (empty)
 #   tests none.
 # Memory: the LM sweep takes 0.4 of the card, the Zoology workers 0.5 together.
-# Time: no member starts in the last START_MARGIN seconds (default 90: a group's compilation);
-# a member in training when SECONDS run out checkpoints at its next step. Whatever still runs
-# GRACE seconds (default 40) after SECONDS gets SIGTERM (it checkpoints), and SIGKILL 20 s later,
-# so the archive of the runs is written a few seconds after SECONDS + GRACE + 20: 520 fits a
-# 600-second call.
-# (A call that ran past its limit once lost a whole call's runs: the archive was never written.)
+# Time: no member starts in the last START_MARGIN seconds of SECONDS (default 90: a group's
+# compilation); a member in training when SECONDS run out goes on for GRACE seconds more
+# (default 40), then checkpoints at its next step: a group a few steps from its end finishes
+# instead of being lost with the machine. Whatever still runs 15 s after that gets SIGTERM,
+# and SIGKILL 20 s later, so the archive of the runs is written a few seconds after
+# SECONDS + GRACE + 35: 500 fits a 600-second call.
+# (A call that ran past its limit once lost a whole call's runs: the archive was never written;
+# and groups stopped at SECONDS once lost their last few hundred steps, call 10 of the LM record.)
 # On a CPU (a dry run) compilation makes it minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ] || ! [[ "$1" =~ ^[0-9]+$ ]]; then
-  echo "error: usage: $0 SECONDS [LM_FAMILIES] [ZOOLOGY_FAMILIES] (e.g. 540)" >&2
+  echo "error: usage: $0 SECONDS [LM_FAMILIES] [ZOOLOGY_FAMILIES] (e.g. 500)" >&2
   exit 2
 fi
 start=$(date +%s)
@@ -65,17 +67,19 @@ signal_sweeps() {  # SIGNAL: to every compare.py sweep process (found in /proc: 
 
 left=$(( $1 - ($(date +%s) - start) ))
 margin=${START_MARGIN:-90} grace=${GRACE:-40}
+# The sweeps' own budget runs GRACE past SECONDS, their start margin as much before it.
+budget=$(( left + grace )) start_margin=$(( margin + grace ))
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 python compare.py --sweep configs/sweeps/lm_gpu.py \
-  --workdir runs/lm_gpu --variants "$lm_families" --budget_s "$left" --out /tmp/lm_report \
-  --start_margin_s "$margin" ${failing:+--one_by_one "$failing"} > "$out/lm_gpu.log" 2>&1 &
-MEM_SHARE=0.5 WORKERS=3 LOGS=/tmp/zoology_logs ONE_BY_ONE=$failing START_MARGIN=$margin \
-  bash benchmarks/zoology_fig2_parallel.sh "$left" 64,128,256,512 \
+  --workdir runs/lm_gpu --variants "$lm_families" --budget_s "$budget" --out /tmp/lm_report \
+  --start_margin_s "$start_margin" ${failing:+--one_by_one "$failing"} > "$out/lm_gpu.log" 2>&1 &
+MEM_SHARE=0.5 WORKERS=3 LOGS=/tmp/zoology_logs ONE_BY_ONE=$failing START_MARGIN=$start_margin \
+  bash benchmarks/zoology_fig2_parallel.sh "$budget" 64,128,256,512 \
   T256_kv16,T128_kv8,T64_kv4 "$zoology_families" &
 sweeps=$(jobs -p | paste -sd' ')
 # The watchdog holds no output pipe and leaves no sleep behind when it is stopped: a call whose
 # command is done must not wait on it.
 ( trap 'kill "$pause" 2>/dev/null; exit 0' TERM
-  sleep $(( left + grace )) & pause=$!; wait "$pause"; signal_sweeps TERM
+  sleep $(( budget + 15 )) & pause=$!; wait "$pause"; signal_sweeps TERM
   sleep 20 & pause=$!; wait "$pause"; signal_sweeps KILL ) > /dev/null 2>&1 &
 watchdog=$!
 wait $sweeps
