@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Zoology's Figure 2 grid (configs/sweeps/zoology_fig2.py) on one GPU, several compare.py
 # processes sharing it: a 2-layer model of width <= 256 leaves an H100 mostly idle (about 4 ms a
-# step whatever the width), so WORKERS processes (default 3) train at once, the families dealt
-# out among them. Each worker runs the sweep's groups in the order given, for each group its
-# families' variants at the widths given, and stops cleanly (checkpoint, report) when SECONDS
-# run out; run it again to resume. The workers never share a member, so their workdirs never
-# collide; the report of everything finished is then
+# step whatever the width), so WORKERS processes (default 3) train at once. The work is cut into
+# units, one family's variants (at the widths given) in one group, taken group by group in the
+# order given and dealt out to the workers in turn; each worker runs its units in order and
+# stops cleanly (checkpoint, report) when SECONDS run out; run it again to resume. (Dealing
+# whole families once left a worker idle when two families were left, and one family's groups
+# queued behind each other.) The workers never share a member, so their workdirs never collide;
+# the report of everything finished is then
 #
 #   python compare.py --sweep configs/sweeps/zoology_fig2.py --workdir runs/zoology_fig2 \
 #       --report_only --out docs/results/zoology_fig2
@@ -47,24 +49,29 @@ share = float('$mem_share')
 assert 0 < share <= 1, share
 print(round(share / $workers, 3))" 2>/dev/null) || { echo "error: MEM_SHARE must be in (0, 1], got '$mem_share'" >&2; exit 2; }
 
-run_worker() {  # FAMILY...: for each group, these families' variants at the widths given
-  local variants
-  variants=$(for family in "$@"; do echo "$widths" | tr , '\n' | sed "s/^/${family}_d/"; done \
-    | paste -sd,)
-  for group in ${groups//,/ }; do
-    local left=$(( deadline - $(date +%s) ))
+run_worker() {  # WORKER GROUP:FAMILY...: each unit's variants at the widths given, in order
+  local worker=$1 unit group family variants left
+  shift
+  for unit in "$@"; do
+    group=${unit%%:*} family=${unit#*:}
+    variants=$(echo "$widths" | tr , '\n' | sed "s/^/${family}_d/" | paste -sd,)
+    left=$(( deadline - $(date +%s) ))
     [ "$left" -lt $(( 30 + ${START_MARGIN:-0} )) ] && break
     python compare.py --sweep configs/sweeps/zoology_fig2.py --workdir runs/zoology_fig2 \
-      --groups "$group" --variants "$variants" --budget_s "$left" --out "/tmp/zoology_report_$1" \
-      --start_margin_s "${START_MARGIN:-0}" ${ONE_BY_ONE:+--one_by_one "$ONE_BY_ONE"}
+      --groups "$group" --variants "$variants" --budget_s "$left" \
+      --out "/tmp/zoology_report_$worker" --start_margin_s "${START_MARGIN:-0}" \
+      ${ONE_BY_ONE:+--one_by_one "$ONE_BY_ONE"}
   done
 }
 
-read -r -a all <<< "${families//,/ }"
-for (( w = 0; w < workers && w < ${#all[@]}; w++ )); do
+units=()
+for group in ${groups//,/ }; do
+  for family in ${families//,/ }; do units+=("$group:$family"); done
+done
+for (( w = 0; w < workers && w < ${#units[@]}; w++ )); do
   mine=()
-  for (( i = w; i < ${#all[@]}; i += workers )); do mine+=("${all[i]}"); done
-  run_worker "${mine[@]}" > "$logs/worker$w.log" 2>&1 &
+  for (( i = w; i < ${#units[@]}; i += workers )); do mine+=("${units[i]}"); done
+  run_worker "$w" "${mine[@]}" > "$logs/worker$w.log" 2>&1 &
 done
 wait
 grep -h "done in\|trained in\|FAILED\|stopped:" "$logs"/worker*.log
