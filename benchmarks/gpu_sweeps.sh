@@ -20,7 +20,7 @@
 # and SIGKILL 20 s later, so the archive of the runs is written a few seconds after
 # SECONDS + GRACE + 35: 500 fits a 600-second call.
 # (A call that ran past its limit once lost a whole call's runs: the archive was never written;
-# and groups stopped at SECONDS once lost their last few hundred steps, call 10 of the LM record.)
+# and groups stopped at SECONDS once lost their last few hundred steps: the LM record, call 9.)
 # On a CPU (a dry run) compilation makes it minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
