@@ -268,6 +268,36 @@ def test_curves_tell_a_familys_widths_apart_by_line_style():
   assert plots.variant_styles(variants[::2]) == {}
 
 
+def test_legends_beside_the_panels_are_in_the_image_and_clear_of_the_next_panel(tmp_path):
+  """With several widths per family both legends sit beside each panel: the first panel's must
+  not cover the second panel's axis label, and the last panel's must be inside the saved image
+  (Zoology's validation curves once cut the last legend off and covered the labels)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from PIL import Image
+  variants = {f"T{t}": [fake_result(f"T{t}", family, 1000 * w, w, [0.9], variant=f"{family}_d{w}",
+                                    d_model=w, seq_len=t)
+                        for family in ("mha", "dynamic_mask") for w in (64, 128)]
+              for t in (64, 256)}
+  fig = plots.validation_curves(plt, variants)
+  path = tmp_path / "curves.png"
+  plots.save(fig, str(path), dpi=100)
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+
+  def legends(ax):
+    return [a for a in ax.get_children() if isinstance(a, matplotlib.legend.Legend)]
+  first, second = fig.axes
+  assert len(legends(first)) == len(legends(second)) == 2
+  label_left = second.yaxis.get_tightbbox(renderer).x0
+  assert all(legend.get_window_extent(renderer).x1 < label_left for legend in legends(first))
+  image_left = min(ax.get_tightbbox(renderer).x0 for ax in fig.axes)
+  rightmost = max(legend.get_window_extent(renderer).x1 for legend in legends(second))
+  assert Image.open(path).size[0] >= rightmost - image_left
+  plt.close(fig)
+
+
 def test_members_at_step_zero_are_counted_per_variant_not_listed_one_by_one():
   """A large grid's not yet started points are counted per group and variant; members that
   reached a step keep their own line (with the step and workdir)."""

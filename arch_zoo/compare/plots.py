@@ -160,14 +160,32 @@ def plot(results: dict[str, list[VariantResult]], out_dir: str) -> None:
              "metric_vs_width.png": lambda f, g: metric_vs(f, g, "width"),
              "metric_vs_state.png": lambda f, g: metric_vs(f, g, "state")}[name]
     fig = maker(plt, groups)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
     plt.close(fig)
 
 
 def panels(plt, count: int):
   fig, axes = plt.subplots(1, count, figsize=(5.4 * count, 4.2), squeeze=False)
   return fig, list(axes[0])
+
+
+def save(fig, path: str, dpi: int = 120) -> None:
+  lay_out(fig)
+  # "tight" takes in the legends beside the last panel, which the figure's width leaves out;
+  # a legend added as an artist (the first of two) only when named.
+  fig.savefig(path, dpi=dpi, bbox_inches="tight",
+              bbox_extra_artists=[artist for ax in fig.axes for artist in ax.artists])
+
+
+def lay_out(fig) -> None:
+  """Spaces the panels; where ``family_legend`` put two legends beside each panel, wider gaps
+  for them, which tight_layout does not count (one panel's legends covered the next panel's
+  axis label)."""
+  from matplotlib.legend import Legend
+  fig.tight_layout()
+  if any(isinstance(artist, Legend) for ax in fig.axes for artist in ax.artists):
+    fig.set_figwidth(fig.get_figwidth() * 1.3)
+    fig.subplots_adjust(wspace=0.55)
 
 
 def loss_curves(plt, groups: dict[str, list[VariantResult]]):
