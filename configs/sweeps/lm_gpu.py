@@ -1,6 +1,6 @@
 r"""The language-model comparison on one GPU: the six attention families at ~30M parameters,
 matched in parameters, on the offline corpora (Jane Austen's novels and the King James Bible by
-chapter) with a BPE tokenizer and packed documents; three learning rates and three seeds each.
+chapter) with a BPE tokenizer and packed documents; four learning rates and three seeds each.
 
 Set-up, once, on a machine with the prepared datasets (`make data`), then carry ``.data`` to the
 GPU machine (it is git-ignored; about 9 MB):
