@@ -245,6 +245,32 @@ def test_a_grid_of_lengths_and_widths_gets_one_panel_per_length(tmp_path):
 
 
 
+def test_families_matched_at_one_size_stand_side_by_side_not_on_top_of_each_other():
+  """The LM comparison matches every family to ~29.4M parameters at one width: a cost axis would
+  draw all six points on one vertical line, hiding one another. Each family gets its own place,
+  named on the axis, and the shared cost is in the axis label; with several sizes (Zoology's
+  widths) the cost stays the axis."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  families = ("mha", "moh", "lightning")
+  one_size = {"lm": [fake_result("lm", f, 29_368_832 + i, 1000 * (i + 1), [1.5 + i / 100] * 3,
+                                 d_model=512) for i, f in enumerate(families)]}
+  for cost in ("params", "width"):
+    fig = plots.metric_vs(plt, one_size, cost)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(families)
+    drawn_x = [line.get_xdata()[0] for line in ax.get_lines() if len(line.get_xdata()) == 1
+               and line.get_marker() not in ("_", "")]
+    assert sorted(drawn_x) == [0, 1, 2]
+    assert ("29.4M" if cost == "params" else "512") in ax.get_xlabel()
+    plt.close(fig)
+  # The state differs by family (1,000 to 3,000 elements): a real axis.
+  fig = plots.metric_vs(plt, one_size, "state")
+  assert "family" not in fig.axes[0].get_xlabel()
+  plt.close(fig)
+
+
 def test_curves_tell_a_familys_widths_apart_by_line_style():
   """Zoology's grid puts every width of every family in one validation panel: a family's
   variants share its colour and differ by line style, the same style for the same width in

@@ -12,7 +12,8 @@
 
 The four ``metric_vs`` plots have one panel per task and training length (Zoology's panels: one
 per sequence length), one line per family through its points (its widths, when the sweep has
-them).
+them); where every family is one point at the same cost (a comparison at one size), the families
+stand side by side instead, named on the axis.
 
 Each family keeps one colour in every plot (``family_color``: a fixed map, not the sweep's order);
 in the curves a family's several variants (its widths) differ by line style, the n-th variant of
@@ -276,34 +277,46 @@ def metric_vs(plt, groups: dict[str, list[VariantResult]], cost: str):
         continue
       families.setdefault(variant.attention, []).append(
           (x, mean, variant.interval(metric), len(variant.runs)))
-    xs, ys = [], []
-    for family, points in families.items():
+    xs = [p[0] for points in families.values() for p in points]
+    # A comparison at one size (matched parameters, one width): every family is one point at
+    # nearly the same cost, drawn on top of each other. Side by side instead, named on the axis.
+    side_by_side = (len(families) > 1 and all(len(p) == 1 for p in families.values())
+                    and max(xs) <= 1.02 * min(xs))
+    ys = []
+    for i, (family, points) in enumerate(families.items()):
       points.sort()
       color = family_color(family)
       px, py, pe, _ = zip(*points)
-      ax.errorbar(px, py, yerr=[e or 0.0 for e in pe], color=color, marker=family_marker(family),
-                  markersize=6, capsize=4, linewidth=1.3 if len(points) > 1 else 0,
-                  elinewidth=1.2)
-      xs += px
+      ax.errorbar([i] if side_by_side else px, py, yerr=[e or 0.0 for e in pe], color=color,
+                  marker=family_marker(family), markersize=6, capsize=4,
+                  linewidth=1.3 if len(points) > 1 else 0, elinewidth=1.2)
       ys += [y + s * (e or 0.0) for y, e in zip(py, pe) for s in (-1, 1)]
     seeds = sorted({p[3] for points in families.values() for p in points})
     where = f" at length {seq_len}" if lengths_per_task[task] > 1 else ""
     ax.set_title(f"{task}{where}: {metric.label} vs {cost} "
                  f"({'lower' if metric.lower_is_better else 'higher'} is better)", fontsize=10)
-    ax.set_xlabel(label)
     ax.set_ylabel(metric.label + f"\n(error bars: 95% interval, {'/'.join(map(str, seeds))} "
                   f"seed{'s' if seeds != [1] else ''})")
-    if cost == "width":  # powers of two, each width a tick
-      from matplotlib.ticker import FixedLocator
-      ax.set_xscale("log", base=2)
-      ax.xaxis.set_major_locator(FixedLocator(sorted(set(xs))))
-    elif log:
-      from matplotlib.ticker import LogLocator
-      ax.set_xscale("log")
-      ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    pad_limits(ax, xs, "x", log=log)
+    if side_by_side:
+      ax.set_xticks(range(len(families)), list(families), rotation=20, fontsize=8)
+      ax.set_xlim(-0.6, len(families) - 0.4)
+      low, high = plain_number(min(xs)), plain_number(max(xs))
+      spread = low if low == high else f"{low} to {high}"
+      ax.set_xlabel(f"family (each at {spread}: {label.removesuffix(', log scale)')
+                                                     .replace(' (', ', ')})", fontsize=9)
+    else:
+      ax.set_xlabel(label)
+      if cost == "width":  # powers of two, each width a tick
+        from matplotlib.ticker import FixedLocator
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(sorted(set(xs))))
+      elif log:
+        from matplotlib.ticker import LogLocator
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+      pad_limits(ax, xs, "x", log=log)
     pad_limits(ax, ys, "y", bounds=(0.0, 1.0) if is_fraction(metric) else None)
-    plain_axes(ax)
+    plain_axes(ax, x=not side_by_side)
     ax.grid(alpha=0.3)
     family_legend(ax, list(families))
   return fig
