@@ -341,3 +341,19 @@ def test_members_at_step_zero_are_counted_per_variant_not_listed_one_by_one():
   assert "| T64 | mha_d64 | 0.1 | 0 | 40 | 100 | `runs/mha_d64/lr0.1` |" in text
   assert "- T64: 4 members: mha_d64 (1), masa_d64 (3)" in text
   assert "runs/masa_d64" not in text and "runs/mha_d64/lr0.01" not in text
+
+
+def test_a_table_whose_throughputs_mix_conditions_says_so():
+  """The LM sweep's `mha` trained alone on an idle H100, others six to a program, some on an
+  H200: the tokens/s column then compares nothing, and the report says so under the table."""
+  from arch_zoo.compare import report
+  alone, grouped = (fake_result("lm", f, 1000, 10, [0.5]) for f in ("mha", "moh"))
+  for result, device, together in ((alone, "NVIDIA H100 80GB HBM3", 1),
+                                   (grouped, "NVIDIA H200", 6)):
+    for run in result.runs:
+      run.update(device=device, trained_with=together)
+  note = report.throughput_conditions_note([alone, grouped])
+  assert "NVIDIA H100 80GB HBM3, NVIDIA H200" in note and "1, 6" in note
+  for run in grouped.runs:
+    run.update(device="NVIDIA H100 80GB HBM3", trained_with=1)
+  assert report.throughput_conditions_note([alone, grouped]) is None

@@ -114,6 +114,10 @@ def collect(root: str, member: dict) -> dict[str, Any] | None:
       # Ended by its train.stop_when rule (the same rule for every member of the group): a
       # finished member, its point decided, not one cut short.
       "stopped_early": final.get("stopped_early"),
+      # The conditions its throughput was measured under: which GPU, and how many members
+      # shared its program (each reports the program's rate).
+      "device": info.get("devices", {}).get("kind"),
+      "trained_with": final.get("trained_with", 1),
   }
 
 

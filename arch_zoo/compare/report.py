@@ -240,6 +240,9 @@ def group_lines(group: dict, variants: list[VariantResult], chosen: list[Variant
              "<br>".join(f"`{r['workdir']}`" for r in result.runs)]
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")
+  note = throughput_conditions_note(chosen)
+  if note:
+    lines += [note, ""]
   if grid and selection is not None:
     lines += grid_lines(variants, chosen, selection)
   for result in variants:
@@ -252,6 +255,21 @@ def group_lines(group: dict, variants: list[VariantResult], chosen: list[Variant
                        "seeds_planned": len(result.diverged) + len(result.missing),
                        "diverged_seeds": len(result.diverged)})
   return lines
+
+
+def throughput_conditions_note(chosen: list[VariantResult]) -> str | None:
+  """A warning under a table whose throughputs were measured under different conditions (GPU
+  kinds, or how many members shared a program), which no reader can see in the column itself."""
+  runs = [run for result in chosen for run in result.runs]
+  devices = sorted({str(run.get("device")) for run in runs})
+  together = sorted({int(run.get("trained_with") or 1) for run in runs})
+  if len(devices) < 2 and len(together) < 2:
+    return None
+  return ("The throughput column mixes conditions and does not compare these rows: devices "
+          + ", ".join(devices) + "; members trained together in one program: "
+          + ", ".join(map(str, together)) + " (each member reports its program's rate). "
+          "Compare speeds only between runs of one device and one grouping, or measure them "
+          "apart.")
 
 
 def seeds_text(result: VariantResult) -> str:
