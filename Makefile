@@ -44,7 +44,8 @@ demo-vit: data
 # Test workers (pytest-xdist processes); tests/conftest.py sets the XLA flags (8 fake devices).
 TEST_WORKERS ?= 2
 # A test whose worker process dies runs once more on a fresh worker: XLA's CPU compiler has
-# segfaulted in 3 of 8 CI runs (2026-12-07), in a different test each time, each passing alone.
+# segfaulted in 3 of 8 CI runs (2026-12-07), in a different test each time, each passing in the
+# next run.
 # A test that fails runs once only: '(?!)' matches no error message, so --only-rerun lets no
 # failure through to a rerun, and pytest-rerunfailures' crash path does not consult it. The
 # summary line counts the reruns, and the crash stays in the log.
