@@ -62,6 +62,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+# Masked loads and stores (the list kernel's scatter): jax 0.11 keeps them in the Triton module.
+from jax.experimental.pallas import triton as pl_triton
 
 F32 = jnp.float32
 HIGHEST = lax.Precision.HIGHEST
@@ -97,6 +99,9 @@ class KernelConfig:
   group_heads: bool = False
   # The forward and dQ issue the next key tile's gathers before computing the current one.
   prefetch: bool = False
+  # On a GPU the forward's key lists come from a Pallas kernel (each query block scans the keys
+  # and compacts its members) instead of XLA's enumeration and sort of every membership.
+  list_kernel: bool = True
   interpret: bool = False  # run the kernels through the Pallas interpreter (any backend)
 
   def for_dkv(self) -> "KernelConfig":
@@ -378,6 +383,81 @@ def query_lists(start, end, *, block_q: int, capacity: int):
   return _per_row(write_lists, *pairs)
 
 
+def _lists_kernel(start_ref, end_ref, out_ref, *, block_q: int, capacity: int, causal: bool,
+                  chunk: int):
+  """One query block's list (one row): the keys, a chunk at a time, whose interval meets the
+  block, compacted by an exclusive prefix sum of the membership and stored after the running
+  count, so the list comes out in key order with no sort and no traffic between programs."""
+  length = start_ref.shape[0]
+  width = 1 + capacity  # not a power of two: every store is masked into [0, width)
+  lo = pl.program_id(0) * block_q
+  hi = lo + block_q
+  # Causally a key is kept from its own position on, so keys after the block meet none of it.
+  scan_end = jnp.minimum(hi, length) if causal else length
+  lane = lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+
+  def scan(n, count):
+    offset = n * chunk
+    position = offset + lane
+    inside = position < scan_end  # the last chunk may run past the scan (and past the row)
+    start = pl_triton.load(start_ref.at[pl.ds(offset, chunk)], mask=inside, other=0)
+    end = pl_triton.load(end_ref.at[pl.ds(offset, chunk)], mask=inside, other=0)
+    member = inside & (end > start) & (start < hi) & (end > lo)
+    counted = member.astype(jnp.int32)
+    before = jnp.cumsum(counted) - counted
+    slot = count + before
+    store = member & (slot < capacity)
+    # Lanes that store nothing get an index past the row: the interpreter's scatter drops it,
+    # where it could otherwise land on a member's slot (duplicate indices, undefined order).
+    index = jnp.where(store, 1 + slot, width)
+    pl_triton.store(out_ref.at[index], position, mask=store)
+    return count + jnp.sum(counted)
+
+  num_chunks = lax.div(scan_end + chunk - 1, chunk)
+  count = lax.fori_loop(0, num_chunks, scan, jnp.int32(0))
+  out_ref[0] = count
+
+  # Zeros after the count only, never over a member's slot: two stores to one address from
+  # different warps have no order without a barrier.
+  def zeros(n, carry):
+    slot = n * chunk + lane
+    pl_triton.store(out_ref.at[pl.ds(n * chunk, chunk)], jnp.zeros((chunk,), jnp.int32),
+                    mask=(slot > count) & (slot < width))
+    return carry
+
+  lax.fori_loop(lax.div(count + 1, chunk), pl.cdiv(width, chunk), zeros, 0)
+
+
+def query_lists_pallas(start, end, *, block_q: int, capacity: int, causal: bool,
+                       chunk: int = 1024, num_warps: int | None = None,
+                       interpret: bool = False):
+  """``query_lists(start, end, block_q=block_q, capacity=capacity)`` by one Pallas call, grid
+  ``(nQ, B * G)``. ``causal``: every key that any query keeps has ``start_j = j`` (the causal
+  intervals of ``key_intervals``), so a block scans only the keys up to its end. ``chunk``: keys
+  per loop step (a power of two); ``num_warps``: Triton's (None: its default, 4)."""
+  if chunk & (chunk - 1) or chunk <= 0:
+    raise ValueError(f"chunk {chunk} is not a power of two (Triton tensor sizes)")
+  b, g, length = start.shape
+  if length % block_q:
+    raise ValueError(f"length {length} is not a multiple of block_q {block_q}")
+  rows = b * g
+  num_blocks = length // block_q
+  width = 1 + capacity
+  row = pl.BlockSpec((None, length), lambda i, r: (r, 0))
+  lists = pl.pallas_call(
+      functools.partial(_lists_kernel, block_q=block_q, capacity=capacity, causal=causal,
+                        chunk=chunk),
+      out_shape=jax.ShapeDtypeStruct((rows, num_blocks, width), jnp.int32),
+      grid=(num_blocks, rows),
+      in_specs=[row, row],
+      out_specs=pl.BlockSpec((None, None, width), lambda i, r: (r, i, 0)),
+      compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=num_warps),
+      interpret=interpret,
+      name="dynamic_mask_query_lists",
+  )(start.reshape(rows, length).astype(jnp.int32), end.reshape(rows, length).astype(jnp.int32))
+  return lists.reshape(b, g, num_blocks, width)
+
+
 def key_tiles(start, end, *, block_q: int, block_k: int, end_bucket: int):
   """``(order [B, G, L], tiles [B, G, L / block_k, 2])``: the keys in tile order (sorted by the
   bucket of their interval's end, then by position, keys no query keeps last, cut into tiles that
@@ -576,8 +656,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, order
 def _compiler_params(cfg: KernelConfig):
   if cfg.interpret:
     return None
-  from jax.experimental.pallas import triton as pl_triton
-
   return pl_triton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -746,8 +824,12 @@ def selection_plan(score, *, causal: bool, keep_window: int, tie_break: str = "r
   tau = thresholds(rank, keep_window, causal=causal, first=first, end=doc_end, seq_len=s)
   start, end = key_intervals(rank, tau, first=first, end=doc_end, seq_len=s,
                              keep_window=keep_window, causal=causal)
-  q_lists = query_lists(start, end, block_q=cfg.block_q,
-                        capacity=query_list_capacity(length, keep_window, cfg))
+  capacity = query_list_capacity(length, keep_window, cfg)
+  if cfg.list_kernel and not cfg.interpret and jax.default_backend() == "gpu":
+    q_lists = query_lists_pallas(start, end, block_q=cfg.block_q, capacity=capacity,
+                                 causal=causal)
+  else:
+    q_lists = query_lists(start, end, block_q=cfg.block_q, capacity=capacity)
   dkv = cfg.for_dkv()
   order, tiles = key_tiles(start, end, block_q=dkv.block_q, block_k=dkv.block_k,
                            end_bucket=cfg.end_bucket or max(1, keep_window // 2))
@@ -820,5 +902,6 @@ def dynamic_mask_attention(q, k, v, bias, score, *, causal: bool, keep_window: i
 
 
 __all__ = ["DEFAULT_CONFIG", "KernelConfig", "document_bounds", "dynamic_mask_attention",
-           "key_intervals", "key_tiles", "query_lists", "range_order_statistic", "selection_plan",
-           "selection_ranks", "thresholds", "unsupported_reason", "work_fraction"]
+           "key_intervals", "key_tiles", "query_lists", "query_lists_pallas",
+           "range_order_statistic", "selection_plan", "selection_ranks", "thresholds",
+           "unsupported_reason", "work_fraction"]
