@@ -3,7 +3,7 @@ one process on one device: which tiling each pass runs fastest at, the op's inpu
 ``bench_dmask.py --sides op:pallas`` builds them (the paper's 1.7B shape, w = 2048, random
 scores, bf16; batch = 32K tokens / T).
 
-    python benchmarks/dmask_pass_sweep.py --seq_lens 32768,8192 --budget_s 300 \
+    python benchmarks/dmask_pass_sweep.py --seq_lens 32768 --budget_s 300 \
         --out benchmarks/results/dmask_pass_sweep_h100.json
     python benchmarks/dmask_pass_sweep.py --interpret --seq_lens 256 --tokens_per_step 512 \
         --keep_window 64 --d_model 256 --heads 4 --kv_heads 2 \
@@ -32,13 +32,13 @@ from benchmarks import bench_dmask, common  # noqa: E402
 # per pass (docs/attention/dynamic_mask.md has the layer-level sweeps).
 TILINGS = (
     "block_q=128,block_k=32",
-    "block_q=128,block_k=32,num_warps=8,dkv_block_q=64,dkv_block_k=64",
-    "block_q=128,block_k=64,num_warps=8,dkv_block_q=64,dkv_block_k=64,dkv_num_warps=8",
-    "block_q=64,block_k=32,dkv_block_q=128,dkv_block_k=64,dkv_num_warps=8",
-    "block_q=64,block_k=64,dkv_block_q=64,dkv_block_k=32",
-    "block_q=128,block_k=16,dkv_block_q=32,dkv_block_k=64",
-    "block_q=128,block_k=32,num_stages=3,dkv_block_q=64,dkv_block_k=128,dkv_num_warps=8",
-    "block_q=256,block_k=32,num_warps=8,dkv_block_q=128,dkv_block_k=32,dkv_num_warps=8",
+    "block_q=128,block_k=32,num_warps=8,group_heads=1,dkv_block_q=64,dkv_block_k=64",
+    "block_q=128,block_k=32,num_warps=8,dkv_block_q=64,dkv_block_k=64,dkv_num_warps=8",
+    "block_q=256,block_k=32,num_warps=8,dkv_block_q=128,dkv_block_k=64,dkv_num_warps=8",
+    "block_q=128,block_k=64,num_warps=8,dkv_block_q=64,dkv_block_k=32",
+    "block_q=64,block_k=32,dkv_block_q=32,dkv_block_k=64",
+    "block_q=128,block_k=16,dkv_block_q=64,dkv_block_k=128,dkv_num_warps=8",
+    "block_q=128,block_k=32,num_stages=3,dkv_block_q=128,dkv_block_k=32,dkv_num_warps=8",
 )
 
 
@@ -48,7 +48,7 @@ def parse_tiling(text: str) -> dict[str, int]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--seq_lens", default="32768,8192")
+  parser.add_argument("--seq_lens", default="32768")
   parser.add_argument("--tilings", default=";".join(TILINGS),
                       help="';'-separated KernelConfig fields, e.g. block_q=128,block_k=32")
   parser.add_argument("--tokens_per_step", type=int, default=32768)
