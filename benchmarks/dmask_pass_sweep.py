@@ -13,13 +13,15 @@ A tiling sets the forward's and dQ's fields (``block_q``, ``block_k``, ``num_war
 ``num_stages``) and the dK/dV pass's own (``dkv_*``) at once, so each entry of ``--tilings``
 tries one of each; the selection is recomputed for it (its lists depend on the tiles). A tiling
 that does not compile (too much shared memory, say) is recorded with its error. The JSON is
-rewritten after every tiling; no tiling starts once ``--budget_s`` is spent.
+rewritten after every tiling; no tiling starts once ``--budget_s`` is spent. ``--best RECORD``
+prints the tiling that joins the record's fastest forward + dQ to its fastest dK/dV pass.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -46,6 +48,29 @@ def parse_tiling(text: str) -> dict[str, int]:
   return {key: int(value) for key, value in (item.split("=") for item in text.split(","))}
 
 
+FORWARD_FIELDS = ("block_q", "block_k", "num_warps", "num_stages", "group_heads", "prefetch")
+DKV_FIELDS = ("block_q", "block_k", "num_warps", "num_stages")
+
+
+def best_tiling(record: dict) -> str:
+  """The tiling made of the fastest forward + dQ of a sweep's record (its forward fields) and
+  its fastest dK/dV pass (that tiling's dK/dV fields), at the record's longest length."""
+  from arch_zoo.attention.ops import dynamic_mask_pallas as dmp
+
+  timed = [row for row in record["rows"] if "passes_s" in row]
+  if not timed:
+    raise ValueError("the record holds no timed tiling")
+  longest = max(row["seq_len"] for row in timed)
+  timed = [row for row in timed if row["seq_len"] == longest]
+  forward = min(timed, key=lambda row: row["passes_s"]["forward"] + row["passes_s"]["dq"])
+  dkv = min(timed, key=lambda row: row["passes_s"]["dkv"])
+  forward_cfg = dmp.KernelConfig(**parse_tiling(forward["tiling"]))
+  dkv_cfg = dmp.KernelConfig(**parse_tiling(dkv["tiling"])).for_dkv()
+  fields = [f"{name}={int(getattr(forward_cfg, name))}" for name in FORWARD_FIELDS]
+  fields += [f"dkv_{name}={getattr(dkv_cfg, name)}" for name in DKV_FIELDS]
+  return ",".join(fields)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--seq_lens", default="32768")
@@ -60,7 +85,16 @@ def main() -> None:
   parser.add_argument("--out", default="/tmp/dmask_pass_sweep.json")
   parser.add_argument("--interpret", action="store_true",
                       help="the kernels through Pallas' interpreter (a CPU check of the script)")
+  parser.add_argument("--best", default=None, metavar="RECORD",
+                      help="print the tiling of a sweep's fastest forward + dQ and fastest "
+                           "dK/dV (at its longest length) and exit")
   args = parser.parse_args()
+  if args.best:
+    try:
+      print(best_tiling(json.load(open(args.best))))
+    except (OSError, ValueError, KeyError) as err:
+      sys.exit(f"error: --best {args.best}: {err}")
+    return
   start = time.perf_counter()
 
   import jax

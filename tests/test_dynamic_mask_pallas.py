@@ -11,6 +11,7 @@ bidirectional, GQA ratios 1, 2 and 4, ties in both orders. The ``gpu`` tests com
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -409,6 +410,11 @@ GPU_TILES = {"default": {}, "q64_k64": dict(block_q=64, block_k=64),
              "q128_k32_dkv64x64": dict(block_q=128, block_k=32, dkv_block_q=64, dkv_block_k=64),
              "q64_k32_grouped": dict(block_q=64, block_k=32, group_heads=True),
              "q128_k32_prefetch": dict(block_q=128, block_k=32, prefetch=True)}
+# One more tiling to check on a device without editing this file (benchmarks/dmask_pass_sweep.py
+# --best prints one): DMASK_GPU_TILES="block_q=128,block_k=32,dkv_block_q=64" and -k env.
+if os.environ.get("DMASK_GPU_TILES"):
+  GPU_TILES["env"] = {key: int(value) for key, value in
+                      (item.split("=") for item in os.environ["DMASK_GPU_TILES"].split(","))}
 
 
 @pytest.fixture(params=list(GPU_TILES))
