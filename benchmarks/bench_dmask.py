@@ -197,8 +197,13 @@ def selection_stages(score, keep_window: int) -> dict:
                                                end=end, seq_len=s))
   intervals = jax.jit(lambda rank, tau: dmp.key_intervals(
       rank, tau, first=first, end=end, seq_len=s, keep_window=keep_window, causal=True))
-  lists = jax.jit(lambda start, stop: dmp.query_lists(
-      start, stop, block_q=cfg.block_q, capacity=dmp.query_list_capacity(s, keep_window, cfg)))
+  capacity = dmp.query_list_capacity(s, keep_window, cfg)
+  xla_lists = jax.jit(lambda start, stop: dmp.query_lists(
+      start, stop, block_q=cfg.block_q, capacity=capacity))
+  kernel_lists = jax.jit(lambda start, stop: dmp.query_lists_pallas(
+      start, stop, block_q=cfg.block_q, capacity=capacity, causal=True))
+  # The lists as selection_plan builds them (the list kernel on a GPU), and the XLA form beside.
+  lists = kernel_lists if cfg.list_kernel and jax.default_backend() == "gpu" else xla_lists
   tiles = jax.jit(lambda start, stop: dmp.key_tiles(
       start, stop, block_q=dkv.block_q, block_k=dkv.block_k,
       end_bucket=cfg.end_bucket or max(1, keep_window // 2)))
@@ -209,6 +214,7 @@ def selection_stages(score, keep_window: int) -> dict:
           "thresholds": common.best_call_seconds(limits, rank),
           "key_intervals": common.best_call_seconds(intervals, rank, tau),
           "query_lists": common.best_call_seconds(lists, start, stop),
+          "query_lists_xla": common.best_call_seconds(xla_lists, start, stop),
           "key_tiles": common.best_call_seconds(tiles, start, stop)}
 
 

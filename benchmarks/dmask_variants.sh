@@ -4,17 +4,20 @@
 #      cuDNN `mha`, in one job;
 #   2. the op alone at 32K against the paper's Triton kernel (flash_dmattn) and dense cuDNN,
 #      with each Pallas pass's own time (kernel_passes_s);
-#   3. each variant of VARIANTS alone, the layer at the same lengths;
-#   4. the GPU tests of the kernels at the tilings of tests/test_dynamic_mask_pallas.py's
-#      GPU_TILES that TESTS selects (pytest -k).
+#   3. the GPU tests of the kernels at the tilings of tests/test_dynamic_mask_pallas.py's
+#      GPU_TILES that TESTS selects (pytest -k);
+#   4. with SWEEP_S > 0: each pass alone at the tilings of benchmarks/dmask_pass_sweep.py for up
+#      to SWEEP_S seconds, then the layer at the tiling that joins the fastest forward + dQ to
+#      the fastest dK/dV (at 32K and 8K), then the GPU tests at that tiling;
+#   5. each variant of VARIANTS alone, the layer at the same lengths.
 # No step starts after SECONDS; a cut measurement keeps what its JSON holds. Records and logs go
 # to $OUT (default /tmp/dmask_variants), named after the device (h100 or h200).
 #
 # Usage: benchmarks/dmask_variants.sh SECONDS
-#   BASE (default: the kernels' default tiling) and VARIANTS (space-separated --pallas_config
-#   values, default: the dK/dV pass at 64 x 64, 8 warps, the dK/dV pass at 128 x 64 with 8 warps;
-#   the variants of 2026-12-07 are in docs/attention/dynamic_mask.md) may be set in the
-#   environment.
+#   BASE (default: the kernels' default tiling), TESTS, SWEEP_S (default 0: no sweep) and
+#   VARIANTS (space-separated --pallas_config values, default: the dK/dV pass at 64 x 64,
+#   8 warps, the dK/dV pass at 128 x 64 with 8 warps; " " for none; the variants of 2026-12-07
+#   are in docs/attention/dynamic_mask.md) may be set in the environment.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ] || ! [[ "$1" =~ ^[0-9]+$ ]]; then
@@ -28,6 +31,7 @@ base=${BASE:-block_q=128,block_k=32}
 variants=${VARIANTS:-"$base,dkv_block_q=64,dkv_block_k=64 $base,num_warps=8 \
 $base,dkv_block_q=128,dkv_block_k=64,dkv_num_warps=8"}
 tests=${TESTS:-"default or dkv64x64"}
+sweep_s=${SWEEP_S:-0}
 case $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null) in
   *H200*) device=h200 ;; *H100*) device=h100 ;; *) device=other ;;
 esac
@@ -43,17 +47,32 @@ bench() {  # NAME ARGS...: one bench_dmask.py job, its summary lines printed
     --out "$out/dmask_${name}_$device.json" "$@" 2>&1 | grep "fwd+bwd\|rror\|^---"
 }
 
+gpu_tests() {  # LOG -k EXPRESSION [ENV...]: the kernels' GPU tests, if time is left
+  local log=$1 expression=$2 budget
+  shift 2
+  budget=$(left "$seconds")
+  if [ "$budget" -le 30 ]; then echo "skipped $log: no time left"; return; fi
+  env "$@" timeout "$budget" python -m pytest -m gpu -q -p no:cacheprovider \
+    tests/test_dynamic_mask_pallas.py -k "$expression" > "$out/$log" 2>&1
+  tail -n 3 "$out/$log"
+}
+
 bench "$(echo "$base" | tr =, _-)" --seq_lens 32768,8192 --sides mha,dynamic_mask:pallas \
   --pallas_config "$base"
 bench "ops_32k" --seq_lens 32768 --sides op:pallas,op:cudnn,flash_dmattn --pallas_config "$base"
+gpu_tests "gpu_tests_dmask_variants_$device.log" "$tests"
+if [ "$sweep_s" -gt 0 ] && [ "$(left "$seconds")" -gt $((sweep_s + 60)) ]; then
+  echo "== pass sweep"
+  timeout "$((sweep_s + 30))" python benchmarks/dmask_pass_sweep.py --budget_s "$sweep_s" \
+    --out "$out/dmask_pass_sweep_$device.json" 2>&1 | grep "^T="
+  if best=$(python benchmarks/dmask_pass_sweep.py --best "$out/dmask_pass_sweep_$device.json"); then
+    echo "best: $best"
+    bench best --seq_lens 32768,8192 --sides mha,dynamic_mask:pallas --pallas_config "$best"
+    gpu_tests "gpu_tests_dmask_best_$device.log" env "DMASK_GPU_TILES=$best"  # -k env
+  fi
+fi
 for variant in $variants; do
   bench "$(echo "$variant" | tr =, _-)" --seq_lens 32768,8192 --sides dynamic_mask:pallas \
     --pallas_config "$variant"
 done
-budget=$(left "$seconds")
-if [ "$budget" -gt 30 ]; then
-  timeout "$budget" python -m pytest -m gpu -q -p no:cacheprovider \
-    tests/test_dynamic_mask_pallas.py -k "$tests" > "$out/gpu_tests_dmask_variants_$device.log" 2>&1
-  tail -n 3 "$out/gpu_tests_dmask_variants_$device.log"
-fi
 echo "total $(( $(date +%s) - start )) s on $device"
