@@ -179,6 +179,15 @@ def selection_cost(graphdef, params, x, args) -> dict:
           "pallas_config": str(dynamic_mask_pallas.DEFAULT_CONFIG)}
 
 
+def seconds_or_error(fn, *args):
+  """``common.best_call_seconds``, or the error that stopped it (a kernel that does not compile
+  on this device), so that the other measurements of the record stand."""
+  try:
+    return common.best_call_seconds(fn, *args)
+  except Exception as err:  # noqa: BLE001 (any compile or launch failure is the result)
+    return f"error: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+
+
 def selection_stages(score, keep_window: int) -> dict:
   """Seconds of each stage of ``selection_plan`` (causal, one row per batch, no documents), each
   jitted alone on the previous stages' outputs: where the selection's time goes."""
@@ -202,8 +211,9 @@ def selection_stages(score, keep_window: int) -> dict:
       start, stop, block_q=cfg.block_q, capacity=capacity))
   kernel_lists = jax.jit(lambda start, stop: dmp.query_lists_pallas(
       start, stop, block_q=cfg.block_q, capacity=capacity, causal=True))
-  # The lists as selection_plan builds them (the list kernel on a GPU), and the XLA form beside.
-  lists = kernel_lists if cfg.list_kernel and jax.default_backend() == "gpu" else xla_lists
+  on_gpu = jax.default_backend() == "gpu"
+  # The lists as selection_plan builds them, and on a GPU both forms beside.
+  lists = kernel_lists if cfg.list_kernel and on_gpu else xla_lists
   tiles = jax.jit(lambda start, stop: dmp.key_tiles(
       start, stop, block_q=dkv.block_q, block_k=dkv.block_k,
       end_bucket=cfg.end_bucket or max(1, keep_window // 2)))
@@ -214,7 +224,9 @@ def selection_stages(score, keep_window: int) -> dict:
           "thresholds": common.best_call_seconds(limits, rank),
           "key_intervals": common.best_call_seconds(intervals, rank, tau),
           "query_lists": common.best_call_seconds(lists, start, stop),
-          "query_lists_xla": common.best_call_seconds(xla_lists, start, stop),
+          **({"query_lists_xla": common.best_call_seconds(xla_lists, start, stop),
+              "query_lists_kernel": seconds_or_error(kernel_lists, start, stop)}
+             if on_gpu else {}),
           "key_tiles": common.best_call_seconds(tiles, start, stop)}
 
 

@@ -409,7 +409,8 @@ GPU_TILES = {"default": {}, "q64_k64": dict(block_q=64, block_k=64),
                                         dkv_block_k=128),
              "q128_k32_dkv64x64": dict(block_q=128, block_k=32, dkv_block_q=64, dkv_block_k=64),
              "q64_k32_grouped": dict(block_q=64, block_k=32, group_heads=True),
-             "q128_k32_prefetch": dict(block_q=128, block_k=32, prefetch=True)}
+             "q128_k32_prefetch": dict(block_q=128, block_k=32, prefetch=True),
+             "q128_k32_list_kernel": dict(block_q=128, block_k=32, list_kernel=True)}
 # One more tiling to check on a device without editing this file (benchmarks/dmask_pass_sweep.py
 # --best prints one): DMASK_GPU_TILES="block_q=128,block_k=32,dkv_block_q=64" and -k env.
 if os.environ.get("DMASK_GPU_TILES"):
