@@ -17,8 +17,12 @@ attention's at the same tiles, forward (and dQ).
 The ratio of the two is the per-tile speed-up the contiguous layout must bring to win.
 
 ``--dkv_tiles 128x32,32x128`` prints instead the dK/dV pass's work (``work_fraction``'s ``dkv``)
-at each of its own tilings (``dkv_block_q x dkv_block_k``), the forward's tiles those of the first
-of ``--tiles``.
+at each of its own tilings (``dkv_block_q x dkv_block_k``) and each interval-end bucket of
+``--end_buckets`` (0: the default, ``w / 2``), the forward's tiles those of the first of
+``--tiles``, beside the kept pairs themselves over the same dense tiles' area (the least any
+tiling could compute):
+
+    python benchmarks/dmask_layouts.py --dkv_tiles 128x32,64x64 --end_buckets 512,1024,2048,4096
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ def main() -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--dkv_tiles", default="",
                       help="dK/dV tilings to count instead, e.g. 128x32,32x128,64x64")
+  parser.add_argument("--end_buckets", default="0",
+                      help="with --dkv_tiles: interval-end buckets (queries), 0 = w / 2")
   args = parser.parse_args()
   if args.dkv_tiles:
     dkv_work(args)
@@ -93,16 +99,22 @@ def dkv_work(args) -> None:
   from arch_zoo.attention.ops import dynamic_mask_pallas as dmp
 
   block_q, block_k = map(int, args.tiles.split(",")[0].split("x"))
-  print("| T | dK/dV tiles | dK/dV work |")
-  print("|---|---|---|")
+  w = args.keep_window
+  print("| T | dK/dV tiles | end bucket | dK/dV work | kept pairs |")
+  print("|---|---|---|---|---|")
   for length in map(int, args.seq_lens.split(",")):
     score = jax.random.normal(jax.random.key(args.seed), (1, length, 1), jnp.float32)
+    # Causal, one document: query i keeps min(i + 1, w) keys.
+    pairs = sum(min(i + 1, w) for i in range(length))
     for tiles in args.dkv_tiles.split(","):
       dkv_q, dkv_k = map(int, tiles.split("x"))
-      config = dmp.KernelConfig(block_q=block_q, block_k=block_k, dkv_block_q=dkv_q,
-                                dkv_block_k=dkv_k)
-      work = dmp.work_fraction(score, causal=True, keep_window=args.keep_window, config=config)
-      print(f"| {length:,} | {dkv_q} x {dkv_k} | {float(work['dkv']):.3f} |", flush=True)
+      dense = sum(-(-min(s + dkv_q, length) // dkv_k) for s in range(0, length, dkv_q))
+      for bucket in map(int, args.end_buckets.split(",")):
+        config = dmp.KernelConfig(block_q=block_q, block_k=block_k, dkv_block_q=dkv_q,
+                                  dkv_block_k=dkv_k, end_bucket=bucket)
+        work = dmp.work_fraction(score, causal=True, keep_window=w, config=config)
+        print(f"| {length:,} | {dkv_q} x {dkv_k} | {bucket or w // 2} | "
+              f"{float(work['dkv']):.3f} | {pairs / (dense * dkv_q * dkv_k):.3f} |", flush=True)
 
 
 if __name__ == "__main__":
