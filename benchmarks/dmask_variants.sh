@@ -17,8 +17,8 @@
 # Usage: benchmarks/dmask_variants.sh SECONDS
 #   BASE (default: the kernels' default tiling), TESTS, SWEEP_S (default 0: no sweep) and
 #   VARIANTS (space-separated --pallas_config values, default: the list kernel on, the dK/dV
-#   pass at 64 x 64, the dK/dV pass at 128 x 64 with 8 warps; " " for none; the variants of 2026-12-07
-#   are in docs/attention/dynamic_mask.md) may be set in the environment.
+#   pass at 64 x 64, the dK/dV pass at 128 x 64 with 8 warps; " " for none; the variants of
+#   2026-12-07 are in docs/attention/dynamic_mask.md) may be set in the environment.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ] || ! [[ "$1" =~ ^[0-9]+$ ]]; then
