@@ -62,8 +62,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-# Masked loads and stores (the list kernel's scatter): jax 0.11 keeps them in the Triton module.
-from jax.experimental.pallas import triton as pl_triton
 
 F32 = jnp.float32
 HIGHEST = lax.Precision.HIGHEST
@@ -390,6 +388,10 @@ def _lists_kernel(start_ref, end_ref, out_ref, *, block_q: int, capacity: int, c
   """One query block's list (one row): the keys, a chunk at a time, whose interval meets the
   block, compacted by an exclusive prefix sum of the membership and stored after the running
   count, so the list comes out in key order with no sort and no traffic between programs."""
+  # Masked loads and stores (the scatter): jax 0.11 keeps them in the Triton module, imported
+  # where used as the other kernels import it.
+  from jax.experimental.pallas import triton as pl_triton
+
   length = start_ref.shape[0]
   width = 1 + capacity  # not a power of two: every store is masked into [0, width)
   lo = pl.program_id(0) * block_q
@@ -453,7 +455,7 @@ def query_lists_pallas(start, end, *, block_q: int, capacity: int, causal: bool,
       grid=(num_blocks, rows),
       in_specs=[row, row],
       out_specs=pl.BlockSpec((None, None, width), lambda i, r: (r, i, 0)),
-      compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=num_warps),
+      compiler_params=None if interpret else _triton_params(num_warps=num_warps),
       interpret=interpret,
       name="dynamic_mask_query_lists",
   )(start.reshape(rows, length).astype(jnp.int32), end.reshape(rows, length).astype(jnp.int32))
@@ -655,10 +657,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, order
   dbias_ref[keys] = dbias
 
 
+def _triton_params(**params):
+  from jax.experimental.pallas import triton as pl_triton
+
+  return pl_triton.CompilerParams(**params)
+
+
 def _compiler_params(cfg: KernelConfig):
   if cfg.interpret:
     return None
-  return pl_triton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+  return _triton_params(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 class _QueryGrid:
