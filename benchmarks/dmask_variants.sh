@@ -5,8 +5,8 @@
 #   2. the op alone at 32K against the paper's Triton kernel (flash_dmattn) and dense cuDNN,
 #      with each Pallas pass's own time (kernel_passes_s);
 #   3. the GPU tests of the kernels at the tilings of tests/test_dynamic_mask_pallas.py's
-#      GPU_TILES that TESTS selects (pytest -k; default: the default tiling and the list
-#      kernel);
+#      GPU_TILES that TESTS selects (pytest -k; default: the default tiling and the dK/dV
+#      pass at 64 x 64);
 #   4. with SWEEP_S > 0: each pass alone at the tilings of benchmarks/dmask_pass_sweep.py for up
 #      to SWEEP_S seconds, then the layer at the tiling that joins the fastest forward + dQ to
 #      the fastest dK/dV (at 32K and 8K), then the GPU tests at that tiling;
@@ -16,8 +16,8 @@
 #
 # Usage: benchmarks/dmask_variants.sh SECONDS
 #   BASE (default: the kernels' default tiling), TESTS, SWEEP_S (default 0: no sweep) and
-#   VARIANTS (space-separated --pallas_config values, default: the list kernel on, the dK/dV
-#   pass at 64 x 64, the dK/dV pass at 128 x 64 with 8 warps; " " for none; the variants of
+#   VARIANTS (space-separated --pallas_config values, default: the dK/dV pass at
+#   64 x 64, the dK/dV pass at 128 x 64 with 8 warps; " " for none; the variants of
 #   2026-12-07 are in docs/attention/dynamic_mask.md) may be set in the environment.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,9 +29,9 @@ start=$(date +%s) seconds=$1
 out=${OUT:-/tmp/dmask_variants}
 mkdir -p "$out"
 base=${BASE:-block_q=128,block_k=32}
-variants=${VARIANTS:-"$base,list_kernel=1 $base,dkv_block_q=64,dkv_block_k=64 \
+variants=${VARIANTS:-"$base,dkv_block_q=64,dkv_block_k=64 \
 $base,dkv_block_q=128,dkv_block_k=64,dkv_num_warps=8"}
-tests=${TESTS:-"default or list_kernel"}
+tests=${TESTS:-"default or dkv64x64"}
 sweep_s=${SWEEP_S:-0}
 case $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null) in
   *H200*) device=h200 ;; *H100*) device=h100 ;; *) device=other ;;
