@@ -14,6 +14,9 @@ heads, 8 KV heads, head_dim 128, QK-norm and RoPE, bf16 matmuls with float32 par
   ``xla``: the chunked form that never builds a [T, T] tensor); a ``pallas`` side records the
   tiles its kernels compute on the layer's own scores, as a fraction of dense causal flash
   attention's (``work_fraction``: forward and dQ, dK/dV).
+* ``--block_smooth N``: the ``dynamic_mask`` sides run flash-sparse-attention's block majority
+  vote (a different mask, not the paper's exact one); its ``work_fraction`` says how much of the
+  layer's own scores' mask the vote kept.
 * ``mha``: the same projections, ``impl=cudnn`` (JAX's cuDNN flash attention, causal).
 * ``op:pallas`` and ``op:cudnn``: the attention op alone (no projections) on random inputs of the
   layer's shape: our block-sparse kernels (the selection included), dense causal cuDNN.
@@ -71,7 +74,8 @@ def build_layer(name: str, args, dtype, **overrides):
   if impl:
     options.update(impl=impl)
   if name == "dynamic_mask":
-    options.update(keep_window_size=args.keep_window, chunk_size=args.chunk_size, a_init=0.5)
+    options.update(keep_window_size=args.keep_window, chunk_size=args.chunk_size, a_init=0.5,
+                   block_smooth=args.block_smooth)
   else:
     options.update(impl=args.mha_impl)
   options.update(overrides)
@@ -171,11 +175,21 @@ def selection_cost(graphdef, params, x, args) -> dict:
 
   score = scores(params, x)
   options = dict(causal=True, keep_window=args.keep_window)
-  fraction = jax.jit(lambda s: dynamic_mask_pallas.work_fraction(s, **options))(score)
-  plan = jax.jit(lambda s: dynamic_mask_pallas.selection_plan(s, **options))
+  fraction = jax.jit(lambda s: dynamic_mask_pallas.work_fraction(
+      s, block_smooth=args.block_smooth, **options))(score)
+  if args.block_smooth:  # the selection with the vote's intervals, at the vote's tiles
+    config = dynamic_mask_pallas.smoothing_config(dynamic_mask_pallas.DEFAULT_CONFIG,
+                                                  args.block_smooth)
+    plan = jax.jit(lambda s: dynamic_mask_pallas.selection_plan(
+        s, config=config, block_smooth=args.block_smooth, **options))
+    stages = None
+  else:
+    plan = jax.jit(lambda s: dynamic_mask_pallas.selection_plan(s, **options))
+    stages = selection_stages(score, args.keep_window)
   return {"work_fraction": {key: float(value) for key, value in fraction.items()},
           "selection_s": common.best_call_seconds(plan, score),
-          "selection_stages_s": selection_stages(score, args.keep_window),
+          "selection_stages_s": stages,
+          "block_smooth": args.block_smooth,
           "pallas_config": str(dynamic_mask_pallas.DEFAULT_CONFIG)}
 
 
@@ -491,7 +505,7 @@ def run_child(args, side: str, extra: list[str]) -> dict:
 def shared_flags(args) -> list[str]:
   flags = []
   for name in ("d_model", "heads", "kv_heads", "keep_window", "chunk_size", "mha_impl", "steps",
-               "samples", "pallas_config"):
+               "samples", "pallas_config", "block_smooth"):
     flags += [f"--{name}", str(getattr(args, name))]
   return flags + (["--smoke"] if args.smoke else [])
 
@@ -509,6 +523,9 @@ def main() -> None:
   parser.add_argument("--kv_heads", type=int, default=8)
   parser.add_argument("--keep_window", type=int, default=2048)
   parser.add_argument("--chunk_size", type=int, default=512)
+  parser.add_argument("--block_smooth", type=int, default=0,
+                      help="dynamic_mask's block_smooth (0: the exact mask); a different mask, "
+                           "see docs/attention/dynamic_mask.md")
   parser.add_argument("--mha_impl", default="cudnn")
   parser.add_argument("--sides", default=",".join(SIDES))
   parser.add_argument("--pallas_config", default="",

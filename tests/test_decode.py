@@ -38,6 +38,9 @@ CASES = {
                                                  a_init=0.5)),
     "dynamic_mask_ties_earliest": ("dynamic_mask", dict(keep_window_size=3, chunk_size=4,
                                                         tie_break="earliest", bias_form="log")),
+    # Blocks of 3 from each row's first token: rows start at different slots of the cache.
+    "dynamic_mask_block_smooth": ("dynamic_mask", dict(keep_window_size=4, block_smooth=3,
+                                                       a_init=0.5)),
     "routing": ("routing", dict(num_heads=4, window=3, local_window=4, num_clusters=3)),
     "routing_all_routed": ("routing", dict(local_heads=0, window=2, num_clusters=2)),
     "mha_attention_only": ("mha", dict(mlp="none")),  # Zoology's blocks: no MLP

@@ -55,6 +55,10 @@ class DynamicMaskOptions:
   rope_base: float = 10_000.0
   impl: str = "auto"  # auto | reference | xla | cudnn | pallas (docs/attention/kernels.md)
   chunk_size: int = 512  # query chunk of the causal sparse kernel
+  # 0: the exact top-w mask (the paper's). n > 0: flash-sparse-attention's block_smooth, a
+  # different mask: a query that sees more than w keys keeps whole key blocks of n, those where
+  # its top-w holds more than n / 2 keys, and no other (reference and pallas kernels).
+  block_smooth: int = 0
 
   def __post_init__(self):
     check_choice("attention.bias_form", self.bias_form, BIAS_FORMS)
@@ -64,6 +68,9 @@ class DynamicMaskOptions:
       value = getattr(self, name)
       if value < 1:
         raise ValueError(f"attention.{name} must be a positive integer, got {value}.")
+    if self.block_smooth < 0:
+      raise ValueError(f"attention.block_smooth must be 0 (the exact mask) or a block length, "
+                       f"got {self.block_smooth}.")
 
 
 @register("dynamic_mask", options=DynamicMaskOptions, bidirectional=True, scannable=True,
@@ -101,7 +108,8 @@ class DynamicMaskAttention(nnx.Module):
     o = ops.dynamic_mask.apply(q, k, v, bias, score, causal=ctx.causal,
                                keep_window=self.options.keep_window_size, impl=self.options.impl,
                                segment_ids=ctx.segment_ids, tie_break=self.options.tie_break,
-                               chunk_size=self.options.chunk_size, site=self.site)
+                               chunk_size=self.options.chunk_size,
+                               block_smooth=self.options.block_smooth, site=self.site)
     return self.out(o.reshape(b, t, -1)), {}
 
   def attention_weights(self, x: jax.Array, ctx: Context) -> AttentionWeights:
@@ -112,11 +120,17 @@ class DynamicMaskAttention(nnx.Module):
     heads = q.shape[2]
     kept = ops.dynamic_mask.selection_mask(score, self.options.keep_window_size,
                                            causal=ctx.causal, segment_ids=ctx.segment_ids,
-                                           tie_break=self.options.tie_break)
+                                           tie_break=self.options.tie_break,
+                                           block_smooth=self.options.block_smooth)
     if kept is not None:
       kept = jnp.repeat(kept, heads // kept.shape[1], axis=1)
-    return softmax_attention_weights(q, k, v, causal=ctx.causal, segment_ids=ctx.segment_ids,
-                                     bias=ops.dynamic_mask.group_bias(bias, heads), mask=kept)
+    weights = softmax_attention_weights(q, k, v, causal=ctx.causal, segment_ids=ctx.segment_ids,
+                                        bias=ops.dynamic_mask.group_bias(bias, heads), mask=kept)
+    if kept is None:
+      return weights
+    # A query that keeps nothing (block_smooth) reads nothing, as the kernels give it.
+    return weights.replace(weights=jnp.where(jnp.any(kept, axis=-1, keepdims=True),
+                                             weights.weights, 0.0))
 
   # Decoding: a KV cache plus each cached key's A softplus(dt), from which both its bias and its
   # selection score follow exactly as in key_scores.
@@ -147,13 +161,14 @@ class DynamicMaskAttention(nnx.Module):
     query_slots = ctx.slots.slots(t)
     kept = ops.dynamic_mask.cached_selection(
         log_bias, query_slots, ctx.slots.start, keep_window=self.options.keep_window_size,
-        tie_break=self.options.tie_break)
+        tie_break=self.options.tie_break, block_smooth=self.options.block_smooth)
     heads = q.shape[2]
     o = ops.kv_cache.apply(
         q, k, v, query_slots=query_slots, start=ctx.slots.start,
         bias=ops.dynamic_mask.group_bias(self.bias_from(log_bias), heads),
         mask=jnp.repeat(kept, heads // kept.shape[1], axis=1),
         impl=ops.kv_cache.impl_for(self.options.impl), site=self.site)
+    o = ops.dynamic_mask.without_empty_rows(o, kept)
     return self.out(o.reshape(b, t, -1)), state
 
   @staticmethod

@@ -263,13 +263,46 @@ def chunked_causal_attention(q, k, v, bias, score, *, keep_window: int, chunk_si
 # ------------------------------------------------------------------------------ the reference
 
 
+def smooth_blocks(kept, allowed, block_start, *, block: int, keep_window: int):
+  """``block_smooth``: flash-sparse-attention's majority vote of the mask within key blocks.
+
+  Args:
+    kept: boolean ``[B, G, T, S]``, the exact top-``w`` mask (already within ``allowed``).
+    allowed: boolean, broadcasting to ``kept``: the keys each query may see (or None: all).
+    block_start: int32 ``[B, S]``: the first slot of each key's block; blocks are ``block``
+      slots long (the last one of a row may be cut by the row's end).
+    block, keep_window: the block length ``n`` and ``w``.
+
+  Returns:
+    Boolean ``[B, G, T, S]``: a query that sees more than ``w`` keys keeps every allowed key of
+    the blocks where it keeps more than ``n / 2`` keys exactly, and no other; a query that sees
+    at most ``w`` keeps them all, as without smoothing. Every block votes against ``n``, a cut
+    last block too, so that a query's mask depends on the keys up to it only.
+  """
+  s = kept.shape[-1]
+  through = jnp.concatenate([jnp.zeros(kept.shape[:-1] + (1,), jnp.int32),
+                             jnp.cumsum(kept, axis=-1, dtype=jnp.int32)], axis=-1)
+  lo = jnp.clip(block_start, 0, s)[:, None, None, :]
+  hi = jnp.clip(block_start + block, 0, s)[:, None, None, :]
+  shape = kept.shape
+  count = (jnp.take_along_axis(through, jnp.broadcast_to(hi, shape), axis=-1)
+           - jnp.take_along_axis(through, jnp.broadcast_to(lo, shape), axis=-1))
+  majority = 2 * count > block
+  if allowed is None:
+    return majority if s > keep_window else kept
+  allowed = jnp.broadcast_to(allowed, shape)
+  selecting = jnp.sum(allowed, axis=-1, keepdims=True) > keep_window
+  return jnp.where(selecting, majority & allowed, kept)
+
+
 def selection_mask(score, keep_window: int, *, causal: bool, segment_ids=None,
-                   tie_break: str = "recent"):
+                   tie_break: str = "recent", block_smooth: int = 0):
   """The published mask, materialised: boolean ``[B, G, T, S]``, or None when all allowed keys
   are kept (``S <= w``).
 
   Row ``i`` keeps the ``w`` best keys among the allowed ones (causal, same segment), by
-  ``score[b, j, g]``; rows with fewer allowed keys keep all of them.
+  ``score[b, j, g]``; rows with fewer allowed keys keep all of them. ``block_smooth = n > 0``
+  then votes within key blocks of ``n`` aligned to the row's start (:func:`smooth_blocks`).
   """
   score = selection_score(score)
   t = s = score.shape[1]
@@ -283,30 +316,48 @@ def selection_mask(score, keep_window: int, *, causal: bool, segment_ids=None,
     rows = jnp.where(allowed, rows, -jnp.inf)  # disallowed keys lose every comparison
   _, index = top_keys(rows, keep_window, tie_break)
   kept = jnp.put_along_axis(jnp.zeros(rows.shape, bool), index, True, axis=-1, inplace=False)
-  return kept if allowed is None else kept & allowed  # drop disallowed keys picked to fill w
+  kept = kept if allowed is None else kept & allowed  # drop disallowed keys picked to fill w
+  if not block_smooth:
+    return kept
+  block_start = jnp.arange(s, dtype=jnp.int32) // block_smooth * block_smooth
+  return smooth_blocks(kept, allowed, jnp.broadcast_to(block_start, (score.shape[0], s)),
+                       block=block_smooth, keep_window=keep_window)
+
+
+def without_empty_rows(out, mask):
+  """Zero output where a query keeps no key (possible with ``block_smooth`` only), as a flash
+  kernel gives a row with nothing to attend to; dense softmax would average every key."""
+  if mask is None:
+    return out
+  kept_any = jnp.any(mask, axis=-1).transpose(0, 2, 1)  # [B, T, H or G]
+  kept_any = jnp.repeat(kept_any, out.shape[2] // kept_any.shape[2], axis=2)
+  return jnp.where(kept_any[..., None], out, 0).astype(out.dtype)
 
 
 def reference(q, k, v, bias, score, *, causal: bool, keep_window: int, segment_ids=None,
-              tie_break: str = "recent"):
+              tie_break: str = "recent", block_smooth: int = 0):
   """The float32 oracle: the ``[B, G, T, S]`` mask built explicitly, dense softmax attention."""
   mask = selection_mask(score, keep_window, causal=causal, segment_ids=segment_ids,
-                        tie_break=tie_break)
+                        tie_break=tie_break, block_smooth=block_smooth)
   if mask is not None:
     mask = jnp.repeat(mask, q.shape[2] // k.shape[2], axis=1)
-  return softmax.reference(q, k, v, causal=causal, segment_ids=segment_ids,
-                           bias=group_bias(bias, q.shape[2]), mask=mask)
+  out = softmax.reference(q, k, v, causal=causal, segment_ids=segment_ids,
+                          bias=group_bias(bias, q.shape[2]), mask=mask)
+  return without_empty_rows(out, mask)
 
 
 # ------------------------------------------------------------------------------ decoding
 
 
-def cached_selection(score, query_slots, start, *, keep_window: int, tie_break: str = "recent"):
+def cached_selection(score, query_slots, start, *, keep_window: int, tie_break: str = "recent",
+                     block_smooth: int = 0):
   """The causal rule over a decode cache: boolean ``[B, G, T, S]``, the keys each query keeps.
 
   ``score [B, S, G]`` holds the cached keys' scores; the query in slot ``query_slots[t]`` may see
   the slots ``start[b] .. query_slots[t]`` (:func:`kv_cache.visible`) and keeps the
   ``keep_window`` best of them, ties by position as :func:`top_keys` (and so the training forms)
-  break them; all of them when there are at most ``keep_window``.
+  break them; all of them when there are at most ``keep_window``. ``block_smooth``: blocks
+  aligned to each row's first slot, as training aligns them to its first position.
   """
   s = score.shape[1]
   allowed = kv_cache.visible(query_slots, start, s)  # [B, 1, T, S]
@@ -315,23 +366,33 @@ def cached_selection(score, query_slots, start, *, keep_window: int, tie_break: 
   rows = jnp.where(allowed, selection_score(score).transpose(0, 2, 1)[:, :, None, :], -jnp.inf)
   _, index = top_keys(rows, keep_window, tie_break)
   kept = jnp.put_along_axis(jnp.zeros(rows.shape, bool), index, True, axis=-1, inplace=False)
-  return kept & allowed  # drop the invisible keys picked to fill w
+  kept = kept & allowed  # drop the invisible keys picked to fill w
+  if not block_smooth:
+    return kept
+  offset = jnp.arange(s, dtype=jnp.int32)[None, :] - start[:, None]
+  block_start = start[:, None] + jnp.maximum(offset, 0) // block_smooth * block_smooth
+  return smooth_blocks(kept, allowed, block_start, block=block_smooth, keep_window=keep_window)
 
 
 # ------------------------------------------------------------------------------ dispatch
 
 
-def supports(impl: str, q, k, *, causal: bool, keep_window: int, segment_ids=None) -> str | None:
+def supports(impl: str, q, k, *, causal: bool, keep_window: int, segment_ids=None,
+             block_smooth: int = 0) -> str | None:
   """None if ``impl`` can run this call, else the reason it cannot."""
   masked = k.shape[1] > keep_window  # some allowed keys are dropped
   if impl == "pallas":
     from arch_zoo.attention.ops import dynamic_mask_pallas  # GPU kernel; imported when asked for
 
-    reason = dynamic_mask_pallas.unsupported_reason(q, k, causal=causal, segment_ids=segment_ids)
+    reason = dynamic_mask_pallas.unsupported_reason(q, k, causal=causal, segment_ids=segment_ids,
+                                                    block_smooth=block_smooth if masked else 0)
     if reason is None and not sharding.one_device():
       reason = ("the Pallas kernel is not partitioned over a device mesh yet (XLA would gather "
                 "every shard onto each device); run on one device or use impl='xla'")
     return reason
+  if masked and block_smooth and impl in ("xla", "cudnn"):
+    return ("block_smooth (key length > keep_window_size) runs on the reference or the Pallas "
+            "kernel only")
   if impl == "xla" and masked and segment_ids is not None:
     return ("its sparse form (key length > keep_window_size) does not support segment_ids "
             "(packed sequences) yet; feed unpacked sequences")
@@ -353,23 +414,25 @@ def supports(impl: str, q, k, *, causal: bool, keep_window: int, segment_ids=Non
 
 def apply(q, k, v, bias, score, *, causal: bool, keep_window: int, impl: str = "auto",
           segment_ids=None, tie_break: str = "recent", chunk_size: int = 512,
-          site: base.Site | None = None):
+          block_smooth: int = 0, site: base.Site | None = None):
   """DMA on per-head tensors: ``q [B, T, H, D]``, ``k, v [B, S, G, D]``, ``bias, score
-  [B, S, G]``, on the implementation named by ``impl`` (see the module docstring)."""
+  [B, S, G]``, on the implementation named by ``impl`` (see the module docstring).
+  ``block_smooth = n > 0``: the mask majority-voted within key blocks of ``n``
+  (:func:`smooth_blocks`; reference and Pallas only)."""
   score = selection_score(score)
   impl = base.resolve("dynamic_mask", impl, AUTO_IMPLS if impl == "auto" else IMPLS,
                       lambda name: supports(
-      name, q, k, causal=causal, keep_window=keep_window, segment_ids=segment_ids), site)
+      name, q, k, causal=causal, keep_window=keep_window, segment_ids=segment_ids,
+      block_smooth=block_smooth), site)
   if impl == "reference":
     return reference(q, k, v, bias, score, causal=causal, keep_window=keep_window,
-                     segment_ids=segment_ids, tie_break=tie_break)
+                     segment_ids=segment_ids, tie_break=tie_break, block_smooth=block_smooth)
   if impl == "pallas":
     from arch_zoo.attention.ops import dynamic_mask_pallas
 
-    return dynamic_mask_pallas.dynamic_mask_attention(q, k, v, bias, score, causal=causal,
-                                                      keep_window=keep_window,
-                                                      tie_break=tie_break,
-                                                      segment_ids=segment_ids)
+    return dynamic_mask_pallas.dynamic_mask_attention(
+        q, k, v, bias, score, causal=causal, keep_window=keep_window, tie_break=tie_break,
+        segment_ids=segment_ids, block_smooth=block_smooth if k.shape[1] > keep_window else 0)
   if k.shape[1] <= keep_window:
     return key_bias_attention(q, k, v, bias, causal=causal, impl=impl, segment_ids=segment_ids)
   if causal:

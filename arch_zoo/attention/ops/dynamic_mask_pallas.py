@@ -45,6 +45,14 @@ forward and dQ, and about the number of kept pairs over the tile area (plus the 
 for dK/dV, instead of ``T^2 / (2 block_q block_k)``: the advantage grows as ``T / (2 w)``.
 :func:`work_fraction` counts both on given scores.
 
+**``block_smooth``** (flash-sparse-attention's majority vote, a different mask: a query that sees
+more than ``w`` keys keeps whole key blocks of ``n``, those holding more than ``n / 2`` of its
+exact keys) runs on the same kernels with every key tile one block: a query keeps a whole block
+before it exactly when its ``tau`` reaches the block's ``n / 2``-th smallest rank, so each block
+has an interval of candidate queries as a key has (:func:`block_intervals`), the lists hold whole
+blocks (read as contiguous slices, no gathers), and the tile counts each query's exact keys to
+vote. Causal without segment ids, or bidirectional.
+
 All kernels are Pallas (Triton), GQA native (a program reads its KV group's keys and values;
 nothing is repeated in memory), matmul inputs in the input dtype with float32 accumulation,
 online softmax in float32, the log-sum-exp saved by the forward. ``delta = rowsum(dO * O)``,
@@ -128,7 +136,8 @@ def _is_power_of_two(n: int) -> bool:
 
 
 def unsupported_reason(q, k, *, causal: bool = True, segment_ids=None,
-                       config: KernelConfig | None = None, interpret: bool = False) -> str | None:
+                       config: KernelConfig | None = None, interpret: bool = False,
+                       block_smooth: int = 0) -> str | None:
   """None if the kernel can run on these arrays, else the reason it cannot."""
   cfg = config or DEFAULT_CONFIG
   if not (interpret or cfg.interpret) and jax.default_backend() != "gpu":
@@ -136,6 +145,14 @@ def unsupported_reason(q, k, *, causal: bool = True, segment_ids=None,
   if segment_ids is not None and not causal:
     return ("the Pallas kernel takes segment_ids (packed sequences) only causally: a block of "
             "queries spanning several documents would keep w keys of each")
+  if block_smooth:
+    if segment_ids is not None:
+      return ("it takes block_smooth without segment_ids only (a block's vote is bounded by its "
+              "rank statistic within one document)")
+    if not (_is_power_of_two(block_smooth) and 16 <= block_smooth <= 256):
+      return (f"block_smooth {block_smooth} is not a power of two in [16, 256] (a block is one "
+              "Triton key tile)")
+    cfg = smoothing_config(cfg, block_smooth)
   if q.shape[1] != k.shape[1]:
     return f"it needs self-attention (query length {q.shape[1]} != key length {k.shape[1]})"
   if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
@@ -337,10 +354,17 @@ def key_intervals(rank, tau, *, first, end, seq_len: int, keep_window: int, caus
   return position, jnp.where(real, jnp.maximum(position, lo), 0)
 
 
-def query_list_capacity(length: int, keep_window: int, cfg: KernelConfig) -> int:
+def query_list_capacity(length: int, keep_window: int, cfg: KernelConfig,
+                        block_smooth: int = 0) -> int:
   """Key slots per query block: ``w + block_q - 1`` kept keys at most (module docstring), in
-  whole tiles, and never more than the padded length ``length``."""
+  whole tiles, and never more than the padded length ``length``. With ``block_smooth = n``: the
+  block's first query keeps more than ``n / 2`` of each whole block before the query block that
+  any query of it keeps (so fewer than ``2 w / n`` blocks), plus the blocks that meet the query
+  block."""
   most = min(length, keep_window + cfg.block_q - 1)
+  if block_smooth:
+    most = min(length, (2 * keep_window // block_smooth + cfg.block_q // block_smooth + 2)
+               * block_smooth)
   return -(-most // cfg.block_k) * cfg.block_k
 
 
@@ -499,17 +523,29 @@ def _dot(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
 
-def _tile_keep(key_rank, tau, q_pos, k_pos, docs, *, causal: bool):
+def _tile_keep(key_rank, tau, q_pos, k_pos, docs, *, causal: bool, vote=None):
   """The mask of the pairs of one tile that are kept (positions ``q_pos [bq]``, ``k_pos [bk]``;
   ``docs``: None, or the documents ``(q_doc, k_doc)``, each named by its first position). The
-  same for every query head of a KV group."""
-  keep = key_rank[None, :] <= tau[:, None]
+  same for every query head of a KV group. ``vote``: None, or ``block_smooth``'s ``(block,
+  keep_window)`` with the tile's keys one whole block: a query that sees more than ``w`` keys
+  keeps the block's allowed keys if it keeps more than half the block exactly, else none."""
+  allowed = None
   if docs is not None:
     q_doc, k_doc = docs
-    keep &= k_doc[None, :] == q_doc[:, None]
+    allowed = k_doc[None, :] == q_doc[:, None]
   if causal:
-    keep &= k_pos[None, :] <= q_pos[:, None]
-  return keep
+    before = k_pos[None, :] <= q_pos[:, None]
+    allowed = before if allowed is None else allowed & before
+  keep = key_rank[None, :] <= tau[:, None]
+  if allowed is not None:
+    keep &= allowed
+  if vote is None:
+    return keep
+  block, keep_window = vote
+  majority = 2 * jnp.sum(keep.astype(jnp.int32), axis=1) > block
+  selecting = q_pos >= keep_window if causal else tau != KEEP_ALL
+  smoothed = majority[:, None] if allowed is None else majority[:, None] & allowed
+  return jnp.where(selecting[:, None], smoothed, keep)
 
 
 def _tile_logits(q, k, bias, *, scale: float):
@@ -532,19 +568,26 @@ def _documents(doc_ref, q_start, block_q: int, documents: bool):
 
 
 def _over_key_list(step, init, refs, tau, q_pos, docs, *, causal: bool, block_k: int,
-                   prefetch: bool):
+                   prefetch: bool, vote=None):
   """``carry = step(k, v, bias, keep, carry)`` over the tiles of a query block's key list
   (``refs``: the list, keys, values, bias and ranks), ``keep`` the tile's mask. With
   ``prefetch`` tile ``n + 1``'s gathers are issued before tile ``n`` is computed and carried to
   the next iteration in registers: the loads wait on the list's indices, a dependent load that
-  Triton's software pipelining may leave unpipelined at few stages."""
+  Triton's software pipelining may leave unpipelined at few stages. With ``vote``
+  (``block_smooth``) every tile of the list is one whole block: read as a contiguous slice."""
   list_ref, k_ref, v_ref, bias_ref, rank_ref = refs
 
   def load(n):
-    keys = list_ref[pl.ds(1 + n * block_k, block_k)]
-    real = n * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0) < list_ref[0]
-    keep = _tile_keep(rank_ref[keys], tau, q_pos, keys, docs(keys), causal=causal)
-    return k_ref[keys, :], v_ref[keys, :], bias_ref[keys], keep & real[None, :]
+    lanes = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+    real = n * block_k + lanes < list_ref[0]
+    if vote is None:
+      keys = list_ref[pl.ds(1 + n * block_k, block_k)]
+      rows = keys
+    else:
+      first = pl.multiple_of(list_ref[1 + n * block_k], block_k)
+      keys, rows = first + lanes, pl.ds(first, block_k)
+    keep = _tile_keep(rank_ref[rows], tau, q_pos, keys, docs(rows), causal=causal, vote=vote)
+    return k_ref[rows, :], v_ref[rows, :], bias_ref[rows], keep & real[None, :]
 
   count = _num_tiles(list_ref, block_k)
   if not prefetch:
@@ -562,7 +605,7 @@ def _over_key_list(step, init, refs, tau, q_pos, docs, *, causal: bool, block_k:
 
 def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, list_ref, o_ref,
                     lse_ref, *, scale: float, causal: bool, documents: bool, block_k: int,
-                    prefetch: bool):
+                    prefetch: bool, vote):
   """One query block of ``heads`` query heads of one KV group (``q_ref [bq, heads, D]``) over
   the group's key list."""
   block_q, heads, d = q_ref.shape
@@ -586,9 +629,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, l
            jnp.zeros((block_q, d), F32)),) * heads
   carry = _over_key_list(step, init, (list_ref, k_ref, v_ref, bias_ref, rank_ref), tau_ref[...],
                          q_pos, _documents(doc_ref, q_start, block_q, documents), causal=causal,
-                         block_k=block_k, prefetch=prefetch)
+                         block_k=block_k, prefetch=prefetch, vote=vote)
   for head, (peak, total, acc) in enumerate(carry):
-    kept_any = total > 0  # false only on padded query rows
+    kept_any = total > 0  # false on padded query rows and, with the vote, on emptied ones
     safe_total = jnp.where(kept_any, total, 1.0)
     o_ref[:, head, :] = (acc / safe_total[:, None]).astype(o_ref.dtype)
     lse_ref[head, :] = jnp.where(kept_any, peak + jnp.log(safe_total), -MASK_VALUE)
@@ -596,7 +639,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, l
 
 def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, list_ref, do_ref,
                lse_ref, delta_ref, dq_ref, *, scale: float, causal: bool, documents: bool,
-               block_k: int, prefetch: bool):
+               block_k: int, prefetch: bool, vote):
   block_q, heads, d = q_ref.shape
   q_start = pl.program_id(0) * block_q
   q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
@@ -614,14 +657,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, list_r
   dqs = _over_key_list(step, (jnp.zeros((block_q, d), F32),) * heads,
                        (list_ref, k_ref, v_ref, bias_ref, rank_ref), tau_ref[...], q_pos,
                        _documents(doc_ref, q_start, block_q, documents), causal=causal,
-                       block_k=block_k, prefetch=prefetch)
+                       block_k=block_k, prefetch=prefetch, vote=vote)
   for head, dq in enumerate(dqs):
     dq_ref[:, head, :] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, order_ref, tile_ref,
                 do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dbias_ref, *, scale: float,
-                causal: bool, documents: bool, block_q: int, group: int):
+                causal: bool, documents: bool, block_q: int, group: int, vote):
   """One tile of keys (``order_ref``: their positions) of one KV group: over the group's query
   heads (``q_ref [T, R, D]``) and the run of query blocks that keeps any of them."""
   keys = order_ref[...]
@@ -644,7 +687,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, rank_ref, doc_ref, tau_ref, order
       lse, delta = lse_ref[head, queries], delta_ref[head, queries]
       q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
       docs = (doc_ref[queries], key_doc) if documents else None
-      keep = _tile_keep(key_rank, tau_ref[queries], q_pos, keys, docs, causal=causal)
+      keep = _tile_keep(key_rank, tau_ref[queries], q_pos, keys, docs, causal=causal, vote=vote)
       p = jnp.where(keep, jnp.exp(_tile_logits(q, k, bias, scale=scale) - lse[:, None]), 0.0)
       dv = dv + _dot(p.astype(do.dtype), do, transpose_a=True)
       d_logits = p * (_dot(do, v, transpose_b=True) - delta[:, None])
@@ -703,12 +746,12 @@ class _QueryGrid:
 
 
 def _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, documents,
-             cfg):
+             cfg, vote):
   del order, tiles  # the backward's
   grid = _QueryGrid(q.shape, k.shape[2], q_lists.shape[-1], cfg)
   out, lse = pl.pallas_call(
       functools.partial(_forward_kernel, scale=scale, causal=causal, documents=documents,
-                        block_k=cfg.block_k, prefetch=cfg.prefetch),
+                        block_k=cfg.block_k, prefetch=cfg.prefetch, vote=vote),
       out_shape=(jax.ShapeDtypeStruct(grid.row_view(q).shape, q.dtype),
                  jax.ShapeDtypeStruct(grid.per_head_shape, F32)),
       grid=grid.grid,
@@ -723,21 +766,21 @@ def _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal
 
 
 def _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse, d_out, scale,
-              causal, documents, cfg):
+              causal, documents, cfg, vote):
   delta = jnp.einsum("bthd,bthd->bht", out.astype(F32), d_out.astype(F32))
   d_q = _dq_pass(q, k, v, bias, rank, doc, tau, q_lists, lse, d_out, delta, scale, causal,
-                 documents, cfg)
+                 documents, cfg, vote)
   d_k, d_v, d_bias = _dkv_pass(q, k, v, bias, rank, doc, tau, order, tiles, lse, d_out, delta,
-                               scale, causal, documents, cfg)
+                               scale, causal, documents, cfg, vote)
   return d_q, d_k, d_v, d_bias
 
 
 def _dq_pass(q, k, v, bias, rank, doc, tau, q_lists, lse, d_out, delta, scale, causal, documents,
-             cfg):
+             cfg, vote):
   grid = _QueryGrid(q.shape, k.shape[2], q_lists.shape[-1], cfg)
   d_q = pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, causal=causal, documents=documents,
-                        block_k=cfg.block_k, prefetch=cfg.prefetch),
+                        block_k=cfg.block_k, prefetch=cfg.prefetch, vote=vote),
       out_shape=jax.ShapeDtypeStruct(grid.row_view(q).shape, q.dtype),
       grid=grid.grid,
       in_specs=[grid.rows, grid.keys, grid.keys, grid.per_key, grid.per_key, grid.docs,
@@ -752,7 +795,7 @@ def _dq_pass(q, k, v, bias, rank, doc, tau, q_lists, lse, d_out, delta, scale, c
 
 
 def _dkv_pass(q, k, v, bias, rank, doc, tau, order, tiles, lse, d_out, delta, scale, causal,
-              documents, cfg):
+              documents, cfg, vote):
   """Grid (key tiles, B, G): a tile of keys of a group, and all the queries of the group's
   heads."""
   b, length, h, d = q.shape
@@ -771,7 +814,7 @@ def _dkv_pass(q, k, v, bias, rank, doc, tau, order, tiles, lse, d_out, delta, sc
   batch_docs = pl.BlockSpec((None, length), lambda j, bi, gi: (bi, 0))
   return pl.pallas_call(
       functools.partial(_dkv_kernel, scale=scale, causal=causal, documents=documents,
-                        block_q=dkv.block_q, group=group),
+                        block_q=dkv.block_q, group=group, vote=vote),
       out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
                  jax.ShapeDtypeStruct(bias.shape, F32)),
       grid=(length // bk, b, g),
@@ -785,25 +828,26 @@ def _dkv_pass(q, k, v, bias, rank, doc, tau, order, tiles, lse, d_out, delta, sc
     per_group(delta))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13, 14))
 def _attention(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, documents,
-               cfg):
+               cfg, vote):
   out, _ = _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal,
-                    documents, cfg)
+                    documents, cfg, vote)
   return out
 
 
 def _attention_fwd(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal, documents,
-                   cfg):
+                   cfg, vote):
   out, lse = _forward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, scale, causal,
-                      documents, cfg)
+                      documents, cfg, vote)
   return out, (q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse)
 
 
-def _attention_bwd(scale, causal, documents, cfg, residuals, d_out):
+def _attention_bwd(scale, causal, documents, cfg, vote, residuals, d_out):
   q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out, lse = residuals
   d_q, d_k, d_v, d_bias = _backward(q, k, v, bias, rank, doc, tau, q_lists, order, tiles, out,
-                                    lse, d_out.astype(q.dtype), scale, causal, documents, cfg)
+                                    lse, d_out.astype(q.dtype), scale, causal, documents, cfg,
+                                    vote)
   return d_q, d_k, d_v, d_bias, None, None, None, None, None, None
 
 
@@ -816,12 +860,51 @@ def _pad_to(x, length: int, axis: int, value=0):
   return jnp.pad(x, pad, constant_values=value)
 
 
+def smoothing_config(cfg: KernelConfig, block_smooth: int) -> KernelConfig:
+  """The tiling with ``block_smooth``: every key tile is one block of the vote."""
+  return dataclasses.replace(cfg, block_k=block_smooth, dkv_block_k=block_smooth)
+
+
+def block_intervals(rank, tau, *, seq_len: int, causal: bool, block: int):
+  """``block_smooth``'s ``(start, stop)`` ``[B, G, L]``: every key of a block of ``block`` gets
+  the block's candidate queries, a superset of the queries that keep it (the kernels vote inside
+  the tile). A query keeps a whole block before it exactly when its threshold reaches the
+  block's ``block / 2``-th smallest rank (more than half the block within ``tau``), and the
+  thresholds fall along a causal row: the candidates are the block's own queries, then those up
+  to the first whose threshold falls below that rank. Bidirectionally a block is kept by all the
+  queries or none. No segment ids (:func:`unsupported_reason`)."""
+  b, g, length = rank.shape
+  blocks = length // block
+  vote_rank = jnp.sort(rank.reshape(b, g, blocks, block), axis=-1)[..., block // 2]
+  block_first = jnp.arange(blocks, dtype=jnp.int32) * block
+  real = block_first < seq_len
+  if causal:
+    lo = jnp.broadcast_to(block_first + block, vote_rank.shape)
+    hi = jnp.full(vote_rank.shape, length, jnp.int32)
+    for _ in range(length.bit_length() + 1):  # the first query from lo on with tau below
+      mid = (lo + hi) // 2
+      above = jnp.take_along_axis(tau, jnp.minimum(mid, length - 1), axis=2) >= vote_rank
+      searching = lo < hi
+      lo = jnp.where(searching & above, mid + 1, lo)
+      hi = jnp.where(searching & ~above, mid, hi)
+    start = jnp.broadcast_to(block_first, vote_rank.shape)
+    stop = jnp.minimum(lo, seq_len)
+  else:
+    start = jnp.zeros(vote_rank.shape, jnp.int32)
+    stop = jnp.where(vote_rank <= jnp.max(tau, axis=2, keepdims=True), seq_len, 0)
+  stop = jnp.where(real, stop, 0)
+  return tuple(jnp.repeat(x, block, axis=2) for x in (start, stop))
+
+
 def selection_plan(score, *, causal: bool, keep_window: int, tie_break: str = "recent",
-                   segment_ids=None, config: KernelConfig | None = None) -> dict:
+                   segment_ids=None, config: KernelConfig | None = None,
+                   block_smooth: int = 0) -> dict:
   """Everything the kernels select by, padded to whole blocks (length ``L``): ``rank``, ``tau``
   ``[B, G, L]``; ``doc`` ``[B, L]`` (each position's document, named by its first position);
   ``start``, ``end`` (each key's query interval); ``query_lists`` (forward, dQ); ``order`` and
-  ``tiles`` (dK, dV, dbias). See the module docstring."""
+  ``tiles`` (dK, dV, dbias). See the module docstring. ``block_smooth``: the intervals are the
+  blocks' candidates (:func:`block_intervals`) and ``config`` must be
+  :func:`smoothing_config`'s."""
   cfg = config or DEFAULT_CONFIG
   b, s, _ = score.shape
   length = -(-s // cfg.tile_multiple) * cfg.tile_multiple
@@ -832,12 +915,16 @@ def selection_plan(score, *, causal: bool, keep_window: int, tie_break: str = "r
   rank = jnp.concatenate([selection_ranks(score, tie_break), padding], axis=2)
   first, doc_end = document_bounds(segment_ids, b, s, length)
   tau = thresholds(rank, keep_window, causal=causal, first=first, end=doc_end, seq_len=s)
-  start, end = key_intervals(rank, tau, first=first, end=doc_end, seq_len=s,
-                             keep_window=keep_window, causal=causal)
-  capacity = query_list_capacity(length, keep_window, cfg)
+  if block_smooth:
+    start, end = block_intervals(rank, tau, seq_len=s, causal=causal, block=block_smooth)
+  else:
+    start, end = key_intervals(rank, tau, first=first, end=doc_end, seq_len=s,
+                               keep_window=keep_window, causal=causal)
+  capacity = query_list_capacity(length, keep_window, cfg, block_smooth=block_smooth)
   if cfg.list_kernel and not cfg.interpret and jax.default_backend() == "gpu":
+    # A block longer than the query block starts before some of the queries it meets.
     q_lists = query_lists_pallas(start, end, block_q=cfg.block_q, capacity=capacity,
-                                 causal=causal)
+                                 causal=causal and block_smooth <= cfg.block_q)
   else:
     q_lists = query_lists(start, end, block_q=cfg.block_q, capacity=capacity)
   dkv = cfg.for_dkv()
@@ -848,13 +935,18 @@ def selection_plan(score, *, causal: bool, keep_window: int, tie_break: str = "r
 
 
 def work_fraction(score, *, causal: bool, keep_window: int, tie_break: str = "recent",
-                  segment_ids=None, config: KernelConfig | None = None) -> dict[str, jax.Array]:
+                  segment_ids=None, config: KernelConfig | None = None,
+                  block_smooth: int = 0) -> dict[str, jax.Array]:
   """Tiles the kernels compute on these scores over the tiles of dense flash attention (causal:
   the tiles on or below the diagonal) at the same tile sizes: ``forward`` (also dQ's) and
   ``dkv`` (at the dK/dV pass's own tiling)."""
   cfg = config or DEFAULT_CONFIG
+  if block_smooth and score.shape[1] > keep_window:
+    cfg = smoothing_config(cfg, block_smooth)
+  else:
+    block_smooth = 0
   plan = selection_plan(score, causal=causal, keep_window=keep_window, tie_break=tie_break,
-                        segment_ids=segment_ids, config=cfg)
+                        segment_ids=segment_ids, config=cfg, block_smooth=block_smooth)
   b, g, length = plan["rank"].shape
   t = score.shape[1]
 
@@ -874,7 +966,7 @@ def work_fraction(score, *, causal: bool, keep_window: int, tie_break: str = "re
 
 def dynamic_mask_attention(q, k, v, bias, score, *, causal: bool, keep_window: int,
                            tie_break: str = "recent", segment_ids=None,
-                           config: KernelConfig | None = None):
+                           config: KernelConfig | None = None, block_smooth: int = 0):
   """DMA on the Pallas kernels; differentiable w.r.t. ``q``, ``k``, ``v`` and ``bias``.
 
   Args:
@@ -885,20 +977,29 @@ def dynamic_mask_attention(q, k, v, bias, score, *, causal: bool, keep_window: i
       :func:`arch_zoo.attention.ops.dynamic_mask.reference` (segment ids ``[B, T]``, causal only:
       a document is a run of equal ids).
     config: tiling; ``interpret=True`` runs anywhere.
+    block_smooth: 0, or the block of flash-sparse-attention's majority vote
+      (:func:`arch_zoo.attention.ops.dynamic_mask.smooth_blocks`, for ``T > keep_window``): the
+      key tiles become the blocks (:func:`smoothing_config`) and are read as contiguous slices.
 
   Returns:
     ``[B, T, H, D]`` in ``q.dtype``.
   """
   cfg = config or DEFAULT_CONFIG
-  reason = unsupported_reason(q, k, causal=causal, segment_ids=segment_ids, config=cfg)
+  reason = unsupported_reason(q, k, causal=causal, segment_ids=segment_ids, config=cfg,
+                              block_smooth=block_smooth)
   if reason is not None:
     raise ValueError(f"The Pallas dynamic_mask kernel cannot run: {reason}.")
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}.")
   t = q.shape[1]
+  vote = None
+  if block_smooth and t > keep_window:
+    cfg = smoothing_config(cfg, block_smooth)
+    vote = (block_smooth, keep_window)
   k, v = k.astype(q.dtype), v.astype(q.dtype)
   plan = selection_plan(score, causal=causal, keep_window=keep_window, tie_break=tie_break,
-                        segment_ids=segment_ids, config=cfg)
+                        segment_ids=segment_ids, config=cfg,
+                        block_smooth=block_smooth if vote else 0)
   length = plan["rank"].shape[-1]
   q, k, v = (_pad_to(x, length, 1) for x in (q, k, v))
   bias = _pad_to(bias.astype(F32).transpose(0, 2, 1), length, 2)
@@ -907,11 +1008,12 @@ def dynamic_mask_attention(q, k, v, bias, score, *, causal: bool, keep_window: i
   # padding (its own document) must still be told apart.
   documents = segment_ids is not None or not causal
   out = _attention(q, k, v, bias, plan["rank"], plan["doc"], plan["tau"], plan["query_lists"],
-                   plan["order"], plan["tiles"], q.shape[-1] ** -0.5, causal, documents, cfg)
+                   plan["order"], plan["tiles"], q.shape[-1] ** -0.5, causal, documents, cfg,
+                   vote)
   return out[:, :t]
 
 
 __all__ = ["DEFAULT_CONFIG", "KernelConfig", "document_bounds", "dynamic_mask_attention",
            "key_intervals", "key_tiles", "query_lists", "query_lists_pallas",
-           "range_order_statistic", "selection_plan", "selection_ranks", "thresholds",
-           "unsupported_reason", "work_fraction"]
+           "block_intervals", "range_order_statistic", "selection_plan", "selection_ranks",
+           "smoothing_config", "thresholds", "unsupported_reason", "work_fraction"]

@@ -1,0 +1,260 @@
+"""``block_smooth``: flash-sparse-attention's majority vote of DMA's mask within key blocks, an
+option of ``dynamic_mask`` that changes the selected set (``ops.dynamic_mask.smooth_blocks``).
+
+The materialised mask against a loop over queries written from the rule (sort the allowed keys,
+keep the best ``w``, vote per block); the Pallas kernels in the interpreter against the float32
+reference on that mask, outputs and every gradient (causal and bidirectional, lengths that are
+not multiples of the tiles, GQA 1, 2 and 4, blocks shorter than, equal to and longer than the
+query tile); the list kernel on the blocks' intervals; the dense limit; strict causality of the
+layer; refusals. Decoding equals the forward in ``tests/test_decode.py`` (case
+``dynamic_mask_block_smooth``), the analysis weights equal the kernel in ``tests/test_heads.py``;
+the ``gpu`` test compiles the kernels.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from arch_zoo.attention.base import Context
+from arch_zoo.attention.ops import dynamic_mask as dmk
+from arch_zoo.attention.ops import dynamic_mask_pallas as dmp
+from arch_zoo.attention.ops import softmax
+from tests.helpers import build_attention, build_lm, lm_config, random_tokens
+from tests.test_dynamic_mask_pallas import assert_close, value_and_grads
+
+INTERPRET = dmp.KernelConfig(block_q=32, block_k=16, interpret=True)
+
+
+def inputs(b=1, t=70, h=4, g=2, d=16, seed=0):
+  """Random q, k, v and bias; scores that drift along the sequence (a random walk), so that a
+  query's best keys gather in runs and blocks win the vote as well as lose it."""
+  keys = jax.random.split(jax.random.key(seed), 5)
+  q = jax.random.normal(keys[0], (b, t, h, d))
+  k = jax.random.normal(keys[1], (b, t, g, d))
+  v = jax.random.normal(keys[2], (b, t, g, d))
+  score = jnp.cumsum(jax.random.normal(keys[3], (b, t, g)), axis=1)
+  return q, k, v, jax.random.normal(keys[4], (b, t, g)), score
+
+
+def oracle_mask(score, keep_window, block, causal):
+  """The rule, one query at a time in numpy: the ``w`` best allowed keys (higher score first,
+  ties to the later key), then, for a query that sees more than ``w`` keys, the allowed keys of
+  each block (``block`` keys from position 0) where it keeps more than ``block / 2``."""
+  score = np.asarray(score, np.float64)
+  b, t, g = score.shape
+  mask = np.zeros((b, g, t, t), bool)
+  for bi in range(b):
+    for gi in range(g):
+      for i in range(t):
+        allowed = list(range(i + 1)) if causal else list(range(t))
+        best = sorted(allowed, key=lambda j: (-score[bi, j, gi], -j))[:keep_window]
+        kept = np.zeros(t, bool)
+        kept[best] = True
+        if len(allowed) > keep_window:
+          votes = np.zeros(t, bool)
+          for first in range(0, t, block):
+            if 2 * kept[first:first + block].sum() > block:
+              votes[first:first + block] = True
+          kept = votes & np.isin(np.arange(t), allowed)
+        mask[bi, gi, i] = kept
+  return mask
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("keep_window,block", [(6, 4), (6, 3), (10, 8), (3, 2)])
+def test_the_mask_is_the_rule_written_as_a_loop(causal, keep_window, block):
+  _, _, _, _, score = inputs(b=2, t=29, g=2, seed=block)
+  got = dmk.selection_mask(score, keep_window, causal=causal, block_smooth=block)
+  want = oracle_mask(score, keep_window, block, causal)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  exact = oracle_mask(score, keep_window, 1, causal)  # one-key blocks: the exact mask
+  np.testing.assert_array_equal(np.asarray(dmk.selection_mask(score, keep_window, causal=causal)),
+                                exact)
+  assert want.any() and (want != exact).any()  # the vote keeps keys and changes the mask
+
+
+def test_a_query_that_keeps_nothing_outputs_zero():
+  q, k, v, bias, score = inputs(t=40, g=1, h=2)
+  mask = dmk.selection_mask(score, 4, causal=True, block_smooth=8)
+  empty = ~np.asarray(mask).any(-1)[0, 0]
+  assert empty.any() and not empty.all()
+  out = dmk.reference(q, k, v, bias, score, causal=True, keep_window=4, block_smooth=8)
+  assert np.all(np.asarray(out)[0, empty] == 0)
+  assert np.all(np.abs(np.asarray(out)[0, ~empty]).sum(-1) > 0)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "keep_window", "block", "config"))
+def kernel_and_reference(q, k, v, bias, score, cotangent, *, causal, keep_window, block,
+                         config=INTERPRET):
+  options = dict(causal=causal, keep_window=keep_window, block_smooth=block)
+  kernel = value_and_grads(lambda q, k, v, b: dmp.dynamic_mask_attention(
+      q, k, v, b, score, config=config, **options), q, k, v, bias, cotangent)
+  reference = value_and_grads(lambda q, k, v, b: dmk.reference(q, k, v, b, score, **options),
+                              q, k, v, bias, cotangent)
+  return kernel, reference
+
+
+CASES = [  # (t, heads, kv_heads, keep_window, causal, block)
+    (70, 4, 2, 24, True, 16),  # a padded tail; blocks shorter than the query tile
+    (70, 4, 4, 24, True, 32),  # GQA 1; blocks as long as the query tile
+    (70, 4, 1, 24, True, 64),  # GQA 4; blocks longer than the query tile (they straddle it)
+    (100, 2, 1, 40, True, 16),
+    (70, 4, 2, 24, False, 16),  # bidirectional: every query keeps the same blocks
+    (45, 4, 1, 20, False, 32),
+]
+
+
+@pytest.mark.parametrize("t,heads,kv_heads,keep_window,causal,block", CASES)
+def test_kernel_equals_the_reference_output_and_gradients(t, heads, kv_heads, keep_window, causal,
+                                                          block):
+  q, k, v, bias, score = inputs(b=2, t=t, h=heads, g=kv_heads, seed=t + block)
+  cotangent = jax.random.normal(jax.random.key(7), q.shape)
+  mask = dmk.selection_mask(score, keep_window, causal=causal, block_smooth=block)
+  assert 0 < float(jnp.mean(mask)) < 0.5  # blocks are kept and dropped
+  kernel, reference = kernel_and_reference(q, k, v, bias, score, cotangent, causal=causal,
+                                           keep_window=keep_window, block=block)
+  for name, got, want in zip(("out", "dq", "dk", "dv", "dbias"), kernel, reference):
+    assert got.shape == want.shape, name
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_the_list_kernel_holds_the_blocks_the_reference_lists_hold(block):
+  """The GPU's list kernel (interpreted) on the blocks' intervals: with blocks longer than the
+  query tile it scans every key, since a block may start before the queries it meets."""
+  cfg = dmp.smoothing_config(INTERPRET, block)
+  _, _, _, _, score = inputs(b=2, t=150, g=2, seed=block)
+  plan = dmp.selection_plan(score, causal=True, keep_window=40, config=cfg, block_smooth=block)
+  capacity = plan["query_lists"].shape[-1] - 1
+  got = dmp.query_lists_pallas(plan["start"], plan["end"], block_q=cfg.block_q,
+                               capacity=capacity, causal=block <= cfg.block_q, interpret=True)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(plan["query_lists"]))
+  counts = np.asarray(plan["query_lists"][..., 0])
+  assert counts.max() <= capacity and np.all(counts % block == 0)  # whole blocks
+
+
+def test_the_work_is_the_kept_blocks():
+  """On scores that drift, the vote keeps whole blocks and the kernels compute few tiles; on
+  i.i.d. scores almost no block wins (a query keeps a scattered w of its keys), and the work is
+  the queries that keep everything (the first w) and the blocks that meet each query tile."""
+  cfg = dmp.KernelConfig(block_q=32, block_k=16, interpret=True)
+  walk = jnp.cumsum(jax.random.normal(jax.random.key(0), (1, 1024, 1)), axis=1)
+  iid = jax.random.normal(jax.random.key(1), (1, 1024, 1))
+  work = {name: dmp.work_fraction(score, causal=True, keep_window=128, config=cfg,
+                                  block_smooth=32)["forward"]
+          for name, score in (("walk", walk), ("iid", iid))}
+  exact = dmp.work_fraction(iid, causal=True, keep_window=128, config=cfg)["forward"]
+  assert float(work["iid"]) < float(work["walk"]) < 1
+  assert float(work["iid"]) < 0.5 * float(exact)
+
+
+def test_at_the_dense_limit_nothing_changes():
+  """With the key length at most ``w`` there is no mask to vote on (as flash-sparse-attention
+  builds none): the layer equals the exact one."""
+  x = jax.random.normal(jax.random.key(0), (2, 16, 32))
+  ctx = Context.for_inputs(2, 16)
+  outs = []
+  for block in (0, 4):
+    attn, _ = build_attention("dynamic_mask", d_model=32, num_heads=4, keep_window_size=16,
+                              a_init=0.5, block_smooth=block)
+    outs.append(np.asarray(attn(x, ctx)[0]))
+  np.testing.assert_array_equal(*outs)
+  _, _, _, _, score = inputs(t=16)
+  assert dmk.selection_mask(score, 16, causal=True, block_smooth=4) is None
+
+
+def test_the_layer_is_strictly_causal():
+  """Outputs before t do not move when tokens from t on change: a query's vote counts its own
+  prefix only, and every block votes against its full length, a cut last block too."""
+  config = lm_config("dynamic_mask", keep_window_size=6, block_smooth=4, a_init=1.0)
+  model = build_lm(config)
+  length, t = 30, 17
+  tokens = random_tokens(2, length, config.model.vocab_size)
+  perturbed = tokens.at[:, t:].set((tokens[:, t:] + 1) % config.model.vocab_size)
+  before, _ = nnx.clone(model)(tokens)
+  after, _ = nnx.clone(model)(perturbed)
+  np.testing.assert_array_equal(np.asarray(before[:, :t]), np.asarray(after[:, :t]))
+  shorter, _ = nnx.clone(model)(tokens[:, :t + 2])  # the last block cut at another place
+  np.testing.assert_allclose(np.asarray(shorter[:, :t]), np.asarray(before[:, :t]), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_refusals_say_why():
+  q, k, v, bias, score = inputs(t=40)
+  with pytest.raises(ValueError, match="block_smooth"):
+    dmk.apply(q, k, v, bias, score, causal=True, keep_window=8, impl="xla", block_smooth=4)
+  assert dmk.supports("xla", q, k, causal=True, keep_window=64, block_smooth=4) is None
+  assert "power of two" in dmp.unsupported_reason(q, k, interpret=True, block_smooth=24)
+  segment_ids = jnp.zeros((1, 40), jnp.int32)
+  assert "segment_ids" in dmp.unsupported_reason(q, k, interpret=True, block_smooth=16,
+                                                 segment_ids=segment_ids)
+  with pytest.raises(ValueError, match="block_smooth"):
+    build_attention("dynamic_mask", d_model=32, num_heads=4, block_smooth=-1)
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_the_kernels_lower_to_triton_without_a_gpu(monkeypatch, block):
+  """The three kernels with the vote (contiguous key tiles read at a position loaded from the
+  list) lower to Triton IR for an H100, as ``tests/test_dynamic_mask_pallas.py`` checks the
+  exact mask's."""
+  from jax import export
+  from jax._src.pallas.triton import gpu_info
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(gpu_info, "get_gpu_info",
+                      lambda: gpu_info.GpuInfo(gpu_version=gpu_info.GpuVersion.H100,
+                                               arch_name="sm_90a", compute_capability=90))
+  q = jax.ShapeDtypeStruct((1, 300, 4, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
+  per_key = jax.ShapeDtypeStruct((1, 300, 2), jnp.float32)
+
+  def value_and_grads(q, k, v, bias, score, cotangent):
+    out, vjp = jax.vjp(lambda q, k, v, bias: dmp.dynamic_mask_attention(
+        q, k, v, bias, score, causal=True, keep_window=100, block_smooth=block), q, k, v, bias)
+    return out, vjp(cotangent)
+
+  exported = export.export(jax.jit(value_and_grads), platforms=["cuda"], disabled_checks=[
+      export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+          q, k, k, per_key, per_key, q)
+  module = exported.mlir_module()
+  for kernel in ("dynamic_mask_forward", "dynamic_mask_dq", "dynamic_mask_dkv",
+                 "dynamic_mask_query_lists"):
+    assert f'name = "{kernel}"' in module, kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_compiled_kernel_in_bf16_is_within_xlas_own_bf16_error(causal):
+  """The compiled kernels in bf16 against the float32 reference, outputs and every gradient: at
+  most twice the error of XLA's dense bf16 attention under the same mask (plus 1e-3 of the
+  largest value), at a length that is not a multiple of the tiles, GQA 2, blocks of 32 and 64."""
+  t, w = 1500, 256
+  q, k, v, bias, score = inputs(b=2, t=t, h=8, g=4, d=128, seed=3)
+  bias = jnp.exp(0.5 * jnp.tanh(bias))
+  cotangent = jax.random.normal(jax.random.key(4), q.shape)
+  bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  for block in (32, 64):
+    options = dict(causal=causal, keep_window=w, block_smooth=block)
+    mask = jnp.repeat(dmk.selection_mask(score, w, causal=causal, block_smooth=block), 2, axis=1)
+
+    def xla_bf16(q, k, v, b, mask=mask):
+      out = softmax.dense(q, k, v, causal=causal, scale=q.shape[-1] ** -0.5,
+                          bias=dmk.group_bias(b, q.shape[2]).astype(q.dtype), mask=mask)
+      return dmk.without_empty_rows(out, mask)
+
+    expected = jax.jit(lambda *a: value_and_grads(
+        lambda q, k, v, b: dmk.reference(q, k, v, b, score, **options), *a))(
+            *(x.astype(jnp.float32) for x in bf16), bias, cotangent)
+    kernel = jax.jit(lambda *a: value_and_grads(
+        lambda q, k, v, b: dmk.apply(q, k, v, b, score, impl="pallas", **options), *a))(
+            *bf16, bias, cotangent)
+    xla = jax.jit(lambda *a: value_and_grads(xla_bf16, *a))(*bf16, bias, cotangent)
+    for name, got, base, want in zip(("out", "dq", "dk", "dv", "dbias"), kernel, xla, expected):
+      want = np.asarray(want, np.float64)
+      err = np.abs(np.asarray(got, np.float64) - want).max()
+      base_err = np.abs(np.asarray(base, np.float64) - want).max()
+      assert err <= 2 * base_err + 1e-3 * np.abs(want).max(), (block, name, err, base_err)
