@@ -10,15 +10,18 @@
 #   4. with SWEEP_S > 0: each pass alone at the tilings of benchmarks/dmask_pass_sweep.py for up
 #      to SWEEP_S seconds, then the layer at the tiling that joins the fastest forward + dQ to
 #      the fastest dK/dV (at 32K and 8K), then the GPU tests at that tiling;
-#   5. each variant of VARIANTS alone, the layer at the same lengths.
+#   5. each variant of VARIANTS alone, the layer at the same lengths;
+#   6. with SMOOTH set (block lengths): block_smooth's GPU test, then the layer with
+#      --block_smooth N for each (a different mask: docs/attention/dynamic_mask.md).
 # No step starts after SECONDS; a cut measurement keeps what its JSON holds. Records and logs go
 # to $OUT (default /tmp/dmask_variants), named after the device (h100 or h200).
 #
 # Usage: benchmarks/dmask_variants.sh SECONDS
-#   BASE (default: the kernels' default tiling), TESTS, SWEEP_S (default 0: no sweep) and
-#   VARIANTS (space-separated --pallas_config values, default: the dK/dV pass at
-#   64 x 64, the dK/dV pass at 128 x 64 with 8 warps; " " for none; the variants of
-#   2026-12-07 are in docs/attention/dynamic_mask.md) may be set in the environment.
+#   BASE (default: the kernels' default tiling), TESTS, SWEEP_S (default 0: no sweep),
+#   VARIANTS (space-separated --pallas_config values, default: the dK/dV pass with a group's
+#   heads in each step, the dK/dV pass at 64 x 64, at 128 x 64 with 8 warps; " " for none; the
+#   variants of 2026-12-07 are in docs/attention/dynamic_mask.md) and SMOOTH (default none) may
+#   be set in the environment.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ] || ! [[ "$1" =~ ^[0-9]+$ ]]; then
@@ -29,9 +32,10 @@ start=$(date +%s) seconds=$1
 out=${OUT:-/tmp/dmask_variants}
 mkdir -p "$out"
 base=${BASE:-block_q=128,block_k=32}
-variants=${VARIANTS:-"$base,dkv_block_q=64,dkv_block_k=64 \
+variants=${VARIANTS:-"$base,dkv_group_loop=1 $base,dkv_block_q=64,dkv_block_k=64 \
 $base,dkv_block_q=128,dkv_block_k=64,dkv_num_warps=8"}
-tests=${TESTS:-"default or dkv64x64"}
+tests=${TESTS:-"default or dkv64x64 or dkv_group_loop"}
+smooth=${SMOOTH:-}
 sweep_s=${SWEEP_S:-0}
 case $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null) in
   *H200*) device=h200 ;; *H100*) device=h100 ;; *) device=other ;;
@@ -76,4 +80,13 @@ for variant in $variants; do
   bench "$(echo "$variant" | tr =, _-)" --seq_lens 32768,8192 --sides dynamic_mask:pallas \
     --pallas_config "$variant"
 done
+if [ -n "$smooth" ] && [ "$(left "$seconds")" -gt 60 ]; then
+  timeout "$(left "$seconds")" python -m pytest -m gpu -q -p no:cacheprovider \
+    tests/test_dynamic_mask_smooth.py > "$out/gpu_tests_dmask_block_smooth_$device.log" 2>&1
+  tail -n 3 "$out/gpu_tests_dmask_block_smooth_$device.log"
+  for block in $smooth; do
+    bench "block_smooth_$block" --seq_lens 32768,8192 --sides dynamic_mask:pallas \
+      --pallas_config "$base" --block_smooth "$block"
+  done
+fi
 echo "total $(( $(date +%s) - start )) s on $device"

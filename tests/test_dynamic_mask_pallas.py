@@ -293,7 +293,8 @@ def test_kernel_with_unequal_tiles_equals_the_reference(tiles, causal, packed):
 
 
 @pytest.mark.parametrize("options", [dict(group_heads=True), dict(prefetch=True),
-                                     dict(group_heads=True, prefetch=True)])
+                                     dict(group_heads=True, prefetch=True),
+                                     dict(dkv_group_loop=True)])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
 @pytest.mark.parametrize("causal,packed", [(True, False), (False, False), (True, True)])
 def test_kernel_variants_equal_the_reference(options, heads, kv_heads, causal, packed):
@@ -410,7 +411,8 @@ GPU_TILES = {"default": {}, "q64_k64": dict(block_q=64, block_k=64),
              "q128_k32_dkv64x64": dict(block_q=128, block_k=32, dkv_block_q=64, dkv_block_k=64),
              "q64_k32_grouped": dict(block_q=64, block_k=32, group_heads=True),
              "q128_k32_prefetch": dict(block_q=128, block_k=32, prefetch=True),
-             "q128_k32_list_kernel": dict(block_q=128, block_k=32, list_kernel=True)}
+             "q128_k32_list_kernel": dict(block_q=128, block_k=32, list_kernel=True),
+             "q128_k32_dkv_group_loop": dict(block_q=128, block_k=32, dkv_group_loop=True)}
 # One more tiling to check on a device without editing this file (benchmarks/dmask_pass_sweep.py
 # --best prints one): DMASK_GPU_TILES="block_q=128,block_k=32,dkv_block_q=64" and -k env.
 if os.environ.get("DMASK_GPU_TILES"):
