@@ -367,12 +367,11 @@ def test_refusals_say_why(monkeypatch):
     assert "mesh" in dmk.supports("pallas", q, k, causal=True, keep_window=4)
 
 
-def test_the_kernels_lower_to_triton_without_a_gpu(monkeypatch, gpu_tiles):
-  """The forward, dQ and dK/dV kernels at each tiling the GPU tests compile (bf16, head_dim 128,
-  GQA) lower through Pallas to Triton IR for an H100 (cross-lowered here: the GPU is described
-  to Pallas through its private ``gpu_info``, so recheck this on a JAX upgrade). It catches an
-  operation the Triton backend cannot lower without a GPU; Triton's own compile still needs
-  one."""
+def triton_module_for_h100(monkeypatch, **options):
+  """The MLIR module of the kernels' forward and backward (bf16, head_dim 128, GQA 2, T = 300,
+  ``keep_window=100``, ``options`` for ``dynamic_mask_attention``) exported for CUDA, the Pallas
+  kernels lowered to Triton IR for an H100 (cross-lowered here: the GPU is described to Pallas
+  through its private ``gpu_info``, so recheck this on a JAX upgrade)."""
   from jax import export
   from jax._src.pallas.triton import gpu_info
 
@@ -386,13 +385,20 @@ def test_the_kernels_lower_to_triton_without_a_gpu(monkeypatch, gpu_tiles):
 
   def value_and_grads(q, k, v, bias, score, cotangent):
     out, vjp = jax.vjp(lambda q, k, v, bias: dmp.dynamic_mask_attention(
-        q, k, v, bias, score, causal=True, keep_window=100), q, k, v, bias)
+        q, k, v, bias, score, causal=True, keep_window=100, **options), q, k, v, bias)
     return out, vjp(cotangent)
 
   exported = export.export(jax.jit(value_and_grads), platforms=["cuda"], disabled_checks=[
       export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
           q, k, k, per_key, per_key, q)
-  module = exported.mlir_module()
+  return exported.mlir_module()
+
+
+def test_the_kernels_lower_to_triton_without_a_gpu(monkeypatch, gpu_tiles):
+  """The forward, dQ and dK/dV kernels at each tiling the GPU tests compile lower through
+  Pallas to Triton IR for an H100. It catches an operation the Triton backend cannot lower
+  without a GPU; Triton's own compile still needs one."""
+  module = triton_module_for_h100(monkeypatch)
   for kernel in ("dynamic_mask_forward", "dynamic_mask_dq", "dynamic_mask_dkv"):
     assert f'name = "{kernel}"' in module, kernel
 

@@ -24,7 +24,7 @@ from arch_zoo.attention.ops import dynamic_mask as dmk
 from arch_zoo.attention.ops import dynamic_mask_pallas as dmp
 from arch_zoo.attention.ops import softmax
 from tests.helpers import build_attention, build_lm, lm_config, random_tokens
-from tests.test_dynamic_mask_pallas import assert_close, value_and_grads
+from tests.test_dynamic_mask_pallas import assert_close, triton_module_for_h100, value_and_grads
 
 INTERPRET = dmp.KernelConfig(block_q=32, block_k=16, interpret=True)
 
@@ -198,29 +198,9 @@ def test_refusals_say_why():
 
 @pytest.mark.parametrize("block", [32, 64])
 def test_the_kernels_lower_to_triton_without_a_gpu(monkeypatch, block):
-  """The three kernels with the vote (contiguous key tiles read at a position loaded from the
-  list) lower to Triton IR for an H100, as ``tests/test_dynamic_mask_pallas.py`` checks the
-  exact mask's."""
-  from jax import export
-  from jax._src.pallas.triton import gpu_info
-
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(gpu_info, "get_gpu_info",
-                      lambda: gpu_info.GpuInfo(gpu_version=gpu_info.GpuVersion.H100,
-                                               arch_name="sm_90a", compute_capability=90))
-  q = jax.ShapeDtypeStruct((1, 300, 4, 128), jnp.bfloat16)
-  k = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
-  per_key = jax.ShapeDtypeStruct((1, 300, 2), jnp.float32)
-
-  def value_and_grads(q, k, v, bias, score, cotangent):
-    out, vjp = jax.vjp(lambda q, k, v, bias: dmp.dynamic_mask_attention(
-        q, k, v, bias, score, causal=True, keep_window=100, block_smooth=block), q, k, v, bias)
-    return out, vjp(cotangent)
-
-  exported = export.export(jax.jit(value_and_grads), platforms=["cuda"], disabled_checks=[
-      export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-          q, k, k, per_key, per_key, q)
-  module = exported.mlir_module()
+  """The kernels with the vote (contiguous key tiles read at a position loaded from the list)
+  and the list kernel lower to Triton IR for an H100."""
+  module = triton_module_for_h100(monkeypatch, block_smooth=block)
   for kernel in ("dynamic_mask_forward", "dynamic_mask_dq", "dynamic_mask_dkv",
                  "dynamic_mask_query_lists"):
     assert f'name = "{kernel}"' in module, kernel
