@@ -14,9 +14,11 @@ heads, 8 KV heads, head_dim 128, QK-norm and RoPE, bf16 matmuls with float32 par
   ``xla``: the chunked form that never builds a [T, T] tensor); a ``pallas`` side records the
   tiles its kernels compute on the layer's own scores, as a fraction of dense causal flash
   attention's (``work_fraction``: forward and dQ, dK/dV).
-* ``--block_smooth N``: the ``dynamic_mask`` sides run flash-sparse-attention's block majority
-  vote (a different mask, not the paper's exact one); its ``work_fraction`` says how much of the
-  layer's own scores' mask the vote kept.
+* ``--block_smooth N``: the ``dynamic_mask`` sides (and ``op:pallas``) run flash-sparse-attention's
+  block majority vote (a different mask, not the paper's exact one); its ``work_fraction`` says
+  how much of the layer's own scores' mask the vote kept. ``--scores drift`` gives the op sides
+  scores that drift along the sequence (``benchmarks/dmask_smooth_mask.py``: the vote then keeps
+  most of the exact mask).
 * ``mha``: the same projections, ``impl=cudnn`` (JAX's cuDNN flash attention, causal).
 * ``op:pallas`` and ``op:cudnn``: the attention op alone (no projections) on random inputs of the
   layer's shape: our block-sparse kernels (the selection included), dense causal cuDNN.
@@ -312,6 +314,8 @@ def op_inputs(args, seed: int = 1):
   k, v = (rng.standard_normal((b, t, g, d), np.float32) for _ in range(2))
   bias = np.exp(0.5 * np.tanh(rng.standard_normal((b, t, g), np.float32)))
   score = rng.standard_normal((b, t, g), np.float32)
+  if getattr(args, "scores", "iid") == "drift":  # a random walk: neighbouring keys score alike
+    score = np.cumsum(score, axis=1, dtype=np.float32)
   return q, k, v, bias, score, cotangent
 
 
@@ -334,7 +338,8 @@ def run_op_timing(args) -> dict:
     def attend(q, k, v, bias):
       return dynamic_mask_pallas.dynamic_mask_attention(q, k, v, bias, score, causal=True,
                                                         keep_window=args.keep_window,
-                                                        config=config)
+                                                        config=config,
+                                                        block_smooth=args.block_smooth)
   else:
     def attend(q, k, v, bias):
       del bias  # dense attention: no per-key bias
@@ -361,13 +366,15 @@ def run_op_timing(args) -> dict:
   result["peak_bytes_in_use"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
   if args.side == "op:pallas":
     result["kernel_passes_s"] = kernel_passes(q, k, v, bias, score, cotangent, args.keep_window,
-                                              config)
+                                              config, block_smooth=args.block_smooth)
+    result["block_smooth"], result["scores"] = args.block_smooth, args.scores
     result["pallas_config"] = str(config)
   result["versions"] = common.versions("jax", "jaxlib")
   return result
 
 
-def kernel_passes(q, k, v, bias, score, cotangent, keep_window: int, config) -> dict:
+def kernel_passes(q, k, v, bias, score, cotangent, keep_window: int, config,
+                  block_smooth: int = 0) -> dict:
   """Seconds of each Pallas pass alone (forward, dQ, dK/dV; causal, no documents), jitted on
   the selection's outputs and the forward's: where the kernels' time goes."""
   import jax
@@ -375,13 +382,16 @@ def kernel_passes(q, k, v, bias, score, cotangent, keep_window: int, config) -> 
 
   from arch_zoo.attention.ops import dynamic_mask_pallas as dmp
 
+  vote = None
+  if block_smooth:  # as dynamic_mask_attention runs it
+    config, vote = dmp.smoothing_config(config, block_smooth), (block_smooth, keep_window)
   plan = jax.jit(lambda s: dmp.selection_plan(s, causal=True, keep_window=keep_window,
-                                              config=config))(score)
+                                              config=config, block_smooth=block_smooth))(score)
   length = plan["rank"].shape[-1]
   q, k, v, d_out = (dmp._pad_to(x, length, 1) for x in (q, k, v, cotangent.astype(q.dtype)))
   bias = dmp._pad_to(bias.astype(jnp.float32).transpose(0, 2, 1), length, 2)
   selected = (plan["rank"], plan["doc"], plan["tau"])
-  options = dict(scale=q.shape[-1] ** -0.5, causal=True, documents=False, cfg=config)
+  options = dict(scale=q.shape[-1] ** -0.5, causal=True, documents=False, cfg=config, vote=vote)
   forward = jax.jit(lambda q, k, v, bias: dmp._forward(
       q, k, v, bias, *selected, plan["query_lists"], plan["order"], plan["tiles"], **options))
   out, lse = forward(q, k, v, bias)
@@ -505,7 +515,7 @@ def run_child(args, side: str, extra: list[str]) -> dict:
 def shared_flags(args) -> list[str]:
   flags = []
   for name in ("d_model", "heads", "kv_heads", "keep_window", "chunk_size", "mha_impl", "steps",
-               "samples", "pallas_config", "block_smooth"):
+               "samples", "pallas_config", "block_smooth", "scores"):
     flags += [f"--{name}", str(getattr(args, name))]
   return flags + (["--smoke"] if args.smoke else [])
 
@@ -526,6 +536,9 @@ def main() -> None:
   parser.add_argument("--block_smooth", type=int, default=0,
                       help="dynamic_mask's block_smooth (0: the exact mask); a different mask, "
                            "see docs/attention/dynamic_mask.md")
+  parser.add_argument("--scores", default="iid", choices=("iid", "drift"),
+                      help="the op sides' selection scores: independent normal, or a random "
+                           "walk along the sequence (the best keys come in runs)")
   parser.add_argument("--mha_impl", default="cudnn")
   parser.add_argument("--sides", default=",".join(SIDES))
   parser.add_argument("--pallas_config", default="",

@@ -11,8 +11,9 @@
 #      to SWEEP_S seconds, then the layer at the tiling that joins the fastest forward + dQ to
 #      the fastest dK/dV (at 32K and 8K), then the GPU tests at that tiling;
 #   5. each variant of VARIANTS alone, the layer at the same lengths;
-#   6. with SMOOTH set (block lengths): block_smooth's GPU test, then the layer with
-#      --block_smooth N for each (a different mask: docs/attention/dynamic_mask.md).
+#   6. with SMOOTH set (block lengths): block_smooth's GPU test, the op at 32K on drifting
+#      scores (exact, then voted for each N), and the layer with --block_smooth N for each (a
+#      different mask: docs/attention/dynamic_mask.md).
 # No step starts after SECONDS; a cut measurement keeps what its JSON holds. Records and logs go
 # to $OUT (default /tmp/dmask_variants), named after the device (h100 or h200).
 #
@@ -84,7 +85,13 @@ if [ -n "$smooth" ] && [ "$(left "$seconds")" -gt 60 ]; then
   timeout "$(left "$seconds")" python -m pytest -m gpu -q -p no:cacheprovider \
     tests/test_dynamic_mask_smooth.py > "$out/gpu_tests_dmask_block_smooth_$device.log" 2>&1
   tail -n 3 "$out/gpu_tests_dmask_block_smooth_$device.log"
+  # The op on scores that drift along the sequence (where the vote keeps most of the exact
+  # mask: benchmarks/dmask_smooth_mask.py), exact and voted, then the layer with the vote.
+  bench ops_32k_drift --seq_lens 32768 --sides op:pallas,op:cudnn --scores drift \
+    --pallas_config "$base"
   for block in $smooth; do
+    bench "block_smooth_${block}_ops_32k_drift" --seq_lens 32768 --sides op:pallas \
+      --scores drift --pallas_config "$base" --block_smooth "$block"
     bench "block_smooth_$block" --seq_lens 32768,8192 --sides dynamic_mask:pallas \
       --pallas_config "$base" --block_smooth "$block"
   done

@@ -206,6 +206,20 @@ def test_the_kernels_lower_to_triton_without_a_gpu(monkeypatch, block):
     assert f'name = "{kernel}"' in module, kernel
 
 
+@pytest.mark.parametrize("block", [0, 16])
+def test_the_benchmarks_pass_timer_runs_the_kernels_it_names(block):
+  """``bench_dmask.kernel_passes`` (also the pass sweep's timer) calls the private passes
+  directly: it must follow their signature, exact and with the vote (a change of it once
+  broke the benchmark without breaking a test)."""
+  from benchmarks import bench_dmask
+
+  q, k, v, bias, score = inputs(t=64, h=2, g=1)
+  cotangent = jax.random.normal(jax.random.key(7), q.shape)
+  passes = bench_dmask.kernel_passes(q, k, v, bias, score, cotangent, 24, INTERPRET,
+                                     block_smooth=block)
+  assert set(passes) == {"forward", "dq", "dkv"} and all(t > 0 for t in passes.values())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
 def test_compiled_kernel_in_bf16_is_within_xlas_own_bf16_error(causal):
