@@ -138,9 +138,9 @@ def test_the_list_kernel_holds_the_blocks_the_reference_lists_hold(block):
 
 
 def test_the_work_is_the_kept_blocks():
-  """On scores that drift, the vote keeps whole blocks and the kernels compute few tiles; on
-  i.i.d. scores almost no block wins (a query keeps a scattered w of its keys), and the work is
-  the queries that keep everything (the first w) and the blocks that meet each query tile."""
+  """On i.i.d. scores almost no block wins (a query keeps a scattered w of its keys): the work
+  is the queries that keep everything (the first w) and the blocks that meet each query tile,
+  far below the exact kernels'. On scores that drift whole blocks win, and the work stays."""
   cfg = dmp.KernelConfig(block_q=32, block_k=16, interpret=True)
   walk = jnp.cumsum(jax.random.normal(jax.random.key(0), (1, 1024, 1)), axis=1)
   iid = jax.random.normal(jax.random.key(1), (1, 1024, 1))
