@@ -334,6 +334,21 @@ def _per_row(fn, *arrays):
   return jax.tree.map(lambda y: y.reshape(lead + y.shape[1:]), out)
 
 
+def _first_query_below(tau, rank, lo, hi):
+  """Per entry of ``rank`` (``[B, G, N]``, with bounds ``lo``, ``hi`` of the same shape): the
+  first query ``i`` in ``[lo, hi)`` with ``tau[i] < rank``, or ``hi`` if none, by bisection.
+  Exact only where ``tau`` falls (weakly) over ``[lo, hi)``, as it does along a causal row's
+  document from its ``w``-th query on."""
+  length = tau.shape[-1]
+  for _ in range(length.bit_length() + 1):
+    mid = (lo + hi) // 2
+    above = jnp.take_along_axis(tau, jnp.minimum(mid, length - 1), axis=2) >= rank
+    searching = lo < hi
+    lo = jnp.where(searching & above, mid + 1, lo)
+    hi = jnp.where(searching & ~above, mid, hi)
+  return lo
+
+
 def key_intervals(rank, tau, *, first, end, seq_len: int, keep_window: int, causal: bool):
   """``(start, stop)``, each ``[B, G, L]`` int32: key ``j`` is kept by the queries
   ``[start_j, stop_j)`` (none when ``stop_j <= start_j``). ``rank``, ``tau`` ``[B, G, L]`` and
@@ -346,15 +361,8 @@ def key_intervals(rank, tau, *, first, end, seq_len: int, keep_window: int, caus
     return first, jnp.where(real & (rank <= tau), end, 0)
   # Within a document tau is KEEP_ALL for its first w - 1 queries, then falls (weakly): key j is
   # kept from query j until the first query from there on whose tau is below its rank.
-  lo = jnp.minimum(first + keep_window - 1, end)
-  hi = end
-  for _ in range(rank.shape[-1].bit_length() + 1):  # bisection for that first query
-    mid = (lo + hi) // 2
-    above = jnp.take_along_axis(tau, jnp.minimum(mid, rank.shape[-1] - 1), axis=2) >= rank
-    searching = lo < hi
-    lo = jnp.where(searching & above, mid + 1, lo)
-    hi = jnp.where(searching & ~above, mid, hi)
-  return position, jnp.where(real, jnp.maximum(position, lo), 0)
+  lost = _first_query_below(tau, rank, jnp.minimum(first + keep_window - 1, end), end)
+  return position, jnp.where(real, jnp.maximum(position, lost), 0)
 
 
 def query_list_capacity(length: int, keep_window: int, cfg: KernelConfig,
@@ -888,16 +896,11 @@ def block_intervals(rank, tau, *, seq_len: int, causal: bool, block: int):
   block_first = jnp.arange(blocks, dtype=jnp.int32) * block
   real = block_first < seq_len
   if causal:
-    lo = jnp.broadcast_to(block_first + block, vote_rank.shape)
-    hi = jnp.full(vote_rank.shape, length, jnp.int32)
-    for _ in range(length.bit_length() + 1):  # the first query from lo on with tau below
-      mid = (lo + hi) // 2
-      above = jnp.take_along_axis(tau, jnp.minimum(mid, length - 1), axis=2) >= vote_rank
-      searching = lo < hi
-      lo = jnp.where(searching & above, mid + 1, lo)
-      hi = jnp.where(searching & ~above, mid, hi)
+    lost = _first_query_below(tau, vote_rank,
+                              jnp.broadcast_to(block_first + block, vote_rank.shape),
+                              jnp.full(vote_rank.shape, length, jnp.int32))
     start = jnp.broadcast_to(block_first, vote_rank.shape)
-    stop = jnp.minimum(lo, seq_len)
+    stop = jnp.minimum(lost, seq_len)
   else:
     start = jnp.zeros(vote_rank.shape, jnp.int32)
     stop = jnp.where(vote_rank <= jnp.max(tau, axis=2, keepdims=True), seq_len, 0)
