@@ -5,8 +5,8 @@ The materialised mask against a loop over queries written from the rule (sort th
 keep the best ``w``, vote per block); the Pallas kernels in the interpreter against the float32
 reference on that mask, outputs and every gradient (causal and bidirectional, lengths that are
 not multiples of the tiles, GQA 1, 2 and 4, blocks shorter than, equal to and longer than the
-query tile); the list kernel on the blocks' intervals; the dense limit; strict causality of the
-layer; refusals. Decoding equals the forward in ``tests/test_decode.py`` (case
+query tile, packed rows); the list kernel on the blocks' intervals; the dense limit; strict
+causality of the layer; refusals. Decoding equals the forward in ``tests/test_decode.py`` (case
 ``dynamic_mask_block_smooth``), the analysis weights equal the kernel in ``tests/test_heads.py``;
 the ``gpu`` test compiles the kernels.
 """
@@ -40,17 +40,19 @@ def inputs(b=1, t=70, h=4, g=2, d=16, seed=0):
   return q, k, v, jax.random.normal(keys[4], (b, t, g)), score
 
 
-def oracle_mask(score, keep_window, block, causal):
+def oracle_mask(score, keep_window, block, causal, segment_ids=None):
   """The rule, one query at a time in numpy: the ``w`` best allowed keys (higher score first,
   ties to the later key), then, for a query that sees more than ``w`` keys, the allowed keys of
-  each block (``block`` keys from position 0) where it keeps more than ``block / 2``."""
+  each block (``block`` keys from the row's position 0, whatever the documents) where it keeps
+  more than ``block / 2``. Allowed: causal, and the query's document (``segment_ids``)."""
   score = np.asarray(score, np.float64)
   b, t, g = score.shape
+  docs = np.zeros((b, t), int) if segment_ids is None else np.asarray(segment_ids)
   mask = np.zeros((b, g, t, t), bool)
   for bi in range(b):
     for gi in range(g):
       for i in range(t):
-        allowed = list(range(i + 1)) if causal else list(range(t))
+        allowed = [j for j in range(i + 1 if causal else t) if docs[bi, j] == docs[bi, i]]
         best = sorted(allowed, key=lambda j: (-score[bi, j, gi], -j))[:keep_window]
         kept = np.zeros(t, bool)
         kept[best] = True
@@ -77,6 +79,42 @@ def test_the_mask_is_the_rule_written_as_a_loop(causal, keep_window, block):
   assert want.any() and (want != exact).any()  # the vote keeps keys and changes the mask
 
 
+# Packed rows of 70: documents shorter and longer than w = 24, starting inside blocks of 16.
+PACKED = np.array([[0] * 9 + [1] * 30 + [2] * 31, [3] * 45 + [4] * 25])
+
+
+@pytest.mark.parametrize("keep_window,block", [(6, 4), (10, 8), (24, 16)])
+def test_the_mask_of_packed_rows_is_the_rule_written_as_a_loop(keep_window, block):
+  """Blocks follow the row, not the documents: a block cut by a document boundary votes, for
+  each query, on the part in the query's document, against the full block length."""
+  _, _, _, _, score = inputs(b=2, t=70, g=2, seed=block)
+  segment_ids = jnp.asarray(PACKED, jnp.int32)
+  got = dmk.selection_mask(score, keep_window, causal=True, segment_ids=segment_ids,
+                           block_smooth=block)
+  want = oracle_mask(score, keep_window, block, True, PACKED)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  assert want.any() and (want != oracle_mask(score, keep_window, 1, True, PACKED)).any()
+
+
+def test_a_document_starting_late_in_a_block_is_followed_by_the_queries_keeping_it_all():
+  """The block [16, 32) holds 9 keys of document 0 and 7 of document 1 (too few to win a vote);
+  document 1's query 32 sees exactly w = 8 keys and so keeps them all without voting, 25 to 31
+  among them, while the block's own best ranks belong to document 1: its vote rank is one of
+  document 0's. Query 32 opens a query tile of 32, so the kernels list the block there only if
+  its candidates reach that query (a threshold at the query that sees w keys would cut them)."""
+  q, k, v, bias, _ = inputs(b=1, t=64, h=2, g=1, seed=5)
+  segment_ids = jnp.asarray([[0] * 25 + [1] * 39], jnp.int32)
+  walk = jnp.cumsum(jax.random.normal(jax.random.key(6), (1, 64, 1)), axis=1)
+  score = jnp.where(segment_ids[..., None] == 0, walk - 100.0, walk + 100.0)
+  cotangent = jax.random.normal(jax.random.key(7), q.shape)
+  kernel, reference = kernel_and_reference(q, k, v, bias, score, cotangent, segment_ids,
+                                           causal=True, keep_window=8, block=16)
+  mask = dmk.selection_mask(score, 8, causal=True, segment_ids=segment_ids, block_smooth=16)
+  assert np.asarray(mask)[0, 0, 32, 25:32].all()  # the case this test is about
+  for name, got, want in zip(("out", "dq", "dk", "dv", "dbias"), kernel, reference):
+    assert_close(got, want)
+
+
 def test_a_query_that_keeps_nothing_outputs_zero():
   q, k, v, bias, score = inputs(t=40, g=1, h=2)
   mask = dmk.selection_mask(score, 4, causal=True, block_smooth=8)
@@ -88,9 +126,10 @@ def test_a_query_that_keeps_nothing_outputs_zero():
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "keep_window", "block", "config"))
-def kernel_and_reference(q, k, v, bias, score, cotangent, *, causal, keep_window, block,
-                         config=INTERPRET):
-  options = dict(causal=causal, keep_window=keep_window, block_smooth=block)
+def kernel_and_reference(q, k, v, bias, score, cotangent, segment_ids=None, *, causal,
+                         keep_window, block, config=INTERPRET):
+  options = dict(causal=causal, keep_window=keep_window, block_smooth=block,
+                 segment_ids=segment_ids)
   kernel = value_and_grads(lambda q, k, v, b: dmp.dynamic_mask_attention(
       q, k, v, b, score, config=config, **options), q, k, v, bias, cotangent)
   reference = value_and_grads(lambda q, k, v, b: dmk.reference(q, k, v, b, score, **options),
@@ -122,13 +161,34 @@ def test_kernel_equals_the_reference_output_and_gradients(t, heads, kv_heads, ke
     assert_close(got, want)
 
 
+@pytest.mark.parametrize("heads,kv_heads,block", [(4, 2, 16), (4, 1, 32), (4, 4, 64)])
+def test_kernel_on_packed_rows_equals_the_reference_output_and_gradients(heads, kv_heads, block):
+  """Packed documents (boundaries inside blocks, documents shorter and longer than w, a padded
+  tail): each query votes on its own document's part of a block, and a part too small to win
+  is still followed by the queries that keep it without voting."""
+  q, k, v, bias, score = inputs(b=2, t=70, h=heads, g=kv_heads, seed=block)
+  segment_ids = jnp.asarray(PACKED, jnp.int32)
+  cotangent = jax.random.normal(jax.random.key(7), q.shape)
+  kernel, reference = kernel_and_reference(q, k, v, bias, score, cotangent, segment_ids,
+                                           causal=True, keep_window=24, block=block)
+  for name, got, want in zip(("out", "dq", "dk", "dv", "dbias"), kernel, reference):
+    assert got.shape == want.shape, name
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("block", [16, 64])
-def test_the_list_kernel_holds_the_blocks_the_reference_lists_hold(block):
+def test_the_list_kernel_holds_the_blocks_the_reference_lists_hold(block, packed):
   """The GPU's list kernel (interpreted) on the blocks' intervals: with blocks longer than the
-  query tile it scans every key, since a block may start before the queries it meets."""
+  query tile it scans every key, since a block may start before the queries it meets. The
+  lists fit their capacity, packed rows too."""
   cfg = dmp.smoothing_config(INTERPRET, block)
   _, _, _, _, score = inputs(b=2, t=150, g=2, seed=block)
-  plan = dmp.selection_plan(score, causal=True, keep_window=40, config=cfg, block_smooth=block)
+  segment_ids = None
+  if packed:  # documents of 20, 70, 60 and 7, 93, 50 (w = 40)
+    segment_ids = jnp.asarray([[0] * 20 + [1] * 70 + [2] * 60, [3] * 7 + [4] * 93 + [5] * 50])
+  plan = dmp.selection_plan(score, causal=True, keep_window=40, config=cfg, block_smooth=block,
+                            segment_ids=segment_ids)
   capacity = plan["query_lists"].shape[-1] - 1
   got = dmp.query_lists_pallas(plan["start"], plan["end"], block_q=cfg.block_q,
                                capacity=capacity, causal=block <= cfg.block_q, interpret=True)
@@ -190,17 +250,20 @@ def test_refusals_say_why():
   assert dmk.supports("xla", q, k, causal=True, keep_window=64, block_smooth=4) is None
   assert "power of two" in dmp.unsupported_reason(q, k, interpret=True, block_smooth=24)
   segment_ids = jnp.zeros((1, 40), jnp.int32)
-  assert "segment_ids" in dmp.unsupported_reason(q, k, interpret=True, block_smooth=16,
-                                                 segment_ids=segment_ids)
+  assert dmp.unsupported_reason(q, k, interpret=True, block_smooth=16,
+                                segment_ids=segment_ids) is None  # packed rows, causally
   with pytest.raises(ValueError, match="block_smooth"):
     build_attention("dynamic_mask", d_model=32, num_heads=4, block_smooth=-1)
 
 
-@pytest.mark.parametrize("block", [32, 64])
-def test_the_kernels_lower_to_triton_without_a_gpu(monkeypatch, block):
+@pytest.mark.parametrize("block,packed", [(32, False), (64, False), (32, True)])
+def test_the_kernels_lower_to_triton_without_a_gpu(monkeypatch, block, packed):
   """The kernels with the vote (contiguous key tiles read at a position loaded from the list)
-  and the list kernel lower to Triton IR for an H100."""
-  module = triton_module_for_h100(monkeypatch, block_smooth=block)
+  and the list kernel lower to Triton IR for an H100, packed rows too."""
+  options = dict(block_smooth=block)
+  if packed:  # documents of 130 and 170 tokens in the helper's rows of 300
+    options["segment_ids"] = jnp.asarray([[0] * 130 + [1] * 170], jnp.int32)
+  module = triton_module_for_h100(monkeypatch, **options)
   for kernel in ("dynamic_mask_forward", "dynamic_mask_dq", "dynamic_mask_dkv",
                  "dynamic_mask_query_lists"):
     assert f'name = "{kernel}"' in module, kernel

@@ -51,7 +51,8 @@ exact keys) runs on the same kernels with every key tile one block: a query keep
 before it exactly when its ``tau`` reaches the block's ``n / 2``-th smallest rank, so each block
 has an interval of candidate queries as a key has (:func:`block_intervals`), the lists hold whole
 blocks (read as contiguous slices, no gathers), and the tile counts each query's exact keys to
-vote. Causal without segment ids, or bidirectional.
+vote. Causal (packed documents too: a query votes on its own document's part of a block), or
+bidirectional.
 
 All kernels are Pallas (Triton), GQA native (a program reads its KV group's keys and values;
 nothing is repeated in memory), matmul inputs in the input dtype with float32 accumulation,
@@ -149,9 +150,6 @@ def unsupported_reason(q, k, *, causal: bool = True, segment_ids=None,
     return ("the Pallas kernel takes segment_ids (packed sequences) only causally: a block of "
             "queries spanning several documents would keep w keys of each")
   if block_smooth:
-    if segment_ids is not None:
-      return ("it takes block_smooth without segment_ids only (a block's vote is bounded by its "
-              "rank statistic within one document)")
     if not (_is_power_of_two(block_smooth) and 16 <= block_smooth <= 256):
       return (f"block_smooth {block_smooth} is not a power of two in [16, 256] (a block is one "
               "Triton key tile)")
@@ -299,8 +297,8 @@ def thresholds(rank, keep_window: int, *, causal: bool, first, end, seq_len: int
   first, end = first[:, None], end[:, None]
   if seq_len <= keep_window:  # no document holds more than w keys
     tau = jnp.full(rank.shape, KEEP_ALL, jnp.int32)
-  elif causal:  # the w-th best of the document so far
-    tau = jnp.where(position - first + 1 >= keep_window,
+  elif causal:  # the w-th best of the document so far, once it holds more than w keys
+    tau = jnp.where(position - first >= keep_window,
                     range_order_statistic(rank, keep_window - 1, first, position + 1), KEEP_ALL)
   else:  # the w-th best of the whole document
     tau = jnp.where(end - first > keep_window,
@@ -371,7 +369,8 @@ def query_list_capacity(length: int, keep_window: int, cfg: KernelConfig,
   whole tiles, and never more than the padded length ``length``. With ``block_smooth = n``: the
   block's first query keeps more than ``n / 2`` of each whole block before the query block that
   any query of it keeps (so fewer than ``2 w / n`` blocks), plus the blocks that meet the query
-  block."""
+  block and, with packed documents, the block where the first query's document starts (a
+  candidate by its whole block's rank: :func:`block_intervals`)."""
   most = min(length, keep_window + cfg.block_q - 1)
   if block_smooth:
     most = min(length, (2 * keep_window // block_smooth + cfg.block_q // block_smooth + 2)
@@ -554,7 +553,10 @@ def _tile_keep(key_rank, tau, q_pos, k_pos, docs, *, causal: bool, vote=None):
     return keep
   block, keep_window = vote
   majority = 2 * jnp.sum(keep.astype(jnp.int32), axis=1) > block
-  selecting = q_pos >= keep_window if causal else tau != KEEP_ALL
+  if not causal:
+    selecting = tau != KEEP_ALL
+  else:  # the query sees more than w keys of its document (docs name a document by its start)
+    selecting = q_pos - (0 if docs is None else docs[0]) >= keep_window
   smoothed = majority[:, None] if allowed is None else majority[:, None] & allowed
   return jnp.where(selecting[:, None], smoothed, keep)
 
@@ -882,30 +884,35 @@ def smoothing_config(cfg: KernelConfig, block_smooth: int) -> KernelConfig:
   return dataclasses.replace(cfg, block_k=block_smooth, dkv_block_k=block_smooth)
 
 
-def block_intervals(rank, tau, *, seq_len: int, causal: bool, block: int):
+def block_intervals(rank, tau, *, end, seq_len: int, causal: bool, block: int):
   """``block_smooth``'s ``(start, stop)`` ``[B, G, L]``: every key of a block of ``block`` gets
   the block's candidate queries, a superset of the queries that keep it (the kernels vote inside
-  the tile). A query keeps a whole block before it exactly when its threshold reaches the
-  block's ``block / 2``-th smallest rank (more than half the block within ``tau``), and the
-  thresholds fall along a causal row: the candidates are the block's own queries, then those up
-  to the first whose threshold falls below that rank. Bidirectionally a block is kept by all the
-  queries or none. No segment ids (:func:`unsupported_reason`)."""
+  the tile). A query that sees more than ``w`` keys keeps a whole block before it exactly when
+  its threshold reaches the ``block / 2``-th smallest rank of the block's keys in its document,
+  so at least the block's ``block / 2``-th smallest rank; the others have ``tau = KEEP_ALL``.
+  Thresholds fall along a causal document, so the candidates are the block's own queries, then
+  those of each document it holds keys of, up to the first whose threshold falls below that
+  rank. (Blocks follow the row, not the documents: with packed rows one may hold parts of
+  several.) Bidirectionally (one document) a block is kept by all the queries or none.
+  ``end``: where each position's document ends (:func:`document_bounds`)."""
   b, g, length = rank.shape
   blocks = length // block
-  vote_rank = jnp.sort(rank.reshape(b, g, blocks, block), axis=-1)[..., block // 2]
   block_first = jnp.arange(blocks, dtype=jnp.int32) * block
-  real = block_first < seq_len
-  if causal:
-    lost = _first_query_below(tau, vote_rank,
-                              jnp.broadcast_to(block_first + block, vote_rank.shape),
-                              jnp.full(vote_rank.shape, length, jnp.int32))
-    start = jnp.broadcast_to(block_first, vote_rank.shape)
-    stop = jnp.minimum(lost, seq_len)
-  else:
-    start = jnp.zeros(vote_rank.shape, jnp.int32)
+  vote_rank = jnp.sort(rank.reshape(b, g, blocks, block), axis=-1)[..., block // 2]
+  if not causal:
     stop = jnp.where(vote_rank <= jnp.max(tau, axis=2, keepdims=True), seq_len, 0)
-  stop = jnp.where(real, stop, 0)
-  return tuple(jnp.repeat(x, block, axis=2) for x in (start, stop))
+    stop = jnp.repeat(jnp.where(block_first < seq_len, stop, 0), block, axis=2)
+    return jnp.zeros(stop.shape, jnp.int32), stop
+  # Per key: the first query of its document past its block that keeps no block there; a
+  # block's candidates end at the latest of its keys'.
+  lost = _first_query_below(
+      tau, jnp.repeat(vote_rank, block, axis=2),
+      jnp.broadcast_to(jnp.repeat(block_first + block, block), rank.shape),
+      jnp.broadcast_to(end[:, None], rank.shape))
+  position = lax.broadcasted_iota(jnp.int32, rank.shape, 2)
+  stop = jnp.where(position < seq_len, jnp.minimum(lost, seq_len), 0)
+  stop = jnp.repeat(jnp.max(stop.reshape(b, g, blocks, block), axis=3), block, axis=2)
+  return jnp.broadcast_to(jnp.repeat(block_first, block), rank.shape), stop
 
 
 def selection_plan(score, *, causal: bool, keep_window: int, tie_break: str = "recent",
@@ -928,7 +935,8 @@ def selection_plan(score, *, causal: bool, keep_window: int, tie_break: str = "r
   first, doc_end = document_bounds(segment_ids, b, s, length)
   tau = thresholds(rank, keep_window, causal=causal, first=first, end=doc_end, seq_len=s)
   if block_smooth:
-    start, end = block_intervals(rank, tau, seq_len=s, causal=causal, block=block_smooth)
+    start, end = block_intervals(rank, tau, end=doc_end, seq_len=s, causal=causal,
+                                 block=block_smooth)
   else:
     start, end = key_intervals(rank, tau, first=first, end=doc_end, seq_len=s,
                                keep_window=keep_window, causal=causal)
