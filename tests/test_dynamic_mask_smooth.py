@@ -284,19 +284,24 @@ def test_the_benchmarks_pass_timer_runs_the_kernels_it_names(block):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("causal", [True, False])
-def test_compiled_kernel_in_bf16_is_within_xlas_own_bf16_error(causal):
+@pytest.mark.parametrize("causal,packed", [(True, False), (False, False), (True, True)])
+def test_compiled_kernel_in_bf16_is_within_xlas_own_bf16_error(causal, packed):
   """The compiled kernels in bf16 against the float32 reference, outputs and every gradient: at
   most twice the error of XLA's dense bf16 attention under the same mask (plus 1e-3 of the
-  largest value), at a length that is not a multiple of the tiles, GQA 2, blocks of 32 and 64."""
+  largest value), at a length that is not a multiple of the tiles, GQA 2, blocks of 32 and 64,
+  packed rows (documents starting inside blocks) too."""
   t, w = 1500, 256
   q, k, v, bias, score = inputs(b=2, t=t, h=8, g=4, d=128, seed=3)
+  segment_ids = None
+  if packed:  # documents of 700, 500, 300 and 100, 1400 tokens
+    segment_ids = jnp.asarray([[0] * 700 + [1] * 500 + [2] * 300, [3] * 100 + [4] * 1400])
   bias = jnp.exp(0.5 * jnp.tanh(bias))
   cotangent = jax.random.normal(jax.random.key(4), q.shape)
   bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
   for block in (32, 64):
-    options = dict(causal=causal, keep_window=w, block_smooth=block)
-    mask = jnp.repeat(dmk.selection_mask(score, w, causal=causal, block_smooth=block), 2, axis=1)
+    options = dict(causal=causal, keep_window=w, block_smooth=block, segment_ids=segment_ids)
+    mask = jnp.repeat(dmk.selection_mask(score, w, causal=causal, segment_ids=segment_ids,
+                                         block_smooth=block), 2, axis=1)
 
     def xla_bf16(q, k, v, b, mask=mask):
       out = softmax.dense(q, k, v, causal=causal, scale=q.shape[-1] ** -0.5,
