@@ -22,6 +22,9 @@ heads, 8 KV heads, head_dim 128, QK-norm and RoPE, bf16 matmuls with float32 par
 * ``mha``: the same projections, ``impl=cudnn`` (JAX's cuDNN flash attention, causal).
 * ``op:pallas`` and ``op:cudnn``: the attention op alone (no projections) on random inputs of the
   layer's shape: our block-sparse kernels (the selection included), dense causal cuDNN.
+* ``op:mgpu``: JAX's own Mosaic GPU attention (warp-group MMA and TMA, FlashAttention-3's
+  structure), dense causal, the forward only: how close a Pallas kernel for Hopper comes to
+  cuDNN on dense tiles, the ceiling for a Mosaic GPU version of ours.
 * ``flash_dmattn``: the paper's own Triton kernel alone (flash-sparse-attention 2.0.6's
   ``deprecated/flash_dmattn_triton.py``, torch; its wheel is carried, pure Python) on the same
   inputs. Its mask is coarser: one top-w key set per (batch, KV head), shared by all queries.
@@ -340,6 +343,8 @@ def run_op_timing(args) -> dict:
                                                         keep_window=args.keep_window,
                                                         config=config,
                                                         block_smooth=args.block_smooth)
+  elif args.side == "op:mgpu":
+    return run_mosaic_forward(args, q, k, v, cotangent)
   else:
     def attend(q, k, v, bias):
       del bias  # dense attention: no per-key bias
@@ -371,6 +376,52 @@ def run_op_timing(args) -> dict:
     result["pallas_config"] = str(config)
   result["versions"] = common.versions("jax", "jaxlib")
   return result
+
+
+def run_mosaic_forward(args, q, k, v, cotangent) -> dict:
+  """``op:mgpu``: JAX's own Mosaic GPU attention (``jax.experimental.pallas.ops.gpu.
+  attention_mgpu``: warp-group MMA, TMA loads, two compute warp groups, FlashAttention-3's
+  structure), dense causal, the forward only (its causal backward is not written in JAX 0.11.2).
+  What a Hopper kernel written in Pallas reaches against cuDNN on dense tiles: the ceiling for a
+  Mosaic GPU version of our kernels. Key blocks of 128, then 64 if shared memory is short.
+  --smoke (a CPU) times XLA's dense attention instead: it checks the script only."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  def timed(attend, **extra) -> dict:
+    forward = jax.jit(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) * cotangent))
+
+    def run(n):
+      for _ in range(n):
+        out = forward(q, k, v)
+      jax.block_until_ready(out)
+    return {"forward": common.time_steps(run, steps_per_sample=args.steps,
+                                         samples=args.samples),
+            "fwd_bwd_missing": "JAX's Mosaic GPU attention has no causal backward",
+            "peak_bytes_in_use": (jax.devices()[0].memory_stats() or {}).get(
+                "peak_bytes_in_use"),
+            "versions": common.versions("jax", "jaxlib"), **extra}
+
+  if args.smoke:
+    return timed(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+                 kernel="XLA dense (--smoke)")
+  from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+  # float16: in JAX 0.11.2 the kernel fails to lower with bfloat16 inputs (a float16 buffer
+  # inside); the tensor cores run both at the same rate.
+  q, k, v = (x.astype(jnp.float16) for x in (q, k, v))
+  errors = {}
+  for block_kv in (128, 64):
+    config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=2,
+                                         causal=True)
+    try:
+      return timed(functools.partial(attention_mgpu.attention, config=config),
+                   kernel="attention_mgpu", dtype="float16", tuning=str(config), errors=errors)
+    except ValueError as error:  # shared memory too small for the tile, or a refused CUDA
+      errors[block_kv] = str(error)
+  return {"error": f"no tiling ran: {errors}"}
 
 
 def kernel_passes(q, k, v, bias, score, cotangent, keep_window: int, config,
@@ -597,6 +648,11 @@ def main() -> None:
         print(f"    fwd+bwd {row[side]['fwd_bwd']['median_s'] * 1e3:.2f} ms, forward "
               f"{row[side]['forward']['median_s'] * 1e3:.2f} ms, peak "
               f"{(row[side]['peak_bytes_in_use'] or 0) / 2**30:.2f} GiB", flush=True)
+      elif "forward" in row[side]:  # a forward-only peer
+        print(f"    forward {row[side]['forward']['median_s'] * 1e3:.2f} ms (no fwd+bwd: "
+              f"{row[side].get('fwd_bwd_missing')})", flush=True)
+      elif "error" in row[side]:
+        print(f"    error: {row[side]['error']}", flush=True)
   if args.parity:
     print("--- parity", flush=True)
     record["parity"] = run_child(args, "parity", [])

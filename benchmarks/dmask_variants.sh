@@ -3,7 +3,8 @@
 #   1. the layer (the paper's 1.7B shape, w = 2048) at 32K and 8K on the base tiling and on
 #      cuDNN `mha`, in one job;
 #   2. the op alone at 32K against the paper's Triton kernel (flash_dmattn) and dense cuDNN,
-#      with each Pallas pass's own time (kernel_passes_s);
+#      with each Pallas pass's own time (kernel_passes_s), and JAX's Mosaic GPU attention's
+#      dense causal forward (op:mgpu: what a Pallas kernel for Hopper reaches);
 #   3. the GPU tests of the kernels at the tilings of tests/test_dynamic_mask_pallas.py's
 #      GPU_TILES that TESTS selects (pytest -k; default: the default tiling and the dK/dV
 #      pass at 64 x 64);
@@ -65,7 +66,8 @@ gpu_tests() {  # LOG -k EXPRESSION [ENV...]: the kernels' GPU tests, if time is 
 
 bench "$(echo "$base" | tr =, _-)" --seq_lens 32768,8192 --sides mha,dynamic_mask:pallas \
   --pallas_config "$base"
-bench "ops_32k" --seq_lens 32768 --sides op:pallas,op:cudnn,flash_dmattn --pallas_config "$base"
+bench "ops_32k" --seq_lens 32768 --sides op:pallas,op:cudnn,flash_dmattn,op:mgpu \
+  --pallas_config "$base"
 gpu_tests "gpu_tests_dmask_variants_$device.log" "$tests"
 if [ "$sweep_s" -gt 0 ] && [ "$(left "$seconds")" -gt $((sweep_s + 60)) ]; then
   echo "== pass sweep"
