@@ -335,8 +335,8 @@ def _per_row(fn, *arrays):
 def _first_query_below(tau, rank, lo, hi):
   """Per entry of ``rank`` (``[B, G, N]``, with bounds ``lo``, ``hi`` of the same shape): the
   first query ``i`` in ``[lo, hi)`` with ``tau[i] < rank``, or ``hi`` if none, by bisection.
-  Exact only where ``tau`` falls (weakly) over ``[lo, hi)``, as it does along a causal row's
-  document from its ``w``-th query on."""
+  Exact only where ``tau`` falls (weakly) over ``[lo, hi)``, as it does along a causal
+  document: ``KEEP_ALL`` while the document holds at most ``w`` keys, then falling."""
   length = tau.shape[-1]
   for _ in range(length.bit_length() + 1):
     mid = (lo + hi) // 2
@@ -357,7 +357,7 @@ def key_intervals(rank, tau, *, first, end, seq_len: int, keep_window: int, caus
   first, end = (jnp.broadcast_to(x[:, None], rank.shape) for x in (first, end))
   if not causal:  # the document's own w best keys, for all its queries
     return first, jnp.where(real & (rank <= tau), end, 0)
-  # Within a document tau is KEEP_ALL for its first w - 1 queries, then falls (weakly): key j is
+  # Within a document tau is KEEP_ALL for its first w queries, then falls (weakly): key j is
   # kept from query j until the first query from there on whose tau is below its rank.
   lost = _first_query_below(tau, rank, jnp.minimum(first + keep_window - 1, end), end)
   return position, jnp.where(real, jnp.maximum(position, lost), 0)
