@@ -419,8 +419,10 @@ def run_mosaic_forward(args, q, k, v, cotangent) -> dict:
     try:
       return timed(functools.partial(attention_mgpu.attention, config=config),
                    kernel="attention_mgpu", dtype="float16", tuning=str(config), errors=errors)
-    except ValueError as error:  # shared memory too small for the tile, or a refused CUDA
-      errors[block_kv] = str(error)
+    # Shared memory too small for the tile (raised when lowering, or by the compiler at run
+    # time), or a CUDA the kernel refuses: record it and try the next tile.
+    except (ValueError, RuntimeError) as error:
+      errors[block_kv] = str(error)[:2000]
   return {"error": f"no tiling ran: {errors}"}
 
 
